@@ -1,0 +1,53 @@
+# vats: `make demo` and `make test` are all a fresh clone needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+# uv, installed with pip when the machine has none (then run as `python3 -m uv`).
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+RUN := $(UV) run --locked --all-packages
+PYTEST_ARGS ?=
+
+# Workspace packages: <short name> -> directory. `make test-<short>` runs one
+# package's tests in an environment that holds only it and what it declares.
+PKG_DIR_core := packages/vats-core
+PKG_DIR_apps := apps
+PACKAGES := core apps
+
+.PHONY: setup uv sync demo test lint test-root bench build clean $(addprefix test-,$(PACKAGES))
+
+uv:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
+		|| python3 -m pip install --quiet uv
+
+setup: uv
+	$(UV) sync --locked --all-packages
+
+demo: setup
+	$(RUN) vats pipeline=info
+
+test: setup lint $(addprefix test-,$(PACKAGES)) test-root
+
+lint: setup
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) lint-imports
+
+# One isolated venv per package under .venvs/<short>: `uv sync --package` installs the
+# package, its declared dependencies and its own dev group (pytest, hypothesis), nothing
+# else; check_isolation proves the other vats packages are absent before the tests run.
+$(addprefix test-,$(PACKAGES)): test-%: uv
+	UV_PROJECT_ENVIRONMENT=.venvs/$* $(UV) sync --locked --package vats-$* --quiet
+	.venvs/$*/bin/python tools/check_isolation.py vats-$*
+	.venvs/$*/bin/python -m pytest -c pyproject.toml -q $(PKG_DIR_$*)/tests $(PYTEST_ARGS)
+
+test-root: setup
+	$(RUN) pytest -c pyproject.toml -q tests --ignore=tests/benchmarks $(PYTEST_ARGS)
+
+bench: setup
+	@for f in tests/benchmarks/bench_*.py; do $(RUN) python $$f; done
+
+build: uv
+	$(UV) build --all-packages --wheel --out-dir dist
+
+clean:
+	rm -rf .venvs dist outputs .pytest_cache .ruff_cache .hypothesis

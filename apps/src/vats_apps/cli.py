@@ -1,0 +1,40 @@
+"""The ``vats`` command: one Hydra entry point for every pipeline.
+
+``vats pipeline=<name> [overrides...]`` composes ``configs/config.yaml`` with the
+chosen ``configs/pipeline/<name>.yaml`` and calls the function the pipeline's
+``_target_`` names with the whole composed config. Models never see Hydra: each
+pipeline turns its config section into the model's dataclass config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+
+def config_dir() -> Path:
+    """The config tree: shipped inside the wheel, or the repository's ``configs/``."""
+    packaged = Path(__file__).parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    repo = Path(__file__).resolve().parents[3] / "configs"
+    if repo.is_dir():
+        return repo
+    raise FileNotFoundError(f"vats config tree not found (looked in {packaged} and {repo})")
+
+
+def run_pipeline(cfg: DictConfig) -> object:
+    """Call the pipeline named by ``cfg.pipeline._target_`` with the composed config."""
+    target = cfg.pipeline.get("_target_")
+    if not target:
+        raise ValueError("the pipeline config has no _target_: choose one with pipeline=<name>")
+    return get_method(target)(cfg)
+
+
+def main() -> None:
+    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(
+        run_pipeline
+    )()

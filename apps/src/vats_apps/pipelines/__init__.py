@@ -1,0 +1,1 @@
+"""Pipelines: each is a function ``run(cfg: DictConfig)`` named by a ``configs/pipeline`` file."""

@@ -1,0 +1,80 @@
+"""Config base: errors name field, value and what is allowed; dict/JSON round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+
+import pytest
+
+from vats_core.config import Config, check
+
+
+class Act(enum.StrEnum):
+    SILU = "silu"
+    GELU = "gelu"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Inner(Config):
+    width: int = 4
+    act: Act = Act.SILU
+
+    def __post_init__(self) -> None:
+        check(self.width >= 1, self, "width", self.width, "an int >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Outer(Config):
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    window: int | None = None
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    extra: Inner | None = None
+    pattern: list[int | None] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(
+            self.n_heads % self.n_kv_heads == 0, self, "n_kv_heads", self.n_kv_heads,
+            f"a divisor of n_heads={self.n_heads}",
+        )
+
+
+def test_error_names_config_field_value_and_allowed():
+    with pytest.raises(ValueError) as err:
+        Outer(n_heads=4, n_kv_heads=3)
+    msg = str(err.value)
+    assert "Outer.n_kv_heads=3" in msg and "divisor of n_heads=4" in msg
+
+
+def test_round_trip_through_json_rebuilds_nested_configs_and_enums():
+    cfg = Outer(window=8, inner=Inner(width=2, act=Act.GELU), extra=Inner(), pattern=[None, 4])
+    plain = json.loads(cfg.to_json())
+    assert plain["inner"] == {"width": 2, "act": "gelu"}
+    back = Outer.from_dict(plain)
+    assert back == cfg
+    assert isinstance(back.inner.act, Act)
+    assert isinstance(back.extra, Inner)
+
+
+def test_from_dict_rejects_unknown_fields_and_bad_enum_values():
+    with pytest.raises(ValueError, match=r"no field\(s\) \['n_head'\]"):
+        Outer.from_dict({"n_head": 4})
+    with pytest.raises(ValueError, match=r"Inner.act='relu'.*\['silu', 'gelu'\]"):
+        Inner.from_dict({"act": "relu"})
+    with pytest.raises(ValueError, match="expects a mapping"):
+        Outer.from_dict([1, 2])
+
+
+def test_from_dict_validates_and_replace_revalidates():
+    with pytest.raises(ValueError, match="Inner.width=0"):
+        Outer.from_dict({"inner": {"width": 0}})
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        Outer().replace(n_kv_heads=3)
+    assert Outer().replace(n_kv_heads=1).n_kv_heads == 1
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Outer().n_heads = 8  # type: ignore[misc]

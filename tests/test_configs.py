@@ -1,0 +1,42 @@
+"""Every config in configs/ composes and its pipeline runs at a tiny size.
+
+A renamed field or a broken `_target_` fails here, in CI, not in a user's run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_method
+
+from vats_apps.cli import config_dir, run_pipeline
+
+PIPELINES = sorted(p.stem for p in (config_dir() / "pipeline").glob("*.yaml"))
+# Overrides that make each pipeline run in seconds.
+TINY: dict[str, list[str]] = {"info": []}
+
+
+def test_config_dir_is_the_repository_tree():
+    assert config_dir() == Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_every_pipeline_has_tiny_overrides():
+    assert set(PIPELINES) == set(TINY), "add tiny overrides for each new pipeline to TINY"
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_pipeline_composes_and_runs(name: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"pipeline={name}", *TINY[name]])
+    assert callable(get_method(cfg.pipeline._target_))
+    assert run_pipeline(cfg) is not None
+
+
+def test_pipeline_without_target_is_refused():
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config")
+    del cfg.pipeline["_target_"]
+    with pytest.raises(ValueError, match="_target_"):
+        run_pipeline(cfg)
