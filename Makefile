@@ -10,8 +10,9 @@ PYTEST_ARGS ?=
 # Workspace packages: <short name> -> directory. `make test-<short>` runs one
 # package's tests in an environment that holds only it and what it declares.
 PKG_DIR_core := packages/vats-core
+PKG_DIR_text := packages/vats-text
 PKG_DIR_apps := apps
-PACKAGES := core apps
+PACKAGES := core text apps
 
 .PHONY: setup uv sync demo test lint test-root bench build clean $(addprefix test-,$(PACKAGES))
 

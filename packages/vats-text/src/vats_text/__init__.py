@@ -1,0 +1,1 @@
+"""vats-text: tokenizer, MoE language model, generation, text encoder, HF import."""
