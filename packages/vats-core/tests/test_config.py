@@ -36,7 +36,10 @@ class Outer(Config):
 
     def __post_init__(self) -> None:
         check(
-            self.n_heads % self.n_kv_heads == 0, self, "n_kv_heads", self.n_kv_heads,
+            self.n_heads % self.n_kv_heads == 0,
+            self,
+            "n_kv_heads",
+            self.n_kv_heads,
             f"a divisor of n_heads={self.n_heads}",
         )
 
@@ -68,7 +71,7 @@ def test_from_dict_rejects_unknown_fields_and_bad_enum_values():
 
 
 def test_from_dict_validates_and_replace_revalidates():
-    with pytest.raises(ValueError, match="Inner.width=0"):
+    with pytest.raises(ValueError, match=r"Inner\.width=0"):
         Outer.from_dict({"inner": {"width": 0}})
     with pytest.raises(ValueError, match="n_kv_heads"):
         Outer().replace(n_kv_heads=3)

@@ -34,6 +34,16 @@ def check(ok: bool, owner: object, field: str, value: object, allowed: str) -> N
         raise config_error(owner, field, value, allowed)
 
 
+def coerce_enum(config: object, field: str, enum_type: type[enum.Enum]) -> None:
+    """Validate an Enum field that may hold the plain value (``"gelu"`` from YAML or JSON)
+    and store the Enum member, so later code compares members. For frozen configs, in
+    ``__post_init__``."""
+    value = getattr(config, field)
+    allowed = [m.value for m in enum_type]
+    check(value in allowed, config, field, value, f"one of {allowed}")
+    object.__setattr__(config, field, enum_type(value))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Base of every vats config: ``to_dict`` / ``from_dict`` / ``replace``.
@@ -52,7 +62,9 @@ class Config:
     @classmethod
     def from_dict(cls, data: typing.Mapping[str, Any]) -> Self:
         if not isinstance(data, typing.Mapping):
-            raise ValueError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}")
+            raise ValueError(
+                f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - names)
         if unknown:

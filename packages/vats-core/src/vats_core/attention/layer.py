@@ -1,0 +1,247 @@
+"""The multi-head attention layer every vats model uses (Vaswani et al., 2017).
+
+Self-attention with grouped-query heads (GQA, Ainslie et al., 2023; MQA at one KV head),
+optional QK-norm (RMSNorm on each head's queries and keys, as in ViT-22B and Qwen3), RoPE,
+causal / sliding-window masks and a KV-cache hook; or cross-attention whose keys and
+values come from a context sequence (text conditioning, diffusion) with its own padding
+mask. The softmax itself is always :func:`vats_core.attention.dispatch.attention`, so every
+backend (math, sdpa, flex, local, xformers, flash) serves every layer.
+
+Parameter names follow HF (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``,
+``k_norm``) so HF checkpoints map one to one.
+
+Shapes: B batch, T tokens, S context tokens, D model width, Dc context width, Hq query
+heads, Hkv key/value heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from vats_core.attention.dispatch import AttentionBackend, attention
+from vats_core.config import Config, check, coerce_enum
+from vats_core.kv_cache import KVCache, RollingKVCache
+from vats_core.norms import RMSNorm
+from vats_core.rope import apply_rotary
+
+__all__ = ["Attention", "AttentionConfig"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig(Config):
+    """Attention layer settings."""
+
+    dim: int  # model width D (input and output of the layer)
+    n_heads: int  # query heads Hq
+    n_kv_heads: int | None = None  # key/value heads Hkv (GQA); None = n_heads (MHA), 1 = MQA
+    head_dim: int | None = None  # Dh; None = dim // n_heads (Qwen3 / Gemma decouple it)
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2 and timm ViTs use them)
+    out_bias: bool = False  # bias on the output projection
+    qk_norm: bool = False  # RMSNorm over Dh of each query and key head, before RoPE
+    qk_norm_eps: float = 1e-6
+    # Output (residual) dropout: the attention dispatch has no dropout on the probabilities
+    # (flash/xformers/local would each do it differently), so regularization acts here.
+    dropout: float = 0.0
+    causal: bool = False  # decoder self-attention; never set for cross-attention
+    window: int | None = None  # sliding window (causal: i - window < j <= i; else |i - j| < window)
+    context_dim: int | None = None  # None = self-attention; set = cross-attention from width Dc
+    backend: AttentionBackend = AttentionBackend.AUTO  # pin a backend; auto = dispatch decides
+
+    def __post_init__(self) -> None:
+        check(self.dim > 0, self, "dim", self.dim, "a positive integer")
+        check(self.n_heads > 0, self, "n_heads", self.n_heads, "a positive integer")
+        kv = self.kv_heads
+        check(
+            kv > 0 and self.n_heads % kv == 0,
+            self,
+            "n_kv_heads",
+            self.n_kv_heads,
+            f"a positive divisor of n_heads={self.n_heads}",
+        )
+        if self.head_dim is None:
+            check(
+                self.dim % self.n_heads == 0,
+                self,
+                "dim",
+                self.dim,
+                f"a multiple of n_heads={self.n_heads} (or set head_dim explicitly)",
+            )
+        else:
+            check(self.head_dim > 0, self, "head_dim", self.head_dim, "a positive integer or None")
+        check(self.qk_norm_eps > 0, self, "qk_norm_eps", self.qk_norm_eps, "a positive number")
+        check(0.0 <= self.dropout < 1.0, self, "dropout", self.dropout, "a probability in [0, 1)")
+        check(
+            self.window is None or self.window >= 1,
+            self,
+            "window",
+            self.window,
+            "None or an integer >= 1",
+        )
+        if self.context_dim is not None:
+            check(self.context_dim > 0, self, "context_dim", self.context_dim, "a positive integer")
+            check(
+                not self.causal,
+                self,
+                "causal",
+                self.causal,
+                "False for cross-attention (context_dim is set): context tokens are not in time",
+            )
+            check(
+                self.window is None,
+                self,
+                "window",
+                self.window,
+                "None for cross-attention (context_dim is set)",
+            )
+        coerce_enum(self, "backend", AttentionBackend)
+
+    @property
+    def kv_heads(self) -> int:
+        """Hkv with the default applied."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def dh(self) -> int:
+        """Dh with the default applied."""
+        return self.dim // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def is_cross(self) -> bool:
+        return self.context_dim is not None
+
+
+class Attention(nn.Module):
+    """Multi-head self- or cross-attention; see :class:`AttentionConfig`."""
+
+    def __init__(self, config: AttentionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dh
+        kv_in = config.context_dim if config.is_cross else config.dim
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(kv_in, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(kv_in, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.qk_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.qk_norm_eps) if config.qk_norm else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        key_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend from ``x`` to itself (self-attention) or to ``context`` (cross-attention).
+
+        Args:
+            x: ``(B, T, D)``.
+            rope: ``(cos, sin)`` from :class:`~vats_core.rope.RotaryEmbedding`, each
+                ``(B or 1, 1, T, Dh)`` for the positions of ``x``'s tokens; self-attention only.
+            key_padding_mask: ``(B, T)`` bool, True = real token, for ``x``'s tokens (with a
+                cache: for the new chunk only; the cache remembers earlier chunks').
+            cache: this layer's :class:`~vats_core.kv_cache.KVCache`; the new keys/values are
+                appended and attention runs over everything it returns. Self-attention only.
+            context: ``(B, S, Dc)`` keys/values source; required iff cross-attention.
+            context_mask: ``(B, S)`` bool, True = real context token; cross-attention only.
+
+        Returns:
+            ``(B, T, D)``.
+        """
+        cfg = self.config
+        self._check_inputs(x, rope, key_padding_mask, cache, context, context_mask)
+        b, t, _ = x.shape
+        src = context if cfg.is_cross else x
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, Dh)
+        k = self.k_proj(src).view(b, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(src).view(b, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+
+        mask = context_mask if cfg.is_cross else key_padding_mask
+        if cache is not None:
+            k, v, mask = cache.update(k, v, key_padding_mask)  # (B, Hkv, Tk, Dh), Tk >= T
+        out = attention(
+            q,
+            k,
+            v,
+            causal=cfg.causal,
+            window=cfg.window,
+            key_padding_mask=mask,
+            backend=cfg.backend,
+        )  # (B, Hq, T, Dh)
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, Hq·Dh)
+        return self.dropout(self.o_proj(out))
+
+    def _check_inputs(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        key_padding_mask: Tensor | None,
+        cache: KVCache | None,
+        context: Tensor | None,
+        context_mask: Tensor | None,
+    ) -> None:
+        cfg = self.config
+        if x.ndim != 3 or x.shape[-1] != cfg.dim:
+            raise ValueError(
+                f"Attention expects x of shape (B, T, {cfg.dim}), got {tuple(x.shape)}"
+            )
+        b, t, _ = x.shape
+        if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, t)
+        ):
+            raise ValueError(
+                f"Attention key_padding_mask must be a bool (B, T) = ({b}, {t}) tensor, got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        if isinstance(cache, RollingKVCache) and not (
+            cfg.causal and cfg.window is not None and cache.window >= cfg.window
+        ):
+            # It holds only the last window - 1 keys: exact for causal windows no wider.
+            raise ValueError(
+                f"a RollingKVCache(window={cache.window}) serves only causal layers with "
+                f"window <= {cache.window}; this layer has causal={cfg.causal}, "
+                f"window={cfg.window}: use a StaticKVCache"
+            )
+        if not cfg.is_cross:
+            if context is not None or context_mask is not None:
+                raise ValueError(
+                    "Attention got context/context_mask but is a self-attention layer "
+                    "(AttentionConfig.context_dim is None)"
+                )
+            return
+        if rope is not None or cache is not None:
+            raise ValueError(
+                "cross-attention takes no rope and no cache: context tokens have no positions "
+                "in x's sequence and are recomputed from context each call"
+            )
+        if context is None or context.ndim != 3 or context.shape[::2] != (b, cfg.context_dim):
+            shape = None if context is None else tuple(context.shape)
+            raise ValueError(
+                f"cross-attention needs context of shape (B={b}, S, {cfg.context_dim}), got {shape}"
+            )
+        if context_mask is not None and (
+            context_mask.dtype != torch.bool or tuple(context_mask.shape) != (b, context.shape[1])
+        ):
+            raise ValueError(
+                f"cross-attention context_mask must be a bool (B, S) = ({b}, {context.shape[1]}) "
+                f"tensor, got {context_mask.dtype} {tuple(context_mask.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        kind = f"cross(context_dim={cfg.context_dim})" if cfg.is_cross else "self"
+        return (
+            f"{kind}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+            f"head_dim={self.head_dim}, causal={cfg.causal}, window={cfg.window}"
+        )

@@ -1,0 +1,417 @@
+"""Checkpoint I/O: ``save_pretrained`` / ``from_pretrained``, safetensors helpers, atomic writes.
+
+A saved vats model is a directory holding two files:
+
+- ``config.json``: the model config's :meth:`~vats_core.config.Config.to_dict`, plus
+  ``model_type`` (the model class name) and ``vats_format_version``.
+- ``model.safetensors``: the weights (the module's ``state_dict``). Tensors that share
+  memory (an LM head tied to the token embedding) are stored once; the aliases are
+  listed in the file's metadata and restored on load.
+
+Weights are never unpickled: safetensors holds tensors only. Every file is written to
+a temporary file in the same directory, fsynced, then renamed over the old one
+(``os.replace`` is atomic on POSIX), so a crash or an error mid-save leaves the
+previous files intact. Loading checks everything it can (files present, JSON valid,
+safetensors header intact, ``model_type``, config validation, key names and shapes)
+before a single parameter of the model is written.
+
+Example::
+
+    class TinyNet(PretrainedMixin, nn.Module):
+        config_class = TinyConfig
+
+        def __init__(self, config: TinyConfig) -> None:
+            super().__init__()
+            self.config = config
+            self.proj = nn.Linear(config.dim, config.dim)
+
+    TinyNet(TinyConfig(dim=8)).save_pretrained("out/tiny")
+    model = TinyNet.from_pretrained("out/tiny", dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from vats_core.config import Config
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "PretrainedMixin",
+    "atomic_replace",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_config_json",
+    "load_pretrained_state",
+    "load_safetensors",
+    "save_pretrained",
+    "save_safetensors",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1  # bump when the directory layout changes; loaders refuse newer ones
+
+# Keys config.json reserves next to the config's own fields.
+_MODEL_TYPE_KEY = "model_type"
+_VERSION_KEY = "vats_format_version"
+# safetensors metadata key listing aliased (tied) tensors: JSON {alias: stored_name}.
+_ALIASES_KEY = "vats_aliases"
+_MAX_LISTED = 5  # how many offending keys an error message lists before "... and N more"
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: on POSIX the directory entry itself must be fsynced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_replace(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    The caller writes the temporary file. If the block raises, the temporary file is
+    removed and ``path`` is untouched; otherwise the file is fsynced and renamed over
+    ``path``. The temporary file lives in the same directory, so the rename never
+    crosses a filesystem.
+
+    Several ``atomic_replace`` blocks can be nested to replace a group of files only
+    after all of them were written.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    # os.open with 0o666 lets the umask decide the mode, as for a plainly written file
+    # (tempfile.mkstemp would leave the saved model readable by its owner only).
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    with atomic_replace(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (temporary file, fsync, rename)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def _list_keys(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Identify an exact view: same memory, same layout. Tied weights share this key."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Save tensors to a safetensors file, atomically, storing tied tensors once.
+
+    safetensors refuses tensors that share memory. Exact aliases (the same memory seen
+    with the same shape and strides, e.g. an LM head tied to an embedding) are stored
+    once under the first name and recorded in the metadata, so :func:`load_safetensors`
+    returns every name again. Other overlapping views are stored as independent copies.
+
+    Args:
+        state_dict: name -> tensor, on any device (copied to CPU for writing).
+        path: destination file; replaced atomically.
+        metadata: extra string metadata for the file header.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[tuple[Any, ...], str] = {}
+    seen_storage: set[tuple[Any, int]] = set()
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a Tensor")
+        tensor = tensor.detach()
+        if tensor.numel() > 0:  # empty tensors have no memory to share
+            key = _storage_key(tensor)
+            if key in first_name:
+                aliases[name] = first_name[key]
+                continue
+            first_name[key] = name
+            storage = (tensor.device, tensor.untyped_storage().data_ptr())
+            if storage in seen_storage:
+                tensor = tensor.clone()  # overlapping but different view: store a copy
+            seen_storage.add(storage)
+        tensors[name] = tensor.contiguous().cpu()
+    header = dict(metadata or {})
+    header["format"] = "pt"
+    if aliases:
+        header[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    with atomic_replace(path) as tmp:
+        save_file(tensors, tmp, metadata=header)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load tensors and header metadata; raise the documented errors."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(
+            f"{path} is corrupt or truncated: it is not a valid safetensors file ({e})"
+        ) from e
+    return tensors, metadata
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (written by :func:`save_safetensors` or any other writer).
+
+    Tied tensors recorded by :func:`save_safetensors` come back under every name, as one
+    shared tensor.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is corrupt or truncated, naming the file.
+    """
+    path = Path(path)
+    tensors, metadata = _read_safetensors(path)
+    if _ALIASES_KEY in metadata:
+        try:
+            aliases = json.loads(metadata[_ALIASES_KEY])
+            for alias, target in aliases.items():
+                tensors[alias] = tensors[target]
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is corrupt: its tied-tensor metadata is invalid ({e})") from e
+    return tensors
+
+
+# --------------------------------------------------------------------------- pretrained models
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` for a :class:`PretrainedMixin` model.
+
+    Both files are written to temporary files first and renamed into place only when
+    both are complete, so a failure leaves the previous save intact. Other files in the
+    directory are left alone.
+
+    Returns:
+        The directory, as a Path.
+    """
+    config = getattr(model, "config", None)
+    config_class = getattr(type(model), "config_class", None)
+    if config_class is None or not isinstance(config, config_class):
+        raise ValueError(
+            f"{type(model).__name__} must set the class attribute config_class and store an "
+            f"instance of it as self.config; got config={type(config).__name__}"
+        )
+    payload = config.to_dict()
+    for reserved in (_MODEL_TYPE_KEY, _VERSION_KEY):
+        if reserved in payload:
+            raise ValueError(
+                f"{type(config).__name__} has a field named {reserved!r}, which config.json "
+                "reserves; rename the field"
+            )
+    payload = {_MODEL_TYPE_KEY: type(model).__name__, _VERSION_KEY: FORMAT_VERSION, **payload}
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Nested: the config is renamed first, the weights last, and neither is renamed
+    # unless both were written completely.
+    with (
+        atomic_replace(directory / WEIGHTS_NAME) as tmp_weights,
+        atomic_replace(directory / CONFIG_NAME) as tmp_config,
+    ):
+        tmp_config.write_text(text, encoding="utf-8")
+        save_safetensors(model.state_dict(), tmp_weights)
+    return directory
+
+
+def load_config_json(path: str | os.PathLike[str], model_type: str) -> dict[str, Any]:
+    """Read a vats ``config.json`` and return the config fields (reserved keys removed).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: invalid JSON, a newer format version, or another ``model_type``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt or truncated: it is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is corrupt: expected a JSON object, got {type(data).__name__}")
+    saved_type = data.pop(_MODEL_TYPE_KEY, None)
+    if saved_type is None:
+        raise ValueError(f"{path} has no {_MODEL_TYPE_KEY!r}: it was not written by vats")
+    if saved_type != model_type:
+        raise ValueError(
+            f"{path} holds a {saved_type!r} model, which {model_type}.from_pretrained "
+            f"cannot load; use {saved_type}.from_pretrained"
+        )
+    version = data.pop(_VERSION_KEY, None)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has {_VERSION_KEY}={version!r}; this vats_core reads format versions "
+            f"<= {FORMAT_VERSION} (upgrade vats-core to read newer checkpoints)"
+        )
+    return data
+
+
+def _tied_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Names in a module's state_dict that are the very same tensor (tied weights)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, t in state.items():
+        if t.numel() > 0:
+            groups.setdefault(_storage_key(t), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def load_pretrained_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]
+) -> None:
+    """Check ``tensors`` against ``model``'s state_dict, then load them (strict).
+
+    Missing keys, unexpected keys and shape mismatches are all collected and reported
+    in one ValueError before any parameter is written. A tied weight that the file
+    stores under only one of its names is filled in from that name.
+    """
+    expected = model.state_dict()
+    for group in _tied_groups(expected):
+        present = [n for n in group if n in tensors]
+        if present:
+            for name in group:
+                tensors.setdefault(name, tensors[present[0]])
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors))
+        if tensors[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) {_list_keys(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) {_list_keys(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es) {_list_keys(mismatched)}")
+    if problems:
+        raise ValueError(
+            f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems)
+        )
+    model.load_state_dict(tensors, strict=True)
+
+
+class PretrainedMixin:
+    """Adds ``save_pretrained`` / ``from_pretrained`` to an ``nn.Module`` model.
+
+    The model class sets ``config_class`` to its :class:`~vats_core.config.Config`
+    subclass, is constructed as ``Model(config)`` and stores ``self.config``. Put the
+    mixin first in the bases: ``class Model(PretrainedMixin, nn.Module)``.
+    """
+
+    config_class: ClassVar[type[Config]]
+    config: Config
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` atomically.
+
+        Returns:
+            The directory, as a Path.
+        """
+        if not isinstance(self, nn.Module):
+            raise TypeError(f"{type(self).__name__} uses PretrainedMixin but is not an nn.Module")
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """Build the model from ``directory`` (written by :meth:`save_pretrained`).
+
+        The model is constructed on ``device`` (its constructor sets up tied weights and
+        buffers that are not saved), checked against the file, loaded, cast and put in
+        eval mode (call ``.train()`` to fine-tune).
+
+        Args:
+            directory: the saved model directory.
+            device: where to build the model; default CPU.
+            dtype: floating dtype for parameters and floating buffers; default: the
+                dtype the constructor gives (float32).
+
+        Raises:
+            FileNotFoundError: the directory, config.json or model.safetensors is missing.
+            ValueError: a corrupt or truncated file, another ``model_type``, a config that
+                fails validation, or weights that do not fit the config.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory not found: {directory}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r} is invalid: expected a floating torch.dtype or None")
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"weights file not found: {weights_path}")
+        fields = load_config_json(directory / CONFIG_NAME, cls.__name__)
+        try:
+            config = cls.config_class.from_dict(fields)
+        except ValueError as e:
+            e.add_note(f"while reading {directory / CONFIG_NAME}")
+            raise
+        tensors = load_safetensors(weights_path)
+
+        with torch.device(device if device is not None else "cpu"):
+            model = cls(config)  # type: ignore[call-arg]
+        assert isinstance(model, nn.Module)
+        load_pretrained_state(model, tensors, weights_path)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        model.eval()
+        return model

@@ -1,0 +1,586 @@
+"""Mixture-of-Experts feed-forward layer: top-k router, stacked SwiGLU experts, dropless dispatch.
+
+Papers: Shazeer et al. 2017, "Outrageously Large Neural Networks" (sparsely-gated top-k MoE);
+Fedus et al. 2021, "Switch Transformers" (load-balancing loss E·Σᵢ fᵢ·Pᵢ, capacity factor);
+Zoph et al. 2022, "ST-MoE" (router z-loss); Gale et al. 2022, "MegaBlocks" (dropless dispatch
+by sorting tokens into contiguous expert groups); Qwen2-MoE (sigmoid-gated shared expert);
+DeepSeek-V3 (sigmoid router scores).
+
+Dispatch, in one picture: flatten tokens to ``x_ND``; the router picks K experts per token
+(``topk_idx_NK``); the N·K (token, expert) assignments are sorted by expert so each expert's
+tokens are one contiguous slice of ``x_SD``; one matmul per slice (a Python loop over experts,
+or a single ``grouped_mm`` call) runs the SwiGLU experts; the outputs are weighted by the router
+and added back onto their tokens with ``index_add_``.
+
+Weight layout (chosen so importing Hugging Face weights is a plain copy). transformers v5 stores
+Mixtral and Qwen2-MoE experts stacked, exactly as here::
+
+    HF (MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock)   vats MoE                    shape
+    gate.weight                                            router.weight               (E, D)
+    experts.gate_up_proj  (rows [0:H] gate, [H:2H] up)     experts.gate_up_proj        (E, 2H, D)
+    experts.down_proj                                      experts.down_proj           (E, D, H)
+    shared_expert.{gate,up,down}_proj.weight (Qwen2-MoE)   shared_expert.{same}.weight
+    shared_expert_gate.weight (Qwen2-MoE)                  shared_expert_gate.weight   (1, D)
+
+transformers v4 checkpoints keep one module per expert (Mixtral ``experts.{e}.w1/w3/w2``):
+``gate_up_proj[e] = cat([w1, w3])`` and ``down_proj[e] = w2``. Mixtral is ``score_func=softmax,
+norm_topk_prob=True``; Qwen2-MoE takes ``norm_topk_prob`` from its config.
+
+Shape legend (suffixes on tensor names):
+    N  tokens (all leading axes of the input, flattened)
+    D  model dim
+    E  routed experts
+    K  experts per token (top_k)
+    S  routed (token, expert) assignments: N·K, or those that are kept
+    H  expert hidden dim (per expert)
+    C  capacity per expert (only with a capacity factor)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vats_core.config import Config, check, coerce_enum
+
+__all__ = [
+    "GroupedExperts",
+    "GroupedMM",
+    "MoE",
+    "MoEConfig",
+    "Router",
+    "RouterStats",
+    "Routing",
+    "ScoreFunc",
+    "SharedExpert",
+    "load_balancing_loss",
+    "router_z_loss",
+]
+
+
+class ScoreFunc(enum.StrEnum):
+    """How router logits become per-expert scores."""
+
+    SOFTMAX = "softmax"  # Mixtral, Qwen2-MoE, Switch: scores sum to 1 over experts
+    SIGMOID = "sigmoid"  # DeepSeek-V3: independent per-expert scores in (0, 1)
+
+
+class GroupedMM(enum.StrEnum):
+    """Whether the experts run as one ``grouped_mm`` call or a loop of matmuls."""
+
+    # grouped_mm on CUDA in bf16 (sm80+), the loop elsewhere. torch>=2.9 also has a CPU fp32
+    # kernel, but at the benchmark config (8 experts, 4096 tokens, 2 threads) it measured ~10 %
+    # slower than the loop forward + backward, so auto leaves it to "on".
+    AUTO = "auto"
+    ON = "on"  # wherever it runs (CUDA bf16, CPU fp32); a ValueError elsewhere
+    OFF = "off"  # always the loop (the reference; works in float64)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig(Config):
+    """Configuration of :class:`MoE`."""
+
+    dim: int  # model dim D (input and output)
+    hidden_dim: int  # hidden dim H of each routed SwiGLU expert
+    n_experts: int  # routed experts E
+    top_k: int = 2  # experts per token K (<= n_experts)
+    score_func: ScoreFunc = ScoreFunc.SOFTMAX  # softmax over experts, or a sigmoid per expert
+    norm_topk_prob: bool = True  # rescale the K chosen scores to sum to 1 (Mixtral: yes)
+    n_shared_experts: int = 0  # experts every token goes through (0 = none); fused into one MLP
+    shared_hidden_dim: int | None = None  # hidden dim per shared expert; None = hidden_dim
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(w·x)
+    # None = dropless. Else each expert keeps at most ceil(capacity_factor·N·K/E) assignments
+    # (N counts every token in the batch, padding included, so the limit needs no host sync).
+    capacity_factor: float | None = None
+    router_bias: bool = False  # a learned bias on the router logits
+    grouped_mm: GroupedMM = GroupedMM.AUTO  # see GroupedMM
+    init_std: float = 0.02  # std of the normal init of every weight
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden_dim", "n_experts", "top_k"):
+            value = getattr(self, name)
+            check(_is_int(value) and value >= 1, self, name, value, "a positive integer")
+        ok = self.top_k <= self.n_experts
+        check(ok, self, "top_k", self.top_k, f"at most n_experts={self.n_experts}")
+        coerce_enum(self, "score_func", ScoreFunc)
+        coerce_enum(self, "grouped_mm", GroupedMM)
+        for name in ("norm_topk_prob", "shared_expert_gate", "router_bias"):
+            check(isinstance(getattr(self, name), bool), self, name, getattr(self, name), "a bool")
+        n_shared, shared_hidden = self.n_shared_experts, self.shared_hidden_dim
+        ok = _is_int(n_shared) and n_shared >= 0
+        check(ok, self, "n_shared_experts", n_shared, "an int >= 0")
+        ok = shared_hidden is None or (_is_int(shared_hidden) and shared_hidden >= 1)
+        check(ok, self, "shared_hidden_dim", shared_hidden, "a positive integer or None")
+        ok, gate = not self.shared_expert_gate or n_shared > 0, self.shared_expert_gate
+        check(
+            ok, self, "shared_expert_gate", gate, "False when n_shared_experts=0 (nothing to gate)"
+        )
+        cf = self.capacity_factor
+        ok = cf is None or (_is_number(cf) and math.isfinite(cf) and cf > 0)
+        check(ok, self, "capacity_factor", cf, "None (dropless) or a finite number > 0")
+        ok = _is_number(self.init_std) and self.init_std > 0
+        check(ok, self, "init_std", self.init_std, "a number > 0")
+
+    @property
+    def shared_total_hidden_dim(self) -> int:
+        """Hidden dim of the fused shared-expert MLP (0 when there are no shared experts)."""
+        per_expert = self.hidden_dim if self.shared_hidden_dim is None else self.shared_hidden_dim
+        return per_expert * self.n_shared_experts
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Assignments each expert keeps for a batch of ``n_tokens`` tokens (None = all)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass
+class RouterStats:
+    """What a MoE layer reports besides its output. Losses are unweighted: the model weighs them.
+
+    Attributes:
+        load_balancing_loss: scalar, Switch Transformer E·Σᵢ fᵢ·Pᵢ over real tokens; 1.0 when
+            perfectly balanced.
+        z_loss: scalar, mean over real tokens of logsumexp(router logits)².
+        tokens_per_expert: (E,) long, assignments each expert processed (real tokens, after
+            capacity dropping).
+        dropped_tokens: scalar long, (token, expert) assignments of real tokens dropped because
+            their expert was full (always 0 when dropless).
+    """
+
+    load_balancing_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    dropped_tokens: Tensor
+
+
+class Routing(NamedTuple):
+    """The router's decision for N tokens."""
+
+    logits_NE: Tensor  # raw router logits (at least float32)
+    probs_NE: Tensor  # scores normalized to sum 1 over experts: the Pᵢ of the balancing loss
+    topk_idx_NK: Tensor  # chosen experts, by decreasing score
+    topk_weight_NK: Tensor  # their combine weights (renormalized if norm_topk_prob)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def load_balancing_loss(
+    probs_NE: Tensor, topk_idx_NK: Tensor, token_mask_N: Tensor | None = None
+) -> Tensor:
+    """Switch Transformer load-balancing loss E·Σᵢ fᵢ·Pᵢ, over real tokens only.
+
+    fᵢ is the fraction of the routed (token, slot) assignments of real tokens that chose expert
+    i (the routing decision, before any capacity dropping: the loss should see what the router
+    wants, not what fit), and Pᵢ the mean over real tokens of the normalized router score of
+    expert i. Both sum to 1 over experts, so perfect balance (all 1/E) gives exactly 1.0. Only
+    Pᵢ carries a gradient (fᵢ comes from an argmax).
+
+    Args:
+        probs_NE: (N, E) per-token scores summing to 1 over experts.
+        topk_idx_NK: (N, K) chosen experts.
+        token_mask_N: (N,) bool, True = real token; None = all real.
+
+    Returns:
+        Scalar tensor; 0 when there is no real token.
+    """
+    n_tokens, n_experts = probs_NE.shape
+    k = topk_idx_NK.shape[1]
+    if token_mask_N is None:
+        token_mask_N = torch.ones(n_tokens, dtype=torch.bool, device=probs_NE.device)
+    n_real = token_mask_N.sum().clamp(min=1)
+    # Padding goes to a null expert E so one bincount counts real assignments only.
+    idx_S = topk_idx_NK.masked_fill(~token_mask_N[:, None], n_experts).reshape(-1)  # (N*K,)
+    f_E = torch.bincount(idx_S, minlength=n_experts + 1)[:n_experts].to(probs_NE.dtype)
+    f_E = f_E / (n_real * k)
+    # torch.where, not a multiply: a padding row holding inf/NaN must not leak into the sum.
+    P_E = torch.where(token_mask_N[:, None], probs_NE, 0.0).sum(0) / n_real
+    return n_experts * (f_E * P_E).sum()
+
+
+def router_z_loss(logits_NE: Tensor, token_mask_N: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)². 0 with no real token."""
+    z_N = torch.logsumexp(logits_NE, dim=-1).square()
+    if token_mask_N is None:
+        return z_N.mean() if z_N.numel() else z_N.sum()
+    n_real = token_mask_N.sum().clamp(min=1)
+    return torch.where(token_mask_N, z_N, 0.0).sum() / n_real
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+def _swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for ``gate_up = cat([gate, up], -1)``: (..., 2H) -> (..., H).
+
+    Same values as ``F.silu(g) * u`` on the two halves, with a hand-written backward that
+    writes both halves of the gradient straight into one (..., 2H) buffer: autograd through
+    ``chunk`` would ``cat`` them (a full extra copy), and it would keep silu(gate) alive too.
+    """
+    return _SwiGLU.apply(gate_up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor) -> Tensor:
+        (gate_up,) = ctx.saved_tensors
+        return _swiglu_backward(gate_up, grad_h)
+
+
+def _swiglu_backward(gate_up: Tensor, grad_h: Tensor) -> Tensor:
+    """Gradient wrt ``gate_up`` of silu(gate) * up, written into one (..., 2H) buffer."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    grad = torch.empty_like(gate_up)
+    grad_gate, grad_up = grad.chunk(2, dim=-1)
+    # d/d gate: silu'(gate) * (grad_h * up); d/d up: grad_h * silu(gate) (recomputed: one
+    # pass, cheaper in memory than saving it).
+    torch.ops.aten.silu_backward.grad_input(grad_h * up, gate, grad_input=grad_gate)
+    torch.mul(grad_h, F.silu(gate), out=grad_up)
+    return grad
+
+
+class Router(nn.Module):
+    """Linear scores over experts -> top-k -> optional renormalization.
+
+    ``weight`` is (E, D) like ``nn.Linear(D, E).weight`` and HF's ``gate.weight``. Scoring runs
+    in at least float32 (bf16 softmax over many experts flips near-tied top-k choices).
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_experts, config.dim))
+        self.bias = nn.Parameter(torch.empty(config.n_experts)) if config.router_bias else None
+
+    def forward(self, x_ND: Tensor) -> Routing:
+        """Route N tokens. x_ND (N, D) -> :class:`Routing`."""
+        cfg = self.config
+        logits_NE = _at_least_fp32(F.linear(x_ND, self.weight, self.bias))
+        if cfg.score_func is ScoreFunc.SOFTMAX:
+            scores_NE = logits_NE.softmax(dim=-1)
+            probs_NE = scores_NE
+        else:
+            scores_NE = logits_NE.sigmoid()
+            # The balancing loss wants a distribution over experts. For sigmoid scores we use
+            # them normalized to sum 1 (DeepSeek-V3's sequence-wise balance loss does the same)
+            # rather than a softmax of the logits: the loss then pushes on the very scores
+            # that pick the experts.
+            probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
+        topk_score_NK, topk_idx_NK = scores_NE.topk(cfg.top_k, dim=-1)
+        if cfg.norm_topk_prob:
+            topk_score_NK = topk_score_NK / topk_score_NK.sum(dim=-1, keepdim=True)
+        return Routing(logits_NE, probs_NE, topk_idx_NK, topk_score_NK)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights, run on tokens already grouped by expert.
+
+    ``gate_up_proj`` (E, 2H, D) holds each expert's gate rows then up rows, ``down_proj``
+    (E, D, H): both ``(out, in)`` per expert like ``nn.Linear`` and transformers v5.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        E, D, H = config.n_experts, config.dim, config.hidden_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * H, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, H))
+
+    def forward(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
+        """Run expert e on rows [start_e, start_e + group_sizes_E[e]) of ``x_SD``.
+
+        Args:
+            x_SD: (S, D) tokens sorted by expert; S = group_sizes_E.sum().
+            group_sizes_E: (E,) long, rows per expert.
+            grouped: one ``grouped_mm`` per projection (caller checked it runs) or a loop.
+
+        Returns:
+            (S, D) expert outputs, row-aligned with ``x_SD``.
+        """
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if w_gate_up.dtype != x_SD.dtype:  # autocast: grouped_mm is not autocast-aware
+            w_gate_up, w_down = w_gate_up.to(x_SD.dtype), w_down.to(x_SD.dtype)
+        if grouped and x_SD.shape[0] > 0:
+            # grouped_mm wants int32 end offsets; the transposed views are free (no copy).
+            offsets_E = group_sizes_E.cumsum(0).to(torch.int32)
+            gate_up_S2H = _grouped_mm(x_SD, w_gate_up.transpose(-2, -1), offsets_E)
+            return _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
+        # Loop path: one host sync for the split sizes. unbind (not w[e]) so the backward
+        # stacks E weight gradients once instead of adding E full-size zero tensors. (A
+        # hand-written backward writing into preallocated (S, ...) buffers measured slower on
+        # CPU: fresh ~100 MB buffers are page-faulted in on every step, while the per-expert
+        # ones autograd allocates are recycled by the allocator.)
+        outs = []
+        x_groups = x_SD.split(group_sizes_E.tolist())
+        for x_gD, w_gu, w_d in zip(x_groups, w_gate_up.unbind(0), w_down.unbind(0), strict=True):
+            if x_gD.shape[0] == 0:
+                continue
+            outs.append(F.linear(_swiglu(F.linear(x_gD, w_gu)), w_d))
+        return torch.cat(outs) if outs else x_SD.new_zeros(0, x_SD.shape[1])
+
+
+class SharedExpert(nn.Module):
+    """SwiGLU MLP every token goes through; n shared experts fused into one of n× the width.
+
+    Named like Qwen2-MoE's ``shared_expert`` (gate_proj / up_proj / down_proj, no bias).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Sparse MoE feed-forward: routed SwiGLU experts (+ optional shared experts).
+
+    ``forward(x, token_mask)`` returns the output and :class:`RouterStats`. Padding tokens
+    (``token_mask`` False) are not dispatched: they get zero from the routed experts, count
+    for nothing in the losses and ``tokens_per_expert``, and take no capacity. The shared
+    expert, being dense, still runs on them.
+
+    Capacity (``capacity_factor`` set): each expert keeps its first C assignments in token
+    order (flattened position of the token; a token's own K slots do not compete, they go to
+    different experts), and drops the rest. A dropped assignment contributes nothing; a token
+    whose every assignment is dropped passes through with the shared expert only (the residual
+    connection around the layer is the caller's). Combine weights are not renormalized over
+    the kept experts.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router = Router(config)
+        self.experts = GroupedExperts(config)
+        hidden = config.shared_total_hidden_dim
+        self.shared_expert = SharedExpert(config.dim, hidden) if hidden else None
+        self.shared_expert_gate = (
+            nn.Linear(config.dim, 1, bias=False) if config.shared_expert_gate else None
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero router bias."""
+        for name, p in self.named_parameters():
+            if name == "router.bias":
+                p.zero_()
+            else:
+                p.normal_(0.0, self.config.init_std)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, RouterStats]:
+        """Route, dispatch, combine.
+
+        Args:
+            x: (..., D) tokens.
+            token_mask: (...) bool, True = real token; None = all real.
+
+        Returns:
+            ``(y, stats)``: y (..., D) like x; stats a :class:`RouterStats`.
+        """
+        self._check_inputs(x, token_mask)
+        cfg = self.config
+        E, K = cfg.n_experts, cfg.top_k
+        x_ND = x.reshape(-1, cfg.dim)  # (N, D)
+        n_tokens = x_ND.shape[0]
+        mask_N = None if token_mask is None else token_mask.reshape(-1)  # (N,)
+
+        # 1. Route, and compute the losses from the routing decision.
+        routing = self.router(x_ND)
+        stats_lb = load_balancing_loss(routing.probs_NE, routing.topk_idx_NK, mask_N)
+        stats_z = router_z_loss(routing.logits_NE, mask_N)
+
+        # 2. Order the N*K assignments by expert; padding and overflow go to a null expert E,
+        #    which sorts last and is cut off.
+        order_S, sizes_E, n_kept, dropped = _dispatch_plan(
+            routing.topk_idx_NK, mask_N, E, cfg.capacity(n_tokens)
+        )
+        order_S = order_S[:n_kept]
+        token_S = order_S // K  # assignment s of the flat (N*K,) list belongs to token s // K
+        weight_S = routing.topk_weight_NK.reshape(-1)[order_S]
+
+        # 3. Experts on contiguous groups, then weight and add back onto the tokens.
+        out_SD = self.experts(
+            # index_select, not x_ND[token_S]: its backward is index_add, which is faster on
+            # CPU than the accumulating index_put of advanced indexing.
+            x_ND.index_select(0, token_S).to(self._compute_dtype(x)),
+            sizes_E,
+            grouped=self._use_grouped_mm(x),
+        )
+        out_SD = out_SD * weight_S.to(out_SD.dtype)[:, None]
+        y_ND = x_ND.new_zeros(n_tokens, cfg.dim, dtype=out_SD.dtype)
+        y_ND = y_ND.index_add(0, token_S, out_SD)
+
+        # 4. Shared expert(s), dense.
+        if self.shared_expert is not None:
+            shared_ND = self.shared_expert(x_ND)
+            if self.shared_expert_gate is not None:
+                shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
+            y_ND = y_ND + shared_ND
+
+        stats = RouterStats(
+            load_balancing_loss=stats_lb,
+            z_loss=stats_z,
+            tokens_per_expert=sizes_E,
+            dropped_tokens=dropped,
+        )
+        return y_ND.to(x.dtype).reshape(x.shape), stats
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _check_inputs(self, x: Tensor, token_mask: Tensor | None) -> None:
+        D = self.config.dim
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[-1] != D:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"MoE expects x of shape (..., {D}) with >= 2 axes, got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE expects a floating-point x, got {x.dtype}")
+        param_dtype = self.router.weight.dtype
+        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"MoE got x of dtype {x.dtype} but its weights are {param_dtype}: cast one of "
+                "them, or run under torch.autocast"
+            )
+        if token_mask is None:
+            return
+        if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
+            got = token_mask.dtype if isinstance(token_mask, Tensor) else type(token_mask).__name__
+            raise ValueError(f"MoE token_mask must be a bool tensor (True = real token), got {got}")
+        if token_mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"MoE token_mask shape {tuple(token_mask.shape)} must equal x.shape[:-1] = "
+                f"{tuple(x.shape[:-1])}"
+            )
+        if token_mask.device != x.device:
+            raise ValueError(f"MoE token_mask is on {token_mask.device} but x on {x.device}")
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return x.dtype
+
+    def _use_grouped_mm(self, x: Tensor) -> bool:
+        mode = self.config.grouped_mm
+        if mode is GroupedMM.OFF:
+            return False
+        if mode is GroupedMM.AUTO and x.device.type != "cuda":
+            return False  # see GroupedMM.AUTO
+        why_not = _grouped_mm_unsupported(x.device, self._compute_dtype(x), self.config)
+        if why_not is None and x.device.type == "cpu":
+            # torch<=2.10's CPU kernel needs 16-byte aligned operands; memory-mapped
+            # checkpoints can hand us weights that are not.
+            weights = (self.experts.gate_up_proj, self.experts.down_proj)
+            if any(w.data_ptr() % 16 for w in weights):
+                why_not = "the expert weights are not 16-byte aligned (memory-mapped?)"
+        if why_not is not None and mode is GroupedMM.ON:
+            raise ValueError(f"MoEConfig.grouped_mm='on' but grouped_mm cannot run: {why_not}")
+        return why_not is None
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _dispatch_plan(
+    topk_idx_NK: Tensor, mask_N: Tensor | None, n_experts: int, capacity: int | None
+) -> tuple[Tensor, Tensor, int, Tensor]:
+    """Sort assignments by expert; send padding and over-capacity ones to a null expert E.
+
+    Returns:
+        order_S: (N*K,) flat assignment indices, expert-major, token order within an expert
+            (stable sort), null-expert entries last.
+        sizes_E: (E,) long, kept assignments per expert.
+        n_kept: number of kept assignments = sizes_E.sum() (a host sync only when padding or a
+            capacity can make it differ from N*K).
+        dropped: scalar long, real assignments dropped for capacity.
+    """
+    E = n_experts
+    N, K = topk_idx_NK.shape
+    expert_S = topk_idx_NK.reshape(-1)  # (N*K,), token-major: s = n*K + k
+    if mask_N is not None:
+        expert_S = expert_S.masked_fill(~mask_N.repeat_interleave(K), E)
+    dropped = torch.zeros((), dtype=torch.long, device=expert_S.device)
+    if capacity is not None:
+        # Rank of each assignment within its expert, in token order: position in the stably
+        # sorted list minus where its expert's group starts.
+        order_S = torch.sort(expert_S, stable=True).indices
+        counts_E1 = torch.bincount(expert_S, minlength=E + 1)
+        starts_E1 = counts_E1.cumsum(0) - counts_E1
+        rank_sorted_S = torch.arange(N * K, device=expert_S.device) - starts_E1[expert_S[order_S]]
+        rank_S = torch.empty_like(rank_sorted_S).scatter_(0, order_S, rank_sorted_S)
+        over_S = (rank_S >= capacity) & (expert_S < E)
+        dropped = over_S.sum()
+        expert_S = expert_S.masked_fill(over_S, E)
+    order_S = torch.sort(expert_S, stable=True).indices
+    sizes_E = torch.bincount(expert_S, minlength=E + 1)[:E]
+    n_kept = N * K if mask_N is None and capacity is None else int(sizes_E.sum())
+    return order_S, sizes_E, n_kept, dropped
+
+
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm(a_SI: Tensor, b_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    """(S, I) x per-group (E, I, O) -> (S, O); rows [offsets[e-1], offsets[e]) use b[e]."""
+    return _grouped_mm_fn()(a_SI, b_EIO, offs=offsets_E)
+
+
+def _grouped_mm_unsupported(device: torch.device, dtype: torch.dtype, cfg: MoEConfig) -> str | None:
+    """None if grouped_mm runs here, else why not (shown by ``grouped_mm='on'``)."""
+    if _grouped_mm_fn() is None:
+        return f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm"
+    version = torch.torch_version.TorchVersion(torch.__version__)
+    if device.type == "cpu":
+        if version < "2.9":
+            return f"torch {torch.__version__} has no CPU grouped_mm kernel (needs torch>=2.9)"
+        if dtype != torch.float32:
+            return f"on CPU it is used for float32 only, got {dtype}"
+        return None
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"on CUDA it needs bfloat16, got {dtype}"
+        major_minor = torch.cuda.get_device_capability(device)
+        if major_minor < (8, 0) or (version < "2.9" and major_minor[0] != 9):
+            return f"compute capability {major_minor} is not supported by torch {torch.__version__}"
+        if cfg.dim % 8 or cfg.hidden_dim % 8:
+            return (
+                f"dim={cfg.dim} and hidden_dim={cfg.hidden_dim} must be multiples of 8 (16 B rows)"
+            )
+        return None
+    return f"not available on {device.type}"
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

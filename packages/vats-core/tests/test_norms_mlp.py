@@ -1,0 +1,122 @@
+"""RMSNorm / LayerNorm and SwiGLU / GELU MLPs against their formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vats_core.mlp import Activation, GeluMLP, MLPConfig, SwiGLU, build_mlp
+from vats_core.norms import LayerNorm, NormType, RMSNorm, build_norm
+
+F64 = torch.float64
+
+
+def test_rmsnorm_formula_float64() -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5).double()
+    nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 16, dtype=F64) * 4
+    expected = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out = norm(x)
+    assert out.dtype == F64
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rmsnorm_half_precision_normalizes_in_fp32() -> None:
+    # HF Llama order: normalize in fp32, cast to the input dtype, then multiply the weight.
+    torch.manual_seed(1)
+    norm = RMSNorm(32).to(torch.bfloat16)
+    nn.init.normal_(norm.weight)
+    x = (torch.randn(4, 32) * 100).to(torch.bfloat16)
+    h = x.float()
+    expected = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(
+        torch.bfloat16
+    )
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+
+
+def test_layernorm_matches_torch_and_bias_is_optional() -> None:
+    torch.manual_seed(2)
+    ours, ref = LayerNorm(8, eps=1e-5), nn.LayerNorm(8, eps=1e-5)
+    nn.init.normal_(ours.weight)
+    nn.init.normal_(ours.bias)
+    ref.load_state_dict(ours.state_dict())  # same parameter names as nn.LayerNorm / timm
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(ours(x), ref(x))
+    no_bias = LayerNorm(8, bias=False)
+    assert [n for n, _ in no_bias.named_parameters()] == ["weight"]
+    y = no_bias(x)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(2, 3), atol=1e-6, rtol=0)
+
+
+def test_build_norm_and_errors() -> None:
+    assert isinstance(build_norm(NormType.RMSNORM, 4), RMSNorm)
+    assert isinstance(build_norm("layernorm", 4, 1e-5), LayerNorm)
+    with pytest.raises(ValueError, match="norm='batchnorm'"):
+        build_norm("batchnorm", 4)
+    with pytest.raises(ValueError, match=r"RMSNorm\.dim=0"):
+        RMSNorm(0)
+    with pytest.raises(ValueError, match=r"LayerNorm\.eps=0"):
+        LayerNorm(4, eps=0)
+    with pytest.raises(ValueError, match="last dim 4"):
+        RMSNorm(4)(torch.zeros(2, 5))
+
+
+def test_swiglu_formula_and_names() -> None:
+    torch.manual_seed(3)
+    mlp = build_mlp(MLPConfig(dim=6, hidden_dim=10)).double()
+    assert isinstance(mlp, SwiGLU)
+    assert sorted(n for n, _ in mlp.named_parameters()) == [
+        "down_proj.weight",
+        "gate_proj.weight",
+        "up_proj.weight",
+    ]
+    x = torch.randn(2, 3, 6, dtype=F64)
+    g, u, d = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    expected = ((x @ g.T) * torch.sigmoid(x @ g.T) * (x @ u.T)) @ d.T
+    torch.testing.assert_close(mlp(x), expected)
+
+
+@pytest.mark.parametrize(("activation", "approximate"), [("gelu", "none"), ("gelu_tanh", "tanh")])
+def test_gelu_mlp_formula(activation: str, approximate: str) -> None:
+    torch.manual_seed(4)
+    cfg = MLPConfig(dim=6, hidden_dim=12, activation=Activation(activation), bias=True)
+    mlp = build_mlp(cfg).double()
+    assert isinstance(mlp, GeluMLP)
+    assert sorted(n for n, _ in mlp.named_parameters()) == [
+        "fc1.bias",
+        "fc1.weight",
+        "fc2.bias",
+        "fc2.weight",
+    ]
+    x = torch.randn(5, 6, dtype=F64) * 3
+    h = x @ mlp.fc1.weight.T + mlp.fc1.bias
+    expected = F.gelu(h, approximate=approximate) @ mlp.fc2.weight.T + mlp.fc2.bias
+    torch.testing.assert_close(mlp(x), expected)
+    other = "tanh" if approximate == "none" else "none"
+    assert not torch.allclose(
+        mlp(x), F.gelu(h, approximate=other) @ mlp.fc2.weight.T + mlp.fc2.bias
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"dim": 0, "hidden_dim": 4}, "dim"),
+        ({"dim": 4, "hidden_dim": -1}, "hidden_dim"),
+        ({"dim": 4, "hidden_dim": 4, "activation": "relu"}, "activation"),
+    ],
+)
+def test_mlp_config_errors_name_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"MLPConfig\.{field}="):
+        MLPConfig(**kwargs)
+
+
+def test_mlp_config_round_trip() -> None:
+    cfg = MLPConfig(dim=4, hidden_dim=8, activation=Activation.GELU_TANH, bias=True)
+    assert MLPConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["activation"] == "gelu_tanh"
