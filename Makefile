@@ -11,8 +11,9 @@ PYTEST_ARGS ?=
 # package's tests in an environment that holds only it and what it declares.
 PKG_DIR_core := packages/vats-core
 PKG_DIR_text := packages/vats-text
+PKG_DIR_vision := packages/vats-vision
 PKG_DIR_apps := apps
-PACKAGES := core text apps
+PACKAGES := core text vision apps
 
 .PHONY: setup uv sync demo test lint test-root bench build clean $(addprefix test-,$(PACKAGES))
 

@@ -1,4 +1,4 @@
-"""``vats pipeline=info``: what this install can run (versions, devices, attention backends)."""
+"""``vats pipeline=info``: what this install can run (versions, device, attention backends)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from omegaconf import DictConfig
 
-from vats_core.attention import AttentionBackend, backend_status
+from vats_core.attention import AttentionBackend, backend_unavailable_reason
 
 PACKAGES = ("vats-core", "vats-text", "vats-vision", "vats-audio", "vats-diffusion", "vats-apps")
 
 
 def run(cfg: DictConfig) -> dict[str, str]:
-    """Print the installed vats packages and which attention backends can run here."""
+    """Print the installed vats packages and which attention backends can serve a
+    typical causal sliding-window call on this machine's device in ``pipeline.dtype``."""
     report: dict[str, str] = {}
     for name in PACKAGES:
         try:
@@ -22,14 +23,19 @@ def run(cfg: DictConfig) -> dict[str, str]:
         except PackageNotFoundError:
             report[name] = "not installed"
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, cfg.pipeline.dtype)
     print(f"python {platform.python_version()}, torch {torch.__version__}, device {device}")
     for name, ver in report.items():
         print(f"  {name:16s} {ver}")
-    print(f"attention backends on {device} ({cfg.pipeline.dtype}):")
-    dtype = getattr(torch, cfg.pipeline.dtype)
-    for backend, reason in backend_status(device=device, dtype=dtype).items():
+    # A probe call: (B, H, T, Dh) = (1, 8, 256, 64), GQA 8:2, causal, window 64.
+    q = torch.zeros(1, 8, 256, 64, device=device, dtype=dtype)
+    kv = torch.zeros(1, 2, 256, 64, device=device, dtype=dtype)
+    print(f"attention backends for a causal sliding-window call on {device} ({dtype}):")
+    for backend in AttentionBackend:
+        if backend is AttentionBackend.AUTO:
+            continue
+        reason = backend_unavailable_reason(backend, q, kv, kv, causal=True, window=64)
         state = "available" if reason is None else f"unavailable: {reason}"
-        report[f"attention.{backend}"] = state
-        print(f"  {backend:9s} {state}")
-    del AttentionBackend  # imported to fail early if the attention package is broken
+        report[f"attention.{backend.value}"] = state
+        print(f"  {backend.value:9s} {state}")
     return report
