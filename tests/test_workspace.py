@@ -29,8 +29,10 @@ def test_member_is_a_complete_package(member: str):
 @pytest.mark.parametrize("member", [m for m in MEMBERS if m.startswith("packages/")])
 def test_modality_packages_depend_only_on_core(member: str):
     meta = tomllib.loads((ROOT / member / "pyproject.toml").read_text())
-    deps = {d.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
-            for d in meta["project"]["dependencies"]}
+    deps = {
+        d.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
+        for d in meta["project"]["dependencies"]
+    }
     vats_deps = deps & VATS_NAMES
     if meta["project"]["name"] == "vats-core":
         assert not vats_deps

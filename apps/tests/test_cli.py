@@ -16,7 +16,11 @@ def test_config_tree_has_root_and_pipelines():
 def test_vats_command_runs_the_info_pipeline(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", "from vats_apps.cli import main; main()", "pipeline=info"],
-        capture_output=True, text=True, timeout=120, check=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=tmp_path,
     ).stdout
     assert "vats-core" in out
     assert "attention backends" in out
@@ -26,7 +30,10 @@ def test_vats_command_runs_the_info_pipeline(tmp_path):
 def test_unknown_pipeline_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", "from vats_apps.cli import main; main()", "pipeline=nope"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode != 0
     assert "nope" in proc.stderr
