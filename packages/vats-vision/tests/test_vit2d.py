@@ -1,0 +1,265 @@
+"""ViT-2D: model contract on every preset, ragged batches = lone runs, 2D RoPE on non-square
+grids (transpose equivariance), learned positions resampled as timm, the pad option,
+forward_intermediates, bad input and config validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+
+from vats_core.testing import (
+    check_backward,
+    check_dtype_device_moves,
+    check_forward,
+    check_raises,
+    check_save_load_roundtrip,
+)
+from vats_vision.layers import Pool, PosEmbed, resample_grid_embed
+from vats_vision.presets import VIT2D_PRESETS, vit2d_preset
+from vats_vision.vit2d import ViT2D, ViT2DConfig
+
+F64 = torch.float64
+
+
+def _tiny(**overrides: object) -> ViT2D:
+    torch.manual_seed(0)
+    return ViT2D(vit2d_preset("tiny", **overrides)).eval()
+
+
+@pytest.mark.parametrize("name", sorted(VIT2D_PRESETS))
+def test_vit2d_preset_contract(name: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    config = vit2d_preset(name)
+    model = ViT2D(config)
+    # ViT-S/16 at 224² is slow on 2 CPU cores: one 64² image (its table resampled).
+    batch, size = (2, config.image_size) if config.image_size <= 64 else (1, 64)
+    x = torch.randn(batch, config.in_channels, size, size)
+    check_forward(model, x, (batch, config.num_classes))
+    check_backward(model, x)
+    check_save_load_roundtrip(model, x, tmp_path)
+    check_dtype_device_moves(model, x)
+    feats = model.forward_features(x)
+    n = config.n_prefix_tokens + (size // config.patch_size) ** 2
+    assert feats.shape == (batch, n, config.dim)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # rope2d, class token, token pool, GQA
+        dict(pos_embed=PosEmbed.LEARNED, n_register_tokens=2, pool=Pool.AVG, fc_norm=True),
+        dict(pos_embed=PosEmbed.LEARNED, pos_embed_prefix=False, pre_norm=True),
+        dict(pos_embed=PosEmbed.NONE, class_token=False, pool=Pool.AVG, window=5),
+        dict(n_register_tokens=1, window=4, qk_norm=True, pad=True),
+        dict(pool=Pool.NONE),
+    ],
+)
+def test_ragged_batch_equals_lone_runs(overrides: dict) -> None:
+    model = _tiny(**overrides).double()
+    sizes = [(32, 48), (16, 16), (40, 24), (8, 64)]
+    if overrides.get("pad"):
+        sizes += [(30, 45), (9, 7)]
+    torch.manual_seed(1)
+    images = [torch.randn(3, h, w, dtype=F64) for h, w in sizes]
+    with torch.no_grad():
+        feats = model.forward_features(images)
+        logits = model(images)
+        padded, mask = model.forward_features_padded(images)
+        for i, image in enumerate(images):
+            alone = model.forward_features(image[None])[0]
+            torch.testing.assert_close(feats[i], alone, rtol=1e-10, atol=1e-10)
+            n = alone.shape[0]
+            assert mask[i, :n].all() and not mask[i, n:].any()
+            assert (padded[i, n:] == 0).all()
+            head_alone = model(image[None])[0]
+            torch.testing.assert_close(logits[i], head_alone, rtol=1e-10, atol=1e-10)
+        # forward_head accepts the list form too
+        again = model.forward_head(feats)
+    if model.config.pool is Pool.NONE:
+        assert isinstance(logits, list) and all(
+            a.shape == (f.shape[0], 10) for a, f in zip(logits, feats, strict=True)
+        )
+    else:
+        assert logits.shape == (len(images), 10)
+        torch.testing.assert_close(again, logits)
+
+
+def test_same_size_list_equals_tensor_batch() -> None:
+    model = _tiny(n_register_tokens=1)
+    x = torch.randn(3, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(list(x)), model(x), rtol=0, atol=0)
+
+
+def _transpose_model(model: ViT2D) -> ViT2D:
+    """A copy that computes on transposed images what ``model`` computes on the originals.
+
+    Swaps the conv kernel's axes and, in every q/k head, the RoPE channel blocks of the row
+    and column axes (each axis owns a quarter of Dh at offsets 0 / Dh/2 and Dh/4 / 3Dh/4).
+    """
+    twin = ViT2D(model.config).to(F64).eval()
+    twin.load_state_dict(model.state_dict())
+    proj = twin.patch_embed.proj
+    with torch.no_grad():
+        proj.weight.copy_(proj.weight.transpose(-1, -2).clone())
+        for block in twin.blocks:
+            for layer in (block.attn.q_proj, block.attn.k_proj):
+                dh = block.attn.head_dim
+                q = dh // 4
+                idx = torch.arange(dh)
+                perm = torch.cat([idx[q : 2 * q], idx[:q], idx[3 * q :], idx[2 * q : 3 * q]])
+                heads = layer.out_features // dh
+                full = torch.cat([perm + h * dh for h in range(heads)])
+                layer.weight.copy_(layer.weight[full].clone())
+                if layer.bias is not None:
+                    layer.bias.copy_(layer.bias[full])
+    return twin
+
+
+@pytest.mark.parametrize("n_register_tokens", [0, 2])
+def test_rope2d_non_square_grid_transpose_equivariance(n_register_tokens: int) -> None:
+    # With RoPE positions (row, col) on a 4×6 grid, the transposed 48×32 image on the
+    # transposed model must give the same tokens in transposed order: fails if rows and
+    # columns are mixed up anywhere (positions, grid shape, flattening order).
+    torch.manual_seed(0)
+    config = vit2d_preset("tiny", dim=64, n_heads=4, n_register_tokens=n_register_tokens)
+    model = ViT2D(config).to(F64).eval()
+    twin = _transpose_model(model)
+    x = torch.randn(2, 3, 32, 48, dtype=F64)
+    with torch.no_grad():
+        out = model.forward_features(x)
+        out_t = twin.forward_features(x.transpose(-1, -2))
+        p = config.n_prefix_tokens
+        torch.testing.assert_close(out_t[:, :p], out[:, :p])
+        grid = rearrange(out[:, p:], "b (h w) d -> b w h d", h=4, w=6)
+        torch.testing.assert_close(out_t[:, p:], grid.reshape(2, 24, -1))
+        # ... and the twin is a different function on the untransposed image (RoPE matters).
+        assert not torch.allclose(twin.forward_features(x), out, atol=1e-4)
+
+
+def test_rope2d_scores_depend_on_position() -> None:
+    # The same patch content at two places gives different tokens with RoPE and the same
+    # with no positions (attention is then permutation-equivariant): RoPE is applied.
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 16, 24)  # 2×3 grid
+    image[..., 8:, 16:] = image[..., :8, :8]  # patch (1, 2) = patch (0, 0)
+    for pos, same in ((PosEmbed.ROPE2D, False), (PosEmbed.NONE, True)):
+        model = _tiny(pos_embed=pos, class_token=False, pool=Pool.AVG)
+        with torch.no_grad():
+            tokens = model.forward_features(image)[0]
+        assert torch.allclose(tokens[0], tokens[-1], atol=1e-5) == same
+
+
+def test_learned_positions_resampled_like_timm() -> None:
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    table = torch.randn(1, 4 * 4, 8)
+    for new in ((4, 4), (6, 3), (2, 5), (8, 8)):
+        ours = resample_grid_embed(table, (4, 4), new)
+        theirs = timm_layers.resample_abs_pos_embed(table, list(new), [4, 4], num_prefix_tokens=0)
+        torch.testing.assert_close(ours, theirs)
+    assert resample_grid_embed(table, (4, 4), (4, 4)) is table
+
+
+def test_learned_positions_follow_input_size() -> None:
+    model = _tiny(pos_embed=PosEmbed.LEARNED, n_register_tokens=1)
+    assert model.pos_embed is not None and model.pos_embed.shape == (1, 2 + 16, 32)
+    x = torch.randn(1, 3, 48, 24)  # grid 6×3, table trained for 4×4
+    with torch.no_grad():
+        base = model.forward_features(x)
+        model.pos_embed[:, 2:].add_(1.0)  # patch positions reach the output at any size
+        moved = model.forward_features(x)
+    assert base.shape == (1, 2 + 18, 32)
+    assert not torch.allclose(base[:, 2:], moved[:, 2:])
+    without_prefix = _tiny(pos_embed=PosEmbed.LEARNED, pos_embed_prefix=False)
+    assert without_prefix.pos_embed is not None and without_prefix.pos_embed.shape[1] == 16
+
+
+def test_pad_equals_zero_padded_input() -> None:
+    model = _tiny(pad=True, n_register_tokens=1)
+    strict = ViT2D(model.config.replace(pad=False)).eval()
+    strict.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 27, 45)
+    padded = torch.nn.functional.pad(x, (0, 3, 0, 5))  # to 32 × 48
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), strict(padded), rtol=0, atol=0)
+        assert model.forward_features(x).shape == (2, 2 + 4 * 6, 32)
+    check_raises(lambda: strict(x), ValueError, r"multiples of patch_size=8.*H=27, W=45.*pad")
+
+
+def test_window_limits_attention() -> None:
+    x = torch.randn(1, 3, 32, 32)
+    windowed = _tiny(window=2, n_layers=1, class_token=False, pool=Pool.AVG)
+    full = ViT2D(windowed.config.replace(window=None)).eval()
+    full.load_state_dict(windowed.state_dict())
+    x2 = x.clone()
+    x2[..., 24:, 24:] += 1.0  # changes only the last patch (token 15)
+    with torch.no_grad():
+        w_diff = (windowed.forward_features(x) - windowed.forward_features(x2)).abs().sum(-1)
+        f_diff = (full.forward_features(x) - full.forward_features(x2)).abs().sum(-1)
+    # one layer, window 2: only tokens 14 and 15 see token 15
+    assert (w_diff[0, :14] == 0).all() and (w_diff[0, 14:] > 0).all()
+    assert (f_diff[0] > 0).all()
+
+
+def test_forward_intermediates() -> None:
+    model = _tiny(n_layers=3, n_register_tokens=1)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        feats, inter = model.forward_intermediates(x, 2)
+        torch.testing.assert_close(feats, model.forward_features(x))
+        assert [t.shape for t in inter] == [(2, 32, 4, 6)] * 2
+        last = model.forward_intermediates(x, [-1], norm=True, output_fmt="NLC")[1][0]
+        torch.testing.assert_close(last, feats[:, 2:])
+        nchw = model.forward_intermediates(x, [0, 2], intermediates_only=True)
+        nlc = model.forward_intermediates(x, [2, 0], output_fmt="NLC", intermediates_only=True)
+        assert isinstance(nchw, list) and len(nchw) == 2
+        for a, b in zip(nchw, nlc, strict=True):
+            torch.testing.assert_close(rearrange(a, "b d h w -> b (h w) d"), b)
+        assert len(model.forward_intermediates(x, None, intermediates_only=True)) == 3
+        assert not torch.allclose(nchw[0], nchw[1])
+    check_raises(lambda: model.forward_intermediates(x, [3]), ValueError, r"out of range.*-3\.\.2")
+    check_raises(lambda: model.forward_intermediates(x, 4), ValueError, "1..3")
+    check_raises(lambda: model.forward_intermediates(x, 1, output_fmt="NHWC"), ValueError, "NLC")
+
+
+def test_head_options() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model = _tiny(pool=Pool.AVG, fc_norm=True)
+        assert isinstance(model.norm, torch.nn.Identity)
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(pooled, model.fc_norm(feats[:, 1:].mean(1)))
+        torch.testing.assert_close(model.head(pooled), model(x))
+        token = _tiny()
+        feats = token.forward_features(x)
+        torch.testing.assert_close(token.forward_head(feats, pre_logits=True), feats[:, 0])
+        headless = _tiny(num_classes=0)
+        assert headless(x).shape == (2, 32)
+        assert _tiny(pool=Pool.NONE)(x).shape == (2, 17, 10)
+
+
+def test_bad_input_errors() -> None:
+    model = _tiny()
+    check_raises(lambda: model(torch.randn(2, 1, 32, 32)), ValueError, r"3 channels.*got 1")
+    check_raises(lambda: model(torch.randn(3, 32, 32)), ValueError, r"rank-4.*\(B, C, H, W\).*3")
+    check_raises(lambda: model(torch.randn(1, 3, 30, 32)), ValueError, "multiples of patch_size")
+    check_raises(lambda: model([]), ValueError, "non-empty list.*empty")
+    check_raises(lambda: model([torch.randn(1, 3, 8, 8)]), ValueError, r"rank-3.*\(C, H, W\)")
+    check_raises(lambda: model([torch.randn(3, 8, 8), torch.randn(4, 8, 8)]), ValueError, "got 4")
+    check_raises(lambda: model(torch.zeros(1, 3, 32, 32, dtype=torch.long)), ValueError, "float")
+
+
+def test_config_validation_and_round_trip() -> None:
+    check_raises(lambda: ViT2DConfig(class_token=False), ValueError, r"ViT2DConfig\.pool")
+    check_raises(lambda: ViT2DConfig(image_size=100), ValueError, "multiple of patch_size=16")
+    check_raises(lambda: ViT2DConfig(dim=12, n_heads=6), ValueError, "head_dim=2")
+    check_raises(lambda: ViT2DConfig(pos_embed="sincos"), ValueError, "rope2d")
+    check_raises(lambda: ViT2DConfig(n_kv_heads=4), ValueError, "n_kv_heads")
+    check_raises(lambda: ViT2DConfig(window=0), ValueError, "window")
+    check_raises(lambda: vit2d_preset("huge"), ValueError, "tiny")
+    config = vit2d_preset("tiny", pos_embed="learned", pool="avg", norm="rmsnorm")
+    assert config.pos_embed is PosEmbed.LEARNED and config.pool is Pool.AVG
+    assert ViT2DConfig.from_dict(config.to_dict()) == config
