@@ -1,0 +1,17 @@
+"""Overrides that make each pipeline run in seconds, shared by the cross-package tests."""
+
+# Overrides that make each pipeline run in seconds (the compose-every-config test and the
+# pipeline tests use the same ones, so a model trained by one is reused from the cache).
+TINY_TEXT = [
+    "model/text=tiny",
+    "train.max_steps=60",
+    "train.max_files=40",
+    "train.vocab_size=512",
+    "train.seq_len=64",
+    "train.batch_size=16",
+    "train.trainer.warmup_steps=5",
+    "train.trainer.eval_every=0",
+    "train.trainer.log_every=20",
+    "generation.max_new_tokens=12",
+]
+TINY: dict[str, list[str]] = {"info": [], "text_generation": TINY_TEXT}
