@@ -1,47 +1,54 @@
 """Prove a per-package environment holds only that package and what it declares.
 
-Usage: ``python tools/check_isolation.py vats-core`` inside the package's own venv.
-Fails when the package itself is missing or when another vats package, Hydra or a
-test-only peer library (transformers, timm, diffusers) is importable there.
+Usage: ``python tools/check_isolation.py packages/vats-core`` inside that package's own
+venv (``make test-core`` does this). Fails when the package itself is missing, or when
+another vats package, Hydra/OmegaConf or a peer library (transformers, timm, diffusers)
+is importable there although the package's pyproject.toml (dependencies and dev group)
+does not declare it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
+import tomllib
+from pathlib import Path
 
-VATS = {
-    "vats-core": "vats_core",
-    "vats-text": "vats_text",
-    "vats-vision": "vats_vision",
-    "vats-audio": "vats_audio",
-    "vats-diffusion": "vats_diffusion",
-    "vats-apps": "vats_apps",
+VATS = ("vats-core", "vats-text", "vats-vision", "vats-audio", "vats-diffusion", "vats-apps")
+# Distribution name -> import name of the libraries that must not leak in undeclared.
+GUARDED = {name: name.replace("-", "_") for name in VATS} | {
+    "hydra-core": "hydra",
+    "omegaconf": "omegaconf",
+    "transformers": "transformers",
+    "timm": "timm",
+    "diffusers": "diffusers",
 }
-# What each package may see besides itself (its declared vats dependencies).
-ALLOWED = {"vats-apps": {"vats_core", "vats_text", "vats_vision", "vats_audio", "vats_diffusion"}}
-PEERS = ("transformers", "timm", "diffusers")
 
 
-def main(package: str) -> int:
-    if package not in VATS:
-        print(f"unknown package {package!r}; expected one of {sorted(VATS)}")
-        return 2
-    own = VATS[package]
+def declared(meta: dict) -> set[str]:
+    """Distribution names the package declares: dependencies plus its dev group."""
+    specs = list(meta["project"].get("dependencies", []))
+    specs += [s for s in meta.get("dependency-groups", {}).get("dev", []) if isinstance(s, str)]
+    return {re.split(r"[\s\[<>=!~;]", s, maxsplit=1)[0].lower() for s in specs}
+
+
+def main(package_dir: str) -> int:
+    meta = tomllib.loads((Path(package_dir) / "pyproject.toml").read_text())
+    own = meta["project"]["name"]
+    allowed = declared(meta) | {own}
+    if "hydra-core" in allowed:
+        allowed.add("omegaconf")  # hydra-core depends on it
     errors = []
-    if importlib.util.find_spec(own) is None:
-        errors.append(f"{own} is not importable in its own environment")
-    allowed = {own} | ALLOWED.get(package, {"vats_core"})
-    for name in VATS.values():
-        if name not in allowed and importlib.util.find_spec(name) is not None:
-            errors.append(f"{name} is importable but {package} does not depend on it")
-    for name in PEERS + (() if package == "vats-apps" else ("hydra", "omegaconf")):
-        if importlib.util.find_spec(name) is not None:
-            errors.append(f"{name} is importable but {package} does not declare it")
+    if importlib.util.find_spec(GUARDED[own]) is None:
+        errors.append(f"{GUARDED[own]} is not importable in its own environment")
+    for dist, module in GUARDED.items():
+        if dist not in allowed and importlib.util.find_spec(module) is not None:
+            errors.append(f"{module} is importable but {own} does not declare {dist}")
     for e in errors:
         print(f"isolation check failed: {e}")
     if not errors:
-        print(f"{package}: environment holds only the package and its declared dependencies")
+        print(f"{own}: its environment holds only the package and what it declares")
     return 1 if errors else 0
 
 
