@@ -27,12 +27,14 @@ def test_every_pipeline_has_tiny_overrides():
 
 
 @pytest.mark.parametrize("name", PIPELINES)
-def test_pipeline_composes_and_runs(name: str, cache_dir: Path):
+def test_pipeline_composes_and_runs(name: str, cache_dir: Path, tmp_path: Path):
     overrides = [f"pipeline={name}", *TINY[name]]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
         if "cache_dir" in cfg.pipeline:
             cfg.pipeline.cache_dir = str(cache_dir)
+        if "out_dir" in cfg.pipeline:  # nothing is written into the repository
+            cfg.pipeline.out_dir = str(tmp_path / "out")
     assert callable(get_method(cfg.pipeline._target_))
     assert run_pipeline(cfg) is not None
 

@@ -14,4 +14,20 @@ TINY_TEXT = [
     "train.trainer.log_every=20",
     "generation.max_new_tokens=12",
 ]
-TINY: dict[str, list[str]] = {"info": [], "text_generation": TINY_TEXT}
+TINY_VISION = [
+    "pipeline.task=all",
+    "model/vision2d=tiny",
+    "model/vision3d=tiny",
+    "train.image.max_steps=3",
+    "train.video.max_steps=3",
+    "train.image.batch_size=8",
+    "train.video.batch_size=4",
+    "train.image.eval_size=16",
+    "train.video.eval_size=8",
+    "pipeline.progress=false",
+]
+TINY: dict[str, list[str]] = {
+    "info": [],
+    "text_generation": TINY_TEXT,
+    "train_vision": TINY_VISION,
+}

@@ -1,0 +1,192 @@
+"""``vats pipeline=text_generation``: a tiny MoE language model, trained here, streaming text.
+
+The first run trains a sentencepiece tokenizer and an MoE language model on the embedded
+corpus (the standard library's docstrings, :mod:`vats_text.corpus`), with the vats-core
+trainer and its progress bar, then saves both under ``pipeline.cache_dir`` keyed by a
+hash of everything that shapes the weights (model config, data, training settings). Any
+later run with the same settings loads them in seconds; a changed setting trains anew.
+
+Then it reports the validation cross-entropy beside a unigram baseline's (the model must
+beat word frequencies to have learned anything) and streams a continuation of each prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vats_core.training import Trainer, TrainerConfig
+from vats_text.corpus import load_corpus
+from vats_text.data import (
+    PackedBatches,
+    count_tokens,
+    evaluate_lm,
+    lm_loss_fn,
+    pack_texts,
+    unigram_cross_entropy,
+)
+from vats_text.generation import stream
+from vats_text.model import MoELanguageModel, MoELMConfig
+from vats_text.presets import lm_preset
+from vats_text.tokenizer import Tokenizer
+
+CACHE_FORMAT = 1  # bump when what is cached changes meaning
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class TrainedLM:
+    tokenizer: Tokenizer
+    model: MoELanguageModel
+    report: dict[str, Any]  # validation and baseline cross-entropy, training time
+    path: Path
+    trained_now: bool
+
+
+def model_config(cfg: DictConfig, vocab_size: int) -> MoELMConfig:
+    """The model section (``preset`` + field overrides) as the dataclass config."""
+    section = OmegaConf.to_container(cfg.model.text, resolve=True)
+    assert isinstance(section, dict)
+    preset = section.pop("preset", None)
+    if preset is None:
+        raise ValueError("model.text needs a `preset` (e.g. model/text=small)")
+    return lm_preset(str(preset), vocab_size=vocab_size, **section)
+
+
+def cache_key(cfg: DictConfig) -> str:
+    """Hash of every setting that changes the trained weights."""
+    spec = {
+        "format": CACHE_FORMAT,
+        "model": OmegaConf.to_container(cfg.model.text, resolve=True),
+        "train": OmegaConf.to_container(cfg.train, resolve=True),
+        "seed": cfg.pipeline.seed,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_train(cfg: DictConfig) -> TrainedLM:
+    """The cached tokenizer and model for this config, training them if needed."""
+    path = Path(cfg.pipeline.cache_dir).expanduser() / "text_generation" / cache_key(cfg)
+    if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
+        print(f"loading the cached model from {path}")
+        tokenizer = Tokenizer.from_pretrained(path)
+        model = MoELanguageModel.from_pretrained(path / "model")
+        report = json.loads((path / REPORT_NAME).read_text())
+        return TrainedLM(tokenizer, model.eval(), report, path, trained_now=False)
+    return _train(cfg, path)
+
+
+def _train(cfg: DictConfig, path: Path) -> TrainedLM:
+    train_cfg = cfg.train
+    model_config(cfg, train_cfg.vocab_size)  # a bad model section fails before any work
+    torch.manual_seed(cfg.pipeline.seed)
+    print("no cached model for this config: training one (tokenizer, then the MoE LM)")
+    train_docs = load_corpus("train", max_files=train_cfg.max_files)
+    val_docs = load_corpus("validation", max_files=train_cfg.max_files)
+    if not train_docs or not val_docs:
+        raise ValueError(
+            f"the corpus is empty with train.max_files={train_cfg.max_files}: allow more files"
+        )
+    t0 = time.perf_counter()
+    tokenizer = Tokenizer.train(train_docs, vocab_size=train_cfg.vocab_size)
+    train_rows = pack_texts(tokenizer, train_docs, seq_len=train_cfg.seq_len)
+    val_rows = pack_texts(tokenizer, val_docs, seq_len=train_cfg.seq_len)
+    print(
+        f"tokenizer: {tokenizer.vocab_size} pieces in {time.perf_counter() - t0:.1f} s; "
+        f"corpus: {train_rows.numel():,} train / {val_rows.numel():,} validation tokens"
+    )
+
+    model = MoELanguageModel(model_config(cfg, tokenizer.vocab_size))
+    print(
+        f"model: {model.num_parameters() / 1e6:.2f} M parameters "
+        f"({model.num_parameters(active=True) / 1e6:.2f} M active per token)"
+    )
+    # Build in a temporary sibling, then rename: an interrupted run leaves no half cache.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        trainer = Trainer(
+            model,
+            TrainerConfig(
+                max_steps=train_cfg.max_steps,
+                out_dir=str(staging / "run"),
+                seed=cfg.pipeline.seed,
+                **OmegaConf.to_container(train_cfg.trainer, resolve=True),  # type: ignore[arg-type]
+            ),
+            data=PackedBatches(train_rows, train_cfg.batch_size, seed=cfg.pipeline.seed),
+            loss_fn=lm_loss_fn,
+            eval_fn=lambda m: evaluate_lm(m, val_rows, max_rows=train_cfg.eval_rows),
+            items_fn=count_tokens,
+            items_name="tokens",
+        )
+        t0 = time.perf_counter()
+        trainer.fit()
+        train_seconds = time.perf_counter() - t0
+        model.eval()
+        val = evaluate_lm(model, val_rows)
+        report = {
+            "val_ce": val["loss"],
+            "val_ppl": val["ppl"],
+            "unigram_ce": unigram_cross_entropy(train_rows, val_rows, tokenizer.vocab_size),
+            "train_seconds": train_seconds,
+            "train_steps": train_cfg.max_steps,
+        }
+        report["unigram_ppl"] = float(torch.tensor(report["unigram_ce"]).exp())
+        shutil.rmtree(staging / "run")
+        tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging / "model")
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        if path.exists():  # retrain: replace the old cache entry
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return TrainedLM(tokenizer, model, report, path, trained_now=True)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train or load the model, print perplexities, stream a continuation of each prompt."""
+    gen = cfg.generation
+    prompts = [cfg.prompt] if cfg.prompt is not None else list(cfg.prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be strings, got {prompts!r}")
+    if gen.max_new_tokens < 0:
+        raise ValueError(f"generation.max_new_tokens={gen.max_new_tokens} must be >= 0")
+    lm = load_or_train(cfg)
+    r = lm.report
+    print(
+        f"validation cross-entropy {r['val_ce']:.3f} nats (perplexity {r['val_ppl']:.1f}) vs "
+        f"unigram baseline {r['unigram_ce']:.3f} nats (perplexity {r['unigram_ppl']:.1f})"
+    )
+    generator = torch.Generator().manual_seed(cfg.pipeline.seed)
+    samples = []
+    for prompt in prompts:
+        print(f"\n>>> {prompt}", end="", flush=True)
+        pieces = []
+        for piece in stream(
+            lm.model,
+            lm.tokenizer,
+            prompt,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            repetition_penalty=gen.repetition_penalty,
+            generator=generator,
+        ):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        samples.append(prompt + "".join(pieces))
+    print()
+    return {**r, "samples": samples, "cache": str(lm.path), "trained_now": lm.trained_now}
