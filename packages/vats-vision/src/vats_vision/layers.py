@@ -13,10 +13,16 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vats_core.attention import AttentionBackend
+from vats_core.config import check, coerce_enum
+from vats_core.mlp import Activation
+from vats_core.norms import NormType
 
 __all__ = [
     "PatchEmbed",
@@ -229,3 +235,33 @@ def init_vit_weights(
         for token in tokens:
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
+
+
+def check_encoder_fields(config: Any, pos_embed_type: type[enum.Enum]) -> None:
+    """Validation shared by :class:`~vats_vision.vit2d.ViT2DConfig` and
+    :class:`~vats_vision.vit3d.ViT3DConfig`: their common fields, Enums normalized."""
+    for field, enum_type in (
+        ("mlp_activation", Activation),
+        ("norm", NormType),
+        ("pos_embed", pos_embed_type),
+        ("pool", Pool),
+        ("attention_backend", AttentionBackend),
+    ):
+        coerce_enum(config, field, enum_type)
+    for field in ("norm_eps", "rope_theta", "init_std"):
+        value = getattr(config, field)
+        check(value > 0, config, field, value, "a positive number")
+    for field in ("n_register_tokens", "num_classes"):
+        value = getattr(config, field)
+        check(value >= 0, config, field, value, "an integer >= 0")
+    hidden = config.mlp_hidden_dim
+    check(
+        hidden is None or hidden > 0, config, "mlp_hidden_dim", hidden, "None or a positive integer"
+    )
+    check(
+        config.pool is not Pool.TOKEN or config.class_token,
+        config,
+        "pool",
+        config.pool.value,
+        "'avg' or 'none' when class_token=False (token pooling reads the class token)",
+    )

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from vats_core.attention import AttentionBackend, AttentionConfig
 from vats_core.block import BlockConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
-from vats_core.config import Config, check, coerce_enum
+from vats_core.config import Config, check
 from vats_core.mlp import Activation, MLPConfig
 from vats_core.norms import NormType, build_norm
 from vats_core.rope import RopeConfig, RotaryEmbedding, grid_positions_2d
@@ -58,6 +58,7 @@ from vats_vision.layers import (
     PatchEmbed,
     Pool,
     PosEmbed,
+    check_encoder_fields,
     check_images,
     init_vit_weights,
     pad_to_multiple,
@@ -116,36 +117,7 @@ class ViT2DConfig(Config):
             self.image_size,
             f"a multiple of patch_size={self.patch_size}",
         )
-        coerce_enum(self, "mlp_activation", Activation)
-        coerce_enum(self, "norm", NormType)
-        coerce_enum(self, "pos_embed", PosEmbed)
-        coerce_enum(self, "pool", Pool)
-        coerce_enum(self, "attention_backend", AttentionBackend)
-        check(self.norm_eps > 0, self, "norm_eps", self.norm_eps, "a positive number")
-        check(self.rope_theta > 0, self, "rope_theta", self.rope_theta, "a positive number")
-        check(self.init_std > 0, self, "init_std", self.init_std, "a positive number")
-        check(
-            self.n_register_tokens >= 0,
-            self,
-            "n_register_tokens",
-            self.n_register_tokens,
-            "an integer >= 0",
-        )
-        check(self.num_classes >= 0, self, "num_classes", self.num_classes, "an integer >= 0")
-        check(
-            self.mlp_hidden_dim is None or self.mlp_hidden_dim > 0,
-            self,
-            "mlp_hidden_dim",
-            self.mlp_hidden_dim,
-            "None or a positive integer",
-        )
-        check(
-            self.pool is not Pool.TOKEN or self.class_token,
-            self,
-            "pool",
-            self.pool.value,
-            "'avg' or 'none' when class_token=False (token pooling reads the class token)",
-        )
+        check_encoder_fields(self, PosEmbed)
         if self.pos_embed is PosEmbed.ROPE2D:
             dh = self.block_config.attention.dh  # validates heads / head_dim first
             check(
