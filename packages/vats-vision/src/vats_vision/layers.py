@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core.attention import AttentionBackend
+from vats_core.attention import AttentionBackend, AttentionConfig
+from vats_core.block import BlockConfig
 from vats_core.config import check, coerce_enum
-from vats_core.mlp import Activation
+from vats_core.mlp import Activation, MLPConfig
 from vats_core.norms import NormType
 
 __all__ = [
@@ -265,3 +266,26 @@ def check_encoder_fields(config: Any, pos_embed_type: type[enum.Enum]) -> None:
         config.pool.value,
         "'avg' or 'none' when class_token=False (token pooling reads the class token)",
     )
+
+
+def encoder_block_config(config: Any, *, window: int | None) -> BlockConfig:
+    """The vats-core block (non-causal attention, MLP, norms) a ViT config describes;
+    shared by ViT2D and ViT3D, whose attention and MLP fields are the same."""
+    attention = AttentionConfig(
+        dim=config.dim,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        qkv_bias=config.qkv_bias,
+        out_bias=config.out_bias,
+        qk_norm=config.qk_norm,
+        window=window,
+        backend=config.attention_backend,
+    )
+    mlp = MLPConfig(
+        dim=config.dim,
+        hidden_dim=config.mlp_hidden_dim or 4 * config.dim,
+        activation=config.mlp_activation,
+        bias=config.mlp_bias,
+    )
+    return BlockConfig(attention=attention, mlp=mlp, norm=config.norm, norm_eps=config.norm_eps)

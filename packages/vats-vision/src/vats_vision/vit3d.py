@@ -54,11 +54,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vats_core.attention import Attention, AttentionBackend, AttentionConfig
+from vats_core.attention import Attention, AttentionBackend
 from vats_core.block import BlockConfig
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check
-from vats_core.mlp import Activation, MLPConfig, build_mlp
+from vats_core.mlp import Activation, build_mlp
 from vats_core.norms import NormType, build_norm
 from vats_core.rope import RopeConfig, RotaryEmbedding, grid_positions_2d
 from vats_vision.layers import (
@@ -67,6 +67,7 @@ from vats_vision.layers import (
     VideoPosEmbed,
     check_encoder_fields,
     check_images,
+    encoder_block_config,
     init_vit_weights,
     pad_to_multiple,
     resample_grid_embed,
@@ -170,23 +171,7 @@ class ViT3DConfig(Config):
     @property
     def block_config(self) -> BlockConfig:
         """Attention (used for both the spatial and the temporal step), MLP and norms."""
-        attention = AttentionConfig(
-            dim=self.dim,
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads,
-            head_dim=self.head_dim,
-            qkv_bias=self.qkv_bias,
-            out_bias=self.out_bias,
-            qk_norm=self.qk_norm,
-            backend=self.attention_backend,
-        )
-        mlp = MLPConfig(
-            dim=self.dim,
-            hidden_dim=self.mlp_hidden_dim or 4 * self.dim,
-            activation=self.mlp_activation,
-            bias=self.mlp_bias,
-        )
-        return BlockConfig(attention=attention, mlp=mlp, norm=self.norm, norm_eps=self.norm_eps)
+        return encoder_block_config(self, window=None)
 
 
 class FactorizedBlock(nn.Module):
