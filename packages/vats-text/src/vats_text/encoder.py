@@ -30,6 +30,7 @@ from vats_core.config import Config, check, coerce_enum
 from vats_core.mlp import MLPConfig
 from vats_core.norms import RMSNorm
 from vats_core.rope import RopeConfig, RotaryEmbedding
+from vats_text.model import check_head_fields
 
 __all__ = ["TextEncoder", "TextEncoderConfig", "TextEncoderOutput"]
 
@@ -65,22 +66,7 @@ class TextEncoderConfig(Config):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
             check(_is_int(value) and value >= 1, self, name, value, "a positive integer")
-        kv = self.n_kv_heads
-        ok = kv is None or (_is_int(kv) and kv >= 1 and self.n_heads % kv == 0)
-        check(ok, self, "n_kv_heads", kv, f"None or a positive divisor of n_heads={self.n_heads}")
-        if self.head_dim is None:
-            check(
-                self.dim % self.n_heads == 0 and (self.dim // self.n_heads) % 2 == 0,
-                self,
-                "dim",
-                self.dim,
-                f"a multiple of n_heads={self.n_heads} giving an even head dim "
-                "(or set head_dim explicitly)",
-            )
-        else:
-            hd = self.head_dim
-            ok = _is_int(hd) and hd >= 2 and hd % 2 == 0
-            check(ok, self, "head_dim", hd, "None or a positive even integer (RoPE rotates pairs)")
+        check_head_fields(self)
         hidden = self.hidden_dim
         ok = hidden is None or (_is_int(hidden) and hidden >= 1)
         check(ok, self, "hidden_dim", hidden, "None or a positive integer")

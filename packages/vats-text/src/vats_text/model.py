@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,27 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_head_fields(config: Any) -> None:
+    """Validate ``n_kv_heads`` / ``head_dim`` against ``n_heads`` and ``dim`` (RoPE needs an
+    even head dim); shared by the LM and the text encoder configs."""
+    kv = config.n_kv_heads
+    ok = kv is None or (_is_int(kv) and kv >= 1 and config.n_heads % kv == 0)
+    check(ok, config, "n_kv_heads", kv, f"None or a positive divisor of n_heads={config.n_heads}")
+    if config.head_dim is None:
+        check(
+            config.dim % config.n_heads == 0 and (config.dim // config.n_heads) % 2 == 0,
+            config,
+            "dim",
+            config.dim,
+            f"a multiple of n_heads={config.n_heads} giving an even head dim "
+            "(or set head_dim explicitly)",
+        )
+    else:
+        hd = config.head_dim
+        ok = _is_int(hd) and hd >= 2 and hd % 2 == 0
+        check(ok, config, "head_dim", hd, "None or a positive even integer (RoPE rotates pairs)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,22 +160,7 @@ class MoELMConfig(Config):
         coerce_enum(self, "grouped_mm", GroupedMM)
 
     def _check_attention(self) -> None:
-        kv = self.n_kv_heads
-        ok = kv is None or (_is_int(kv) and kv >= 1 and self.n_heads % kv == 0)
-        check(ok, self, "n_kv_heads", kv, f"None or a positive divisor of n_heads={self.n_heads}")
-        if self.head_dim is None:
-            check(
-                self.dim % self.n_heads == 0 and (self.dim // self.n_heads) % 2 == 0,
-                self,
-                "dim",
-                self.dim,
-                f"a multiple of n_heads={self.n_heads} giving an even head dim "
-                "(or set head_dim explicitly)",
-            )
-        else:
-            hd = self.head_dim
-            ok = _is_int(hd) and hd >= 2 and hd % 2 == 0
-            check(ok, self, "head_dim", hd, "None or a positive even integer (RoPE rotates pairs)")
+        check_head_fields(self)
         ok = _is_number(self.rope_theta) and self.rope_theta > 0
         check(ok, self, "rope_theta", self.rope_theta, "a number > 0")
         coerce_enum(self, "rope_scaling", RopeScaling)
