@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import NamedTuple
 
@@ -148,26 +149,6 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-@dataclasses.dataclass
-class RouterStats:
-    """What a MoE layer reports besides its output. Losses are unweighted: the model weighs them.
-
-    Attributes:
-        load_balancing_loss: scalar, Switch Transformer E·Σᵢ fᵢ·Pᵢ over real tokens; 1.0 when
-            perfectly balanced.
-        z_loss: scalar, mean over real tokens of logsumexp(router logits)².
-        tokens_per_expert: (E,) long, assignments each expert processed (real tokens, after
-            capacity dropping).
-        dropped_tokens: scalar long, (token, expert) assignments of real tokens dropped because
-            their expert was full (always 0 when dropless).
-    """
-
-    load_balancing_loss: Tensor
-    z_loss: Tensor
-    tokens_per_expert: Tensor
-    dropped_tokens: Tensor
-
-
 class Routing(NamedTuple):
     """The router's decision for N tokens."""
 
@@ -224,6 +205,58 @@ def router_z_loss(logits_NE: Tensor, token_mask_N: Tensor | None = None) -> Tens
     return torch.where(token_mask_N, z_N, 0.0).sum() / n_real
 
 
+class RouterStats:
+    """What a MoE layer reports besides its output. Losses are unweighted: the model weighs them.
+
+    Each figure is computed the first time it is read, from the routing the layer kept, so
+    a decode step that never looks at them does not pay for them. Reading a loss after the
+    forward still gives it a gradient path to the router.
+
+    Attributes:
+        load_balancing_loss: scalar, Switch Transformer E·Σᵢ fᵢ·Pᵢ over real tokens; 1.0 when
+            perfectly balanced.
+        z_loss: scalar, mean over real tokens of logsumexp(router logits)².
+        tokens_per_expert: (E,) long, assignments each expert processed (real tokens, after
+            capacity dropping).
+        dropped_tokens: scalar long, (token, expert) assignments of real tokens dropped because
+            their expert was full (always 0 when dropless).
+    """
+
+    def __init__(
+        self,
+        routing: Routing,
+        token_mask_N: Tensor | None,
+        *,
+        tokens_per_expert: Tensor | None = None,
+        dropped_tokens: Tensor | None = None,
+    ) -> None:
+        self._routing = routing
+        self._mask_N = token_mask_N
+        if tokens_per_expert is not None:
+            self.tokens_per_expert = tokens_per_expert
+        if dropped_tokens is not None:
+            self.dropped_tokens = dropped_tokens
+
+    @functools.cached_property
+    def load_balancing_loss(self) -> Tensor:
+        return load_balancing_loss(self._routing.probs_NE, self._routing.topk_idx_NK, self._mask_N)
+
+    @functools.cached_property
+    def z_loss(self) -> Tensor:
+        return router_z_loss(self._routing.logits_NE, self._mask_N)
+
+    @functools.cached_property
+    def tokens_per_expert(self) -> Tensor:  # dropless: every real token's K assignments
+        idx_NK, n_experts = self._routing.topk_idx_NK, self._routing.logits_NE.shape[-1]
+        if self._mask_N is not None:
+            idx_NK = idx_NK.masked_fill(~self._mask_N[:, None], n_experts)
+        return torch.bincount(idx_NK.reshape(-1), minlength=n_experts + 1)[:n_experts]
+
+    @functools.cached_property
+    def dropped_tokens(self) -> Tensor:  # dropless
+        return torch.zeros((), dtype=torch.long, device=self._routing.logits_NE.device)
+
+
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
@@ -242,14 +275,18 @@ def _swiglu(gate_up: Tensor) -> Tensor:
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up: Tensor) -> Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
         ctx.save_for_backward(gate_up)
-        return F.silu(gate).mul_(up)
+        return _swiglu_forward(gate_up)
 
     @staticmethod
     def backward(ctx, grad_h: Tensor) -> Tensor:
         (gate_up,) = ctx.saved_tensors
         return _swiglu_backward(gate_up, grad_h)
+
+
+def _swiglu_forward(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
 
 def _swiglu_backward(gate_up: Tensor, grad_h: Tensor) -> Tensor:
@@ -311,37 +348,168 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * H, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, H))
 
-    def forward(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
-        """Run expert e on rows [start_e, start_e + group_sizes_E[e]) of ``x_SD``.
+    def forward(
+        self,
+        x_ND: Tensor,
+        token_S: Tensor,
+        weight_S: Tensor,
+        group_sizes_E: Tensor,
+        *,
+        grouped: bool,
+    ) -> Tensor:
+        """Run the experts on their tokens, weight the outputs and sum them per token.
+
+        Assignment s sends token ``token_S[s]`` to expert e, where s lies in expert e's
+        group: rows [start_e, start_e + group_sizes_E[e]) in expert order.
 
         Args:
-            x_SD: (S, D) tokens sorted by expert; S = group_sizes_E.sum().
-            group_sizes_E: (E,) long, rows per expert.
+            x_ND: (N, D) tokens, already in the compute dtype.
+            token_S: (S,) long, the token of each assignment, grouped by expert.
+            weight_S: (S,) combine weight of each assignment.
+            group_sizes_E: (E,) long, assignments per expert; S = group_sizes_E.sum().
             grouped: one ``grouped_mm`` per projection (caller checked it runs) or a loop.
 
         Returns:
-            (S, D) expert outputs, row-aligned with ``x_SD``.
+            (N, D): Σ over a token's assignments of weight · expert(x); zero for tokens
+            with none.
         """
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if w_gate_up.dtype != x_SD.dtype:  # autocast: grouped_mm is not autocast-aware
-            w_gate_up, w_down = w_gate_up.to(x_SD.dtype), w_down.to(x_SD.dtype)
-        if grouped and x_SD.shape[0] > 0:
+        if w_gate_up.dtype != x_ND.dtype:  # autocast: grouped_mm is not autocast-aware
+            w_gate_up, w_down = w_gate_up.to(x_ND.dtype), w_down.to(x_ND.dtype)
+        weight_S = weight_S.to(x_ND.dtype)
+        if grouped and token_S.shape[0] > 0:
             # grouped_mm wants int32 end offsets; the transposed views are free (no copy).
+            # index_select, not x_ND[token_S]: its backward is index_add, not index_put.
             offsets_E = group_sizes_E.cumsum(0).to(torch.int32)
+            x_SD = x_ND.index_select(0, token_S)
             gate_up_S2H = _grouped_mm(x_SD, w_gate_up.transpose(-2, -1), offsets_E)
-            return _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
-        # Loop path: one host sync for the split sizes. unbind (not w[e]) so the backward
-        # stacks E weight gradients once instead of adding E full-size zero tensors. (A
-        # hand-written backward writing into preallocated (S, ...) buffers measured slower on
-        # CPU: fresh ~100 MB buffers are page-faulted in on every step, while the per-expert
-        # ones autograd allocates are recycled by the allocator.)
-        outs = []
-        x_groups = x_SD.split(group_sizes_E.tolist())
-        for x_gD, w_gu, w_d in zip(x_groups, w_gate_up.unbind(0), w_down.unbind(0), strict=True):
-            if x_gD.shape[0] == 0:
+            out_SD = _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
+            return torch.zeros_like(x_ND).index_add(0, token_S, out_SD * weight_S[:, None])
+        # The loop: one host sync for the group sizes, then one hand-written autograd node
+        # (which keeps activations for its backward only when one can follow).
+        keep = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x_ND, weight_S, w_gate_up, w_down)
+        )
+        sizes = group_sizes_E.tolist()
+        return _ExpertsLoop.apply(x_ND, token_S, weight_S, sizes, w_gate_up, w_down, keep)
+
+    def forward_few(self, x_ND: Tensor, routing: Routing, mask_N: Tensor | None) -> Tensor:
+        """Inference on a few tokens: like :meth:`forward`, with the grouping done in Python.
+
+        One host read of the (N, K) choices; then per expert hit, its tokens' rows (a view
+        when there is one) through two matmuls, added onto their tokens in expert order (the
+        order :meth:`forward` adds in).
+
+        Args:
+            x_ND: (N, D) tokens, in the compute dtype.
+            routing: the router's decision for them.
+            mask_N: (N,) bool, True = real token; None = all real.
+
+        Returns:
+            (N, D), as :meth:`forward`.
+        """
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if w_gate_up.dtype != x_ND.dtype:
+            w_gate_up, w_down = w_gate_up.to(x_ND.dtype), w_down.to(x_ND.dtype)
+        k = routing.topk_idx_NK.shape[1]
+        real = None if mask_N is None else mask_N.tolist()
+        groups: dict[int, list[int]] = {}  # expert -> flat assignments n*K + k, token order
+        for s, e in enumerate(routing.topk_idx_NK.reshape(-1).tolist()):
+            if real is None or real[s // k]:
+                groups.setdefault(e, []).append(s)
+        weight_S = routing.topk_weight_NK.reshape(-1).to(x_ND.dtype)
+        y_ND = torch.zeros_like(x_ND)
+        for e in sorted(groups):
+            assignments = groups[e]
+            if len(assignments) == 1:  # views, no gather
+                s = assignments[0]
+                n = s // k
+                out_1D = F.linear(
+                    _swiglu_forward(F.linear(x_ND[n : n + 1], w_gate_up[e])), w_down[e]
+                )
+                y_ND[n : n + 1].add_(out_1D.mul_(weight_S[s : s + 1, None]))
+            else:
+                s_n = torch.tensor(assignments, device=x_ND.device)
+                tok_n = s_n // k
+                x_nD = x_ND.index_select(0, tok_n)
+                out_nD = F.linear(_swiglu_forward(F.linear(x_nD, w_gate_up[e])), w_down[e])
+                y_ND.index_add_(0, tok_n, out_nD.mul_(weight_S.index_select(0, s_n)[:, None]))
+        return y_ND
+
+
+class _ExpertsLoop(torch.autograd.Function):
+    """Gather, SwiGLU experts, weight and scatter-add, one expert at a time, by hand.
+
+    Written out rather than left to autograd, whose graph for the same loop costs four full
+    copies per step: ``cat`` of the expert outputs, ``cat`` of the per-group input gradients
+    (the backward of ``split``), and two ``stack``s of per-expert weight gradients (the
+    backward of ``unbind``). Here each expert gathers its own tokens and scatter-adds its
+    own output, and the backward writes each expert's weight gradient straight into its
+    slice of the stacked gradient with ``mm(out=...)``. Per-expert activations stay
+    per-expert: a few MB each, recycled by the allocator, where one (S, 2H) buffer would be
+    freshly page-faulted on every step.
+
+    Saved per expert (what autograd would keep for the same loop): its input rows (n, D),
+    gate/up pre-activations (n, 2H), SwiGLU output (n, H) and unweighted output (n, D), the
+    last for the gradient of the combine weights.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, token_S, weight_S, sizes, w_gate_up, w_down, keep):  # type: ignore[override]
+        y_ND = torch.zeros_like(x_ND)
+        tokens = token_S.split(sizes)
+        weights = weight_S.split(sizes)
+        saved: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = []
+        for e, (tok_n, w_n) in enumerate(zip(tokens, weights, strict=True)):
+            if tok_n.shape[0] == 0:
+                saved.append(None)
                 continue
-            outs.append(F.linear(_swiglu(F.linear(x_gD, w_gu)), w_d))
-        return torch.cat(outs) if outs else x_SD.new_zeros(0, x_SD.shape[1])
+            x_nD = x_ND.index_select(0, tok_n)
+            gate_up_n2H = torch.mm(x_nD, w_gate_up[e].t())
+            h_nH = _swiglu_forward(gate_up_n2H)
+            out_nD = torch.mm(h_nH, w_down[e].t())
+            y_ND.index_add_(0, tok_n, out_nD * w_n[:, None])
+            saved.append((x_nD, gate_up_n2H, h_nH, out_nD) if keep else None)
+        ctx.sizes = sizes
+        ctx.saved = saved
+        ctx.save_for_backward(x_ND, token_S, weight_S, w_gate_up, w_down)
+        return y_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y_ND):  # type: ignore[override]
+        x_ND, token_S, weight_S, w_gate_up, w_down = ctx.saved_tensors
+        need_x, _, need_w, need_gu, need_d = (ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5))
+        grad_x = torch.zeros_like(x_ND) if need_x else None
+        grad_weight = torch.zeros_like(weight_S) if need_w else None
+        # Written expert by expert with mm(out=...); only experts without tokens are zeroed.
+        grad_gate_up = torch.empty_like(w_gate_up) if need_gu else None
+        grad_down = torch.empty_like(w_down) if need_d else None
+        tokens = token_S.split(ctx.sizes)
+        weights = weight_S.split(ctx.sizes)
+        start = 0
+        for e, (tok_n, w_n, saved) in enumerate(zip(tokens, weights, ctx.saved, strict=True)):
+            n = tok_n.shape[0]
+            if saved is None:
+                for grad_w in (grad_gate_up, grad_down):
+                    if grad_w is not None:
+                        grad_w[e].zero_()
+                continue
+            x_nD, gate_up_n2H, h_nH, out_nD = saved
+            grad_out_nD = grad_y_ND.index_select(0, tok_n)
+            if grad_weight is not None:
+                torch.linalg.vecdot(grad_out_nD, out_nD, out=grad_weight[start : start + n])
+            grad_out_nD.mul_(w_n[:, None])  # now the gradient of the unweighted output
+            if grad_down is not None:
+                torch.mm(grad_out_nD.t(), h_nH, out=grad_down[e])
+            grad_h_nH = torch.mm(grad_out_nD, w_down[e])
+            grad_gate_up_n2H = _swiglu_backward(gate_up_n2H, grad_h_nH)
+            if grad_gate_up is not None:
+                torch.mm(grad_gate_up_n2H.t(), x_nD, out=grad_gate_up[e])
+            if grad_x is not None:
+                grad_x.index_add_(0, tok_n, torch.mm(grad_gate_up_n2H, w_gate_up[e]))
+            start += n
+        return grad_x, None, grad_weight, None, grad_gate_up, grad_down, None
 
 
 class SharedExpert(nn.Module):
@@ -414,31 +582,29 @@ class MoE(nn.Module):
         n_tokens = x_ND.shape[0]
         mask_N = None if token_mask is None else token_mask.reshape(-1)  # (N,)
 
-        # 1. Route, and compute the losses from the routing decision.
+        # 1. Route. (The losses are computed from the routing when RouterStats is read.)
         routing = self.router(x_ND)
-        stats_lb = load_balancing_loss(routing.probs_NE, routing.topk_idx_NK, mask_N)
-        stats_z = router_z_loss(routing.logits_NE, mask_N)
+        x_compute = x_ND.to(self._compute_dtype(x))
+        if self._few_tokens_inference(x, n_tokens):
+            # Decoding: a handful of tokens, no gradient. Grouping them in Python is cheaper
+            # than the sort-based plan below, and every op left scales with the experts hit.
+            y_ND = self.experts.forward_few(x_compute, routing, mask_N)
+            stats = RouterStats(routing, mask_N)
+        else:
+            # 2. Order the N*K assignments by expert; padding and overflow go to a null
+            #    expert E, which sorts last and is cut off.
+            order_S, sizes_E, n_kept, dropped = _dispatch_plan(
+                routing.topk_idx_NK, mask_N, E, cfg.capacity(n_tokens)
+            )
+            order_S = order_S[:n_kept]
+            token_S = order_S // K  # assignment s of the flat (N*K,) list is token s // K's
+            weight_S = routing.topk_weight_NK.reshape(-1)[order_S]
 
-        # 2. Order the N*K assignments by expert; padding and overflow go to a null expert E,
-        #    which sorts last and is cut off.
-        order_S, sizes_E, n_kept, dropped = _dispatch_plan(
-            routing.topk_idx_NK, mask_N, E, cfg.capacity(n_tokens)
-        )
-        order_S = order_S[:n_kept]
-        token_S = order_S // K  # assignment s of the flat (N*K,) list belongs to token s // K
-        weight_S = routing.topk_weight_NK.reshape(-1)[order_S]
-
-        # 3. Experts on contiguous groups, then weight and add back onto the tokens.
-        out_SD = self.experts(
-            # index_select, not x_ND[token_S]: its backward is index_add, which is faster on
-            # CPU than the accumulating index_put of advanced indexing.
-            x_ND.index_select(0, token_S).to(self._compute_dtype(x)),
-            sizes_E,
-            grouped=self._use_grouped_mm(x),
-        )
-        out_SD = out_SD * weight_S.to(out_SD.dtype)[:, None]
-        y_ND = x_ND.new_zeros(n_tokens, cfg.dim, dtype=out_SD.dtype)
-        y_ND = y_ND.index_add(0, token_S, out_SD)
+            # 3. Experts on contiguous groups, weighted and added back onto their tokens.
+            y_ND = self.experts(
+                x_compute, token_S, weight_S, sizes_E, grouped=self._use_grouped_mm(x)
+            )
+            stats = RouterStats(routing, mask_N, tokens_per_expert=sizes_E, dropped_tokens=dropped)
 
         # 4. Shared expert(s), dense.
         if self.shared_expert is not None:
@@ -447,12 +613,6 @@ class MoE(nn.Module):
                 shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared_ND
             y_ND = y_ND + shared_ND
 
-        stats = RouterStats(
-            load_balancing_loss=stats_lb,
-            z_loss=stats_z,
-            tokens_per_expert=sizes_E,
-            dropped_tokens=dropped,
-        )
         return y_ND.to(x.dtype).reshape(x.shape), stats
 
     # -- helpers ---------------------------------------------------------------------------
@@ -488,6 +648,10 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(device):
             return torch.get_autocast_dtype(device)
         return x.dtype
+
+    def _few_tokens_inference(self, x: Tensor, n_tokens: int) -> bool:
+        few = n_tokens * self.config.top_k <= _FEW_ASSIGNMENTS
+        return few and self.config.capacity_factor is None and not torch.is_grad_enabled()
 
     def _use_grouped_mm(self, x: Tensor) -> bool:
         mode = self.config.grouped_mm
@@ -546,6 +710,11 @@ def _dispatch_plan(
     sizes_E = torch.bincount(expert_S, minlength=E + 1)[:E]
     n_kept = N * K if mask_N is None and capacity is None else int(sizes_E.sum())
     return order_S, sizes_E, n_kept, dropped
+
+
+# Up to this many (token, expert) assignments, a forward without gradient groups them by
+# expert in Python (MoE._few_tokens_inference): decoding steps of up to 32 rows at top-2.
+_FEW_ASSIGNMENTS = 64
 
 
 def _grouped_mm_fn():

@@ -30,6 +30,7 @@ D model dim, V vocabulary, E experts, Dh head dim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -322,9 +323,20 @@ class LMOutput:
     last_hidden_state: Tensor
     loss: Tensor | None = None
     ce_loss: Tensor | None = None
-    aux_loss: Tensor | None = None
-    z_loss: Tensor | None = None
     router_stats: list[RouterStats] = dataclasses.field(default_factory=list)
+
+    # Computed on first read (decoding never reads them, so it does not pay for them).
+    @functools.cached_property
+    def aux_loss(self) -> Tensor | None:
+        if not self.router_stats:
+            return None
+        return torch.stack([s.load_balancing_loss for s in self.router_stats]).mean()
+
+    @functools.cached_property
+    def z_loss(self) -> Tensor | None:
+        if not self.router_stats:
+            return None
+        return torch.stack([s.z_loss for s in self.router_stats]).mean()
 
 
 class MoELanguageModel(PretrainedMixin, nn.Module):
@@ -510,9 +522,6 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
         # 3. Head and losses.
         logits = self.lm_head(h if logits_to_keep == 0 else h[:, -logits_to_keep:])  # (B, T', V)
         out = LMOutput(logits=logits, last_hidden_state=h, router_stats=router_stats)
-        if router_stats:
-            out.aux_loss = torch.stack([s.load_balancing_loss for s in router_stats]).mean()
-            out.z_loss = torch.stack([s.z_loss for s in router_stats]).mean()
         if labels is not None:
             out.ce_loss = shifted_cross_entropy(logits, labels)
             out.loss = out.ce_loss

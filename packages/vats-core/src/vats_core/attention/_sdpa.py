@@ -30,17 +30,20 @@ def forward(call: AttentionCall) -> Tensor:
     gqa = call.groups > 1
     tq, tk = call.q_len, call.k_len
     no_padding = call.key_padding_mask is None
-    if no_padding and call.window is None and (not call.causal or tq == 1):
+    # A window at least as long as the keys hides none of them (every distance is < Tk), as
+    # in decoding while the cache is shorter than the window: no mask to build then.
+    window = call.window if call.window is not None and call.window < tk else None
+    if no_padding and window is None and (not call.causal or tq == 1):
         # Nothing masked: a lone causal query sits at the last key and sees them all.
         return _sdpa(call, None, is_causal=False, gqa=gqa)
-    if no_padding and call.window is None and tq == tk:
+    if no_padding and window is None and tq == tk:
         return _sdpa(call, None, is_causal=True, gqa=gqa)
 
     mask = full_mask(
         tq,
         tk,
         causal=call.causal,
-        window=call.window,
+        window=window,
         key_padding_mask=call.key_padding_mask,
         device=call.device,
     )  # (B or 1, 1, Tq, Tk)
