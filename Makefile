@@ -28,8 +28,10 @@ uv:
 setup: uv
 	$(UV) sync --locked --all-packages
 
+# The text model, then the vision proofs; each trains once and is cached (~/.cache/vats).
 demo: setup
 	$(RUN) vats pipeline=text_generation
+	$(RUN) vats pipeline=train_vision
 
 test: setup lint $(addprefix test-,$(PACKAGES)) test-root
 
