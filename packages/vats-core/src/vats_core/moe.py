@@ -294,9 +294,11 @@ def _swiglu_backward(gate_up: Tensor, grad_h: Tensor) -> Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     grad = torch.empty_like(gate_up)
     grad_gate, grad_up = grad.chunk(2, dim=-1)
-    # d/d gate: silu'(gate) * (grad_h * up); d/d up: grad_h * silu(gate) (recomputed: one
-    # pass, cheaper in memory than saving it).
-    torch.ops.aten.silu_backward.grad_input(grad_h * up, gate, grad_input=grad_gate)
+    # d/d gate: silu'(gate) * (grad_h * up), the product staged in grad_up's slot;
+    # d/d up: grad_h * silu(gate), silu recomputed (one pass, cheaper in memory than
+    # saving it).
+    torch.mul(grad_h, up, out=grad_up)
+    torch.ops.aten.silu_backward.grad_input(grad_up, gate, grad_input=grad_gate)
     torch.mul(grad_h, F.silu(gate), out=grad_up)
     return grad
 
