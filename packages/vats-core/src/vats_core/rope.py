@@ -297,6 +297,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if cos.requires_grad or sin.requires_grad:  # learned angles: plain autograd
         return x * cos + rotate_half(x) * sin
+    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: skip the node
+        return _rotate_into(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
 
