@@ -367,6 +367,31 @@ def test_grouped_mm_matches_loop_cpu(case):
         torch.testing.assert_close(g_grp[name], g_loop[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.skipif(not _grouped_runs_on_cpu(), reason="no CPU grouped_mm in this torch")
+def test_auto_takes_cpu_grouped_mm_for_batched_decoding_only():
+    # auto on CPU: grouped_mm for a no-grad step of a few rows (batched decoding), never for
+    # one token, many tokens, a gradient or float64; each choice gives the loop's outputs.
+    overrides = dict(dim=16, hidden_dim=24, n_experts=6, top_k=2)
+    auto = make(dtype=torch.float32, grouped_mm="auto", **overrides)
+    loop = make(dtype=torch.float32, grouped_mm="off", **overrides)
+    loop.load_state_dict(auto.state_dict())
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[False, True, True, True, True, True, True, True]])  # left padding
+    assert not auto._use_grouped_mm(x)  # gradient enabled
+    with torch.no_grad():
+        assert auto._use_grouped_mm(x)  # 16 assignments
+        assert not auto._use_grouped_mm(x[:, :1])  # one token
+        assert not auto._use_grouped_mm(torch.zeros(1, 40, 16))  # 80 assignments
+        assert not make(grouped_mm="auto", **overrides)._use_grouped_mm(x.double())
+        for rows in (x, x[:, :1], x.repeat(1, 5, 1)):
+            torch.testing.assert_close(auto(rows)[0], loop(rows)[0], rtol=1e-5, atol=1e-6)
+        y_auto, s_auto = auto(x, mask)
+        y_loop, s_loop = loop(x, mask)
+        torch.testing.assert_close(y_auto, y_loop, rtol=1e-5, atol=1e-6)
+        assert torch.equal(y_auto[0, 0], torch.zeros(16))  # padding gets nothing
+        assert torch.equal(s_auto.tokens_per_expert, s_loop.tokens_per_expert)
+
+
 def _cuda_pair(**overrides) -> tuple[MoE, MoE]:
     fields = dict(dim=64, hidden_dim=96, n_experts=8, top_k=2, n_shared_experts=1, init_std=0.1)
     fields.update(overrides)

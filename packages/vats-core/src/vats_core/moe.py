@@ -75,9 +75,13 @@ class ScoreFunc(enum.StrEnum):
 class GroupedMM(enum.StrEnum):
     """Whether the experts run as one ``grouped_mm`` call or a loop of matmuls."""
 
-    # grouped_mm on CUDA in bf16 (sm80+), the loop elsewhere. torch>=2.9 also has a CPU fp32
-    # kernel, but at the benchmark config (8 experts, 4096 tokens, 2 threads) it measured ~10 %
-    # slower than the loop forward + backward, so auto leaves it to "on".
+    # grouped_mm on CUDA in bf16 (sm80+). torch>=2.9 also has a CPU fp32 kernel: at the
+    # benchmark config (8 experts, 4096 tokens, 2 threads) it measured ~10 % slower than the
+    # loop forward + backward, and a 1024-token prefill 13 % slower, but on inference steps of
+    # a few rows (batched decoding) one C++ call beats a Python loop over the experts hit
+    # (bench_text, batch 8: 0.92x -> 1.04x HF). So on CPU, auto uses it exactly there: no
+    # gradient, at most 64 (token, expert) assignments, more than one token (one token's
+    # experts take views of it, cheaper still), not under torch.compile.
     AUTO = "auto"
     ON = "on"  # wherever it runs (CUDA bf16, CPU fp32); a ValueError elsewhere
     OFF = "off"  # always the loop (the reference; works in float64)
@@ -594,7 +598,8 @@ class MoE(nn.Module):
         # 1. Route. (The losses are computed from the routing when RouterStats is read.)
         routing = self.router(x_ND)
         x_compute = x_ND.to(self._compute_dtype(x))
-        if self._few_tokens_inference(x, n_tokens):
+        grouped = self._use_grouped_mm(x, n_tokens)
+        if not grouped and self._few_tokens_inference(x, n_tokens):
             # Decoding: a handful of tokens, no gradient. Grouping them in Python is cheaper
             # than the sort-based plan below, and every op left scales with the experts hit.
             y_ND = self.experts.forward_few(x_compute, routing, mask_N)
@@ -610,9 +615,7 @@ class MoE(nn.Module):
             weight_S = routing.topk_weight_NK.reshape(-1)[order_S]
 
             # 3. Experts on contiguous groups, weighted and added back onto their tokens.
-            y_ND = self.experts(
-                x_compute, token_S, weight_S, sizes_E, grouped=self._use_grouped_mm(x)
-            )
+            y_ND = self.experts(x_compute, token_S, weight_S, sizes_E, grouped=grouped)
             stats = RouterStats(routing, mask_N, tokens_per_expert=sizes_E, dropped_tokens=dropped)
 
         # 4. Shared expert(s), dense.
@@ -662,12 +665,18 @@ class MoE(nn.Module):
         few = n_tokens * self.config.top_k <= _FEW_ASSIGNMENTS
         return few and self.config.capacity_factor is None and not torch.is_grad_enabled()
 
-    def _use_grouped_mm(self, x: Tensor) -> bool:
+    def _use_grouped_mm(self, x: Tensor, n_tokens: int | None = None) -> bool:
+        """Whether the experts run as grouped_mm for ``x`` (``n_tokens`` rows; see
+        :class:`GroupedMM`)."""
         mode = self.config.grouped_mm
         if mode is GroupedMM.OFF:
             return False
         if mode is GroupedMM.AUTO and x.device.type != "cuda":
-            return False  # see GroupedMM.AUTO
+            n = x.numel() // self.config.dim if n_tokens is None else n_tokens
+            few = n >= 2 and n * self.config.top_k <= _FEW_ASSIGNMENTS
+            # (torch.compile's fake-tensor check of the CPU kernel wants bf16: not traced.)
+            if not few or torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return False  # see GroupedMM.AUTO
         why_not = _grouped_mm_unsupported(x.device, self._compute_dtype(x), self.config)
         if why_not is None and x.device.type == "cpu":
             # torch<=2.10's CPU kernel needs 16-byte aligned operands; memory-mapped
