@@ -54,12 +54,10 @@ def test_fused_apply_rotary_matches_formula_and_gradcheck(layout: str) -> None:
     # the second-order path is exercised too).
     torch.manual_seed(2)
     b, h, t, dh = 2, 3, 5, 8
-    x = (
-        torch.randn(b, t, h, dh, dtype=F64).transpose(1, 2)
-        if layout == "transposed"
-        else (torch.randn(b, h, t, dh, dtype=F64))
-    )
-    x.requires_grad_(True)
+    if layout == "transposed":
+        x = torch.randn(b, t, h, dh, dtype=F64).transpose(1, 2).requires_grad_()
+    else:
+        x = torch.randn(b, h, t, dh, dtype=F64, requires_grad=True)
     cos, sin = torch.randn(1, 1, t, dh, dtype=F64), torch.randn(1, 1, t, dh, dtype=F64)
     expected = x * cos + rotate_half(x) * sin
     out = apply_rotary(x, cos, sin)

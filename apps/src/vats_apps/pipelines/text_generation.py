@@ -12,11 +12,8 @@ beat word frequencies to have learned anything) and streams a continuation of ea
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vats_apps.pipelines.cache import REPORT_NAME, settings_hash, staged_entry
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.corpus import load_corpus
 from vats_text.data import (
@@ -41,7 +39,6 @@ from vats_text.presets import lm_preset
 from vats_text.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
-REPORT_NAME = "report.json"
 
 
 @dataclass
@@ -71,7 +68,7 @@ def cache_key(cfg: DictConfig) -> str:
         "train": OmegaConf.to_container(cfg.train, resolve=True),
         "seed": cfg.pipeline.seed,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_hash(spec)
 
 
 def load_or_train(cfg: DictConfig) -> TrainedLM:
@@ -111,10 +108,8 @@ def _train(cfg: DictConfig, path: Path) -> TrainedLM:
         f"model: {model.num_parameters() / 1e6:.2f} M parameters "
         f"({model.num_parameters(active=True) / 1e6:.2f} M active per token)"
     )
-    # Build in a temporary sibling, then rename: an interrupted run leaves no half cache.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    # Built in a temporary sibling, then renamed: an interrupted run leaves no half cache.
+    with staged_entry(path) as staging:
         trainer = Trainer(
             model,
             TrainerConfig(
@@ -146,12 +141,6 @@ def _train(cfg: DictConfig, path: Path) -> TrainedLM:
         tokenizer.save_pretrained(staging)
         model.save_pretrained(staging / "model")
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        if path.exists():  # retrain: replace the old cache entry
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return TrainedLM(tokenizer, model, report, path, trained_now=True)
 
 

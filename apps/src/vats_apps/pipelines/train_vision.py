@@ -51,11 +51,7 @@ Shapes: B batch, T frames, C channels, S image side, K classes.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +63,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
+from vats_apps.pipelines.cache import REPORT_NAME, settings_hash, staged_entry
 from vats_core.training import Trainer, TrainerConfig
 from vats_vision.presets import vit2d_preset, vit3d_preset
 from vats_vision.vit2d import ViT2D, ViT2DConfig
@@ -76,7 +73,6 @@ TASKS = ("image", "video", "video_no_temporal")
 GOALS = {"image": 0.95, "video": 0.90}  # the issue's held-out accuracy goals
 EVAL_CHUNK = 256  # held-out samples scored per forward
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
-REPORT_NAME = "report.json"
 
 
 def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -169,7 +165,7 @@ def cache_key(cfg: DictConfig, task: str) -> str:
         "train": {k: v for k, v in _section(cfg, f"train.{kind}").items() if k != "eval_size"},
         "seed": int(cfg.pipeline.seed),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_hash(spec)
 
 
 def _build(cfg: DictConfig, task: str) -> tuple[nn.Module, Callable, int, dict[str, Any]]:
@@ -246,23 +242,10 @@ def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
     }
     if task in GOALS:
         report["goal"] = GOALS[task]
-    _save(model, report, path)
-    return {**report, "cached": False, "cache": str(path)}
-
-
-def _save(model: nn.Module, report: dict[str, Any], path: Path) -> None:
-    """Write the model and report to a temporary sibling, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with staged_entry(path) as staging:
         model.save_pretrained(staging / "model")  # type: ignore[operator]
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        if path.exists():  # retrain: replace the old entry
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return {**report, "cached": False, "cache": str(path)}
 
 
 def _line(r: dict[str, Any]) -> str:

@@ -79,7 +79,7 @@ class GroupedMM(enum.StrEnum):
     # benchmark config (8 experts, 4096 tokens, 2 threads) it measured ~10 % slower than the
     # loop forward + backward, and a 1024-token prefill 13 % slower, but on inference steps of
     # a few rows (batched decoding) one C++ call beats a Python loop over the experts hit
-    # (bench_text, batch 8: 0.92x -> 1.04x HF). So on CPU, auto uses it exactly there: no
+    # (bench_text, batch 8: 0.92x -> 1.02x HF). So on CPU, auto uses it exactly there: no
     # gradient, at most 64 (token, expert) assignments, more than one token (one token's
     # experts take views of it, cheaper still), not under torch.compile.
     AUTO = "auto"
