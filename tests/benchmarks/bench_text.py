@@ -8,7 +8,8 @@ be identical, before anything is timed. fp32 on CPU, 2 threads, HF's defaults (i
 attention and the experts implementation transformers picks), ours at its defaults (eager).
 
 Figures, each HF's / ours / the ratio (goal in brackets):
-  1. greedy decode tokens/s, batch 1, 32-token prompt, 128 new tokens (ours >= 2x HF)
+  1. greedy decode tokens/s, batch 1, 32-token prompt, 128 new tokens (ours >= 2x HF);
+     ours eager and with ``compile=True`` (HF eager in both ratios)
   2. the same at batch 8 (>= 1.5x)
   3. prefill latency of a 1024-token prompt (ours <= HF)
   4. training tokens/s, batch 8 x 256, forward + backward + AdamW, and peak memory
@@ -90,15 +91,31 @@ def decode(hf, ours, *, batch: int, prompt_len: int, new: int, repeat: int) -> N
     def run_ours() -> None:
         outs["vats"] = generate(ours, prompt, max_new_tokens=new)
 
-    times = time_alternating({"hf": run_hf, "vats": run_ours}, repeat=repeat, warmup=1)
-    same = torch.equal(outs["hf"], outs["vats"])
-    tok = batch * new
-    hf_tps, our_tps = tok / times["hf"], tok / times["vats"]
-    print(
-        f"greedy decode, batch {batch}, {prompt_len}-token prompt, {new} new: HF {hf_tps:.1f} "
-        f"tok/s, vats {our_tps:.1f} tok/s, ratio {our_tps / hf_tps:.2f}x "
-        f"(identical tokens: {same})"
+    def run_ours_compiled() -> None:
+        outs["vats compile"] = generate(ours, prompt, max_new_tokens=new, compile=True)
+
+    t0 = time.perf_counter()
+    run_ours_compiled()  # traces and compiles the decode step (its first call only)
+    compile_s = time.perf_counter() - t0
+    times = time_alternating(
+        {"hf": run_hf, "vats": run_ours, "vats compile": run_ours_compiled},
+        repeat=repeat,
+        warmup=1,
     )
+    tok = batch * new
+    hf_tps = tok / times["hf"]
+    print(
+        f"greedy decode, batch {batch}, {prompt_len}-token prompt, {new} new: HF {hf_tps:.1f} tok/s"
+    )
+    for name in ("vats", "vats compile"):
+        tps = tok / times[name]
+        same = torch.equal(outs["hf"], outs[name])
+        label = "vats eager" if name == "vats" else "vats compile=True"
+        extra = f", first call {compile_s:.0f} s" if name == "vats compile" else ""
+        print(
+            f"  {label:18s} {tps:6.1f} tok/s, ratio {tps / hf_tps:.2f}x "
+            f"(identical tokens: {same}{extra})"
+        )
 
 
 def prefill(hf, ours, *, length: int, repeat: int) -> None:

@@ -16,6 +16,7 @@ from vats_core.moe import (
     MoE,
     MoEConfig,
     ScoreFunc,
+    _experts_few_op,
     _swiglu,
     load_balancing_loss,
     router_z_loss,
@@ -326,7 +327,7 @@ def test_fused_swiglu_gradcheck():
 
 
 def _grouped_runs_on_cpu() -> bool:
-    moe = make(dtype=torch.float32, grouped_mm="on")
+    moe = make(dtype=torch.float32, grouped_mm="on", hidden_dim=8)  # 16-byte rows
     try:
         return moe._use_grouped_mm(torch.zeros(1, 8))
     except ValueError:
@@ -448,6 +449,15 @@ def test_grouped_mm_on_where_it_cannot_run_raises():
     moe = make(dtype=torch.float64, grouped_mm="on")
     with pytest.raises(ValueError, match="grouped_mm"):
         moe(torch.randn(4, 8, dtype=torch.float64))
+    # The CPU kernel wants 16-byte rows: hidden_dim 6 in fp32 is refused up front ("on") and
+    # left to the loop ("auto"), not a crash inside the kernel.
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        make(dtype=torch.float32, grouped_mm="on")(x)
+    auto, loop = make(dtype=torch.float32, grouped_mm="auto"), make(dtype=torch.float32)
+    with torch.no_grad():
+        assert not auto._use_grouped_mm(x)
+        torch.testing.assert_close(auto(x)[0], loop(x)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,3 +605,33 @@ def test_expert_loop_gradcheck():
     x = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     x.requires_grad_(True)
     torch.autograd.gradcheck(lambda x: moe(x)[0], (x,), atol=1e-8)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_few_token_op_passes_opcheck(grouped, padded):
+    # The custom op compiled decoding calls: schema, fake (meta) kernel and eager kernel agree.
+    moe = make(dtype=torch.float32, n_experts=5, top_k=2, hidden_dim=12)
+    gen = torch.Generator().manual_seed(7)
+    x_ND = torch.randn(4, 8, generator=gen)
+    with torch.no_grad():  # the op serves inference only
+        routing = moe.router(x_ND)
+    mask_N = torch.tensor([False, True, True, True]) if padded else None
+    args = (x_ND, routing.topk_idx_NK, routing.topk_weight_NK, mask_N)
+    weights = (moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach())
+    torch.library.opcheck(_experts_few_op, (*args, *weights, grouped))
+
+
+@pytest.mark.parametrize("n_tokens", [1, 4])
+def test_few_token_inference_compiles_to_one_graph(n_tokens):
+    # Under torch.compile the data-dependent grouping (and the CPU grouped_mm, which the
+    # tracer refuses in fp32) run inside one opaque op: fullgraph holds, outputs match eager.
+    overrides = dict(dim=16, hidden_dim=24, n_experts=6, top_k=2, n_shared_experts=1)
+    moe = make(dtype=torch.float32, grouped_mm="auto", **overrides)
+    x = torch.randn(n_tokens, 1, 16, generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(n_tokens, 1, dtype=torch.bool)
+    mask[0] = n_tokens == 1  # a padded row when there are several
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, m: moe(x, m)[0], backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, mask), moe(x, mask)[0], rtol=1e-6, atol=1e-7)

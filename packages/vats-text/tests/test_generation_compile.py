@@ -50,3 +50,21 @@ def test_compiled_decode_no_recompiles_dynamo(monkeypatch):
 @pytest.mark.slow
 def test_compiled_decode_no_recompiles_inductor(monkeypatch):
     _check_no_recompiles_once_warm("inductor", monkeypatch)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_is_one_graph(batch):
+    # No graph breaks: RoPE, the attention dispatch (its backend region included) and the
+    # MoE's data-dependent expert grouping (one token's views, a few rows' grouped_mm) all
+    # trace; a break would send part of every step back to eager Python.
+    torch._dynamo.reset()
+    model = _model()
+    ids = _ids(batch, 5, 4)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :2] = False  # left padding on the first row
+    caches = model.setup_caches(batch, 16)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, caches=caches)
+        explained = torch._dynamo.explain(generation._decode_step)(model, ids[:, :1], caches)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

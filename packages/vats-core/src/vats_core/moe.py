@@ -81,7 +81,8 @@ class GroupedMM(enum.StrEnum):
     # a few rows (batched decoding) one C++ call beats a Python loop over the experts hit
     # (bench_text, batch 8: 0.92x -> 1.02x HF). So on CPU, auto uses it exactly there: no
     # gradient, at most 64 (token, expert) assignments, more than one token (one token's
-    # experts take views of it, cheaper still), not under torch.compile.
+    # experts take views of it, cheaper still); under torch.compile, inside the opaque
+    # few-token op (GroupedExperts.forward_few).
     AUTO = "auto"
     ON = "on"  # wherever it runs (CUDA bf16, CPU fp32); a ValueError elsewhere
     OFF = "off"  # always the loop (the reference; works in float64)
@@ -387,13 +388,7 @@ class GroupedExperts(nn.Module):
             w_gate_up, w_down = w_gate_up.to(x_ND.dtype), w_down.to(x_ND.dtype)
         weight_S = weight_S.to(x_ND.dtype)
         if grouped and token_S.shape[0] > 0:
-            # grouped_mm wants int32 end offsets; the transposed views are free (no copy).
-            # index_select, not x_ND[token_S]: its backward is index_add, not index_put.
-            offsets_E = group_sizes_E.cumsum(0).to(torch.int32)
-            x_SD = x_ND.index_select(0, token_S)
-            gate_up_S2H = _grouped_mm(x_SD, w_gate_up.transpose(-2, -1), offsets_E)
-            out_SD = _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
-            return torch.zeros_like(x_ND).index_add(0, token_S, out_SD * weight_S[:, None])
+            return _experts_grouped(x_ND, token_S, weight_S, group_sizes_E, w_gate_up, w_down)
         # The loop: one host sync for the group sizes, then one hand-written autograd node
         # (which keeps activations for its backward only when one can follow).
         keep = torch.is_grad_enabled() and any(
@@ -402,17 +397,26 @@ class GroupedExperts(nn.Module):
         sizes = group_sizes_E.tolist()
         return _ExpertsLoop.apply(x_ND, token_S, weight_S, sizes, w_gate_up, w_down, keep)
 
-    def forward_few(self, x_ND: Tensor, routing: Routing, mask_N: Tensor | None) -> Tensor:
+    def forward_few(
+        self, x_ND: Tensor, routing: Routing, mask_N: Tensor | None, *, grouped: bool = False
+    ) -> Tensor:
         """Inference on a few tokens: like :meth:`forward`, with the grouping done in Python.
 
         One host read of the (N, K) choices; then per expert hit, its tokens' rows (a view
         when there is one) through two matmuls, added onto their tokens in expert order (the
-        order :meth:`forward` adds in).
+        order :meth:`forward` adds in). With ``grouped``, the sort-based plan and one
+        ``grouped_mm`` per projection instead, as :meth:`forward` runs them.
+
+        Under torch.compile either runs as the custom op ``vats::moe_experts_few``, opaque to
+        the tracer, so a compiled decoding step stays one graph around the data-dependent
+        grouping (and the CPU ``grouped_mm``, which the tracer's fake-tensor check refuses in
+        fp32, runs eagerly inside it).
 
         Args:
             x_ND: (N, D) tokens, in the compute dtype.
             routing: the router's decision for them.
             mask_N: (N,) bool, True = real token; None = all real.
+            grouped: run as grouped_mm (the caller checked it runs).
 
         Returns:
             (N, D), as :meth:`forward`.
@@ -420,30 +424,91 @@ class GroupedExperts(nn.Module):
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
         if w_gate_up.dtype != x_ND.dtype:
             w_gate_up, w_down = w_gate_up.to(x_ND.dtype), w_down.to(x_ND.dtype)
-        k = routing.topk_idx_NK.shape[1]
-        real = None if mask_N is None else mask_N.tolist()
-        groups: dict[int, list[int]] = {}  # expert -> flat assignments n*K + k, token order
-        for s, e in enumerate(routing.topk_idx_NK.reshape(-1).tolist()):
-            if real is None or real[s // k]:
-                groups.setdefault(e, []).append(s)
-        weight_S = routing.topk_weight_NK.reshape(-1).to(x_ND.dtype)
-        y_ND = torch.zeros_like(x_ND)
-        for e in sorted(groups):
-            assignments = groups[e]
-            if len(assignments) == 1:  # views, no gather
-                s = assignments[0]
-                n = s // k
-                out_1D = F.linear(
-                    _swiglu_forward(F.linear(x_ND[n : n + 1], w_gate_up[e])), w_down[e]
-                )
-                y_ND[n : n + 1].add_(out_1D.mul_(weight_S[s : s + 1, None]))
-            else:
-                s_n = torch.tensor(assignments, device=x_ND.device)
-                tok_n = s_n // k
-                x_nD = x_ND.index_select(0, tok_n)
-                out_nD = F.linear(_swiglu_forward(F.linear(x_nD, w_gate_up[e])), w_down[e])
-                y_ND.index_add_(0, tok_n, out_nD.mul_(weight_S.index_select(0, s_n)[:, None]))
-        return y_ND
+        args = (x_ND, routing.topk_idx_NK, routing.topk_weight_NK, mask_N, w_gate_up, w_down)
+        if torch.compiler.is_compiling():
+            return _experts_few_op(*args, grouped)
+        return _experts_few(*args, grouped)
+
+
+def _experts_grouped(
+    x_ND: Tensor,
+    token_S: Tensor,
+    weight_S: Tensor,
+    group_sizes_E: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+) -> Tensor:
+    """:meth:`GroupedExperts.forward` as one ``grouped_mm`` per projection (S > 0)."""
+    # grouped_mm wants int32 end offsets; the transposed views are free (no copy).
+    # index_select, not x_ND[token_S]: its backward is index_add, not index_put.
+    offsets_E = group_sizes_E.cumsum(0).to(torch.int32)
+    x_SD = x_ND.index_select(0, token_S)
+    gate_up_S2H = _grouped_mm(x_SD, w_gate_up.transpose(-2, -1), offsets_E)
+    out_SD = _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
+    return torch.zeros_like(x_ND).index_add(0, token_S, out_SD * weight_S[:, None])
+
+
+def _experts_few(
+    x_ND: Tensor,
+    topk_idx_NK: Tensor,
+    topk_weight_NK: Tensor,
+    mask_N: Tensor | None,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    grouped: bool,
+) -> Tensor:
+    """The work of :meth:`GroupedExperts.forward_few`, on plain tensors."""
+    k = topk_idx_NK.shape[1]
+    if grouped and x_ND.device.type == "cpu":
+        grouped = not any(w.data_ptr() % 16 for w in (w_gate_up, w_down))  # see _use_grouped_mm
+    if grouped:
+        order_S, sizes_E, n_kept, _ = _dispatch_plan(
+            topk_idx_NK, mask_N, w_gate_up.shape[0], capacity=None
+        )
+        if n_kept == 0:
+            return torch.zeros_like(x_ND)
+        order_S = order_S[:n_kept]
+        weight_S = topk_weight_NK.reshape(-1)[order_S].to(x_ND.dtype)
+        return _experts_grouped(x_ND, order_S // k, weight_S, sizes_E, w_gate_up, w_down)
+    real = None if mask_N is None else mask_N.tolist()
+    groups: dict[int, list[int]] = {}  # expert -> flat assignments n*K + k, token order
+    for s, e in enumerate(topk_idx_NK.reshape(-1).tolist()):
+        if real is None or real[s // k]:
+            groups.setdefault(e, []).append(s)
+    weight_S = topk_weight_NK.reshape(-1).to(x_ND.dtype)
+    y_ND = torch.zeros_like(x_ND)
+    for e in sorted(groups):
+        assignments = groups[e]
+        if len(assignments) == 1:  # views, no gather
+            s = assignments[0]
+            n = s // k
+            out_1D = F.linear(_swiglu_forward(F.linear(x_ND[n : n + 1], w_gate_up[e])), w_down[e])
+            y_ND[n : n + 1].add_(out_1D.mul_(weight_S[s : s + 1, None]))
+        else:
+            s_n = torch.tensor(assignments, device=x_ND.device)
+            tok_n = s_n // k
+            x_nD = x_ND.index_select(0, tok_n)
+            out_nD = F.linear(_swiglu_forward(F.linear(x_nD, w_gate_up[e])), w_down[e])
+            y_ND.index_add_(0, tok_n, out_nD.mul_(weight_S.index_select(0, s_n)[:, None]))
+    return y_ND
+
+
+@torch.library.custom_op("vats::moe_experts_few", mutates_args=())
+def _experts_few_op(
+    x_ND: Tensor,
+    topk_idx_NK: Tensor,
+    topk_weight_NK: Tensor,
+    mask_N: Tensor | None,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    grouped: bool,
+) -> Tensor:
+    return _experts_few(x_ND, topk_idx_NK, topk_weight_NK, mask_N, w_gate_up, w_down, grouped)
+
+
+@_experts_few_op.register_fake
+def _(x_ND, topk_idx_NK, topk_weight_NK, mask_N, w_gate_up, w_down, grouped):
+    return torch.empty_like(x_ND)
 
 
 class _ExpertsLoop(torch.autograd.Function):
@@ -599,10 +664,12 @@ class MoE(nn.Module):
         routing = self.router(x_ND)
         x_compute = x_ND.to(self._compute_dtype(x))
         grouped = self._use_grouped_mm(x, n_tokens)
-        if not grouped and self._few_tokens_inference(x, n_tokens):
+        few = self._few_tokens_inference(x, n_tokens)
+        if few and (not grouped or torch.compiler.is_compiling()):
             # Decoding: a handful of tokens, no gradient. Grouping them in Python is cheaper
             # than the sort-based plan below, and every op left scales with the experts hit.
-            y_ND = self.experts.forward_few(x_compute, routing, mask_N)
+            # (Compiled, both ways run inside one opaque op: see forward_few.)
+            y_ND = self.experts.forward_few(x_compute, routing, mask_N, grouped=grouped)
             stats = RouterStats(routing, mask_N)
         else:
             # 2. Order the N*K assignments by expert; padding and overflow go to a null
@@ -674,13 +741,15 @@ class MoE(nn.Module):
         if mode is GroupedMM.AUTO and x.device.type != "cuda":
             n = x.numel() // self.config.dim if n_tokens is None else n_tokens
             few = n >= 2 and n * self.config.top_k <= _FEW_ASSIGNMENTS
-            # (torch.compile's fake-tensor check of the CPU kernel wants bf16: not traced.)
-            if not few or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # (Compiled, it runs inside an opaque op: torch.compile's fake-tensor check of the
+            # CPU kernel wants bf16. See GroupedExperts.forward_few.)
+            if not few or torch.is_grad_enabled():
                 return False  # see GroupedMM.AUTO
         why_not = _grouped_mm_unsupported(x.device, self._compute_dtype(x), self.config)
-        if why_not is None and x.device.type == "cpu":
+        if why_not is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
             # torch<=2.10's CPU kernel needs 16-byte aligned operands; memory-mapped
-            # checkpoints can hand us weights that are not.
+            # checkpoints can hand us weights that are not. (Compiled, the opaque few-token
+            # op checks: data_ptr cannot be traced.)
             weights = (self.experts.gate_up_proj, self.experts.down_proj)
             if any(w.data_ptr() % 16 for w in weights):
                 why_not = "the expert weights are not 16-byte aligned (memory-mapped?)"
@@ -744,22 +813,29 @@ def _grouped_mm(a_SI: Tensor, b_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     return _grouped_mm_fn()(a_SI, b_EIO, offs=offsets_E)
 
 
+# Read once: the version object is a str subclass, which torch.compile cannot build in a graph.
+_TORCH_2_9 = torch.torch_version.TorchVersion(torch.__version__) >= "2.9"
+
+
 def _grouped_mm_unsupported(device: torch.device, dtype: torch.dtype, cfg: MoEConfig) -> str | None:
     """None if grouped_mm runs here, else why not (shown by ``grouped_mm='on'``)."""
     if _grouped_mm_fn() is None:
         return f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm"
-    version = torch.torch_version.TorchVersion(torch.__version__)
     if device.type == "cpu":
-        if version < "2.9":
+        if not _TORCH_2_9:
             return f"torch {torch.__version__} has no CPU grouped_mm kernel (needs torch>=2.9)"
         if dtype != torch.float32:
             return f"on CPU it is used for float32 only, got {dtype}"
+        if cfg.dim % 4 or cfg.hidden_dim % 4:
+            return (
+                f"dim={cfg.dim} and hidden_dim={cfg.hidden_dim} must be multiples of 4 (16 B rows)"
+            )
         return None
     if device.type == "cuda":
         if dtype != torch.bfloat16:
             return f"on CUDA it needs bfloat16, got {dtype}"
         major_minor = torch.cuda.get_device_capability(device)
-        if major_minor < (8, 0) or (version < "2.9" and major_minor[0] != 9):
+        if major_minor < (8, 0) or (not _TORCH_2_9 and major_minor[0] != 9):
             return f"compute capability {major_minor} is not supported by torch {torch.__version__}"
         if cfg.dim % 8 or cfg.hidden_dim % 8:
             return (

@@ -307,8 +307,12 @@ def _rotate_into(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
     Written half by half into a tensor with ``x``'s strides, so queries and keys that are
     transposed views of the projection stay in that layout; this avoids the ``neg``/``cat``
-    copies of :func:`rotate_half` (several times faster on CPU at head_dim 64).
+    copies of :func:`rotate_half` (several times faster on CPU at head_dim 64). Under
+    torch.compile, which cannot trace ``out=`` into strided views and fuses the plain
+    expression into one kernel anyway, it is that expression.
     """
+    if torch.compiler.is_compiling():
+        return x * cos + rotate_half(x) * sin
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     out = torch.empty_like(x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 import torch
@@ -126,6 +127,37 @@ def test_context_manager_is_reset_after_an_exception():
     with pytest.raises(RuntimeError), attention_backend("math"):
         raise RuntimeError("boom")
     assert resolve_backend(Q, K, V) is AttentionBackend.SDPA
+
+
+def test_context_backend_is_per_thread():
+    seen = {}
+
+    def other_thread() -> None:
+        seen["other"] = resolve_backend(Q, K, V)
+
+    with attention_backend("math"):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert resolve_backend(Q, K, V) is AttentionBackend.MATH
+    assert seen["other"] is AttentionBackend.SDPA  # the region is this thread's only
+
+
+def test_context_backend_traces_into_one_graph_and_is_guarded():
+    # torch.compile reads the region's backend without a graph break, and a region with a
+    # different backend does not reuse the graph traced under the first one.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v), backend="eager", fullgraph=True)
+    with attention_backend("math"):
+        torch.testing.assert_close(compiled(Q, K, V), attention(Q, K, V))
+    with attention_backend("math"), torch.compiler.set_stance("fail_on_recompile"):
+        compiled(Q, K, V)  # same region, same graph
+    with (
+        attention_backend("sdpa"),
+        torch.compiler.set_stance("fail_on_recompile"),
+        pytest.raises(RuntimeError, match="recompil"),
+    ):
+        compiled(Q, K, V)
 
 
 def test_context_manager_rejects_unknown_names():

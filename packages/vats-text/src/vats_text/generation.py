@@ -17,7 +17,10 @@ handful of small tensor ops; nothing in it scales with layers or experts. It rea
 at most once per step, and only when some row can stop early (EOS or stop strings).
 ``compile=True`` runs the decode step through ``torch.compile``; the caches' Python-int
 lengths are traced as dynamic integers, so the step compiles a few times while the caches
-warm up (first call, first growth, a rolling cache's first wrap) and never per token.
+warm up (first call, first growth, a rolling cache's first wrap) and never per token. The
+step is one graph: the MoE's data-dependent expert grouping runs inside an opaque custom op
+(``vats::moe_experts_few``), and inductor's C++ wrapper calls the kernels (less per-kernel
+overhead than its Python wrapper). On CPU the first call compiles for about a minute.
 
 Example:
     >>> from vats_text.generation import generate, stream
@@ -53,9 +56,10 @@ _COMPILE_BACKEND = "inductor"
 # - the caches' ``length`` is a Python int on a module that grows every step; dynamo
 #   specializes such ints by default (one recompile per token until the recompile limit,
 #   then silent eager fallback); unspecialized, it becomes one dynamic integer;
-# - the MoE's expert loop splits tokens by per-expert counts read from the device; captured
-#   as data-dependent sizes instead of constants, the expert frames do not recompile for
-#   every new routing pattern.
+# - batches of more than 32 rows take the MoE's expert loop (the few-token op serves up to
+#   32), which splits tokens by per-expert counts read from the device; captured as
+#   data-dependent sizes instead of constants, its frames do not recompile for every new
+#   routing pattern.
 _DYNAMO_SETTINGS = {
     "allow_unspec_int_on_nn_module": True,
     # Module buffers (the caches' k/v/mask) may have dynamic sizes: see _mark_capacity_dynamic.
@@ -465,7 +469,8 @@ def _decode_step(model: MoELanguageModel, token_B1: Tensor, caches: KVCaches) ->
 def _compiled_decode_step(backend: str) -> Callable[[MoELanguageModel, Tensor, KVCaches], Tensor]:
     # One compiled wrapper per backend for the whole process: dynamo caches the traced graphs
     # on the function's code, so later generate() calls reuse them.
-    return torch.compile(_decode_step, backend=backend)
+    options = {"cpp_wrapper": True} if backend == "inductor" else None
+    return torch.compile(_decode_step, backend=backend, options=options)
 
 
 def _mark_capacity_dynamic(caches: KVCaches) -> None:

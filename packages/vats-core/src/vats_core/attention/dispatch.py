@@ -23,10 +23,10 @@ silently falls back.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import enum
 import math
 import numbers
+import threading
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import NamedTuple
@@ -75,9 +75,14 @@ _CUDA_PREFERENCE = (AttentionBackend.FLASH, AttentionBackend.XFORMERS, Attention
 # ~1.5x faster than masked SDPA); closer to 1 the tiling overhead is not worth it.
 _LOCAL_WORK_FRACTION = 0.5
 
-_CONTEXT_BACKEND: contextvars.ContextVar[AttentionBackend] = contextvars.ContextVar(
-    "vats_attention_backend", default=AttentionBackend.AUTO
-)
+# The backend set by :func:`attention_backend`, per thread. A ``threading.local`` rather than
+# a ``ContextVar``: torch.compile traces attribute reads on it (and guards on the value), where
+# ``ContextVar.get`` breaks the graph.
+_CONTEXT = threading.local()
+
+
+def _context_backend() -> AttentionBackend:
+    return getattr(_CONTEXT, "backend", AttentionBackend.AUTO)
 
 
 def _parse_backend(backend: str | AttentionBackend) -> AttentionBackend:
@@ -99,11 +104,13 @@ def attention_backend(backend: str | AttentionBackend) -> Iterator[AttentionBack
         with attention_backend("math"):
             reference = model(x)  # every layer on backend="auto" runs the math reference
     """
-    token = _CONTEXT_BACKEND.set(_parse_backend(backend))
+    chosen = _parse_backend(backend)
+    previous = _context_backend()
+    _CONTEXT.backend = chosen
     try:
-        yield _CONTEXT_BACKEND.get()
+        yield chosen
     finally:
-        _CONTEXT_BACKEND.reset(token)
+        _CONTEXT.backend = previous
 
 
 def attention(
@@ -179,7 +186,7 @@ def backend_unavailable_reason(
 
 def _resolve(call: AttentionCall, requested: AttentionBackend) -> AttentionBackend:
     if requested is AttentionBackend.AUTO:
-        requested = _CONTEXT_BACKEND.get()
+        requested = _context_backend()
     if requested is AttentionBackend.AUTO:
         return _auto(call)
     reason = _REGISTRY[requested].unavailable_reason(call)
