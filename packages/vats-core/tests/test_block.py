@@ -99,3 +99,40 @@ def test_config_round_trip() -> None:
     cfg = BlockConfig(attention=SELF, cross_attention=CROSS, moe=MOE, norm="layernorm")
     assert cfg.norm is NormType.LAYERNORM
     assert BlockConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("ffn", ["mlp", "moe"])
+def test_out_tokens_gives_the_full_calls_first_rows(ffn: str) -> None:
+    # A classifier's last block: only the first tokens' queries and MLP run; every token
+    # is still a key. Same rows as the full call, padding and RoPE included; gradients flow.
+    torch.manual_seed(2)
+    attn = AttentionConfig(dim=16, n_heads=4, n_kv_heads=2)  # bidirectional, no window
+    extra = {"mlp": MLP} if ffn == "mlp" else {"moe": MOE}
+    block = TransformerBlock(BlockConfig(attention=attn, **extra)).double()
+    x = torch.randn(2, 7, 16, dtype=F64, requires_grad=True)
+    kpm = torch.ones(2, 7, dtype=torch.bool)
+    kpm[1, 5:] = False  # right padding on row 1 (keys it must not see)
+    rope = RotaryEmbedding(RopeConfig(head_dim=4))(torch.arange(7), dtype=F64)
+    full, _ = block(x, rope=rope, key_padding_mask=kpm)
+    for n in (1, 3):
+        part, _ = block(x, rope=rope, key_padding_mask=kpm, out_tokens=n)
+        assert part.shape == (2, n, 16)
+        torch.testing.assert_close(part, full[:, :n], rtol=1e-12, atol=1e-12)
+    part.sum().backward()
+    assert x.grad is not None and x.grad[:, 3:].abs().sum() > 0  # keys/values get gradients
+
+
+def test_out_tokens_refuses_layers_where_fewer_queries_change_the_keys() -> None:
+    x = torch.randn(1, 5, 16)
+    refused = (
+        AttentionConfig(dim=16, n_heads=4, causal=True),
+        AttentionConfig(dim=16, n_heads=4, window=2),
+    )
+    for cfg in refused:
+        block = TransformerBlock(BlockConfig(attention=cfg, mlp=MLP))
+        with pytest.raises(ValueError, match="out_tokens needs bidirectional"):
+            block(x, out_tokens=1)
+    block = TransformerBlock(BlockConfig(attention=AttentionConfig(dim=16, n_heads=4), mlp=MLP))
+    for bad in (0, 6, 1.0, True):
+        with pytest.raises(ValueError, match="out_tokens must be"):
+            block(x, out_tokens=bad)

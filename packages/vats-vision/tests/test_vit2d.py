@@ -242,6 +242,26 @@ def test_head_options() -> None:
         assert _tiny(pool=Pool.NONE)(x).shape == (2, 17, 10)
 
 
+@pytest.mark.parametrize("pos_embed", [PosEmbed.ROPE2D, PosEmbed.LEARNED])
+def test_token_pool_forward_runs_only_the_class_token_in_the_last_block(pos_embed) -> None:
+    # forward() with a class-token head computes just that token in the last block (its
+    # MLP sees B rows, not B·N) and still equals forward_head(forward_features(x)).
+    model = _tiny(pos_embed=pos_embed, n_register_tokens=2).double()
+    x = torch.randn(2, 3, 32, 24, dtype=F64)
+    rows = []
+    hook = model.blocks[-1].ffn.register_forward_hook(lambda m, i, o: rows.append(i[0].shape))
+    with torch.no_grad():
+        logits = model(x)
+        torch.testing.assert_close(logits, model.forward_head(model.forward_features(x)))
+    hook.remove()
+    assert rows[0][:2] == (2, 1) and rows[1][:2] == (2, 3 + 4 * 3)  # forward, then features
+    with torch.no_grad():  # a windowed model cannot: its forward takes the full path
+        windowed = _tiny(window=2)
+        torch.testing.assert_close(
+            windowed(x.float()), windowed.forward_head(windowed.forward_features(x.float()))
+        )
+
+
 def test_bad_input_errors() -> None:
     model = _tiny()
     check_raises(lambda: model(torch.randn(2, 1, 32, 32)), ValueError, r"3 channels.*got 1")

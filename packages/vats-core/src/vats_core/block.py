@@ -98,6 +98,7 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        out_tokens: int | None = None,
     ) -> tuple[Tensor, RouterStats | None]:
         """Run the block.
 
@@ -109,18 +110,32 @@ class TransformerBlock(nn.Module):
             cache: the self-attention layer's KV cache.
             context: ``(B, S, Dc)``; required iff the block has cross-attention.
             context_mask: ``(B, S)`` bool, True = real context token.
+            out_tokens: run only the first ``out_tokens`` tokens through the block (as
+                queries; every token still serves as a key and value): the rows a full call
+                gives them, for a caller that reads no others, such as a classifier's last
+                block. See :meth:`~vats_core.attention.layer.Attention.forward`.
 
         Returns:
-            ``(x, stats)``: ``(B, T, D)`` and the MoE's router statistics (None for an MLP).
+            ``(x, stats)``: ``(B, T, D)`` (``(B, out_tokens, D)``) and the MoE's router
+            statistics (None for an MLP).
         """
         if (context is not None) != (self.cross_attn is not None):
             raise ValueError(
                 "TransformerBlock: context must be given exactly when the block has "
                 f"cross-attention (cross_attention is {'set' if self.cross_attn else 'None'})"
             )
-        x = x + self.attn(
-            self.attn_norm(x), rope=rope, key_padding_mask=key_padding_mask, cache=cache
+        h = self.attn(
+            self.attn_norm(x),
+            rope=rope,
+            key_padding_mask=key_padding_mask,
+            cache=cache,
+            out_tokens=out_tokens,
         )
+        if out_tokens is not None:
+            x = x[:, :out_tokens]
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[:, :out_tokens]
+        x = x + h
         if self.cross_attn is not None and self.cross_attn_norm is not None:
             h = self.cross_attn_norm(x)
             x = x + self.cross_attn(h, context=context, context_mask=context_mask)

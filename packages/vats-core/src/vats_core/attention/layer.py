@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from vats_core.attention.dispatch import AttentionBackend, attention
 from vats_core.config import Config, check, coerce_enum
 from vats_core.kv_cache import KVCache, RollingKVCache
+from vats_core.linear import Linear
 from vats_core.norms import RMSNorm
 from vats_core.rope import apply_rotary
 
@@ -121,10 +122,10 @@ class Attention(nn.Module):
         self.config = config
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dh
         kv_in = config.context_dim if config.is_cross else config.dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(kv_in, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(kv_in, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
+        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(kv_in, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(kv_in, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
         self.q_norm = RMSNorm(self.head_dim, config.qk_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.qk_norm_eps) if config.qk_norm else None
         self.dropout = nn.Dropout(config.dropout)
@@ -138,6 +139,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        out_tokens: int | None = None,
     ) -> Tensor:
         """Attend from ``x`` to itself (self-attention) or to ``context`` (cross-attention).
 
@@ -151,21 +153,35 @@ class Attention(nn.Module):
                 appended and attention runs over everything it returns. Self-attention only.
             context: ``(B, S, Dc)`` keys/values source; required iff cross-attention.
             context_mask: ``(B, S)`` bool, True = real context token; cross-attention only.
+            out_tokens: compute only the first ``out_tokens`` tokens' outputs (their queries
+                attend over every key): the same rows as the full call, for less work, when
+                only those are read (a classifier's last block and its class token).
+                Bidirectional self-attention without a window or a cache only, where a
+                query's visible keys do not depend on how many queries there are.
 
         Returns:
-            ``(B, T, D)``.
+            ``(B, T, D)``; ``(B, out_tokens, D)`` with ``out_tokens``.
         """
         cfg = self.config
         self._check_inputs(x, rope, key_padding_mask, cache, context, context_mask)
         b, t, _ = x.shape
         src = context if cfg.is_cross else x
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, Dh)
+        x_q = x
+        if out_tokens is not None:
+            self._check_out_tokens(out_tokens, t, cache)
+            t = out_tokens
+            x_q = x[:, :t]
+        q = (
+            self.q_proj(x_q).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        )  # (B, Hq, T, Dh)
         k = self.k_proj(src).view(b, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(src).view(b, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            cos, sin = rope
+            q_rope = rope if out_tokens is None else (cos[..., :t, :], sin[..., :t, :])
+            q, k = apply_rotary(q, *q_rope), apply_rotary(k, *rope)
 
         mask = context_mask if cfg.is_cross else key_padding_mask
         if cache is not None:
@@ -181,6 +197,20 @@ class Attention(nn.Module):
         )  # (B, Hq, T, Dh)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, Hq·Dh)
         return self.dropout(self.o_proj(out))
+
+    def _check_out_tokens(self, out_tokens: int, t: int, cache: KVCache | None) -> None:
+        cfg = self.config
+        if isinstance(out_tokens, bool) or not isinstance(out_tokens, int):
+            raise ValueError(f"out_tokens must be an int, got {type(out_tokens).__name__}")
+        if not 1 <= out_tokens <= t:
+            raise ValueError(f"out_tokens must be in [1, T={t}], got {out_tokens}")
+        if cfg.is_cross or cfg.causal or cfg.window is not None or cache is not None:
+            raise ValueError(
+                "out_tokens needs bidirectional self-attention without a window or a cache "
+                f"(this layer: cross={cfg.is_cross}, causal={cfg.causal}, window={cfg.window}, "
+                f"cache={'set' if cache is not None else None}): fewer queries would change "
+                "which keys each one sees"
+            )
 
     def _check_inputs(
         self,
