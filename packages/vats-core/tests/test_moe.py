@@ -622,15 +622,16 @@ def test_few_token_op_passes_opcheck(grouped, padded):
     torch.library.opcheck(_experts_few_op, (*args, *weights, grouped))
 
 
-@pytest.mark.parametrize("n_tokens", [1, 4])
-def test_few_token_inference_compiles_to_one_graph(n_tokens):
-    # Under torch.compile the data-dependent grouping (and the CPU grouped_mm, which the
-    # tracer refuses in fp32) run inside one opaque op: fullgraph holds, outputs match eager.
+@pytest.mark.parametrize("n_tokens, padded", [(1, False), (1, True), (4, True)])
+def test_few_token_inference_compiles_to_one_graph(n_tokens, padded):
+    # Under torch.compile one token's experts are indexed in the graph (forward_one_traced),
+    # and a few tokens' data-dependent grouping (and the CPU grouped_mm, which the tracer
+    # refuses in fp32) runs inside one opaque op: fullgraph holds, outputs match eager.
     overrides = dict(dim=16, hidden_dim=24, n_experts=6, top_k=2, n_shared_experts=1)
     moe = make(dtype=torch.float32, grouped_mm="auto", **overrides)
     x = torch.randn(n_tokens, 1, 16, generator=torch.Generator().manual_seed(8))
     mask = torch.ones(n_tokens, 1, dtype=torch.bool)
-    mask[0] = n_tokens == 1  # a padded row when there are several
+    mask[0] = not padded
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, m: moe(x, m)[0], backend="eager", fullgraph=True)
     with torch.no_grad():

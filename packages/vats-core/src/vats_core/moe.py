@@ -429,6 +429,39 @@ class GroupedExperts(nn.Module):
             return _experts_few_op(*args, grouped)
         return _experts_few(*args, grouped)
 
+    def forward_one_traced(self, x_1D: Tensor, routing: Routing, mask_1: Tensor | None) -> Tensor:
+        """One token, for torch.compile: like :meth:`forward_few`, as plain traced tensor ops.
+
+        The K chosen experts' weights are indexed by the routing tensor and multiplied as
+        reductions (``(w[e] * x).sum(-1)``), which inductor fuses into one pass over just
+        those weights: no host read of the choice, no opaque call, no weight copy. (Eager,
+        the same indexing would copy the weights; :meth:`forward_few` takes views instead.)
+
+        Args:
+            x_1D: (1, D), in the compute dtype.
+            routing: the router's decision for it.
+            mask_1: (1,) bool, True = real token; None = real.
+
+        Returns:
+            (1, D), as :meth:`forward`.
+        """
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if w_gate_up.dtype != x_1D.dtype:
+            w_gate_up, w_down = w_gate_up.to(x_1D.dtype), w_down.to(x_1D.dtype)
+        e_K = routing.topk_idx_NK[0]
+        k = e_K.shape[0]
+        gate_up_K2H = _matvec(w_gate_up[e_K], x_1D.expand(k, -1))
+        out_KD = _matvec(w_down[e_K], _swiglu_forward(gate_up_K2H))
+        weight_K1 = routing.topk_weight_NK[0, :, None].to(x_1D.dtype)
+        if mask_1 is not None:
+            weight_K1 = weight_K1 * mask_1.to(x_1D.dtype)
+        return (out_KD * weight_K1).sum(0, keepdim=True)
+
+
+def _matvec(w_KOI: Tensor, v_KI: Tensor) -> Tensor:
+    """Per-k matrix-vector products (K, O, I) x (K, I) -> (K, O), written as a reduction."""
+    return (w_KOI * v_KI[:, None, :]).sum(-1)
+
 
 def _experts_grouped(
     x_ND: Tensor,
@@ -665,7 +698,13 @@ class MoE(nn.Module):
         x_compute = x_ND.to(self._compute_dtype(x))
         grouped = self._use_grouped_mm(x, n_tokens)
         few = self._few_tokens_inference(x, n_tokens)
-        if few and (not grouped or torch.compiler.is_compiling()):
+        if few and n_tokens == 1 and torch.compiler.is_compiling():
+            # Compiled one-token decoding: the token's K experts indexed in the graph, where
+            # the compiler fuses the gather into the matrix-vector products (no weight copy,
+            # no host read of the choice, no opaque call).
+            y_ND = self.experts.forward_one_traced(x_compute, routing, mask_N)
+            stats = RouterStats(routing, mask_N)
+        elif few and (not grouped or torch.compiler.is_compiling()):
             # Decoding: a handful of tokens, no gradient. Grouping them in Python is cheaper
             # than the sort-based plan below, and every op left scales with the experts hit.
             # (Compiled, both ways run inside one opaque op: see forward_few.)

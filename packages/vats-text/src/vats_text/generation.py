@@ -18,9 +18,11 @@ at most once per step, and only when some row can stop early (EOS or stop string
 ``compile=True`` runs the decode step through ``torch.compile``; the caches' Python-int
 lengths are traced as dynamic integers, so the step compiles a few times while the caches
 warm up (first call, first growth, a rolling cache's first wrap) and never per token. The
-step is one graph: the MoE's data-dependent expert grouping runs inside an opaque custom op
-(``vats::moe_experts_few``), and inductor's C++ wrapper calls the kernels (less per-kernel
-overhead than its Python wrapper). On CPU the first call compiles for about a minute.
+step is one graph: at batch 1 the MoE indexes its token's experts in the graph, where
+inductor fuses the gather into the matrix-vector products; for a few rows its data-dependent
+grouping runs inside an opaque custom op (``vats::moe_experts_few``). Inductor's C++ wrapper
+calls the kernels (less per-kernel overhead than its Python wrapper). On CPU the first call
+compiles for 30-60 s.
 
 Example:
     >>> from vats_text.generation import generate, stream
