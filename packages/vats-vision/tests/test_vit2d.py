@@ -284,3 +284,15 @@ def test_config_validation_and_round_trip() -> None:
     config = vit2d_preset("tiny", pos_embed="learned", pool="avg", norm="rmsnorm")
     assert config.pos_embed is PosEmbed.LEARNED and config.pool is Pool.AVG
     assert ViT2DConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compiles_to_one_graph(train: bool) -> None:
+    # torch.compile traces the whole forward (no graph break in RoPE, attention dispatch or
+    # the linear layers' fused-path checks) and gives eager's logits.
+    model = _tiny(n_register_tokens=1).train(train)
+    x = torch.randn(2, 3, 32, 24)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))

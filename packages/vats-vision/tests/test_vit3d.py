@@ -204,3 +204,13 @@ def test_config_validation_and_round_trip() -> None:
     config = vit3d_preset("tiny", pos_embed="learned", temporal_attention=False)
     assert config.pos_embed is VideoPosEmbed.LEARNED
     assert ViT3DConfig.from_dict(config.to_dict()) == config
+
+
+def test_compiles_to_one_graph() -> None:
+    # Factorized space/time attention traces as one graph and gives eager's logits.
+    model = _tiny()
+    clips = torch.randn(2, 3, 4, 16, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(clips), model(clips))

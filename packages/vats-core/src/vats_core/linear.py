@@ -37,13 +37,13 @@ _POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu",
 
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> bool:
+    if torch.compiler.is_compiling():  # first: the checks below would break the graph
+        return False
     if bias is None and activation is None:
         return False  # nothing to fuse: MKL's plain GEMM is as fast or faster
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    if torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)

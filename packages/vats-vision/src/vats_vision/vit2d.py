@@ -286,8 +286,12 @@ class ViT2D(PretrainedMixin, nn.Module):
         # Its last block can then skip every other token's queries and MLP: about 7 % of a
         # ViT-S/16 forward at 224² (10 of the 12 D² weights each token meets in that block).
         cfg = self.config
-        windowed = cfg.block_config.attention.window is not None
-        return cfg.pool is Pool.TOKEN and cfg.class_token and not windowed and len(self.blocks) > 0
+        return (
+            cfg.pool is Pool.TOKEN
+            and cfg.class_token
+            and cfg.window is None
+            and len(self.blocks) > 0
+        )
 
     # ------------------------------------------------------------------ timm contract
 
