@@ -46,6 +46,19 @@ def test_linear_equals_reference(activation, bias, rows):
 
 
 @pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_strided_weight_and_bias(activation):
+    # Views as operands (a column slice of a wider weight, every other bias entry): the
+    # fused kernel reads a bias as dense, so linear() must hand it a dense one.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(MIN_ROWS, 96, generator=gen)[:, :48]
+    w = torch.randn(80, 96, generator=gen)[:, ::2] / 7
+    b = torch.randn(160, generator=gen)[::2]
+    with torch.no_grad():
+        got = linear(x, w, b, activation)
+    torch.testing.assert_close(got, _reference(x, w, b, activation), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_path_taken_only_where_it_pays():
     x, w, b = _operands(MIN_ROWS)
     use = L._use_onednn

@@ -70,6 +70,9 @@ def linear(
         raise ValueError(f"linear: activation must be one of {list(_POST_OPS)}, got {activation!r}")
     if _use_onednn(x, weight, bias, activation):
         name, algorithm = _POST_OPS[activation]
+        # oneDNN takes any strides for x and weight but reads the bias as dense (a strided
+        # bias gave wrong sums): a no-op for a parameter.
+        bias = None if bias is None else bias.contiguous()
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, name, [], algorithm)
     y = F.linear(x, weight, bias)
     if activation is None:
