@@ -67,6 +67,7 @@ def test_fused_path_taken_only_where_it_pays():
         assert not use(x, w, None, None)  # nothing to fuse
         assert not use(x[:, :1], w, b, None)  # decoding-sized: 2 rows
         assert not use(x.double(), w.double(), b.double(), None)
+        assert not use(x, w, b.double(), None)  # F.linear then reports the mismatch
         with torch.backends.mkldnn.flags(enabled=False):
             assert not use(x, w, b, None)
     assert use(x, w, b, None)  # grad mode, but nothing requires a gradient

@@ -41,8 +41,9 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
         return False
     if bias is None and activation is None:
         return False  # nothing to fuse: MKL's plain GEMM is as fast or faster
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
+    operands = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in operands):
+        return False  # (mismatches fall to F.linear, which names them)
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     if torch.is_grad_enabled() and (
