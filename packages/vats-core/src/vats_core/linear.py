@@ -3,7 +3,7 @@
 ``F.linear`` with a bias on CPU runs ``addmm``: it first copies the bias into every row of a
 freshly allocated output, then accumulates the matmul onto it. An activation after it is one
 more pass over another fresh tensor. Those passes, and the first-touch page faults of the new
-memory they walk, cost a ViT-S/16 forward about a fifth of its time at batch 16 (2 threads).
+memory they walk, cost a ViT-S/16 forward about a sixth of its time at batch 16 (2 threads).
 oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor fuses CPU linears
 into) applies the bias and the activation to each tile as the GEMM writes it.
 
