@@ -404,6 +404,10 @@ class ViT2D(PretrainedMixin, nn.Module):
     def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
         """``forward_head(forward_features(x))``.
 
+        With a class-token head (``pool="token"``, no window) the last block runs only the
+        class token (its query over every token's key and value, then its MLP): the same
+        logits for about 7 % less work at ViT-S/16 sizes.
+
         Args:
             x: ``(B, C, H, W)`` or a list of ``(C, H_i, W_i)`` images.
 
