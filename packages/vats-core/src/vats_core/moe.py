@@ -358,6 +358,14 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * H, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, H))
 
+    def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(gate_up_proj, down_proj) in the compute dtype (autocast: grouped_mm and the
+        hand-written loops are not autocast-aware)."""
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if w_gate_up.dtype != dtype:
+            w_gate_up, w_down = w_gate_up.to(dtype), w_down.to(dtype)
+        return w_gate_up, w_down
+
     def forward(
         self,
         x_ND: Tensor,
@@ -383,9 +391,7 @@ class GroupedExperts(nn.Module):
             (N, D): Σ over a token's assignments of weight · expert(x); zero for tokens
             with none.
         """
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if w_gate_up.dtype != x_ND.dtype:  # autocast: grouped_mm is not autocast-aware
-            w_gate_up, w_down = w_gate_up.to(x_ND.dtype), w_down.to(x_ND.dtype)
+        w_gate_up, w_down = self._weights(x_ND.dtype)
         weight_S = weight_S.to(x_ND.dtype)
         if grouped and token_S.shape[0] > 0:
             return _experts_grouped(x_ND, token_S, weight_S, group_sizes_E, w_gate_up, w_down)
@@ -421,9 +427,7 @@ class GroupedExperts(nn.Module):
         Returns:
             (N, D), as :meth:`forward`.
         """
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if w_gate_up.dtype != x_ND.dtype:
-            w_gate_up, w_down = w_gate_up.to(x_ND.dtype), w_down.to(x_ND.dtype)
+        w_gate_up, w_down = self._weights(x_ND.dtype)
         args = (x_ND, routing.topk_idx_NK, routing.topk_weight_NK, mask_N, w_gate_up, w_down)
         if torch.compiler.is_compiling():
             return _experts_few_op(*args, grouped)
@@ -445,9 +449,7 @@ class GroupedExperts(nn.Module):
         Returns:
             (1, D), as :meth:`forward`.
         """
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if w_gate_up.dtype != x_1D.dtype:
-            w_gate_up, w_down = w_gate_up.to(x_1D.dtype), w_down.to(x_1D.dtype)
+        w_gate_up, w_down = self._weights(x_1D.dtype)
         e_K = routing.topk_idx_NK[0]
         k = e_K.shape[0]
         gate_up_K2H = _matvec(w_gate_up[e_K], x_1D.expand(k, -1))
@@ -526,17 +528,9 @@ def _experts_few(
     return y_ND
 
 
-@torch.library.custom_op("vats::moe_experts_few", mutates_args=())
-def _experts_few_op(
-    x_ND: Tensor,
-    topk_idx_NK: Tensor,
-    topk_weight_NK: Tensor,
-    mask_N: Tensor | None,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-    grouped: bool,
-) -> Tensor:
-    return _experts_few(x_ND, topk_idx_NK, topk_weight_NK, mask_N, w_gate_up, w_down, grouped)
+# Under torch.compile the few-token path runs as this op, opaque to the tracer (eager calls
+# _experts_few directly and skips the dispatcher).
+_experts_few_op = torch.library.custom_op("vats::moe_experts_few", _experts_few, mutates_args=())
 
 
 @_experts_few_op.register_fake

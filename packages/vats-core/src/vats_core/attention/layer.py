@@ -171,9 +171,8 @@ class Attention(nn.Module):
             self._check_out_tokens(out_tokens, t, cache)
             t = out_tokens
             x_q = x[:, :t]
-        q = (
-            self.q_proj(x_q).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        )  # (B, Hq, T, Dh)
+        # (B, Hq, T, Dh), T = out_tokens when given
+        q = self.q_proj(x_q).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(src).view(b, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(src).view(b, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
