@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import banner, fmt_bytes, peak_cpu_memory, time_alternating
+from common import banner, fmt_bytes, kernel_floor, peak_cpu_memory, print_floor, time_alternating
 
 from vats_core.moe import MoE, MoEConfig
 
@@ -115,6 +115,8 @@ def main() -> None:
         )
     print(f"ratio ours / HF default: {seconds['hf'] / seconds['ours']:.2f}x (goal >= 1.5x)")
     print(f"ratio ours / HF grouped_mm: {seconds['hf_grouped_mm'] / seconds['ours']:.2f}x")
+    floors = {"hf": kernel_floor(fns["hf"]), "vats": kernel_floor(fns["ours"])}
+    print_floor("hf", {"hf": seconds["hf"], "vats": seconds["ours"]}, floors)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ Figures, each HF's / ours / the ratio (goal in brackets):
   5. ours only: KV-cache bytes while generating 8k tokens with window 512 (a smaller model,
      same code path): flat once past the window.
 
+Decoding reads every weight it uses once per step, so its speed is bounded by memory
+bandwidth. After each decode figure the script prints that floor: the bytes a step must
+read (every non-expert weight except the embedding table, the experts the router actually
+chose, the KV cache), over the rate at which a one-row matrix product streams this model's
+weights here; HF's time over it is the most any implementation could gain.
+
 Run: ``uv run python tests/benchmarks/bench_text.py`` (a few minutes on 2 cores) or with
 ``--quick`` (32 new tokens instead of 128, fewer repeats, 2k tokens for the cache curve).
 """
@@ -31,8 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import banner, fmt_bytes, peak_cpu_memory, time_alternating
+from common import banner, fmt_bytes, peak_cpu_memory, stream_rate, time_alternating
 
+from vats_core.moe import GroupedExperts
 from vats_text.generation import generate
 from vats_text.interop import from_transformers
 from vats_text.model import MoELanguageModel, MoELMConfig
@@ -74,7 +81,7 @@ def check_agreement(hf: torch.nn.Module, ours: MoELanguageModel) -> None:
     print(f"logits agree: relative error {rel:.1e}")
 
 
-def decode(hf, ours, *, batch: int, prompt_len: int, new: int, repeat: int) -> None:
+def decode(hf, ours, *, batch: int, prompt_len: int, new: int, repeat: int, rate: float) -> None:
     from transformers import GenerationConfig
 
     prompt = torch.randint(
@@ -116,6 +123,51 @@ def decode(hf, ours, *, batch: int, prompt_len: int, new: int, repeat: int) -> N
             f"  {label:18s} {tps:6.1f} tok/s, ratio {tps / hf_tps:.2f}x "
             f"(identical tokens: {same}{extra})"
         )
+    floor_s = decode_floor(ours, prompt, new, rate)
+    print(f"  so no implementation decodes more than {batch / floor_s / hf_tps:.2f}x HF here")
+
+
+def decode_floor(ours: MoELanguageModel, prompt: torch.Tensor, new: int, rate: float) -> float:
+    """Seconds a decode step must take at least: the bytes it reads over ``rate`` (B/s).
+
+    Greedy-decodes ``new`` tokens eagerly and, for each step, counts the distinct experts
+    each MoE layer's router chose; their weights plus every other weight a step multiplies
+    by (not the embedding table, of which it reads B rows) plus the KV cache it attends
+    over are the bytes that step reads at the least.
+    """
+    experts = [m for m in ours.modules() if isinstance(m, GroupedExperts)]
+    per_expert = sum(p[0].numel() * p.element_size() for m in experts for p in m.parameters())
+    per_expert //= len(experts)
+    embedding = ours.embed_tokens.weight
+    dense = sum(p.numel() * p.element_size() for p in ours.parameters())
+    dense -= sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
+    if embedding is not ours.lm_head.weight:  # a tied table is read whole by the LM head
+        dense -= embedding.numel() * embedding.element_size()
+    b, t = prompt.shape
+    step_bytes, step_chosen = [], []
+    with torch.inference_mode():
+        caches = ours.setup_caches(b, t + new)
+        out = ours(prompt, caches=caches, logits_to_keep=1)
+        for i in range(new - 1):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = ours(token, caches=caches, logits_to_keep=1)
+            chosen = sum(int((s.tokens_per_expert > 0).sum()) for s in out.router_stats)
+            cache = sum(
+                buf[:, :, : min(t + i + 1, buf.shape[2])].numel() * buf.element_size()
+                for c in caches
+                for buf in (c.k, c.v)
+            )
+            rows = b * embedding[0].numel() * embedding.element_size()
+            step_bytes.append(dense + rows + chosen * per_expert + cache)
+            step_chosen.append(chosen / len(experts))
+    mean_bytes = sum(step_bytes) / len(step_bytes)
+    mean_chosen = sum(step_chosen) / len(step_chosen)
+    print(
+        f"  memory floor: a step reads >= {mean_bytes / 1e6:.0f} MB (about {mean_chosen:.1f} "
+        f"experts per layer); at {rate / 1e9:.1f} GB/s that is >= {mean_bytes / rate * 1e3:.1f} "
+        f"ms a step, at most {b / (mean_bytes / rate):.0f} tok/s"
+    )
+    return mean_bytes / rate
 
 
 def prefill(hf, ours, *, length: int, repeat: int) -> None:
@@ -220,8 +272,11 @@ def main() -> None:
         f"{sum(p.numel() for p in ours.parameters()) / 1e6:.0f} M parameters"
     )
     check_agreement(hf, ours)
-    decode(hf, ours, batch=1, prompt_len=32, new=new, repeat=repeat)
-    decode(hf, ours, batch=8, prompt_len=32, new=new, repeat=repeat)
+    # Every weight matrix once, each expert on its own: ~600 MB, past what caches hold.
+    matrices = [w for p in ours.parameters() for w in (p if p.dim() == 3 else [p]) if w.dim() == 2]
+    rate = stream_rate(matrices)
+    decode(hf, ours, batch=1, prompt_len=32, new=new, repeat=repeat, rate=rate)
+    decode(hf, ours, batch=8, prompt_len=32, new=new, repeat=repeat, rate=rate)
     prefill(hf, ours, length=1024, repeat=repeat)
     training(hf, ours, batch=8, seq=256, repeat=repeat)
     del hf, ours

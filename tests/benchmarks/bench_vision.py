@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import banner, fmt_bytes, peak_cpu_memory, time_alternating
+from common import banner, fmt_bytes, kernel_floor, peak_cpu_memory, print_floor, time_alternating
 
 from vats_core.attention import resolve_backend
 from vats_core.block import TransformerBlock
@@ -77,8 +77,10 @@ def bench_vit2d() -> None:
 
         return call
 
-    times = time_alternating({"timm": infer(peer), "vats": infer(ours)}, repeat=5)
+    fns = {"timm": infer(peer), "vats": infer(ours)}
+    times = time_alternating(fns, repeat=5)
     _report("inference", times)
+    print_floor("timm", times, {name: kernel_floor(fn) for name, fn in fns.items()})
 
     y = torch.randint(0, 1000, (BATCH,))
 
@@ -94,8 +96,10 @@ def bench_vit2d() -> None:
 
         return step
 
-    times = time_alternating({"timm": train(peer), "vats": train(ours)}, repeat=3)
+    fns = {"timm": train(peer), "vats": train(ours)}
+    times = time_alternating(fns, repeat=3)
     _report("training (fwd + bwd + AdamW)", times)
+    print_floor("timm", times, {name: kernel_floor(fn) for name, fn in fns.items()})
 
 
 def _report(what: str, times: dict[str, float]) -> None:

@@ -1,7 +1,15 @@
-"""Shared helpers for the benchmark scripts: machine banner, alternating timing, peak memory.
+"""Shared helpers for the benchmark scripts: machine banner, alternating timing, peak memory,
+and the floors a speed-up is bounded by.
 
 Timings on shared machines drift by ±15 % run to run, so every script runs ours and
 the peer's in one process, alternating, and reports the median of each plus the ratio.
+
+A ratio against a peer is bounded by what the machine can do at all. Two floors make that
+bound visible: :func:`kernel_floor` (the time of a call's matrix products and attention
+kernels, each run alone and warm: for compute-bound work such as training) and
+:func:`stream_rate` (how fast a one-row matrix product streams weights from memory: for
+decoding, which must read the weights it uses once per step). Peer time / floor is the
+most any implementation of the same arithmetic could gain on this machine.
 """
 
 from __future__ import annotations
@@ -10,9 +18,12 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 
 def banner(title: str, threads: int | None = 2) -> None:
@@ -73,3 +84,115 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# Kernels that do the arithmetic of a model step (the rest is memory-bound glue). linear,
+# matmul and scaled_dot_product_attention reach the recorder whole under inference_mode
+# (there they do not decompose); the recorder does not see inside an op it records.
+_COMPUTE_OPS = {
+    torch.ops.aten.linear,
+    torch.ops.aten.matmul,
+    torch.ops.aten.scaled_dot_product_attention,
+    torch.ops.aten.mm,
+    torch.ops.aten.addmm,
+    torch.ops.aten.bmm,
+    torch.ops.aten.baddbmm,
+    torch.ops.aten._grouped_mm,
+    torch.ops.aten.convolution,
+    torch.ops.aten.convolution_backward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    torch.ops.mkldnn._linear_pointwise,
+}
+
+
+def _signature(x: object) -> object:
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), tuple(x.stride()), x.dtype)
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(y) for y in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _signature(v)) for k, v in x.items()))
+    return x
+
+
+class _RecordCompute(TorchDispatchMode):
+    """Counts each distinct compute-kernel call (op, shapes, strides, dtypes, other args) and
+    keeps a copy of the first one's arguments, real values included (random data could
+    differ in speed: denormals, infinities)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[object, list] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func.overloadpacket in _COMPUTE_OPS:
+            key = (func, _signature(args), _signature(kwargs))
+            if key in self.calls:
+                self.calls[key][0] += 1
+            else:
+                copy = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
+                self.calls[key] = [1, copy]
+        return func(*args, **kwargs)
+
+
+def kernel_floor(fn: Callable[[], object], *, repeat: int = 3) -> float:
+    """Seconds one ``fn()`` would take if only its matrix products and attention kernels
+    cost anything and each ran at the speed it reaches alone, warm, on the same arguments.
+
+    The matrix products, convolutions, grouped GEMMs, oneDNN linears and CPU flash
+    attention (forward and backward) that ``fn`` dispatches are recorded, then each
+    distinct call is replayed ``repeat`` times after a warm-up and its best time counted
+    once per occurrence. Everything else (elementwise passes, norms, copies, the
+    optimizer, Python) counts as free, so the floor is optimistic: no implementation that
+    performs these products on this machine's kernels runs faster.
+    """
+    recorder = _RecordCompute()
+    with recorder:
+        fn()
+    total = 0.0
+    for (func, _, _), (count, (args, kwargs)) in recorder.calls.items():
+        func(*args, **kwargs)
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            func(*args, **kwargs)
+            best = min(best, time.perf_counter() - t0)
+        total += count * best
+    return total
+
+
+def stream_rate(matrices: Iterable[torch.Tensor], *, repeat: int = 3) -> float:
+    """Bytes per second that ``F.linear`` of a single row reads through ``matrices``.
+
+    One pass multiplies a random row by every matrix once (each is read from memory once,
+    as a decode step reads its weights); the best of ``repeat`` passes is returned. Give
+    it a few hundred MB, more than the caches hold, or it measures the caches.
+    """
+    matrices = [m.detach() for m in matrices]
+    rows = {m.shape[1]: torch.randn(1, m.shape[1], dtype=m.dtype) for m in matrices}
+    nbytes = sum(m.numel() * m.element_size() for m in matrices)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeat + 1):  # the first pass warms up
+            t0 = time.perf_counter()
+            for m in matrices:
+                F.linear(rows[m.shape[1]], m)
+            best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def print_floor(peer: str, seconds: dict[str, float], floors: dict[str, float]) -> None:
+    """Print each side's kernel floor, how close it runs to it, and the ratio ceiling.
+
+    ``seconds`` and ``floors`` map the same names (the peer's and ``"vats"``) to the
+    measured time of a call and its :func:`kernel_floor`.
+    """
+    parts = ", ".join(
+        f"{name} {floors[name] * 1e3:.0f} ms ({floors[name] / seconds[name]:.0%} of its time)"
+        for name in floors
+    )
+    ceiling = seconds[peer] / min(floors.values())
+    print(f"  kernel floor (matrix products and attention alone, warm): {parts}")
+    print(f"  so no implementation of these products runs more than {ceiling:.2f}x {peer} here")
