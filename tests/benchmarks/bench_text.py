@@ -17,9 +17,10 @@ Figures, each HF's / ours / the ratio (goal in brackets):
   5. ours only: KV-cache bytes while generating 8k tokens with window 512 (a smaller model,
      same code path): flat once past the window.
 
-Decoding reads every weight it uses once per step, so its speed is bounded by memory
-bandwidth. After each decode figure the script prints that floor: the bytes a step must
-read (every non-expert weight except the embedding table, the experts the router actually
+Prefill and training print the kernel floor of each side (its matrix products and
+attention run alone; see ``common.kernel_floor``). Decoding reads every weight it uses once
+per step, so its speed is bounded by memory bandwidth. After each decode figure the script
+prints that floor: the bytes a step must read (every non-expert weight except the embedding table, the experts the router actually
 chose, the KV cache), over the rate at which a one-row matrix product streams this model's
 weights here; HF's time over it is the most any implementation could gain.
 
@@ -37,7 +38,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import banner, fmt_bytes, peak_cpu_memory, stream_rate, time_alternating
+from common import (
+    banner,
+    fmt_bytes,
+    kernel_floor,
+    peak_cpu_memory,
+    print_floor,
+    stream_rate,
+    time_alternating,
+)
 
 from vats_core.moe import GroupedExperts
 from vats_text.generation import generate
@@ -181,11 +190,13 @@ def prefill(hf, ours, *, length: int, repeat: int) -> None:
         with torch.inference_mode():
             ours(ids, caches=ours.setup_caches(1, length), logits_to_keep=1)
 
-    times = time_alternating({"hf": run_hf, "vats": run_ours}, repeat=repeat, warmup=1)
+    fns = {"hf": run_hf, "vats": run_ours}
+    times = time_alternating(fns, repeat=repeat, warmup=1)
     print(
         f"prefill {length} tokens: HF {times['hf'] * 1e3:.0f} ms, vats "
         f"{times['vats'] * 1e3:.0f} ms, ratio (HF / vats) {times['hf'] / times['vats']:.2f}x"
     )
+    print_floor("hf", times, {name: kernel_floor(fn) for name, fn in fns.items()})
 
 
 def training(hf, ours, *, batch: int, seq: int, repeat: int) -> None:
@@ -206,6 +217,7 @@ def training(hf, ours, *, batch: int, seq: int, repeat: int) -> None:
     fns = {"hf": step(hf, opt_hf), "vats": step(ours, opt_ours)}
     times = time_alternating(fns, repeat=repeat, warmup=1)  # warmup creates AdamW's state
     peaks = {name: peak_cpu_memory(fn) for name, fn in fns.items()}
+    floors = {name: kernel_floor(fn) for name, fn in fns.items()}
     hf.eval()
     ours.eval()
     tok = batch * seq
@@ -216,6 +228,7 @@ def training(hf, ours, *, batch: int, seq: int, repeat: int) -> None:
         f"{fmt_bytes(peaks['hf'])}, vats {fmt_bytes(peaks['vats'])}, ratio (vats / HF) "
         f"{peaks['vats'] / peaks['hf']:.2f}"
     )
+    print_floor("hf", times, floors)
 
 
 def kv_cache_curve(*, total: int, window: int) -> None:
