@@ -328,6 +328,30 @@ def test_weight_decay_only_on_matrices(tmp_path: Path) -> None:
     assert {p.ndim for p in no_decay["params"]} == {1}
 
 
+def test_optimizer_is_fused_and_updates_like_the_reference_loop(tmp_path: Path) -> None:
+    model, reference = make_model(0, dropout=0.0), make_model(0, dropout=0.0)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(model, config(tmp_path))
+    assert opt.defaults["fused"]
+    # The same groups and hyperparameters, through torch's plain per-parameter loop.
+    groups = build_optimizer(reference, config(tmp_path)).param_groups
+    hyper = {k: groups[0][k] for k in ("lr", "betas", "eps")}
+    ref_opt = torch.optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
+        **hyper,
+        foreach=False,
+    )
+    for step in range(3):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b, a0 in zip(model.parameters(), reference.parameters(), start, strict=True):
+        assert not torch.equal(a, a0)  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_inputs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"TrainerConfig\.warmup_steps=20 is invalid"):
         TrainerConfig(max_steps=10, warmup_steps=20)
