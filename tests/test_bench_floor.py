@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
-from common import _RecordCompute, kernel_floor  # noqa: E402
+from common import _RecordCompute, kernel_floor
 
 
 def _recorded(fn) -> dict[str, int]:
