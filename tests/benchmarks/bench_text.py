@@ -21,9 +21,10 @@ Figures, each HF's / ours / the ratio (goal in brackets):
 Prefill and training print the kernel floor of each side (its matrix products and
 attention run alone; see ``common.kernel_floor``). Decoding reads every weight it uses once
 per step, so its speed is bounded by memory bandwidth. After each decode figure the script
-prints that floor: the bytes a step must read (every non-expert weight except the embedding table, the experts the router actually
-chose, the KV cache), over the rate at which a one-row matrix product streams this model's
-weights here; HF's time over it is the most any implementation could gain.
+prints that floor: the bytes a step must read (every non-expert weight except the
+embedding table, the experts the router actually chose, the KV cache) over the rate at
+which a one-row matrix product streams this model's weights here. HF's time over it is the
+most any implementation could gain (HF's time includes its prefill, so the bound errs high).
 
 Run: ``uv run python tests/benchmarks/bench_text.py`` (a few minutes on 2 cores) or with
 ``--quick`` (32 new tokens instead of 128, fewer repeats, 2k tokens for the cache curve).
@@ -154,6 +155,7 @@ def decode_floor(ours: MoELanguageModel, prompt: torch.Tensor, new: int, rate: f
     if embedding is not ours.lm_head.weight:  # a tied table is read whole by the LM head
         dense -= embedding.numel() * embedding.element_size()
     b, t = prompt.shape
+    rows = b * embedding[0].numel() * embedding.element_size()  # the tokens' embeddings
     step_bytes, step_chosen = [], []
     with torch.inference_mode():
         caches = ours.setup_caches(b, t + new)
@@ -167,7 +169,6 @@ def decode_floor(ours: MoELanguageModel, prompt: torch.Tensor, new: int, rate: f
                 for c in caches
                 for buf in (c.k, c.v)
             )
-            rows = b * embedding[0].numel() * embedding.element_size()
             step_bytes.append(dense + rows + chosen * per_expert + cache)
             step_chosen.append(chosen / len(experts))
     mean_bytes = sum(step_bytes) / len(step_bytes)
