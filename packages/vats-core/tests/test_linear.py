@@ -1,5 +1,5 @@
-"""vats_core.linear: the fused CPU inference path equals F.linear (+ GELU) and is taken exactly
-where the module docstring says."""
+"""vats_core.linear: the oneDNN paths (fused bias/GELU, few rows) equal F.linear (+ GELU) and
+are taken exactly where the module docstring says."""
 
 from __future__ import annotations
 
@@ -8,9 +8,28 @@ import torch
 import torch.nn.functional as F
 
 from vats_core import linear as L
-from vats_core.linear import MIN_ROWS, Linear, linear
+from vats_core.linear import (
+    MIN_ROWS,
+    MIN_TIMED_MACS,
+    SMALL_ROWS,
+    Linear,
+    linear,
+    mm,
+    small_gemm_kernels,
+)
 
 ONEDNN = torch.backends.mkldnn.is_available()
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def few_rows_on(monkeypatch):
+    """Fix the few-row choice: ``few_rows_on("onednn")`` or ``few_rows_on("mkl")``."""
+
+    def choose(kind: str) -> None:
+        monkeypatch.setattr(L, "_onednn_buckets", frozenset(SMALL_ROWS if kind == "onednn" else ()))
+
+    return choose
 
 
 def _operands(rows: int, bias: bool = True, seed: int = 0):
@@ -45,7 +64,7 @@ def test_linear_equals_reference(activation, bias, rows):
     torch.testing.assert_close(got_t, _reference(x.transpose(0, 1), w, b, activation))
 
 
-@pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+@needs_onednn
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_strided_weight_and_bias(activation):
     # Views as operands (a column slice of a wider weight, every other bias entry): the
@@ -59,19 +78,112 @@ def test_strided_weight_and_bias(activation):
     torch.testing.assert_close(got, _reference(x, w, b, activation), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_path_taken_only_where_it_pays():
+def test_fused_path_taken_only_where_it_pays(few_rows_on):
+    few_rows_on("mkl")
     x, w, b = _operands(MIN_ROWS)
     use = L._use_onednn
     with torch.no_grad():
         assert use(x, w, b, None) and use(x, w, None, "gelu")
         assert not use(x, w, None, None)  # nothing to fuse
-        assert not use(x[:, :1], w, b, None)  # decoding-sized: 2 rows
+        assert not use(x[:, :16], w, b, None)  # 32 rows: below MIN_ROWS, above the few
+        assert not use(x[:, :1], w, b, None)  # decoding-sized (2 rows), MKL chosen for few
         assert not use(x.double(), w.double(), b.double(), None)
         assert not use(x, w, b.double(), None)  # F.linear then reports the mismatch
         with torch.backends.mkldnn.flags(enabled=False):
             assert not use(x, w, b, None)
     assert use(x, w, b, None)  # grad mode, but nothing requires a gradient
     assert not use(x, w.requires_grad_(), b, None)
+
+
+@needs_onednn
+def test_few_rows_follow_the_choice(few_rows_on):
+    x, w, _ = _operands(MIN_ROWS)
+    use = L._use_onednn
+    with torch.no_grad():
+        few_rows_on("onednn")
+        for rows in (1, 2, 3, 15, 31):  # x is (2, rows, 48): 2*rows rows in all
+            assert use(x[0, :rows], w, None, None) == (rows < 32), rows
+        assert use(x[:, :15], w, None, None)  # 30 rows over two batch entries
+        assert not use(x[:, :16], w, None, None)  # 32 rows: MKL on every machine measured
+        assert not use(x[:, :1], w.double(), None, None)
+        few_rows_on("mkl")
+        assert not use(x[0, :1], w, None, None)
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 31])
+def test_few_rows_on_onednn_equal_reference(few_rows_on, rows, bias, activation):
+    few_rows_on("onednn")
+    x, w, b = _operands(rows, bias, seed=rows)
+    with torch.no_grad():
+        assert L._use_onednn(x[0], w, b, activation)
+        got = linear(x[0], w, b, activation)
+        got_t = linear(x.transpose(0, 1)[:, :1], w.t().contiguous().t(), b, activation)
+    torch.testing.assert_close(got, _reference(x[0], w, b, activation), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_t, _reference(x.transpose(0, 1)[:, :1], w, b, activation))
+
+
+@needs_onednn
+def test_the_choice_is_timed_once_and_the_env_var_fixes_it(monkeypatch):
+    monkeypatch.setattr(L, "_onednn_buckets", None)
+    monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+    timed = small_gemm_kernels()  # times MKL against oneDNN on this machine
+    assert set(timed) == set(SMALL_ROWS) and set(timed.values()) <= {"mkl", "onednn"}
+
+    def fail() -> frozenset[int]:
+        raise AssertionError("timed twice")
+
+    monkeypatch.setattr(L, "_time_small_gemms", fail)
+    assert small_gemm_kernels() == timed
+    for kind in ("mkl", "onednn", " ONEDNN "):
+        monkeypatch.setattr(L, "_onednn_buckets", None)
+        monkeypatch.setenv("VATS_CPU_GEMM", kind)
+        assert set(small_gemm_kernels().values()) == {kind.strip().lower()}
+    monkeypatch.setattr(L, "_onednn_buckets", None)
+    monkeypatch.setenv("VATS_CPU_GEMM", "fastest")
+    with pytest.raises(ValueError, match="VATS_CPU_GEMM must be auto, mkl or onednn"):
+        small_gemm_kernels()
+
+
+@needs_onednn
+def test_compiled_few_rows_run_the_opaque_op_once_chosen(few_rows_on, monkeypatch):
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    x, w, b = _operands(1)
+    x = x[0]  # one row
+
+    def f(x):
+        return linear(x, w, b)
+
+    def ops(backend) -> set[str]:
+        return {str(n.target) for g in backend.graphs for n in g.graph.nodes}
+
+    # Before the choice is made a trace does not time (it would be traced): F.linear.
+    monkeypatch.setattr(L, "_onednn_buckets", None)
+    monkeypatch.setattr(L, "_time_small_gemms", lambda: pytest.fail("timed inside a trace"))
+    torch._dynamo.reset()
+    before = EagerAndRecordGraphs()
+    with torch.no_grad():
+        torch.compile(f, backend=before, fullgraph=True)(x)
+    assert not any("onednn" in op for op in ops(before))
+
+    few_rows_on("onednn")
+    torch._dynamo.reset()
+    after = EagerAndRecordGraphs()
+    with torch.no_grad():
+        got = torch.compile(f, backend=after, fullgraph=True)(x)
+    assert "vats.onednn_linear.default" in ops(after)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@needs_onednn
+def test_opaque_op_passes_opcheck():
+    x, w, b = _operands(3)
+    torch.library.opcheck(L._onednn_linear_op, (x[0], w, b, "none", ""))
+    torch.library.opcheck(L._onednn_linear_op, (x[0], w, None, "gelu", "tanh"))
 
 
 def test_gradients_flow_through_the_plain_path():
@@ -89,3 +201,96 @@ def test_bad_activation_raises():
     x, w, b = _operands(2)
     with pytest.raises(ValueError, match="activation must be one of"):
         linear(x, w, b, "relu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Large products: mm and training linears on the library each shape timed faster on.
+# ---------------------------------------------------------------------------------------------
+
+
+def _big(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(256, 256, generator=gen)  # 256^3 = MIN_TIMED_MACS multiply-adds
+    b = torch.randn(256, 256, generator=gen) / 16
+    bias = torch.randn(256, generator=gen)
+    return a, b, bias
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["mkl", "onednn", "auto"])
+def test_mm_equals_torch_mm_in_every_layout(monkeypatch, kind):
+    monkeypatch.setenv("VATS_CPU_GEMM", kind)
+    monkeypatch.setattr(L, "_shape_choice", {})
+    a, b, bias = _big()
+    assert a.numel() * b.shape[1] == MIN_TIMED_MACS and L._timed(a, b)
+    for x, y in ((a, b), (a, b.t()), (a.t(), b), (a.t(), b.t()), (a[:, :200], b[:200])):
+        torch.testing.assert_close(mm(x, y), x @ y, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(mm(x, y, bias), x @ y + bias, rtol=1e-5, atol=1e-4)
+    # auto timed each of the four layouts once (the last product is below the floor)
+    assert len(L._shape_choice) == (4 if kind == "auto" else 0)
+
+
+@needs_onednn
+def test_each_shape_is_timed_once_per_row_bucket(monkeypatch):
+    class Choices(dict):
+        def __setitem__(self, key, value):
+            assert key not in self, "timed twice"
+            self.timings = getattr(self, "timings", 0) + 1
+            super().__setitem__(key, value)
+
+    choices = Choices()
+    monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+    monkeypatch.setattr(L, "_shape_choice", choices)
+    a, b, _ = _big()
+    mm(a, b)
+    assert list(choices) == [(True, True, 9, 256, 256)]  # 256 rows: bucket 2^8 <= M < 2^9
+    mm(a, b)
+    mm(torch.cat([a, a[:200]]), b)  # 456 rows: the same bucket
+    small = torch.randn(8, 8)
+    torch.testing.assert_close(mm(small, small), small @ small)  # below the floor: untimed
+    assert choices.timings == 1
+    mm(torch.cat([a, a]), b)  # 512 rows: the next bucket
+    assert choices.timings == 2 and (True, True, 10, 256, 256) in choices
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["mkl", "onednn"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_linear_matches_f_linear(monkeypatch, kind, bias):
+    # Forward, input, weight and bias gradients of the big-product path equal F.linear's.
+    monkeypatch.setenv("VATS_CPU_GEMM", kind)
+    torch.manual_seed(0)
+    module = Linear(256, 256, bias=bias)
+    ref = torch.nn.Linear(256, 256, bias=bias)
+    ref.load_state_dict(module.state_dict())
+    x = torch.randn(2, 128, 256)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert L._timed_linear(x_ours, module.weight, module.bias)
+    y, y_ref = module(x_ours), ref(x_ref)
+    assert y.grad_fn is not None and "LinearFunction" in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    cot = torch.randn_like(y)
+    y.backward(cot)
+    y_ref.backward(cot)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(module.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-3)
+    if bias:
+        torch.testing.assert_close(module.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-4)
+    # A transposed (non-contiguous) input takes the same path and the same gradients.
+    xt = x.transpose(0, 1).detach().requires_grad_()
+    module(xt).sum().backward()
+    xt_ref = x.transpose(0, 1).detach().requires_grad_()
+    ref(xt_ref).sum().backward()
+    torch.testing.assert_close(xt.grad, xt_ref.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_small_or_foreign_products_stay_on_f_linear():
+    w = torch.randn(256, 256)
+    assert not L._timed_linear(torch.randn(255, 256), w, None)  # one row short of the floor
+    assert not L._timed_linear(torch.randn(256, 256).double(), w.double(), None)
+    assert not L._timed_linear(torch.randn(256, 128), w, None)  # F.linear names the mismatch
+    assert not L._timed_linear(torch.randn(256, 256), w, torch.randn(255))
+    assert not L._timed(torch.randn(256, 256), w.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear applies the autocast dtype
+        assert not L._timed_linear(torch.randn(256, 256), w, None)
+        assert not L._use_onednn(torch.randn(MIN_ROWS, 256), w, torch.randn(256), None)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vats_core import linear as linear_module
 from vats_core.moe import (
     GroupedMM,
     MoE,
@@ -369,9 +370,11 @@ def test_grouped_mm_matches_loop_cpu(case):
 
 
 @pytest.mark.skipif(not _grouped_runs_on_cpu(), reason="no CPU grouped_mm in this torch")
-def test_auto_takes_cpu_grouped_mm_for_batched_decoding_only():
+def test_auto_takes_cpu_grouped_mm_for_batched_decoding_only(monkeypatch):
     # auto on CPU: grouped_mm for a no-grad step of a few rows (batched decoding), never for
     # one token, many tokens, a gradient or float64; each choice gives the loop's outputs.
+    # (Where few-row linears run on oneDNN, the loop instead: next test.)
+    monkeypatch.setattr(linear_module, "_onednn_buckets", frozenset())  # MKL for few rows
     overrides = dict(dim=16, hidden_dim=24, n_experts=6, top_k=2)
     auto = make(dtype=torch.float32, grouped_mm="auto", **overrides)
     loop = make(dtype=torch.float32, grouped_mm="off", **overrides)
@@ -391,6 +394,29 @@ def test_auto_takes_cpu_grouped_mm_for_batched_decoding_only():
         torch.testing.assert_close(y_auto, y_loop, rtol=1e-5, atol=1e-6)
         assert torch.equal(y_auto[0, 0], torch.zeros(16))  # padding gets nothing
         assert torch.equal(s_auto.tokens_per_expert, s_loop.tokens_per_expert)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_auto_takes_the_loop_where_few_rows_run_on_onednn(monkeypatch):
+    # Where oneDNN streams few-row weights faster than MKL (vats_core.linear's timed choice),
+    # batched decoding runs the loop of oneDNN linears instead of grouped_mm, with the same
+    # outputs.
+    monkeypatch.setattr(linear_module, "_onednn_buckets", frozenset(linear_module.SMALL_ROWS))
+    overrides = dict(dim=16, hidden_dim=24, n_experts=6, top_k=2, n_shared_experts=1)
+    auto = make(dtype=torch.float32, grouped_mm="auto", **overrides)
+    ref = make(dtype=torch.float32, grouped_mm="off", **overrides)
+    ref.load_state_dict(auto.state_dict())
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[False, True, True, True, True, True, True, True]])
+    with torch.no_grad():
+        assert not auto._use_grouped_mm(x)
+        y_auto, _ = auto(x, mask)
+        with torch.backends.mkldnn.flags(enabled=False):  # every linear on MKL
+            y_ref, _ = ref(x, mask)
+        padding_out = auto.shared_expert(x[0, :1])[0]  # the routed experts skip padding
+    # (two GEMM libraries: the same sums in other orders)
+    torch.testing.assert_close(y_auto, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y_auto[0, 0], padding_out, rtol=1e-4, atol=1e-5)
 
 
 def _cuda_pair(**overrides) -> tuple[MoE, MoE]:

@@ -47,9 +47,9 @@ class SwiGLU(nn.Module):
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
         self.config = config
-        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
-        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
-        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
+        self.gate_proj = Linear(config.dim, config.hidden_dim, bias=config.bias)
+        self.up_proj = Linear(config.dim, config.hidden_dim, bias=config.bias)
+        self.down_proj = Linear(config.hidden_dim, config.dim, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., D) -> (..., D)``."""

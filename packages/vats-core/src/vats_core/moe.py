@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vats_core.config import Config, check, coerce_enum
+from vats_core.linear import Linear, linear, mm, onednn_for_rows
 
 __all__ = [
     "GroupedExperts",
@@ -82,7 +83,10 @@ class GroupedMM(enum.StrEnum):
     # (bench_text, batch 8: 0.92x -> 1.02x HF). So on CPU, auto uses it exactly there: no
     # gradient, at most 64 (token, expert) assignments, more than one token (one token's
     # experts take views of it, cheaper still); under torch.compile, inside the opaque
-    # few-token op (GroupedExperts.forward_few).
+    # few-token op (GroupedExperts.forward_few). Except where oneDNN runs few-row linears
+    # (vats_core.linear.small_gemm_kernels; an AMD EPYC, where MKL's grouped_mm streamed
+    # weights at under half oneDNN's rate): there the loop of oneDNN linears (batch 8 decode
+    # 90 -> 166 tok/s).
     AUTO = "auto"
     ON = "on"  # wherever it runs (CUDA bf16, CPU fp32); a ValueError elsewhere
     OFF = "off"  # always the loop (the reference; works in float64)
@@ -327,7 +331,7 @@ class Router(nn.Module):
     def forward(self, x_ND: Tensor) -> Routing:
         """Route N tokens. x_ND (N, D) -> :class:`Routing`."""
         cfg = self.config
-        logits_NE = _at_least_fp32(F.linear(x_ND, self.weight, self.bias))
+        logits_NE = _at_least_fp32(linear(x_ND, self.weight, self.bias))
         if cfg.score_func is ScoreFunc.SOFTMAX:
             scores_NE = logits_NE.softmax(dim=-1)
             probs_NE = scores_NE
@@ -517,13 +521,13 @@ def _experts_few(
         if len(assignments) == 1:  # views, no gather
             s = assignments[0]
             n = s // k
-            out_1D = F.linear(_swiglu_forward(F.linear(x_ND[n : n + 1], w_gate_up[e])), w_down[e])
+            out_1D = linear(_swiglu_forward(linear(x_ND[n : n + 1], w_gate_up[e])), w_down[e])
             y_ND[n : n + 1].add_(out_1D.mul_(weight_S[s : s + 1, None]))
         else:
             s_n = torch.tensor(assignments, device=x_ND.device)
             tok_n = s_n // k
             x_nD = x_ND.index_select(0, tok_n)
-            out_nD = F.linear(_swiglu_forward(F.linear(x_nD, w_gate_up[e])), w_down[e])
+            out_nD = linear(_swiglu_forward(linear(x_nD, w_gate_up[e])), w_down[e])
             y_ND.index_add_(0, tok_n, out_nD.mul_(weight_S.index_select(0, s_n)[:, None]))
     return y_ND
 
@@ -546,7 +550,10 @@ class _ExpertsLoop(torch.autograd.Function):
     (the backward of ``split``), and two ``stack``s of per-expert weight gradients (the
     backward of ``unbind``). Here each expert gathers its own tokens and scatter-adds its
     own output, and the backward writes each expert's weight gradient straight into its
-    slice of the stacked gradient with ``mm(out=...)``. Per-expert activations stay
+    slice of the stacked gradient with ``torch.mm(out=...)`` (MKL: oneDNN has no ``out=``
+    and ran these transposed products slower); the other products are
+    :func:`vats_core.linear.mm`, on whichever library runs their shape faster. Per-expert
+    activations stay
     per-expert: a few MB each, recycled by the allocator, where one (S, 2H) buffer would be
     freshly page-faulted on every step.
 
@@ -568,9 +575,9 @@ class _ExpertsLoop(torch.autograd.Function):
                 saved.append(None)
                 continue
             x_nD = x_ND.index_select(0, tok_n)
-            gate_up_n2H = torch.mm(x_nD, w_gate_up[e].t())
+            gate_up_n2H = mm(x_nD, w_gate_up[e].t())
             h_nH = _swiglu_forward(gate_up_n2H)
-            out_nD = torch.mm(h_nH, w_down[e].t())
+            out_nD = mm(h_nH, w_down[e].t())
             y_ND.index_add_(0, tok_n, out_nD * w_n[:, None])
             saved.append((x_nD, gate_up_n2H, out_nD) if keep else None)
         ctx.sizes = sizes
@@ -607,12 +614,12 @@ class _ExpertsLoop(torch.autograd.Function):
             silu_nH = F.silu(gate_nH)
             if grad_down is not None:
                 torch.mm(grad_out_nD.t(), silu_nH * up_nH, out=grad_down[e])  # h, recomputed
-            grad_h_nH = torch.mm(grad_out_nD, w_down[e])
+            grad_h_nH = mm(grad_out_nD, w_down[e])
             grad_gate_up_n2H = _swiglu_backward(gate_up_n2H, grad_h_nH, silu_nH)
             if grad_gate_up is not None:
                 torch.mm(grad_gate_up_n2H.t(), x_nD, out=grad_gate_up[e])
             if grad_x is not None:
-                grad_x.index_add_(0, tok_n, torch.mm(grad_gate_up_n2H, w_gate_up[e]))
+                grad_x.index_add_(0, tok_n, mm(grad_gate_up_n2H, w_gate_up[e]))
             start += n
         return grad_x, None, grad_weight, None, grad_gate_up, grad_down, None
 
@@ -625,9 +632,9 @@ class SharedExpert(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden_dim, bias=False)
+        self.up_proj = Linear(dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -657,7 +664,7 @@ class MoE(nn.Module):
         hidden = config.shared_total_hidden_dim
         self.shared_expert = SharedExpert(config.dim, hidden) if hidden else None
         self.shared_expert_gate = (
-            nn.Linear(config.dim, 1, bias=False) if config.shared_expert_gate else None
+            Linear(config.dim, 1, bias=False) if config.shared_expert_gate else None
         )
         self.reset_parameters()
 
@@ -773,11 +780,14 @@ class MoE(nn.Module):
             return False
         if mode is GroupedMM.AUTO and x.device.type != "cuda":
             n = x.numel() // self.config.dim if n_tokens is None else n_tokens
+            E = self.config.n_experts
             few = n >= 2 and n * self.config.top_k <= _FEW_ASSIGNMENTS
             # (Compiled, it runs inside an opaque op: torch.compile's fake-tensor check of the
             # CPU kernel wants bf16. See GroupedExperts.forward_few.)
             if not few or torch.is_grad_enabled():
                 return False  # see GroupedMM.AUTO
+            if x.device.type == "cpu" and onednn_for_rows(max(1, n * self.config.top_k // E)):
+                return False  # the loop's few-row linears run on oneDNN: see GroupedMM.AUTO
         why_not = _grouped_mm_unsupported(x.device, self._compute_dtype(x), self.config)
         if why_not is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
             # torch<=2.10's CPU kernel needs 16-byte aligned operands; memory-mapped

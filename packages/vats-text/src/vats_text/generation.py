@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from vats_core.kv_cache import KVCaches, StaticKVCache
+from vats_core.linear import small_gemm_kernels
 from vats_text.model import MoELanguageModel
 from vats_text.sampling import SamplingConfig, sample_next_token
 
@@ -512,6 +513,8 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
         if plan.compile:
             step = _compiled_decode_step(_COMPILE_BACKEND)
             _mark_capacity_dynamic(caches)
+            if plan.device.type == "cpu":
+                small_gemm_kernels()  # the trace reads the few-row GEMM choice; make it first
 
         logits_BV = model(ids_BT, attention_mask=mask_BT, caches=caches, logits_to_keep=1).logits[
             :, -1

@@ -43,6 +43,7 @@ from vats_core.block import BlockConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check, coerce_enum
 from vats_core.kv_cache import KVCaches
+from vats_core.linear import Linear
 from vats_core.mlp import MLPConfig
 from vats_core.moe import GroupedMM, MoEConfig, RouterStats, ScoreFunc
 from vats_core.norms import RMSNorm
@@ -365,7 +366,7 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
             TransformerBlock(config.block_config(i)) for i in range(config.n_layers)
         )
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.init_weights()

@@ -13,7 +13,10 @@ the loss (and optional extra metrics), a :class:`~vats_core.training.data.BatchS
 5. log (tqdm and ``out_dir/metrics.jsonl``), evaluate, checkpoint.
 
 Checkpoints hold the model, the optimizer, every RNG, the data position and the step,
-so ``fit(resume=True)`` continues bit for bit where the saved run stood.
+so ``fit(resume=True)`` continues bit for bit where the saved run stood. (On CPU, with
+``VATS_CPU_GEMM`` fixed to ``mkl`` or ``onednn``: by default a new process times which GEMM
+library runs each product shape faster, see :mod:`vats_core.linear`, and the resumed run may
+pick the other one for a shape, which changes results at float32 rounding.)
 
 Example (classification; for language models pass ``items_fn=lambda b: b["ids"].numel()``
 and ``items_name="tokens"`` to see tokens/s)::
