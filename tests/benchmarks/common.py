@@ -7,8 +7,8 @@ the peer's in one process, alternating, and reports the median of each plus the 
 A ratio against a peer is bounded by what the machine can do at all. Two floors make that
 bound visible: :func:`kernel_floor` (the time of a call's matrix products and attention
 kernels, each run alone and warm: for compute-bound work such as training) and
-:func:`stream_rate` (how fast a one-row matrix product streams weights from memory: for
-decoding, which must read the weights it uses once per step). Peer time / floor is the
+:func:`stream_rate` (how fast a plain read streams weights from memory: for decoding, which
+must read the weights it uses once per step). Peer time / floor is the
 most any implementation of the same arithmetic could gain on this machine.
 """
 
@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
@@ -41,6 +40,9 @@ def banner(title: str, threads: int | None = 2) -> None:
         f"machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
         f"python {platform.python_version()}, torch {torch.__version__}"
     )
+    gemm = os.environ.get("VATS_CPU_GEMM", "auto")
+    how = "timed per shape" if gemm.strip().lower() == "auto" else "fixed"
+    print(f"vats CPU GEMM library: VATS_CPU_GEMM={gemm} ({how}; see vats_core.linear)")
 
 
 def time_alternating(
@@ -164,21 +166,21 @@ def kernel_floor(fn: Callable[[], object], *, repeat: int = 3) -> float:
 
 
 def stream_rate(matrices: Iterable[torch.Tensor], *, repeat: int = 3) -> float:
-    """Bytes per second that ``F.linear`` of a single row reads through ``matrices``.
+    """Bytes per second at which this machine reads ``matrices`` from memory.
 
-    One pass multiplies a random row by every matrix once (each is read from memory once,
-    as a decode step reads its weights); the best of ``repeat`` passes is returned. Give
-    it a few hundred MB, more than the caches hold, or it measures the caches.
+    One pass reads every matrix once with a plain ``sum`` (a decode step must read its
+    weights at least once; no GEMM library reads them faster than a reduction does); the
+    best of ``repeat`` passes is returned. Give it a few hundred MB, more than the caches
+    hold, or it measures the caches.
     """
     matrices = [m.detach() for m in matrices]
-    rows = {m.shape[1]: torch.randn(1, m.shape[1], dtype=m.dtype) for m in matrices}
     nbytes = sum(m.numel() * m.element_size() for m in matrices)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeat + 1):  # the first pass warms up
             t0 = time.perf_counter()
             for m in matrices:
-                F.linear(rows[m.shape[1]], m)
+                m.sum()
             best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
