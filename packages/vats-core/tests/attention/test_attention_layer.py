@@ -67,6 +67,49 @@ def test_matches_reference(n_heads: int, n_kv_heads: int, causal: bool, window: 
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_fused_projections_match_the_reference() -> None:
+    # From MIN_ROWS rows on, q, k and v come from one product of the stacked weights.
+    torch.manual_seed(0)
+    cfg = AttentionConfig(dim=24, n_heads=4, n_kv_heads=2, head_dim=8, causal=True, window=5)
+    attn = Attention(cfg).double()
+    x = torch.randn(2, 130, 24, dtype=F64)  # 260 rows
+    kpm = torch.ones(2, 130, dtype=torch.bool)
+    kpm[1, :9] = False
+    rope = RotaryEmbedding(RopeConfig(head_dim=8))(torch.arange(130), dtype=F64)
+    assert attn._fuse_projections(x, None)
+    assert not attn._fuse_projections(x[:, :100], None)  # 200 rows: three products
+    out = attn(x, rope=rope, key_padding_mask=kpm)
+    expected = _reference(attn, x, rope, True, 5, kpm)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_projections_train_like_three() -> None:
+    # Same outputs and gradients (biases included) as three separate projections, which a
+    # swapped-in projection module (here a Linear subclass) falls back to.
+    import copy
+
+    from vats_core.linear import Linear
+
+    class Adapter(Linear):
+        pass
+
+    torch.manual_seed(0)
+    fused = Attention(AttentionConfig(dim=32, n_heads=4, n_kv_heads=2, qkv_bias=True))
+    three = copy.deepcopy(fused)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(three, name).__class__ = Adapter
+    x = torch.randn(4, 80, 32)
+    assert fused._fuse_projections(x, None) and not three._fuse_projections(x, None)
+    assert not fused._fuse_projections(x, 1)  # class-token queries only
+    cot = torch.randn(4, 80, 32)
+    for module in (fused, three):
+        (module(x) * cot).sum().backward()
+    torch.testing.assert_close(fused(x), three(x), rtol=1e-5, atol=1e-5)
+    pairs = zip(fused.named_parameters(), three.parameters(), strict=True)
+    for (name, p_fused), p_three in pairs:
+        torch.testing.assert_close(p_fused.grad, p_three.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize(("n_kv_heads", "kind"), [(None, "MHA"), (2, "GQA"), (1, "MQA")])
 def test_gqa_mqa_shapes(n_kv_heads: int | None, kind: str) -> None:
     cfg = AttentionConfig(dim=32, n_heads=8, n_kv_heads=n_kv_heads, head_dim=6)
