@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,32 +78,35 @@ _POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu",
 _onednn_buckets: frozenset[int] | None = None
 
 
+def _onednn_faster(mkl: Callable[[], object], onednn: Callable[[], object], margin: float) -> bool:
+    """Whether ``onednn()`` takes under ``margin`` times ``mkl()``'s time (best of 3 each,
+    alternating, after one warm-up call of each)."""
+    times: dict[Callable[[], object], list[float]] = {mkl: [], onednn: []}
+    with torch.no_grad():
+        for fn in times:
+            fn()
+        for _ in range(3):
+            for fn, seen in times.items():
+                t0 = time.perf_counter()
+                fn()
+                seen.append(time.perf_counter() - t0)
+    return min(times[onednn]) < margin * min(times[mkl])
+
+
 def _time_small_gemms() -> frozenset[int]:
-    """Time MKL against oneDNN at each of SMALL_ROWS rows; the buckets oneDNN wins by 10 %."""
+    """The SMALL_ROWS buckets where oneDNN beats MKL by 10 %."""
     gen = torch.Generator().manual_seed(0)
     # 16 weights of 2048 x 512: 64 MiB, past the last-level cache, as decoding reads them.
     weights = [torch.empty(2048, 512).uniform_(-0.05, 0.05, generator=gen) for _ in range(16)]
 
-    def best(fn, x: Tensor, tries: int = 3) -> float:
-        times = []
-        for _ in range(tries):
-            t0 = time.perf_counter()
-            for w in weights:
-                fn(x, w)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    def onednn(x: Tensor, w: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    def one_pass(product: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> Callable[[], object]:
+        return lambda: [product(x, w.t()) for w in weights]
 
     wins = set()
-    with torch.inference_mode():
-        for rows in SMALL_ROWS:
-            x = torch.randn(rows, 512, generator=gen)
-            best(F.linear, x, tries=1)  # warm both libraries up
-            best(onednn, x, tries=1)
-            if best(onednn, x) < 0.9 * best(F.linear, x):
-                wins.add(rows)
+    for rows in SMALL_ROWS:
+        x = torch.randn(rows, 512, generator=gen)
+        if _onednn_faster(one_pass(_mkl_mm, x), one_pass(_onednn_mm, x), margin=0.9):
+            wins.add(rows)
     return frozenset(wins)
 
 
@@ -115,6 +119,14 @@ def _mode() -> str:
 
 def _onednn_on() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def _cpu_float32(*tensors: Tensor | None) -> bool:
+    """Every given tensor float32 on CPU, and no CPU autocast (F.linear would cast)."""
+    given = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in given):
+        return False
+    return not torch.is_autocast_enabled("cpu")
 
 
 def small_gemm_kernels() -> dict[int, str]:
@@ -150,15 +162,11 @@ def onednn_for_rows(rows: int) -> bool:
 
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> bool:
-    operands = (x, weight) if bias is None else (x, weight, bias)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in operands):
+    if not _cpu_float32(x, weight, bias) or x.dim() < 2 or x.shape[-1] == 0:
         return False  # (mismatches fall to F.linear, which names them)
-    if x.dim() < 2 or x.shape[-1] == 0:
-        return False
+    operands = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
         return False
-    if torch.is_autocast_enabled("cpu"):
-        return False  # F.linear casts to the autocast dtype
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():
         # Inductor fuses bias and activation itself; the oneDNN availability checks would
@@ -186,9 +194,7 @@ def _mkl_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _timed(a: Tensor, b: Tensor) -> bool:
     """Whether ``a @ b`` (2-D) gets the per-shape library choice (module docstring)."""
-    if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
-        return False
-    if b.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _cpu_float32(a, b) or torch.compiler.is_compiling():
         return False
     m, k = a.shape
     return m * k * b.shape[1] >= MIN_TIMED_MACS and _onednn_on()
@@ -203,16 +209,9 @@ def _mm_on_onednn(a: Tensor, b: Tensor, bias: Tensor | None) -> bool:
     key = (a.stride(1) == 1, b.stride(1) == 1, m.bit_length(), k, b.shape[1])
     choice = _shape_choice.get(key)
     if choice is None:
-        with torch.no_grad():
-            times = {_mkl_mm: [], _onednn_mm: []}
-            for fn in (_mkl_mm, _onednn_mm):
-                fn(a, b, bias)  # warm up
-            for _ in range(3):
-                for fn, seen in times.items():
-                    t0 = time.perf_counter()
-                    fn(a, b, bias)
-                    seen.append(time.perf_counter() - t0)
-        choice = min(times[_onednn_mm]) < 0.95 * min(times[_mkl_mm])
+        choice = _onednn_faster(
+            lambda: _mkl_mm(a, b, bias), lambda: _onednn_mm(a, b, bias), margin=0.95
+        )
         _shape_choice[key] = choice
     return choice
 
@@ -242,13 +241,10 @@ def _timed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`linear` runs as :class:`_LinearFunction` (large float32 CPU products)."""
     if x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return False  # (F.linear names what is wrong)
-    operands = (x, weight) if bias is None else (x, weight, bias)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in operands):
+    if not _cpu_float32(x, weight, bias) or torch.compiler.is_compiling():
         return False
     if bias is not None and bias.shape != (weight.shape[0],):
         return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False  # (autocast: F.linear casts to the autocast dtype)
     macs = x.numel() * weight.shape[0]
     return macs >= MIN_TIMED_MACS and _onednn_on()
 

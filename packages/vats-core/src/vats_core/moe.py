@@ -553,9 +553,8 @@ class _ExpertsLoop(torch.autograd.Function):
     slice of the stacked gradient with ``torch.mm(out=...)`` (MKL: oneDNN has no ``out=``
     and ran these transposed products slower); the other products are
     :func:`vats_core.linear.mm`, on whichever library runs their shape faster. Per-expert
-    activations stay
-    per-expert: a few MB each, recycled by the allocator, where one (S, 2H) buffer would be
-    freshly page-faulted on every step.
+    activations stay per-expert: a few MB each, recycled by the allocator, where one
+    (S, 2H) buffer would be freshly page-faulted on every step.
 
     Saved per expert: its input rows (n, D), gate/up pre-activations (n, 2H) and unweighted
     output (n, D), the last for the gradient of the combine weights. The SwiGLU output
@@ -780,13 +779,13 @@ class MoE(nn.Module):
             return False
         if mode is GroupedMM.AUTO and x.device.type != "cuda":
             n = x.numel() // self.config.dim if n_tokens is None else n_tokens
-            E = self.config.n_experts
             few = n >= 2 and n * self.config.top_k <= _FEW_ASSIGNMENTS
             # (Compiled, it runs inside an opaque op: torch.compile's fake-tensor check of the
             # CPU kernel wants bf16. See GroupedExperts.forward_few.)
             if not few or torch.is_grad_enabled():
                 return False  # see GroupedMM.AUTO
-            if x.device.type == "cpu" and onednn_for_rows(max(1, n * self.config.top_k // E)):
+            rows_per_expert = max(1, n * self.config.top_k // self.config.n_experts)
+            if x.device.type == "cpu" and onednn_for_rows(rows_per_expert):
                 return False  # the loop's few-row linears run on oneDNN: see GroupedMM.AUTO
         why_not = _grouped_mm_unsupported(x.device, self._compute_dtype(x), self.config)
         if why_not is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
