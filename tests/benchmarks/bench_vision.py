@@ -5,7 +5,9 @@ layers, 6 heads, class token, learned positions) and ours converted from it with
 :func:`vats_vision.interop.from_timm`, so both hold the same weights; their outputs are
 checked equal before anything is timed. fp32 on CPU, 2 threads, batch 16:
 
-* inference: ``model(x)`` under ``torch.inference_mode``;
+* inference: ``model(x)`` under ``torch.inference_mode``; ours inside
+  ``vats_core.linear.packed_weights()`` (weights packed once for oneDNN, as a serving or
+  evaluation loop runs: the goal's figure), and also without it (plain weights);
 * training: forward, cross-entropy, backward and an AdamW step (one optimizer each, torch's
   fused kernel on both sides as HF's Trainer and vats' trainer use it).
 
@@ -33,6 +35,7 @@ from common import banner, fmt_bytes, kernel_floor, peak_cpu_memory, print_floor
 
 from vats_core.attention import resolve_backend
 from vats_core.block import TransformerBlock
+from vats_core.linear import packed_weights
 from vats_core.rope import grid_positions_3d
 from vats_vision.interop import from_timm
 from vats_vision.vit3d import ViT3D, ViT3DConfig
@@ -78,10 +81,23 @@ def bench_vit2d() -> None:
 
         return call
 
-    fns = {"timm": infer(peer), "vats": infer(ours)}
+    packing = packed_weights()
+
+    def infer_packed(model: nn.Module):
+        def call() -> None:
+            with torch.inference_mode(), packing:
+                model(x)
+
+        return call
+
+    fns = {"timm": infer(peer), "vats": infer_packed(ours), "vats, plain weights": infer(ours)}
     times = time_alternating(fns, repeat=5)
-    _report("inference", times)
-    print_floor("timm", times, {name: kernel_floor(fn) for name, fn in fns.items()})
+    _report("inference, packed weights", times)
+    _report(
+        "inference, plain weights", {"timm": times["timm"], "vats": times["vats, plain weights"]}
+    )
+    floors = {name: kernel_floor(fns[name]) for name in ("timm", "vats")}
+    print_floor("timm", times, floors)
 
     y = torch.randint(0, 1000, (BATCH,))
 

@@ -110,7 +110,8 @@ _COMPUTE_OPS = {
 
 def _signature(x: object) -> object:
     if isinstance(x, torch.Tensor):
-        return ("T", tuple(x.shape), tuple(x.stride()), x.dtype)
+        layout = "mkldnn" if x.is_mkldnn else tuple(x.stride())  # (a packed weight: no strides)
+        return ("T", tuple(x.shape), layout, x.dtype)
     if isinstance(x, (list, tuple)):
         return tuple(_signature(y) for y in x)
     if isinstance(x, dict):

@@ -15,6 +15,7 @@ from vats_core.linear import (
     Linear,
     linear,
     mm,
+    packed_weights,
     small_gemm_kernels,
 )
 
@@ -294,3 +295,160 @@ def test_small_or_foreign_products_stay_on_f_linear():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear applies the autocast dtype
         assert not L._timed_linear(torch.randn(256, 256), w, None)
         assert not L._use_onednn(torch.randn(MIN_ROWS, 256), w, torch.randn(256), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed weights: inside packed_weights(), parameters run on oneDNN copies packed once.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def packed_few_rows(monkeypatch):
+    """Fix the few-row choice to packed oneDNN in every bucket (no timing)."""
+    monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+    monkeypatch.setattr(L, "_onednn_buckets", frozenset(SMALL_ROWS))
+    monkeypatch.setattr(L, "_packed_buckets", frozenset(SMALL_ROWS))
+
+
+@pytest.fixture
+def pack_counter(monkeypatch):
+    """Count the weights packed."""
+    calls = []
+    real = L._pack
+
+    def counting(weight):
+        calls.append(tuple(weight.shape))
+        return real(weight)
+
+    monkeypatch.setattr(L, "_pack", counting)
+    return calls
+
+
+def _param_operands(rows: int, bias: bool = True, seed: int = 0):
+    x, w, b = _operands(rows, bias, seed)
+    return x, torch.nn.Parameter(w), None if b is None else torch.nn.Parameter(b)
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 5, 16, 31, 32, MIN_ROWS + 3])
+def test_packed_linear_equals_reference(packed_few_rows, pack_counter, rows, bias, activation):
+    x, w, b = _param_operands(rows, bias, seed=rows)
+    with torch.no_grad(), packed_weights():
+        assert L._inference_kernel(x[0], (w,), b, activation) == "packed"
+        got = linear(x[0], w, b, activation)
+        got_t = linear(x.transpose(0, 1)[:, : max(1, rows // 2)], w, b, activation)
+    assert pack_counter == [(80, 48)]  # packed once, reused by the strided call
+    ref = _reference(x[0], w.detach(), b, activation)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    xt = x.transpose(0, 1)[:, : max(1, rows // 2)]
+    torch.testing.assert_close(got_t, _reference(xt, w.detach(), b, activation))
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_linear_equals_concatenated(packed_few_rows, pack_counter, bias):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 48, generator=gen)
+    ws = [torch.nn.Parameter(torch.randn(n, 48, generator=gen) / 7) for n in (64, 16, 16)]
+    bs = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (64, 16, 16)] if bias else None
+    ref = F.linear(x, torch.cat(ws), None if bs is None else torch.cat(bs)).detach()
+    with torch.no_grad():
+        plain = L.linear_stacked(x, ws, bs)  # outside a region: concatenated per call
+        assert pack_counter == []
+        with packed_weights():
+            packed = L.linear_stacked(x, ws, bs)
+            again = L.linear_stacked(x[:, :20], ws, bs)
+    assert pack_counter == [(96, 48)]  # the stack, once
+    torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, ref[:, :20], rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packing_only_where_documented(packed_few_rows, monkeypatch):
+    x, w, b = _param_operands(MIN_ROWS)
+    kernel = L._inference_kernel
+    with torch.no_grad():
+        assert kernel(x, (w,), b, None) == "onednn"  # outside a region: fused bias
+        assert kernel(x, (w,), None, None) is None  # ... and MKL with nothing to fuse
+        with packed_weights():
+            assert kernel(x, (w,), None, None) == "packed"
+            assert kernel(x, (w.detach(),), None, None) is None  # not a parameter
+            assert kernel(x, (w[:40],), None, None) is None  # a view is a new object per call
+            assert kernel(x.double(), (w.double(),), None, None) is None
+            with torch.enable_grad():
+                w.requires_grad_(True)
+                assert kernel(x, (w,), None, None) is None  # gradients wanted
+            monkeypatch.setattr(L, "_packed_buckets", frozenset({1, 2}))
+            assert kernel(x[0, :1], (w,), None, None) == "packed"  # bucket 1
+            assert kernel(x[0, :4], (w,), None, None) == "onednn"  # bucket 4: plain oneDNN
+            assert kernel(x[0, :32], (w,), None, None) == "packed"  # beyond the buckets
+            monkeypatch.setenv("VATS_CPU_GEMM", "mkl")
+            assert kernel(x, (w,), None, None) is None
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        packed_weights(-1)
+
+
+@needs_onednn
+def test_changed_weights_are_packed_again(packed_few_rows, pack_counter):
+    x, w, b = _param_operands(40)
+    packing = packed_weights()
+    with torch.no_grad():
+        with packing:
+            linear(x, w, b)
+            w.mul_(2)  # an in-place change autograd sees: version counter moves
+            got = linear(x, w, b)
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert len(pack_counter) == 2
+        w.data = torch.randn(80, 48)  # a new storage under the same parameter
+        with packing:
+            got = linear(x, w, b)
+            linear(x, w, b)
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert len(pack_counter) == 3
+        assert packing.bytes == 80 * 48 * 4  # only the current copy is held
+
+
+@needs_onednn
+def test_copies_are_freed_with_the_parameter_the_region_and_the_budget(
+    packed_few_rows, pack_counter
+):
+    x, w, _ = _param_operands(40, bias=False)
+    packing = packed_weights()
+    with torch.no_grad():
+        with packing:
+            linear(x, w)
+        with packing:  # entering again reuses the copy
+            linear(x, w)
+            with packed_weights(max_bytes=0):  # an inner region: the outer copies serve
+                linear(x, w)
+        assert len(pack_counter) == 1 and packing.bytes == 80 * 48 * 4
+        linear(x, w)  # outside: plain weights
+        assert len(pack_counter) == 1
+        del w  # the parameter dies: its copy goes
+        assert packing.bytes == 0 and not packing._cache._entries
+
+        x, w, _ = _param_operands(40, bias=False)
+        with packed_weights(max_bytes=80 * 48 * 4 - 1) as tight:
+            got = linear(x, w)  # over budget: runs unpacked
+        assert len(pack_counter) == 1 and tight.bytes == 0
+        torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        packing.clear()
+        assert packing.bytes == 0
+
+
+@needs_onednn
+def test_the_few_row_timing_includes_packed(monkeypatch):
+    monkeypatch.setattr(L, "_onednn_buckets", None)
+    monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+    kernels = small_gemm_kernels(packed=True)
+    assert set(kernels) == set(SMALL_ROWS)
+    assert set(kernels.values()) <= {"mkl", "onednn", "packed"}
+    plain = small_gemm_kernels()
+    assert all(kernels[r] in ("packed", plain[r]) for r in SMALL_ROWS)
+    for kind, expected in (("mkl", {"mkl"}), ("onednn", {"packed"})):
+        monkeypatch.setattr(L, "_onednn_buckets", None)
+        monkeypatch.setenv("VATS_CPU_GEMM", kind)
+        assert set(small_gemm_kernels(packed=True).values()) == expected

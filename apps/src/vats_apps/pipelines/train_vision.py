@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
 from vats_apps.pipelines.cache import REPORT_NAME, settings_hash, staged_entry
+from vats_core.linear import packed_weights
 from vats_core.training import Trainer, TrainerConfig
 from vats_vision.presets import vit2d_preset, vit3d_preset
 from vats_vision.vit2d import ViT2D, ViT2DConfig
@@ -144,13 +145,15 @@ def _loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[s
 def held_out_accuracy(
     model: nn.Module, draw: Callable[[range, str], tuple[Tensor, Tensor]], n: int
 ) -> float:
-    """Accuracy on val samples ``0 .. n - 1`` (never drawn by training)."""
+    """Accuracy on val samples ``0 .. n - 1`` (never drawn by training). The weights do not
+    change here, so the linears run on copies packed once (vats_core.linear.packed_weights)."""
     was_training = model.training
     model.eval()
     correct = 0
-    for start in range(0, n, EVAL_CHUNK):
-        x, y = draw(range(start, min(n, start + EVAL_CHUNK)), "val")
-        correct += int((model(x).argmax(-1) == y).sum())
+    with packed_weights():
+        for start in range(0, n, EVAL_CHUNK):
+            x, y = draw(range(start, min(n, start + EVAL_CHUNK)), "val")
+            correct += int((model(x).argmax(-1) == y).sum())
     model.train(was_training)
     return correct / n
 

@@ -24,12 +24,27 @@ products. So vats times both on this machine and remembers the winner:
   its own operands, three calls each, and the shape keeps the winner (by 5 % or more, else
   MKL). A training step repeats its shapes, so this is paid in the first step.
 
+**Packed weights** (:class:`packed_weights`). oneDNN runs faster still on a weight it has
+reordered into its own blocked layout: on the EPYC, 0.67-0.90x MKL's time over 21 linear
+shapes of 256-3152 rows, and at 1-8 rows it streamed weights at 31-43 GB/s where the plain
+layout gave 20-34 (MKL: 6-11). The reordered copy has to be made once and kept while the
+weights stay as they are, which a library cannot see in general: ``p.data.copy_(...)``
+(how many EMA and checkpoint-loading helpers write weights) leaves no trace on the
+parameter. So packing is scoped: inside ``with packed_weights():`` each float32
+``nn.Parameter`` a :func:`linear` (or :func:`linear_stacked`) meets in inference is
+reordered on first use, and the copy is reused while the weights keep their version
+counter and storage. From 32 rows on it always runs packed; below, each row bucket takes
+packed oneDNN where it won the few-row timing. The copies cost a second set of weights in
+memory, up to a budget (a quarter of physical memory unless given); weights past it run
+unpacked. vats enters a region where it owns the loop and the weights cannot change:
+text generation and the apps' evaluation loops.
+
 ``VATS_CPU_GEMM=mkl`` or ``=onednn`` fixes every timed choice instead (``auto``, the
 default, times). The libraries sum in different orders, so results agree within float32
 rounding, not bit for bit; a run that must repeat bit for bit sets the variable.
 
 Only float32 CPU operands with oneDNN built in and enabled (``torch.backends.mkldnn``) are
-considered. oneDNN's linear has no autograd formula, so training goes through a small
+considered (``mkl`` also turns packing off). oneDNN's linear has no autograd formula, so training goes through a small
 autograd function whose forward and backward products are :func:`mm` calls. Under
 torch.compile, inductor fuses and picks its own kernels: only the few-row choice is kept, as
 the opaque op ``vats::onednn_linear`` (inductor cannot lower oneDNN's linear on weights it
@@ -39,9 +54,12 @@ Everywhere else it is ``F.linear`` (then the activation).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +71,10 @@ __all__ = [
     "SMALL_ROWS",
     "Linear",
     "linear",
+    "linear_stacked",
     "mm",
     "onednn_for_rows",
+    "packed_weights",
     "small_gemm_kernels",
 ]
 
@@ -76,44 +96,68 @@ _POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu",
 
 # Buckets (from SMALL_ROWS) where oneDNN won; None until the first few-row call decides.
 _onednn_buckets: frozenset[int] | None = None
+# Buckets where oneDNN on packed weights beat both (decided with _onednn_buckets).
+_packed_buckets: frozenset[int] = frozenset()
 
 
-def _onednn_faster(mkl: Callable[[], object], onednn: Callable[[], object], margin: float) -> bool:
-    """Whether ``onednn()`` takes under ``margin`` times ``mkl()``'s time (best of 3 each,
-    alternating, after one warm-up call of each)."""
-    times: dict[Callable[[], object], list[float]] = {mkl: [], onednn: []}
+def _best_times(*fns: Callable[[], object]) -> list[float]:
+    """Each function's best time of 3 calls, taken in turn after one warm-up call of each."""
+    times: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
-        for fn in times:
+        for fn in fns:
             fn()
         for _ in range(3):
-            for fn, seen in times.items():
+            for fn, seen in zip(fns, times, strict=True):
                 t0 = time.perf_counter()
                 fn()
                 seen.append(time.perf_counter() - t0)
-    return min(times[onednn]) < margin * min(times[mkl])
+    return [min(seen) for seen in times]
 
 
-def _time_small_gemms() -> frozenset[int]:
-    """The SMALL_ROWS buckets where oneDNN beats MKL by 10 %."""
+def _onednn_faster(mkl: Callable[[], object], onednn: Callable[[], object], margin: float) -> bool:
+    """Whether ``onednn()`` takes under ``margin`` times ``mkl()``'s time."""
+    t_mkl, t_onednn = _best_times(mkl, onednn)
+    return t_onednn < margin * t_mkl
+
+
+def _time_small_gemms() -> tuple[frozenset[int], frozenset[int]]:
+    """The SMALL_ROWS buckets where oneDNN beats MKL by 10 %, and those where oneDNN on
+    packed weights beats the faster of the two by 10 %."""
     gen = torch.Generator().manual_seed(0)
     # 16 weights of 2048 x 512: 64 MiB, past the last-level cache, as decoding reads them.
     weights = [torch.empty(2048, 512).uniform_(-0.05, 0.05, generator=gen) for _ in range(16)]
+    packed = [_pack(w) for w in weights]
 
     def one_pass(product: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> Callable[[], object]:
         return lambda: [product(x, w.t()) for w in weights]
 
-    wins = set()
+    def packed_pass(x: Tensor) -> Callable[[], object]:
+        return lambda: [_onednn_linear(x, w, None, None) for w in packed]
+
+    onednn_wins, packed_wins = set(), set()
     for rows in SMALL_ROWS:
         x = torch.randn(rows, 512, generator=gen)
-        if _onednn_faster(one_pass(_mkl_mm, x), one_pass(_onednn_mm, x), margin=0.9):
-            wins.add(rows)
-    return frozenset(wins)
+        t_mkl, t_onednn, t_packed = _best_times(
+            one_pass(_mkl_mm, x), one_pass(_onednn_mm, x), packed_pass(x)
+        )
+        if t_onednn < 0.9 * t_mkl:
+            onednn_wins.add(rows)
+        if t_packed < 0.9 * min(t_mkl, t_onednn):
+            packed_wins.add(rows)
+    return frozenset(onednn_wins), frozenset(packed_wins)
+
+
+_parsed_modes: dict[str, str] = {}
 
 
 def _mode() -> str:
-    mode = os.environ.get(_ENV, "auto").strip().lower()
-    if mode not in _MODES:
-        raise ValueError(f"{_ENV} must be auto, mkl or onednn, got {mode!r}")
+    raw = os.environ.get(_ENV, "auto")
+    mode = _parsed_modes.get(raw)
+    if mode is None:
+        mode = raw.strip().lower()
+        if mode not in _MODES:
+            raise ValueError(f"{_ENV} must be auto, mkl or onednn, got {mode!r}")
+        _parsed_modes[raw] = mode
     return mode
 
 
@@ -129,22 +173,27 @@ def _cpu_float32(*tensors: Tensor | None) -> bool:
     return not torch.is_autocast_enabled("cpu")
 
 
-def small_gemm_kernels() -> dict[int, str]:
-    """The library each few-row bucket uses: ``{rows: "mkl" | "onednn"}`` (decides if needed).
+def small_gemm_kernels(packed: bool = False) -> dict[int, str]:
+    """The kernel each few-row bucket uses, deciding if needed: ``{rows: "mkl" | "onednn"}``
+    for plain weights, or with ``packed`` for parameters inside :func:`packed_weights`, where
+    a bucket may also say ``"packed"``.
 
     Raises:
         ValueError: ``VATS_CPU_GEMM`` is set to something other than auto, mkl or onednn.
     """
-    global _onednn_buckets
+    global _onednn_buckets, _packed_buckets
     if _onednn_buckets is None:
         mode = _mode()
         if not _onednn_on():
             return dict.fromkeys(SMALL_ROWS, "mkl")  # not cached: it may be enabled later
         if mode == "auto":
-            _onednn_buckets = _time_small_gemms()
+            _onednn_buckets, _packed_buckets = _time_small_gemms()
         else:
-            _onednn_buckets = frozenset(SMALL_ROWS if mode == "onednn" else ())
-    return {rows: "onednn" if rows in _onednn_buckets else "mkl" for rows in SMALL_ROWS}
+            _onednn_buckets = _packed_buckets = frozenset(SMALL_ROWS if mode == "onednn" else ())
+    kernels = {rows: "onednn" if rows in _onednn_buckets else "mkl" for rows in SMALL_ROWS}
+    if packed:
+        kernels.update(dict.fromkeys(_packed_buckets, "packed"))
+    return kernels
 
 
 def onednn_for_rows(rows: int) -> bool:
@@ -161,22 +210,54 @@ def onednn_for_rows(rows: int) -> bool:
     return buckets is not None and 1 << (rows.bit_length() - 1) in buckets
 
 
-def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> bool:
-    if not _cpu_float32(x, weight, bias) or x.dim() < 2 or x.shape[-1] == 0:
-        return False  # (mismatches fall to F.linear, which names them)
-    operands = (x, weight) if bias is None else (x, weight, bias)
+def _inference_kernel(
+    x: Tensor, weights: tuple[Tensor, ...], bias: Tensor | None, activation: str | None
+) -> str | None:
+    """The kernel of an inference linear: ``"packed"``, ``"onednn"``, or None for F.linear
+    (or, when gradients are wanted, :class:`_LinearFunction`). Runs on every call of a
+    decoding step, so the cheap checks come first."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.shape[-1] == 0:
+        return None
+    operands = (x, *weights) if bias is None else (x, *weights, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
-        return False
+        return None
+    if not _cpu_float32(*weights, bias):
+        return None  # (F.linear names a mismatch)
+    if any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
+        return None
+    if bias is not None and bias.shape != (sum(w.shape[0] for w in weights),):
+        return None
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():
         # Inductor fuses bias and activation itself; the oneDNN availability checks would
         # break the graph (the few-row choice was made where they passed).
-        return onednn_for_rows(rows)
+        return "onednn" if len(weights) == 1 and onednn_for_rows(rows) else None
     if not _onednn_on():
-        return False
+        return None
+    if _packing.get() is not None and _packable(weights) and _mode() != "mkl":
+        if rows >= 2 * SMALL_ROWS[-1]:
+            return "packed"
+        if _onednn_buckets is None:
+            small_gemm_kernels()
+        if 1 << (rows.bit_length() - 1) in _packed_buckets:
+            return "packed"
+    if len(weights) > 1:
+        return None  # stacked, unpacked: concatenated, then a plain linear
     if rows >= MIN_ROWS:  # nothing to fuse: MKL's plain GEMM is as fast or faster
-        return bias is not None or activation is not None
-    return onednn_for_rows(rows)
+        return "onednn" if bias is not None or activation is not None else None
+    return "onednn" if onednn_for_rows(rows) else None
+
+
+def _packable(weights: tuple[Tensor, ...]) -> bool:
+    # Parameters only: a view or a temporary is a new object on every call. An inference
+    # tensor has no version counter to watch.
+    return all(isinstance(w, nn.Parameter) and not w.is_inference() for w in weights)
+
+
+def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> bool:
+    """Whether an inference linear on a plain (unpacked) weight runs on oneDNN."""
+    with _no_packing():
+        return _inference_kernel(x, (weight,), bias, activation) == "onednn"
 
 
 # (a row-major, b row-major, bucket of a's rows, a's columns, b's columns) -> oneDNN won
@@ -287,14 +368,17 @@ def linear(
     """
     if activation not in _POST_OPS:
         raise ValueError(f"linear: activation must be one of {list(_POST_OPS)}, got {activation!r}")
-    if _use_onednn(x, weight, bias, activation):
-        name, algorithm = _POST_OPS[activation]
-        # oneDNN takes any strides for x and weight but reads the bias as dense (a strided
-        # bias gave wrong sums): a no-op for a parameter.
-        bias = None if bias is None else bias.contiguous()
+    kernel = _inference_kernel(x, (weight,), bias, activation)
+    if kernel == "packed":
+        packed = _packing_cache().get((weight,))
+        if packed is not None:
+            return _onednn_linear(x, packed, bias, activation)
+        kernel = "onednn" if _use_onednn(x, weight, bias, activation) else None  # over budget
+    if kernel == "onednn":
         if torch.compiler.is_compiling():
-            return _onednn_linear_op(x, weight, bias, name, algorithm)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, name, [], algorithm)
+            name, algorithm = _POST_OPS[activation]
+            return _onednn_linear_op(x, weight, _dense(bias), name, algorithm)
+        return _onednn_linear(x, weight, bias, activation)
     if _timed_linear(x, weight, bias):
         y = _LinearFunction.apply(x, weight, bias)
     else:
@@ -302,6 +386,171 @@ def linear(
     if activation is None:
         return y
     return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def linear_stacked(
+    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor] | None = None
+) -> Tensor:
+    """``linear(x, cat(weights), cat(biases))``: several projections of one input (q, k and v)
+    as one product, the outputs side by side. Inside :func:`packed_weights` the stack of
+    parameters is packed once, not concatenated on every call.
+
+    Args:
+        x: ``(..., in)``.
+        weights: ``(out_i, in)`` each.
+        biases: ``(out_i,)`` each, or None.
+
+    Returns:
+        ``(..., sum(out_i))``.
+    """
+    weights = tuple(weights)
+    bias = None if biases is None else torch.cat(tuple(biases))
+    if _inference_kernel(x, weights, bias, None) == "packed":
+        packed = _packing_cache().get(weights)
+        if packed is not None:
+            return _onednn_linear(x, packed, bias, None)
+    return linear(x, torch.cat(weights), bias)
+
+
+def _dense(bias: Tensor | None) -> Tensor | None:
+    # oneDNN takes any strides for x and weight but reads the bias as dense (a strided bias
+    # gave wrong sums): a no-op for a parameter.
+    return None if bias is None else bias.contiguous()
+
+
+def _onednn_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None
+) -> Tensor:
+    name, algorithm = _POST_OPS[activation]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, _dense(bias), name, [], algorithm)
+
+
+def _pack(weight: Tensor) -> Tensor:
+    """oneDNN's blocked copy of a float32 ``(out, in)`` weight (an opaque mkldnn tensor that
+    only its linear reads). The batch-size hint hardly mattered for 1-3152 rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 256)
+
+
+class _PackedWeights:
+    """The packed copies one :func:`packed_weights` region has made, by the parameters they
+    stack. An entry is used while every parameter is alive and keeps its version counter,
+    storage and shape; else it is packed again."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        # key (the parameters' ids) -> (weak references to them, their stamp, packed, bytes)
+        self._entries: dict[
+            tuple[int, ...], tuple[tuple[weakref.ref, ...], tuple, Tensor, int]
+        ] = {}
+
+    @staticmethod
+    def _stamp(weights: tuple[Tensor, ...]) -> tuple:
+        return tuple((w._version, w.data_ptr(), w.shape) for w in weights)
+
+    def get(self, weights: tuple[Tensor, ...]) -> Tensor | None:
+        """The packed stack of ``weights``, packing it if needed; None past the budget."""
+        key = tuple(id(w) for w in weights)
+        stamp = self._stamp(weights)
+        entry = self._entries.get(key)
+        if entry is not None:
+            # (an entry whose parameter died was dropped then, so an id reused since then
+            # cannot find one)
+            if entry[1] == stamp:
+                return entry[2]
+            self._drop(key)
+        size = 4 * sum(w.numel() for w in weights)
+        if self.bytes + size > self.max_bytes:
+            return None
+        with torch.no_grad():
+            packed = _pack(weights[0] if len(weights) == 1 else torch.cat(weights))
+        # A parameter's death drops its entries (an id can then be reused).
+        refs = tuple(weakref.ref(w, lambda _, key=key: self._drop(key)) for w in weights)
+        self._entries[key] = (refs, stamp, packed, size)
+        self.bytes += size
+        return packed
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[3]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+_packing: contextvars.ContextVar[_PackedWeights | None] = contextvars.ContextVar(
+    "vats_packed_weights", default=None
+)
+
+
+@contextlib.contextmanager
+def _no_packing() -> Iterator[None]:
+    token = _packing.set(None)
+    try:
+        yield
+    finally:
+        _packing.reset(token)
+
+
+def _packing_cache() -> _PackedWeights:
+    cache = _packing.get()
+    assert cache is not None  # (_inference_kernel checked)
+    return cache
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 16 GiB
+        return 16 << 30
+
+
+class packed_weights:  # a context manager, named like torch.no_grad
+    """Run inference linears on packed copies of their weights, made once (module docstring).
+
+    Inside ``with packed_weights():`` each float32 CPU ``nn.Parameter`` that :func:`linear`
+    or :func:`linear_stacked` meets without autograd is reordered into oneDNN's blocked layout
+    on first use (where that kernel is the faster for the call's row count) and the copy is
+    reused. The copies belong to the object: entering it again reuses them (a generation
+    loop enters it around each step), and they are freed with it or by :meth:`clear`.
+    Change weights only through ops autograd sees (``with torch.no_grad(): p.copy_(new)``,
+    optimizer steps): they are packed again. Writes through ``p.data`` are not seen. Inside
+    another region, the outer one's copies serve.
+
+    Args:
+        max_bytes: the most memory the copies may take; weights past it run unpacked.
+            Default: a quarter of physical memory.
+
+    Raises:
+        ValueError: ``max_bytes`` is negative.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"packed_weights: max_bytes must be >= 0, got {max_bytes}")
+        self._cache = _PackedWeights(_physical_memory() // 4 if max_bytes is None else max_bytes)
+        self._tokens: list[contextvars.Token | None] = []
+
+    @property
+    def bytes(self) -> int:
+        """Memory the packed copies take now."""
+        return self._cache.bytes
+
+    def clear(self) -> None:
+        """Free the packed copies (the next use packs again)."""
+        self._cache.clear()
+
+    def __enter__(self) -> packed_weights:
+        outer = _packing.get()
+        self._tokens.append(None if outer is not None else _packing.set(self._cache))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        token = self._tokens.pop()
+        if token is not None:
+            _packing.reset(token)
 
 
 @torch.library.custom_op("vats::onednn_linear", mutates_args=())

@@ -110,6 +110,25 @@ def test_fused_projections_train_like_three() -> None:
         torch.testing.assert_close(p_fused.grad, p_three.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_packed_weights_give_the_same_attention() -> None:
+    # Inside packed_weights() the stacked q/k/v and the output projection run on packed
+    # copies: the same outputs as plain weights, at many rows (fused) and at one (decoding).
+    from vats_core.linear import packed_weights
+
+    torch.manual_seed(0)
+    attn = Attention(AttentionConfig(dim=32, n_heads=4, n_kv_heads=2, qkv_bias=True))
+    x = torch.randn(4, 80, 32)
+    packing = packed_weights()
+    with torch.no_grad():
+        plain, plain_one = attn(x), attn(x[:1, :1])
+        with packing:
+            packed, packed_one = attn(x), attn(x[:1, :1])
+    assert packing.bytes > 0  # the copies were made and used
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_one, plain_one, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("n_kv_heads", "kind"), [(None, "MHA"), (2, "GQA"), (1, "MQA")])
 def test_gqa_mqa_shapes(n_kv_heads: int | None, kind: str) -> None:
     cfg = AttentionConfig(dim=32, n_heads=8, n_kv_heads=n_kv_heads, head_dim=6)

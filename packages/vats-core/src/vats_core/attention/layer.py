@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vats_core.attention.dispatch import AttentionBackend, attention
 from vats_core.config import Config, check, coerce_enum
 from vats_core.kv_cache import KVCache, RollingKVCache
-from vats_core.linear import MIN_ROWS, Linear, linear
+from vats_core.linear import MIN_ROWS, Linear, linear_stacked
 from vats_core.norms import RMSNorm
 from vats_core.rope import apply_rotary
 
@@ -214,7 +214,8 @@ class Attention(nn.Module):
         training its input gradient is one product instead of three and two adds (ViT-S/16
         training, 2 CPU threads: about 4 ms a layer). The stacking copies the weights on
         every call, which is noise beside a product of many rows but would double what a
-        decoding step reads: so self-attention over at least MIN_ROWS rows, all queries,
+        decoding step reads (inside :func:`~vats_core.linear.packed_weights` the stack is
+        packed once instead): so self-attention over at least MIN_ROWS rows, all queries,
         and the projections still the layer's own :class:`~vats_core.linear.Linear`s (a
         swapped-in module, say an adapter, is called as a module). With RoPE or QK-norm, v
         is then copied out of the stacked buffer (one pass over v) so the buffer is freed
@@ -230,9 +231,8 @@ class Attention(nn.Module):
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([m.weight for m in projections])
-        bias = None if self.q_proj.bias is None else torch.cat([m.bias for m in projections])
-        qkv = linear(x, weight, bias)  # (B, T, (Hq + 2 Hkv) Dh)
+        biases = None if self.q_proj.bias is None else [m.bias for m in projections]
+        qkv = linear_stacked(x, [m.weight for m in projections], biases)  # (B, T, (Hq+2Hkv)Dh)
         kv = self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
         return q, k, v
