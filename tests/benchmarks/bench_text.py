@@ -9,9 +9,11 @@ attention and the experts implementation transformers picks), ours at its defaul
 
 Figures, each HF's / ours / the ratio (goal in brackets):
   1. greedy decode tokens/s, batch 1, 32-token prompt, 128 new tokens (ours >= 2x HF);
-     ours eager and with ``compile=True`` (HF eager in both ratios)
+     ours eager, eager inside one ``vats_core.packed_weights()`` region held over the
+     calls, and with ``compile=True`` (HF eager in every ratio)
   2. the same at batch 8 (>= 1.5x)
-  3. prefill latency of a 1024-token prompt (ours <= HF)
+  3. prefill latency of a 1024-token prompt (ours <= HF), ours inside one
+     vats_core.packed_weights() region held over the calls (weights packed once), and plain
   4. training tokens/s, batch 8 x 256, forward + backward + AdamW (torch's fused kernel on
      both sides: HF Trainer's default, and vats' trainer's), and peak memory
      (>= 1.3x, peak <= HF's)
@@ -33,8 +35,10 @@ Run: ``uv run python tests/benchmarks/bench_text.py`` (a few minutes on 2 cores)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,7 +54,7 @@ from common import (
     time_alternating,
 )
 
-from vats_core.linear import small_gemm_kernels
+from vats_core.linear import packed_weights, small_gemm_kernels
 from vats_core.moe import GroupedExperts
 from vats_text.generation import generate
 from vats_text.interop import from_transformers
@@ -113,11 +117,22 @@ def decode(hf, ours, *, batch: int, prompt_len: int, new: int, repeat: int, rate
     def run_ours_compiled() -> None:
         outs["vats compile"] = generate(ours, prompt, max_new_tokens=new, compile=True)
 
+    packing = packed_weights()  # one region over all the calls, as a serving loop holds it
+
+    def run_ours_packed() -> None:
+        with packing:
+            outs["vats packed"] = generate(ours, prompt, max_new_tokens=new)
+
     t0 = time.perf_counter()
     run_ours_compiled()  # traces and compiles the decode step (its first call only)
     compile_s = time.perf_counter() - t0
     times = time_alternating(
-        {"hf": run_hf, "vats": run_ours, "vats compile": run_ours_compiled},
+        {
+            "hf": run_hf,
+            "vats": run_ours,
+            "vats packed": run_ours_packed,
+            "vats compile": run_ours_compiled,
+        },
         repeat=repeat,
         warmup=1,
     )
@@ -126,10 +141,14 @@ def decode(hf, ours, *, batch: int, prompt_len: int, new: int, repeat: int, rate
     print(
         f"greedy decode, batch {batch}, {prompt_len}-token prompt, {new} new: HF {hf_tps:.1f} tok/s"
     )
-    for name in ("vats", "vats compile"):
+    labels = {
+        "vats": "vats eager",
+        "vats packed": "vats eager, packed",  # inside packed_weights()
+        "vats compile": "vats compile=True",
+    }
+    for name, label in labels.items():
         tps = tok / times[name]
         same = torch.equal(outs["hf"], outs[name])
-        label = "vats eager" if name == "vats" else "vats compile=True"
         extra = f", first call {compile_s:.0f} s" if name == "vats compile" else ""
         print(
             f"  {label:18s} {tps:6.1f} tok/s, ratio {tps / hf_tps:.2f}x "
@@ -189,17 +208,25 @@ def prefill(hf, ours, *, length: int, repeat: int) -> None:
         with torch.inference_mode():
             hf(ids, use_cache=True, logits_to_keep=1)
 
-    def run_ours() -> None:
-        with torch.inference_mode():
-            ours(ids, caches=ours.setup_caches(1, length), logits_to_keep=1)
+    packing = packed_weights()  # one region over all the calls, as a serving loop holds it
 
-    fns = {"hf": run_hf, "vats": run_ours}
+    def run_ours(region) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode(), region:
+                ours(ids, caches=ours.setup_caches(1, length), logits_to_keep=1)
+
+        return run
+
+    fns = {"hf": run_hf, "vats": run_ours(packing), "plain": run_ours(contextlib.nullcontext())}
     times = time_alternating(fns, repeat=repeat, warmup=1)
     print(
         f"prefill {length} tokens: HF {times['hf'] * 1e3:.0f} ms, vats "
-        f"{times['vats'] * 1e3:.0f} ms, ratio (HF / vats) {times['hf'] / times['vats']:.2f}x"
+        f"{times['vats'] * 1e3:.0f} ms, ratio (HF / vats) {times['hf'] / times['vats']:.2f}x "
+        f"(inside packed_weights(); plain weights {times['plain'] * 1e3:.0f} ms, "
+        f"{times['hf'] / times['plain']:.2f}x)"
     )
-    print_floor("hf", times, {name: kernel_floor(fn) for name, fn in fns.items()})
+    floors = {name: kernel_floor(fns[name]) for name in ("hf", "vats")}
+    print_floor("hf", times, floors)
 
 
 def training(hf, ours, *, batch: int, seq: int, repeat: int) -> None:
@@ -288,7 +315,7 @@ def main() -> None:
         f"{sum(p.numel() for p in ours.parameters()) / 1e6:.0f} M parameters"
     )
     check_agreement(hf, ours)
-    print(f"vats few-row (decoding) GEMMs by rows: {small_gemm_kernels()}")
+    print(f"vats few-row (decoding) GEMMs by rows: {small_gemm_kernels(packed=True)}")
     # Every weight matrix once, each expert on its own: ~600 MB, past what caches hold.
     matrices = [w for p in ours.parameters() for w in (p if p.dim() == 3 else [p]) if w.dim() == 2]
     rate = stream_rate(matrices)

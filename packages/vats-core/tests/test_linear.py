@@ -385,6 +385,8 @@ def test_packing_only_where_documented(packed_few_rows, monkeypatch):
             assert kernel(x[0, :1], (w,), None, None) == "packed"  # bucket 1
             assert kernel(x[0, :4], (w,), None, None) == "onednn"  # bucket 4: plain oneDNN
             assert kernel(x[0, :32], (w,), None, None) == "packed"  # beyond the buckets
+            assert kernel(x[0, :0], (w,), None, None) is None  # no rows: F.linear
+            assert linear(x[0, :0], w).shape == (0, 80)
             monkeypatch.setenv("VATS_CPU_GEMM", "mkl")
             assert kernel(x, (w,), None, None) is None
     with pytest.raises(ValueError, match="max_bytes must be >= 0"):
@@ -452,3 +454,33 @@ def test_the_few_row_timing_includes_packed(monkeypatch):
         monkeypatch.setattr(L, "_onednn_buckets", None)
         monkeypatch.setenv("VATS_CPU_GEMM", kind)
         assert set(small_gemm_kernels(packed=True).values()) == expected
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_expert_slices_are_packed_once_each(packed_few_rows, pack_counter, rows):
+    gen = torch.Generator().manual_seed(4)
+    stacked = torch.nn.Parameter(torch.randn(4, 80, 48, generator=gen) / 7)
+    x = torch.randn(rows, 48, generator=gen)
+    packing = packed_weights()
+    with torch.no_grad():
+        plain = [L.linear_slice(x, stacked, e, "gelu") for e in range(4)]
+        assert pack_counter == []  # outside a region: plain slices
+        with packing:
+            got = [L.linear_slice(x, stacked, e, "gelu") for e in (0, 2, 0, 2)]
+            sliced_view = L.linear_slice(x, stacked[1:], 1, "gelu")  # a view: never packed
+        assert pack_counter == [(80, 48), (80, 48)]  # experts 0 and 2, once each
+        assert packing.bytes == 2 * 80 * 48 * 4
+        with packing:
+            stacked.mul_(0.5)  # the whole stack changed: every slice is packed again
+            halved = L.linear_slice(x, stacked, 2, "gelu")
+    assert len(pack_counter) == 3
+    for e, y in zip((0, 2, 0, 2), got, strict=True):
+        torch.testing.assert_close(y, plain[e], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            y, F.gelu(F.linear(x, 2 * stacked[e].detach())), rtol=1e-5, atol=1e-5
+        )
+    torch.testing.assert_close(sliced_view, plain[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        halved, F.gelu(F.linear(x, stacked[2].detach())), rtol=1e-5, atol=1e-5
+    )

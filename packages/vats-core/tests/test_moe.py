@@ -625,6 +625,27 @@ def test_few_token_inference_path_matches_reference(n_tokens, padded):
     assert stats.tokens_per_expert.tolist() == kept
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_few_token_path_on_packed_experts_matches_reference(n_tokens, monkeypatch):
+    # Inside packed_weights() the loop's expert products run on packed slices of the stacked
+    # weights (float32; few-row buckets fixed to packed): same outputs as the float64 reference.
+    from vats_core import linear as L
+    from vats_core.linear import SMALL_ROWS, packed_weights
+
+    monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+    monkeypatch.setattr(L, "_onednn_buckets", frozenset(SMALL_ROWS))
+    monkeypatch.setattr(L, "_packed_buckets", frozenset(SMALL_ROWS))
+    moe = make(dtype=torch.float32, n_shared_experts=1, shared_hidden_dim=3)
+    x = torch.randn(n_tokens, 1, 8, generator=torch.Generator().manual_seed(5))
+    packing = packed_weights()
+    with torch.no_grad(), packing:
+        y, _ = moe(x)
+    assert packing.bytes > 0  # the experts' slices were packed and used
+    y_ref, _ = reference_moe(moe.double(), x.double(), None)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_expert_loop_gradcheck():
     # The hand-written backward of the loop path, against finite differences.
     moe = make(n_experts=3, top_k=2, hidden_dim=4)

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vats_apps.pipelines.cache import REPORT_NAME, settings_hash, staged_entry
+from vats_core.linear import packed_weights
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.corpus import load_corpus
 from vats_text.data import (
@@ -160,22 +161,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     generator = torch.Generator().manual_seed(cfg.pipeline.seed)
     samples = []
-    for prompt in prompts:
-        print(f"\n>>> {prompt}", end="", flush=True)
-        pieces = []
-        for piece in stream(
-            lm.model,
-            lm.tokenizer,
-            prompt,
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            repetition_penalty=gen.repetition_penalty,
-            generator=generator,
-        ):
-            print(piece, end="", flush=True)
-            pieces.append(piece)
-        samples.append(prompt + "".join(pieces))
+    with packed_weights():  # the weights stay fixed here: pack them once for every prompt
+        for prompt in prompts:
+            print(f"\n>>> {prompt}", end="", flush=True)
+            pieces = []
+            for piece in stream(
+                lm.model,
+                lm.tokenizer,
+                prompt,
+                max_new_tokens=gen.max_new_tokens,
+                temperature=gen.temperature,
+                top_k=gen.top_k,
+                top_p=gen.top_p,
+                repetition_penalty=gen.repetition_penalty,
+                generator=generator,
+            ):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+            samples.append(prompt + "".join(pieces))
     print()
     return {**r, "samples": samples, "cache": str(lm.path), "trained_now": lm.trained_now}

@@ -36,8 +36,10 @@ reordered on first use, and the copy is reused while the weights keep their vers
 counter and storage. From 32 rows on it always runs packed; below, each row bucket takes
 packed oneDNN where it won the few-row timing. The copies cost a second set of weights in
 memory, up to a budget (a quarter of physical memory unless given); weights past it run
-unpacked. vats enters a region where it owns the loop and the weights cannot change:
-text generation and the apps' evaluation loops.
+unpacked. Packing a weight costs about one pass over it (reordering ran at ~5.7 GB/s), which
+pays back over many calls, not one: a region wraps a loop (the apps' evaluation and
+generation loops; ``generate()`` itself does not enter one, its caller may). A MoE's expert
+slices are packed one by one (:func:`linear_slice`).
 
 ``VATS_CPU_GEMM=mkl`` or ``=onednn`` fixes every timed choice instead (``auto``, the
 default, times). The libraries sum in different orders, so results agree within float32
@@ -71,6 +73,7 @@ __all__ = [
     "SMALL_ROWS",
     "Linear",
     "linear",
+    "linear_slice",
     "linear_stacked",
     "mm",
     "onednn_for_rows",
@@ -211,11 +214,16 @@ def onednn_for_rows(rows: int) -> bool:
 
 
 def _inference_kernel(
-    x: Tensor, weights: tuple[Tensor, ...], bias: Tensor | None, activation: str | None
+    x: Tensor,
+    weights: tuple[Tensor, ...],
+    bias: Tensor | None,
+    activation: str | None,
+    sources: tuple[Tensor, ...] | None = None,
 ) -> str | None:
     """The kernel of an inference linear: ``"packed"``, ``"onednn"``, or None for F.linear
-    (or, when gradients are wanted, :class:`_LinearFunction`). Runs on every call of a
-    decoding step, so the cheap checks come first."""
+    (or, when gradients are wanted, :class:`_LinearFunction`). ``sources`` are the tensors
+    a packed copy would be made from (default: ``weights``; for an expert slice, the stacked
+    parameter). Runs on every call of a decoding step, so the cheap checks come first."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.shape[-1] == 0:
         return None
     operands = (x, *weights) if bias is None else (x, *weights, bias)
@@ -228,13 +236,16 @@ def _inference_kernel(
     if bias is not None and bias.shape != (sum(w.shape[0] for w in weights),):
         return None
     rows = x.numel() // x.shape[-1]
+    if rows == 0:
+        return None  # (F.linear returns the empty result)
     if torch.compiler.is_compiling():
         # Inductor fuses bias and activation itself; the oneDNN availability checks would
         # break the graph (the few-row choice was made where they passed).
         return "onednn" if len(weights) == 1 and onednn_for_rows(rows) else None
     if not _onednn_on():
         return None
-    if _packing.get() is not None and _packable(weights) and _mode() != "mkl":
+    region = _packing.get() is not None
+    if region and _packable(weights if sources is None else sources) and _mode() != "mkl":
         if rows >= 2 * SMALL_ROWS[-1]:
             return "packed"
         if _onednn_buckets is None:
@@ -412,6 +423,27 @@ def linear_stacked(
     return linear(x, torch.cat(weights), bias)
 
 
+def linear_slice(x: Tensor, weight: Tensor, index: int, activation: str | None = None) -> Tensor:
+    """``linear(x, weight[index], None, activation)`` for stacked ``(E, out, in)`` weights (a
+    MoE's experts). Inside :func:`packed_weights` each slice of a parameter is packed once.
+
+    Args:
+        x: ``(..., in)``.
+        weight: ``(E, out, in)``.
+        index: which ``(out, in)`` slice.
+        activation: as in :func:`linear`.
+
+    Returns:
+        ``(..., out)``.
+    """
+    w = weight[index]
+    if _inference_kernel(x, (w,), None, activation, sources=(weight,)) == "packed":
+        packed = _packing_cache().get((weight,), index)
+        if packed is not None:
+            return _onednn_linear(x, packed, None, activation)
+    return linear(x, w, None, activation)
+
+
 def _dense(bias: Tensor | None) -> Tensor | None:
     # oneDNN takes any strides for x and weight but reads the bias as dense (a strided bias
     # gave wrong sums): a no-op for a parameter.
@@ -439,18 +471,18 @@ class _PackedWeights:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        # key (the parameters' ids) -> (weak references to them, their stamp, packed, bytes)
-        self._entries: dict[
-            tuple[int, ...], tuple[tuple[weakref.ref, ...], tuple, Tensor, int]
-        ] = {}
+        # key (the parameters' ids, then the slice index or None) -> (weak references to
+        # them, their stamp, packed, bytes)
+        self._entries: dict[tuple, tuple[tuple[weakref.ref, ...], tuple, Tensor, int]] = {}
 
     @staticmethod
     def _stamp(weights: tuple[Tensor, ...]) -> tuple:
         return tuple((w._version, w.data_ptr(), w.shape) for w in weights)
 
-    def get(self, weights: tuple[Tensor, ...]) -> Tensor | None:
-        """The packed stack of ``weights``, packing it if needed; None past the budget."""
-        key = tuple(id(w) for w in weights)
+    def get(self, weights: tuple[Tensor, ...], index: int | None = None) -> Tensor | None:
+        """The packed stack of ``weights`` (or, with ``index``, of ``weights[0][index]``),
+        packing it if needed; None past the budget."""
+        key = (*(id(w) for w in weights), index)
         stamp = self._stamp(weights)
         entry = self._entries.get(key)
         if entry is not None:
@@ -459,18 +491,19 @@ class _PackedWeights:
             if entry[1] == stamp:
                 return entry[2]
             self._drop(key)
-        size = 4 * sum(w.numel() for w in weights)
+        used = weights if index is None else (weights[0][index],)
+        size = 4 * sum(w.numel() for w in used)
         if self.bytes + size > self.max_bytes:
             return None
         with torch.no_grad():
-            packed = _pack(weights[0] if len(weights) == 1 else torch.cat(weights))
+            packed = _pack(used[0] if len(used) == 1 else torch.cat(used))
         # A parameter's death drops its entries (an id can then be reused).
         refs = tuple(weakref.ref(w, lambda _, key=key: self._drop(key)) for w in weights)
         self._entries[key] = (refs, stamp, packed, size)
         self.bytes += size
         return packed
 
-    def _drop(self, key: tuple[int, ...]) -> None:
+    def _drop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.bytes -= entry[3]

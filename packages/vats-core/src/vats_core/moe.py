@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vats_core.config import Config, check, coerce_enum
-from vats_core.linear import Linear, linear, mm, onednn_for_rows
+from vats_core.linear import Linear, linear, linear_slice, mm, onednn_for_rows
 
 __all__ = [
     "GroupedExperts",
@@ -521,13 +521,15 @@ def _experts_few(
         if len(assignments) == 1:  # views, no gather
             s = assignments[0]
             n = s // k
-            out_1D = linear(_swiglu_forward(linear(x_ND[n : n + 1], w_gate_up[e])), w_down[e])
+            out_1D = linear_slice(
+                _swiglu_forward(linear_slice(x_ND[n : n + 1], w_gate_up, e)), w_down, e
+            )
             y_ND[n : n + 1].add_(out_1D.mul_(weight_S[s : s + 1, None]))
         else:
             s_n = torch.tensor(assignments, device=x_ND.device)
             tok_n = s_n // k
             x_nD = x_ND.index_select(0, tok_n)
-            out_nD = linear(_swiglu_forward(linear(x_nD, w_gate_up[e])), w_down[e])
+            out_nD = linear_slice(_swiglu_forward(linear_slice(x_nD, w_gate_up, e)), w_down, e)
             y_ND.index_add_(0, tok_n, out_nD.mul_(weight_S.index_select(0, s_n)[:, None]))
     return y_ND
 

@@ -14,9 +14,11 @@ exactly what it would alone.
 
 Per step the loop does the model's forward, the sampling of :mod:`vats_text.sampling`, and a
 handful of small tensor ops; nothing in it scales with layers or experts. It reads the device
-at most once per step, and only when some row can stop early (EOS or stop strings). On CPU
-the eager prefill and steps run their linears on weights packed once for oneDNN
-(:class:`vats_core.linear.packed_weights`; the copies live as long as the generation).
+at most once per step, and only when some row can stop early (EOS or stop strings). Called
+inside ``with vats_core.packed_weights():``, the eager prefill and steps run their linears on
+weights packed once for oneDNN, reused across the calls made in the region (packing is worth
+it over many calls, not one: repacking a 360 MB MoE for each 128-token generation cost more
+than the faster products gained).
 ``compile=True`` runs the decode step through ``torch.compile``; the caches' Python-int
 lengths are traced as dynamic integers, so the step compiles a few times while the caches
 warm up (first call, first growth, a rolling cache's first wrap) and never per token. The
@@ -49,7 +51,7 @@ import torch
 from torch import Tensor
 
 from vats_core.kv_cache import KVCaches, StaticKVCache
-from vats_core.linear import packed_weights, small_gemm_kernels
+from vats_core.linear import small_gemm_kernels
 from vats_text.model import MoELanguageModel
 from vats_text.sampling import SamplingConfig, sample_next_token
 
@@ -518,13 +520,9 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
             if plan.device.type == "cpu":
                 small_gemm_kernels()  # the trace reads the few-row GEMM choice; make it first
 
-        # The weights cannot change during the call: its linears run on packed copies, made
-        # in the prefill. The region is entered around each model call, not across the
-        # yields, so the caller's code between tokens runs outside it.
-        packing = packed_weights()
-        with packing:
-            out = model(ids_BT, attention_mask=mask_BT, caches=caches, logits_to_keep=1)
-        logits_BV = out.logits[:, -1]
+        logits_BV = model(ids_BT, attention_mask=mask_BT, caches=caches, logits_to_keep=1).logits[
+            :, -1
+        ]
         for i in range(plan.max_new_tokens):
             token_B = sample_next_token(
                 logits_BV, sampling, seen=seen_BV, generator=plan.generator
@@ -542,8 +540,7 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
                 with torch._dynamo.config.patch(**_DYNAMO_SETTINGS):
                     logits_BV = step(model, token_B[:, None], caches)
             else:
-                with packing:
-                    logits_BV = step(model, token_B[:, None], caches)
+                logits_BV = step(model, token_B[:, None], caches)
 
 
 class _IncrementalText:
