@@ -484,3 +484,27 @@ def test_expert_slices_are_packed_once_each(packed_few_rows, pack_counter, rows)
     torch.testing.assert_close(
         halved, F.gelu(F.linear(x, stacked[2].detach())), rtol=1e-5, atol=1e-5
     )
+
+
+@needs_onednn
+def test_a_dropped_region_frees_its_copies_at_once(packed_few_rows, monkeypatch):
+    import gc
+    import weakref
+
+    made = []
+    real = L._pack
+
+    def pack(weight):
+        packed = real(weight)
+        made.append(weakref.ref(packed))
+        return packed
+
+    monkeypatch.setattr(L, "_pack", pack)
+    x, w, _ = _param_operands(40, bias=False)
+    gc.disable()  # no cycle collection: only reference counting frees them
+    try:
+        with torch.no_grad(), packed_weights():
+            linear(x, w)
+        assert made and all(r() is None for r in made)
+    finally:
+        gc.enable()

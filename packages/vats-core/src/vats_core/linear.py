@@ -497,8 +497,17 @@ class _PackedWeights:
             return None
         with torch.no_grad():
             packed = _pack(used[0] if len(used) == 1 else torch.cat(used))
-        # A parameter's death drops its entries (an id can then be reused).
-        refs = tuple(weakref.ref(w, lambda _, key=key: self._drop(key)) for w in weights)
+        # A parameter's death drops its entries (an id can then be reused). The callback
+        # holds the cache weakly: a strong reference would make a cycle (cache -> entry ->
+        # weakref -> callback -> cache) that keeps the copies until the garbage collector runs.
+        cache = weakref.ref(self)
+
+        def drop(_: object, key: tuple = key) -> None:
+            alive = cache()
+            if alive is not None:
+                alive._drop(key)
+
+        refs = tuple(weakref.ref(w, drop) for w in weights)
         self._entries[key] = (refs, stamp, packed, size)
         self.bytes += size
         return packed
