@@ -116,27 +116,23 @@ def test_unknown_task_is_refused(tmp_path):
 def test_held_out_scoring_runs_on_packed_weights(tmp_path, monkeypatch):
     # The scoring loop holds a vats_core.packed_weights() region: its linears run on packed
     # copies (made once), and score as the plain weights do.
+    from unittest import mock
+
     from vats_apps.pipelines import train_vision
     from vats_core import linear as L
     from vats_core.linear import packed_weights
 
     model, draw, _, _ = train_vision._build(_cfg(tmp_path, "pipeline.task=image"), "image")
-    packed = []
-    real = L._pack
-
-    def pack(weight):
-        packed.append(tuple(weight.shape))
-        return real(weight)
-
+    pack = mock.Mock(wraps=L._pack)
     monkeypatch.setattr(L, "_pack", pack)
     n = 2 * train_vision.EVAL_CHUNK  # two chunks: the second reuses the first's copies
     accuracy = train_vision.held_out_accuracy(model, draw, n)
     linears = [m for m in model.modules() if isinstance(m, L.Linear)]
     # Each weight packed once (q, k and v as one stack), though two chunks ran: twice as
     # many packs as weights would exceed the count of linear layers.
-    assert 0 < len(packed) <= len(linears)
-    count = len(packed)
+    assert 0 < pack.call_count <= len(linears)
+    count = pack.call_count
     with packed_weights(max_bytes=0):  # an outer region with no room: plain weights
         plain = train_vision.held_out_accuracy(model, draw, n)
-    assert len(packed) == count
+    assert pack.call_count == count
     assert abs(accuracy - plain) <= 1 / n  # (a near-tie could flip one sample)

@@ -46,8 +46,9 @@ default, times). The libraries sum in different orders, so results agree within 
 rounding, not bit for bit; a run that must repeat bit for bit sets the variable.
 
 Only float32 CPU operands with oneDNN built in and enabled (``torch.backends.mkldnn``) are
-considered (``mkl`` also turns packing off). oneDNN's linear has no autograd formula, so training goes through a small
-autograd function whose forward and backward products are :func:`mm` calls. Under
+considered (``VATS_CPU_GEMM=mkl`` also turns packing off). oneDNN's linear has no autograd
+formula, so training goes through a small autograd function whose forward and backward
+products are :func:`mm` calls. Under
 torch.compile, inductor fuses and picks its own kernels: only the few-row choice is kept, as
 the opaque op ``vats::onednn_linear`` (inductor cannot lower oneDNN's linear on weights it
 has not packed itself), and only once made: timing inside a trace would be traced.
@@ -56,12 +57,11 @@ Everywhere else it is ``F.linear`` (then the activation).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -219,11 +219,13 @@ def _inference_kernel(
     bias: Tensor | None,
     activation: str | None,
     sources: tuple[Tensor, ...] | None = None,
+    packing: bool = True,
 ) -> str | None:
     """The kernel of an inference linear: ``"packed"``, ``"onednn"``, or None for F.linear
     (or, when gradients are wanted, :class:`_LinearFunction`). ``sources`` are the tensors
     a packed copy would be made from (default: ``weights``; for an expert slice, the stacked
-    parameter). Runs on every call of a decoding step, so the cheap checks come first."""
+    parameter); ``packing=False`` asks for the kernel of the plain weights. Runs on every
+    call of a decoding step, so the cheap checks come first."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.shape[-1] == 0:
         return None
     operands = (x, *weights) if bias is None else (x, *weights, bias)
@@ -244,7 +246,7 @@ def _inference_kernel(
         return "onednn" if len(weights) == 1 and onednn_for_rows(rows) else None
     if not _onednn_on():
         return None
-    region = _packing.get() is not None
+    region = packing and _packing.get() is not None
     if region and _packable(weights if sources is None else sources) and _mode() != "mkl":
         if rows >= 2 * SMALL_ROWS[-1]:
             return "packed"
@@ -267,8 +269,29 @@ def _packable(weights: tuple[Tensor, ...]) -> bool:
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None) -> bool:
     """Whether an inference linear on a plain (unpacked) weight runs on oneDNN."""
-    with _no_packing():
-        return _inference_kernel(x, (weight,), bias, activation) == "onednn"
+    return _inference_kernel(x, (weight,), bias, activation, packing=False) == "onednn"
+
+
+def _packed_linear(
+    x: Tensor,
+    weights: tuple[Tensor, ...],
+    bias: Tensor | None,
+    activation: str | None,
+    index: int | None = None,
+) -> Tensor | None:
+    """The linear on the region's packed copy of ``weights`` stacked (of ``weights[0][index]``
+    with an index), or None where that is not the kernel (no region, not parameters, a row
+    bucket that runs plain) or the copy would not fit the budget."""
+    if torch.compiler.is_compiling():
+        return None  # (dynamo cannot trace the ContextVar; inductor picks its own kernels)
+    cache = _packing.get()
+    if cache is None:
+        return None
+    used = weights if index is None else (weights[0][index],)
+    if _inference_kernel(x, used, bias, activation, sources=weights) != "packed":
+        return None
+    packed = cache.get(weights, index)
+    return None if packed is None else _onednn_linear(x, packed, bias, activation)
 
 
 # (a row-major, b row-major, bucket of a's rows, a's columns, b's columns) -> oneDNN won
@@ -379,13 +402,10 @@ def linear(
     """
     if activation not in _POST_OPS:
         raise ValueError(f"linear: activation must be one of {list(_POST_OPS)}, got {activation!r}")
-    kernel = _inference_kernel(x, (weight,), bias, activation)
-    if kernel == "packed":
-        packed = _packing_cache().get((weight,))
-        if packed is not None:
-            return _onednn_linear(x, packed, bias, activation)
-        kernel = "onednn" if _use_onednn(x, weight, bias, activation) else None  # over budget
-    if kernel == "onednn":
+    y = _packed_linear(x, (weight,), bias, activation)
+    if y is not None:
+        return y
+    if _use_onednn(x, weight, bias, activation):
         if torch.compiler.is_compiling():
             name, algorithm = _POST_OPS[activation]
             return _onednn_linear_op(x, weight, _dense(bias), name, algorithm)
@@ -416,11 +436,8 @@ def linear_stacked(
     """
     weights = tuple(weights)
     bias = None if biases is None else torch.cat(tuple(biases))
-    if _inference_kernel(x, weights, bias, None) == "packed":
-        packed = _packing_cache().get(weights)
-        if packed is not None:
-            return _onednn_linear(x, packed, bias, None)
-    return linear(x, torch.cat(weights), bias)
+    y = _packed_linear(x, weights, bias, None)
+    return linear(x, torch.cat(weights), bias) if y is None else y
 
 
 def linear_slice(x: Tensor, weight: Tensor, index: int, activation: str | None = None) -> Tensor:
@@ -436,12 +453,8 @@ def linear_slice(x: Tensor, weight: Tensor, index: int, activation: str | None =
     Returns:
         ``(..., out)``.
     """
-    w = weight[index]
-    if _inference_kernel(x, (w,), None, activation, sources=(weight,)) == "packed":
-        packed = _packing_cache().get((weight,), index)
-        if packed is not None:
-            return _onednn_linear(x, packed, None, activation)
-    return linear(x, w, None, activation)
+    y = _packed_linear(x, (weight,), None, activation, index)
+    return linear(x, weight[index], None, activation) if y is None else y
 
 
 def _dense(bias: Tensor | None) -> Tensor | None:
@@ -527,21 +540,6 @@ _packing: contextvars.ContextVar[_PackedWeights | None] = contextvars.ContextVar
 )
 
 
-@contextlib.contextmanager
-def _no_packing() -> Iterator[None]:
-    token = _packing.set(None)
-    try:
-        yield
-    finally:
-        _packing.reset(token)
-
-
-def _packing_cache() -> _PackedWeights:
-    cache = _packing.get()
-    assert cache is not None  # (_inference_kernel checked)
-    return cache
-
-
 def _physical_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -555,8 +553,8 @@ class packed_weights:  # a context manager, named like torch.no_grad
     Inside ``with packed_weights():`` each float32 CPU ``nn.Parameter`` that :func:`linear`
     or :func:`linear_stacked` meets without autograd is reordered into oneDNN's blocked layout
     on first use (where that kernel is the faster for the call's row count) and the copy is
-    reused. The copies belong to the object: entering it again reuses them (a generation
-    loop enters it around each step), and they are freed with it or by :meth:`clear`.
+    reused. The copies belong to the object: entering it again reuses them (a serving loop
+    may enter it around each request), and they are freed with it or by :meth:`clear`.
     Change weights only through ops autograd sees (``with torch.no_grad(): p.copy_(new)``,
     optimizer steps): they are packed again. Writes through ``p.data`` are not seen. Inside
     another region, the outer one's copies serve.
