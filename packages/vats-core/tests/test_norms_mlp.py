@@ -24,6 +24,63 @@ def test_rmsnorm_formula_float64() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+def _rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_rmsnorm_gradients_pass_gradcheck() -> None:
+    # The hand-written backward (float32/64) against finite differences, on a
+    # non-contiguous input (a transposed view) so the reshapes in the backward are exercised.
+    torch.manual_seed(2)
+    norm = RMSNorm(6, eps=1e-3).double()
+    nn.init.normal_(norm.weight)
+    x = torch.randn(6, 4, 3, dtype=F64).transpose(0, 2).requires_grad_()  # (3, 4, 6)
+    assert torch.autograd.gradcheck(norm, (x,))
+    weight = norm.weight.detach().clone().requires_grad_()
+    both = (x, weight)
+    assert torch.autograd.gradcheck(
+        lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)), both
+    )
+
+
+@pytest.mark.parametrize("grads", ["both", "input", "weight"])
+def test_rmsnorm_float32_gradients_match_the_formula(grads: str) -> None:
+    torch.manual_seed(3)
+    norm = RMSNorm(24)
+    nn.init.normal_(norm.weight)
+    norm.weight.requires_grad_(grads != "input")
+    x = (torch.randn(2, 36, 4, 24) * 3).requires_grad_(grads != "weight")
+    g = torch.randn(2, 36, 4, 24)
+    out = norm(x)
+    out.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    w64 = norm.weight.detach().double().requires_grad_()
+    expected = _rmsnorm_reference(x64, w64, norm.eps)
+    expected.backward(g.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    if grads != "weight":
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    else:
+        assert x.grad is None
+    if grads != "input":
+        torch.testing.assert_close(norm.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    else:
+        assert norm.weight.grad is None
+
+
+def test_rmsnorm_without_grad_and_on_empty_input() -> None:
+    torch.manual_seed(4)
+    norm = RMSNorm(16)
+    nn.init.normal_(norm.weight)
+    x = torch.randn(5, 16) * 2
+    expected = _rmsnorm_reference(x.double(), norm.weight.detach().double(), norm.eps)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x).double(), expected, rtol=1e-5, atol=1e-6)
+    empty = norm(torch.zeros(0, 16, requires_grad=True))
+    empty.sum().backward()
+    assert empty.shape == (0, 16) and torch.equal(norm.weight.grad, torch.zeros(16))
+
+
 def test_rmsnorm_half_precision_normalizes_in_fp32() -> None:
     # HF Llama order: normalize in fp32, cast to the input dtype, then multiply the weight.
     torch.manual_seed(1)
