@@ -103,6 +103,10 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        # A strided x (queries sliced from a stacked q/k/v product, then transposed) is
+        # copied once here: the reduction runs faster on dense rows, the output comes out
+        # dense for RoPE and attention, and the backward's reshapes need no copy of it.
+        x = x.contiguous()
         y, rstd = _rms_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
