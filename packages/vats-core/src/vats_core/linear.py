@@ -67,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vats_core._autograd import in_func_transform, plain_ops_only
+
 __all__ = [
     "MIN_ROWS",
     "MIN_TIMED_MACS",
@@ -240,6 +242,8 @@ def _inference_kernel(
     rows = x.numel() // x.shape[-1]
     if rows == 0:
         return None  # (F.linear returns the empty result)
+    if in_func_transform():
+        return None  # (oneDNN's linear has no batching rule: vats_core._autograd)
     if torch.compiler.is_compiling():
         # Inductor fuses bias and activation itself; the oneDNN availability checks would
         # break the graph (the few-row choice was made where they passed).
@@ -309,7 +313,7 @@ def _mkl_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _timed(a: Tensor, b: Tensor) -> bool:
     """Whether ``a @ b`` (2-D) gets the per-shape library choice (module docstring)."""
-    if not _cpu_float32(a, b) or torch.compiler.is_compiling():
+    if not _cpu_float32(a, b) or plain_ops_only():
         return False
     m, k = a.shape
     return m * k * b.shape[1] >= MIN_TIMED_MACS and _onednn_on()
@@ -356,7 +360,7 @@ def _timed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether :func:`linear` runs as :class:`_LinearFunction` (large float32 CPU products)."""
     if x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return False  # (F.linear names what is wrong)
-    if not _cpu_float32(x, weight, bias) or torch.compiler.is_compiling():
+    if not _cpu_float32(x, weight, bias) or plain_ops_only():
         return False
     if bias is not None and bias.shape != (weight.shape[0],):
         return False

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vats_core._autograd import in_func_transform
 from vats_core.config import Config, check, coerce_enum
 from vats_core.linear import Linear, linear, linear_slice, mm, onednn_for_rows
 
@@ -399,6 +400,8 @@ class GroupedExperts(nn.Module):
         weight_S = weight_S.to(x_ND.dtype)
         if grouped and token_S.shape[0] > 0:
             return _experts_grouped(x_ND, token_S, weight_S, group_sizes_E, w_gate_up, w_down)
+        if in_func_transform():
+            return _experts_plain(x_ND, token_S, weight_S, group_sizes_E, w_gate_up, w_down)
         # The loop: one host sync for the group sizes, then one hand-written autograd node
         # (which keeps activations for its backward only when one can follow).
         keep = torch.is_grad_enabled() and any(
@@ -485,6 +488,30 @@ def _experts_grouped(
     gate_up_S2H = _grouped_mm(x_SD, w_gate_up.transpose(-2, -1), offsets_E)
     out_SD = _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
     return torch.zeros_like(x_ND).index_add(0, token_S, out_SD * weight_S[:, None])
+
+
+def _experts_plain(
+    x_ND: Tensor,
+    token_S: Tensor,
+    weight_S: Tensor,
+    group_sizes_E: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+) -> Tensor:
+    """:meth:`GroupedExperts.forward`'s loop in plain differentiable ops, for torch.func
+    transforms (vats_core._autograd). ``torch.func.grad`` and ``jacrev`` run it; ``vmap``
+    cannot, since which tokens reach which expert is data (the group sizes are read)."""
+    y_ND = torch.zeros_like(x_ND)
+    start = 0
+    for e, n in enumerate(group_sizes_E.tolist()):
+        if n == 0:
+            continue
+        tok_n = token_S[start : start + n]
+        gate_nH, up_nH = F.linear(x_ND.index_select(0, tok_n), w_gate_up[e]).chunk(2, dim=-1)
+        out_nD = F.linear(F.silu(gate_nH) * up_nH, w_down[e])
+        y_ND = y_ND.index_add(0, tok_n, out_nD * weight_S[start : start + n, None])
+        start += n
+    return y_ND
 
 
 def _experts_few(

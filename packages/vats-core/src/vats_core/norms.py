@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vats_core._autograd import plain_ops_only
+
 __all__ = ["LayerNorm", "NormType", "RMSNorm", "build_norm"]
 
 
@@ -61,11 +63,10 @@ class RMSNorm(nn.Module):
 
 def _fused_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether RMSNorm runs the hand-fused path: float32/64 input and weight of one dtype,
-    eager. Under torch.compile the plain expression is left to the compiler, which fuses
-    it itself; half precision keeps HF's cast order (normalize in float32, cast, scale)."""
-    return (
-        x.dtype in _FUSED_DTYPES and weight.dtype == x.dtype and not torch.compiler.is_compiling()
-    )
+    eager. Under torch.compile (which fuses the plain expression itself) and torch.func
+    transforms the plain expression runs (vats_core._autograd); half precision keeps HF's
+    cast order (normalize in float32, cast, scale)."""
+    return x.dtype in _FUSED_DTYPES and weight.dtype == x.dtype and not plain_ops_only()
 
 
 _FUSED_DTYPES = (torch.float32, torch.float64)

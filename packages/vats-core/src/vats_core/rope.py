@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vats_core._autograd import in_func_transform
 from vats_core.config import Config, check, coerce_enum
 
 __all__ = [
@@ -295,7 +296,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
             f"expected (T, Dh) = ({t}, {dh}) or (B or 1, 1, T, Dh) = ({b} or 1, 1, {t}, {dh})"
         )
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if cos.requires_grad or sin.requires_grad:  # learned angles: plain autograd
+    if cos.requires_grad or sin.requires_grad or in_func_transform():
+        # learned angles, or torch.func (vats_core._autograd): the plain expression
         return x * cos + rotate_half(x) * sin
     if not (torch.is_grad_enabled() and x.requires_grad):  # inference: skip the node
         return _rotate_into(x, cos, sin)
