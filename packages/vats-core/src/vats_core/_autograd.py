@@ -1,10 +1,9 @@
 """When vats may run its hand-written autograd nodes.
 
 vats-core writes a few hot paths as ``torch.autograd.Function`` nodes with their own
-backward (linear products on the faster GEMM library, RMSNorm, RoPE, the MoE expert loop)
-and a few inference paths as out-of-place tricks (``out=`` writes into strided views, oneDNN
-kernels without autograd formulas). Two kinds of tracing need the plain torch expression
-instead:
+backward (linear products on the faster GEMM library, RMSNorm, RoPE, the MoE expert loop),
+and some inference paths call oneDNN kernels that have no autograd formula or write with
+``out=`` into strided views. Two kinds of tracing need the plain torch expression instead:
 
 - torch.compile: inductor fuses the plain ops itself, and dynamo cannot follow some of the
   tricks;

@@ -61,15 +61,15 @@ class RMSNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}"
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
 def _fused_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether RMSNorm runs the hand-fused path: float32/64 input and weight of one dtype,
     eager. Under torch.compile (which fuses the plain expression itself) and torch.func
     transforms the plain expression runs (vats_core._autograd); half precision keeps HF's
     cast order (normalize in float32, cast, scale)."""
     return x.dtype in _FUSED_DTYPES and weight.dtype == x.dtype and not plain_ops_only()
-
-
-_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def _rms_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
