@@ -232,6 +232,35 @@ def test_mm_equals_torch_mm_in_every_layout(monkeypatch, kind):
 
 
 @needs_onednn
+@pytest.mark.parametrize("kernel", ["mkl", "onednn", "packed"])
+def test_each_timed_kernel_equals_torch_mm_in_every_layout(monkeypatch, kernel):
+    # Whichever kernel a shape's timing picks, the product is the same.
+    monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+    monkeypatch.setattr(L, "_shape_choice", DefaultChoice(kernel))
+    a, b, bias = _big()
+    rows = torch.cat([a, a])[:, :250]  # strided rows, still above the floor
+    for x, y in ((a, b), (a, b.t()), (a.t(), b), (a.t(), b.t()), (rows, b[:250])):
+        assert L._timed(x, y)
+        torch.testing.assert_close(mm(x, y), x @ y, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(mm(x, y, bias), x @ y + bias, rtol=1e-5, atol=1e-4)
+        # a strided bias (oneDNN reads a dense one)
+        strided = torch.stack([bias, bias], 1)[:, 0]
+        torch.testing.assert_close(mm(x, y, strided), x @ y + bias, rtol=1e-5, atol=1e-4)
+    assert set(L._shape_choice.values()) == {kernel}
+
+
+class DefaultChoice(dict):
+    """A shape-choice table where every shape has already chosen ``kernel`` (no timing)."""
+
+    def __init__(self, kernel: str) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def get(self, key, default=None):
+        return self.setdefault(key, self.kernel)
+
+
+@needs_onednn
 def test_each_shape_is_timed_once_per_row_bucket(monkeypatch):
     class Choices(dict):
         def __setitem__(self, key, value):
@@ -255,11 +284,15 @@ def test_each_shape_is_timed_once_per_row_bucket(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("kind", ["mkl", "onednn"])
+@pytest.mark.parametrize("kind", ["mkl", "onednn", "packed"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_training_linear_matches_f_linear(monkeypatch, kind, bias):
     # Forward, input, weight and bias gradients of the big-product path equal F.linear's.
-    monkeypatch.setenv("VATS_CPU_GEMM", kind)
+    if kind == "packed":  # every product on oneDNN with its right operand packed per call
+        monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+        monkeypatch.setattr(L, "_shape_choice", DefaultChoice("packed"))
+    else:
+        monkeypatch.setenv("VATS_CPU_GEMM", kind)
     torch.manual_seed(0)
     module = Linear(256, 256, bias=bias)
     ref = torch.nn.Linear(256, 256, bias=bias)

@@ -20,9 +20,13 @@ products. So vats times both on this machine and remembers the winner:
   its bucket (:func:`small_gemm_kernels`).
 - **Large products** (:func:`mm`, and :func:`linear` with at least :data:`MIN_TIMED_MACS`
   multiply-adds, in training too: its backward runs through :func:`mm`). The first product
-  of each layout and shape (row count bucketed to powers of two) times both libraries on
-  its own operands, three calls each, and the shape keeps the winner (by 5 % or more, else
-  MKL). A training step repeats its shapes, so this is paid in the first step.
+  of each layout and shape (row count bucketed to powers of two) times three kernels on its
+  own operands, three calls each: MKL, oneDNN, and oneDNN on the right operand reordered
+  into its blocked layout for that one call (see packed weights below; the reorder is paid
+  inside its time, so it wins only where a small operand serves many rows: a ViT-S/16 fc2
+  forward at batch 16 took 17.0 ms so, against 18.8 on MKL and 20.6 on plain oneDNN, EPYC).
+  The shape keeps the fastest (oneDNN's two by 5 % or more, else MKL). A training step
+  repeats its shapes, so this is paid in the first step.
 
 **Packed weights** (:class:`packed_weights`). oneDNN runs faster still on a weight it has
 reordered into its own blocked layout: on the EPYC, 0.67-0.90x MKL's time over 21 linear
@@ -37,7 +41,8 @@ counter and storage. From 32 rows on it always runs packed; below, each row buck
 packed oneDNN where it won the few-row timing. The copies cost a second set of weights in
 memory, up to a budget (a quarter of physical memory unless given); weights past it run
 unpacked. Packing a weight costs about one pass over it (reordering ran at ~5.7 GB/s), which
-pays back over many calls, not one: a region wraps a loop (the apps' evaluation and
+pays back over many calls, not one (one call of thousands of rows can pay it, which the
+large-product timing above finds out per shape): a region wraps a loop (the apps' evaluation and
 generation loops; ``generate()`` itself does not enter one, its caller may). A MoE's expert
 slices are packed one by one (:func:`linear_slice`).
 
@@ -117,12 +122,6 @@ def _best_times(*fns: Callable[[], object]) -> list[float]:
                 fn()
                 seen.append(time.perf_counter() - t0)
     return [min(seen) for seen in times]
-
-
-def _onednn_faster(mkl: Callable[[], object], onednn: Callable[[], object], margin: float) -> bool:
-    """Whether ``onednn()`` takes under ``margin`` times ``mkl()``'s time."""
-    t_mkl, t_onednn = _best_times(mkl, onednn)
-    return t_onednn < margin * t_mkl
 
 
 def _time_small_gemms() -> tuple[frozenset[int], frozenset[int]]:
@@ -298,8 +297,9 @@ def _packed_linear(
     return None if packed is None else _onednn_linear(x, packed, bias, activation)
 
 
-# (a row-major, b row-major, bucket of a's rows, a's columns, b's columns) -> oneDNN won
-_shape_choice: dict[tuple[bool, bool, int, int, int], bool] = {}
+# (a row-major, b row-major, bucket of a's rows, a's columns, b's columns) -> the kernel that
+# won: "mkl", "onednn" or "packed"
+_shape_choice: dict[tuple[bool, bool, int, int, int], str] = {}
 
 
 def _onednn_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -307,8 +307,16 @@ def _onednn_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
 
 
+def _packed_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    # The same on b reordered into oneDNN's blocked layout first, for this call only.
+    return torch.ops.mkldnn._linear_pointwise(a, _reorder(b.t()), bias, "none", [], "")
+
+
 def _mkl_mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+_MM_KERNELS = {"mkl": _mkl_mm, "onednn": _onednn_mm, "packed": _packed_mm}
 
 
 def _timed(a: Tensor, b: Tensor) -> bool:
@@ -319,29 +327,32 @@ def _timed(a: Tensor, b: Tensor) -> bool:
     return m * k * b.shape[1] >= MIN_TIMED_MACS and _onednn_on()
 
 
-def _mm_on_onednn(a: Tensor, b: Tensor, bias: Tensor | None) -> bool:
-    """Whether ``a @ b`` runs on oneDNN; times this layout and shape first if it is new."""
+def _mm_kernel(a: Tensor, b: Tensor, bias: Tensor | None) -> str:
+    """The kernel ``a @ b`` runs on; times this layout and shape first if it is new."""
     mode = _mode()
     if mode != "auto":
-        return mode == "onednn"
+        return mode
     m, k = a.shape
     key = (a.stride(1) == 1, b.stride(1) == 1, m.bit_length(), k, b.shape[1])
     choice = _shape_choice.get(key)
     if choice is None:
-        choice = _onednn_faster(
-            lambda: _mkl_mm(a, b, bias), lambda: _onednn_mm(a, b, bias), margin=0.95
+        t_mkl, t_onednn, t_packed = _best_times(
+            *(lambda f=f: f(a, b, bias) for f in _MM_KERNELS.values())
         )
+        # oneDNN's kernels must win by 5 %; packing is paid inside its time
+        best = min(t_onednn, t_packed)
+        choice = "mkl" if best >= 0.95 * t_mkl else "onednn" if t_onednn == best else "packed"
         _shape_choice[key] = choice
     return choice
 
 
 def mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a @ b`` (+ ``bias``) for 2-D operands, on the library this shape runs faster on.
+    """``a @ b`` (+ ``bias``) for 2-D operands, on the kernel this shape runs fastest on.
 
-    Float32 CPU products of at least :data:`MIN_TIMED_MACS` multiply-adds take MKL or
-    oneDNN as timed for their layout and shape (module docstring); everything else is
-    ``torch.mm`` / ``torch.addmm``. No autograd: callers write their own backward (it is
-    three more :func:`mm` calls).
+    Float32 CPU products of at least :data:`MIN_TIMED_MACS` multiply-adds take MKL, oneDNN,
+    or oneDNN on ``b`` packed for the call, as timed for their layout and shape (module
+    docstring); everything else is ``torch.mm`` / ``torch.addmm``. No autograd: callers
+    write their own backward (it is three more :func:`mm` calls).
 
     Args:
         a: ``(M, K)``.
@@ -351,9 +362,10 @@ def mm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     Returns:
         ``(M, N)``, a new tensor.
     """
-    if _timed(a, b) and _mm_on_onednn(a, b, bias):
-        return _onednn_mm(a, b, None if bias is None else bias.contiguous())
-    return _mkl_mm(a, b, bias)
+    if not _timed(a, b):
+        return _mkl_mm(a, b, bias)
+    bias = _dense(bias)  # (timed with it too)
+    return _MM_KERNELS[_mm_kernel(a, b, bias)](a, b, bias)
 
 
 def _timed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -474,10 +486,15 @@ def _onednn_linear(
     return torch.ops.mkldnn._linear_pointwise(x, weight, _dense(bias), name, [], algorithm)
 
 
-def _pack(weight: Tensor) -> Tensor:
+def _reorder(weight: Tensor) -> Tensor:
     """oneDNN's blocked copy of a float32 ``(out, in)`` weight (an opaque mkldnn tensor that
     only its linear reads). The batch-size hint hardly mattered for 1-3152 rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 256)
+
+
+def _pack(weight: Tensor) -> Tensor:
+    """A copy to keep: what :func:`packed_weights` regions (and the few-row timing) make."""
+    return _reorder(weight)
 
 
 class _PackedWeights:
