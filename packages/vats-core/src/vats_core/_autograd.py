@@ -11,13 +11,22 @@ and some inference paths call oneDNN kernels that have no autograd formula or wr
   ``autograd.Function`` to define ``setup_context`` and a vmap rule, and they have no
   batching rule for oneDNN's linear. Plain torch ops carry both, so per-sample gradients
   and Jacobians work through vats modules as through any torch module.
+
+A third case is a backward that is itself differentiated (``create_graph=True``: gradient
+penalties, meta-learning). The nodes' fast backwards write with ``out=`` and call oneDNN,
+which autograd cannot follow, so under ``create_graph`` each node's backward instead
+returns its gradients as a graph of plain ops (:func:`graph_gradients`, or a plain
+formula), and the second backward runs through that.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable, Sequence
 
-__all__ = ["in_func_transform", "plain_ops_only"]
+import torch
+from torch import Tensor
+
+__all__ = ["graph_gradients", "in_func_transform", "plain_ops_only"]
 
 
 def in_func_transform() -> bool:
@@ -28,3 +37,30 @@ def in_func_transform() -> bool:
 def plain_ops_only() -> bool:
     """True under torch.compile or inside a torch.func transform: run plain torch ops."""
     return torch.compiler.is_compiling() or in_func_transform()
+
+
+def graph_gradients(
+    plain: Callable[..., Tensor],
+    inputs: Sequence[Tensor],
+    needs: Sequence[bool],
+    grad_output: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """For a node's backward under ``create_graph=True`` (grad mode on inside it): the
+    gradients of ``plain(*inputs)`` (the node's forward in plain torch ops) against
+    ``grad_output``, for the inputs where ``needs`` is True (None elsewhere), as a graph a
+    second backward can differentiate. ``inputs`` are the node's saved inputs, which still
+    carry their history."""
+    if not any(needs):
+        return tuple(None for _ in needs)
+    # Differentiate against aliases: where one input derives from another (a MoE's combine
+    # weights come from a router that reads the same tokens), gradients against the
+    # inputs themselves would also flow along that history, which the outer backward
+    # walks itself. An alias's history is one view node, outside the plain graph.
+    aliases = [t.view_as(t) if need else t for t, need in zip(inputs, needs, strict=True)]
+    wanted = [t for t, need in zip(aliases, needs, strict=True) if need]
+    got = iter(
+        torch.autograd.grad(
+            plain(*aliases), wanted, grad_output, create_graph=True, allow_unused=True
+        )
+    )
+    return tuple(next(got) if need else None for need in needs)

@@ -381,25 +381,31 @@ def _timed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 
 class _LinearFunction(torch.autograd.Function):
-    """``F.linear`` whose three products (forward, input and weight gradients) are :func:`mm`."""
+    """``F.linear`` of 2-D ``x`` whose three products (forward, input and weight gradients)
+    are :func:`mm`. Under ``create_graph=True`` the backward is the same formulas in
+    differentiable ``torch.mm``, so a second backward runs through it."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
-        x_MK = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x_MK: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x_MK, weight)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return mm(x_MK, weight.t(), bias).view(*x.shape[:-1], weight.shape[0])
+        ctx.has_bias = bias is not None
+        return mm(x_MK, weight.t(), bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_MN: Tensor):  # type: ignore[override]
         x_MK, weight = ctx.saved_tensors
-        grad_MN = grad_y.reshape(-1, grad_y.shape[-1])
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = mm(grad_MN, weight).view(ctx.x_shape) if need_x else None
-        grad_w = mm(grad_MN.t(), x_MK) if need_w else None
+        product = torch.mm if torch.is_grad_enabled() else mm  # (grad mode: create_graph)
+        grad_x = product(grad_MN, weight) if need_x else None
+        grad_w = product(grad_MN.t(), x_MK) if need_w else None
         grad_b = grad_MN.sum(0) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b
+
+
+def _linear_function(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # (the reshapes outside the node: its saved input is then x's own view, with history)
+    y = _LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def linear(
@@ -427,7 +433,7 @@ def linear(
             return _onednn_linear_op(x, weight, _dense(bias), name, algorithm)
         return _onednn_linear(x, weight, bias, activation)
     if _timed_linear(x, weight, bias):
-        y = _LinearFunction.apply(x, weight, bias)
+        y = _linear_function(x, weight, bias)
     else:
         y = F.linear(x, weight, bias)
     if activation is None:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core._autograd import in_func_transform
+from vats_core._autograd import graph_gradients, in_func_transform
 from vats_core.config import Config, check, coerce_enum
 from vats_core.linear import Linear, linear, linear_slice, mm, onednn_for_rows
 
@@ -291,7 +291,14 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: Tensor) -> Tensor:
         (gate_up,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: plain ops (vats_core._autograd)
+            return graph_gradients(_swiglu_plain, (gate_up,), (True,), grad_h)[0]
         return _swiglu_backward(gate_up, grad_h)
+
+
+def _swiglu_plain(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def _swiglu_forward(gate_up: Tensor) -> Tensor:
@@ -614,10 +621,20 @@ class _ExpertsLoop(torch.autograd.Function):
         return y_ND
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_ND):  # type: ignore[override]
         x_ND, token_S, weight_S, w_gate_up, w_down = ctx.saved_tensors
         need_x, _, need_w, need_gu, need_d = (ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5))
+        if torch.is_grad_enabled():  # create_graph=True: plain ops (vats_core._autograd)
+            sizes = torch.tensor(ctx.sizes)
+
+            def plain(x_ND, weight_S, w_gate_up, w_down):
+                return _experts_plain(x_ND, token_S, weight_S, sizes, w_gate_up, w_down)
+
+            inputs, needs = (x_ND, weight_S, w_gate_up, w_down), (need_x, need_w, need_gu, need_d)
+            grad_x, grad_weight, grad_gate_up, grad_down = graph_gradients(
+                plain, inputs, needs, grad_y_ND
+            )
+            return grad_x, None, grad_weight, None, grad_gate_up, grad_down, None
         grad_x = torch.zeros_like(x_ND) if need_x else None
         grad_weight = torch.zeros_like(weight_S) if need_w else None
         # Written expert by expert with mm(out=...); only experts without tokens are zeroed.
@@ -804,8 +821,8 @@ class MoE(nn.Module):
         """Whether the experts run as grouped_mm for ``x`` (``n_tokens`` rows; see
         :class:`GroupedMM`)."""
         mode = self.config.grouped_mm
-        if mode is GroupedMM.OFF:
-            return False
+        if mode is GroupedMM.OFF or in_func_transform():
+            return False  # (torch.func: the plain loop, vats_core._autograd)
         if mode is GroupedMM.AUTO and x.device.type != "cuda":
             n = x.numel() // self.config.dim if n_tokens is None else n_tokens
             few = n >= 2 and n * self.config.top_k <= _FEW_ASSIGNMENTS

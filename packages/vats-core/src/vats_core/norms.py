@@ -9,12 +9,13 @@ Shapes: ``(..., D)`` in, ``(..., D)`` out; normalization runs over the last axis
 from __future__ import annotations
 
 import enum
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core._autograd import plain_ops_only
+from vats_core._autograd import graph_gradients, plain_ops_only
 
 __all__ = ["LayerNorm", "NormType", "RMSNorm", "build_norm"]
 
@@ -51,11 +52,13 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm expects last dim {self.dim}, got shape {tuple(x.shape)}")
         if _fused_applies(x, self.weight):
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                return _RMSNormFunction.apply(x, self.weight, self.eps)
+                # A strided x (queries sliced from a stacked q/k/v product, then transposed)
+                # is copied once here: the reduction runs faster on dense rows, the output
+                # comes out dense for RoPE and attention, and the backward's reshapes need
+                # no copy of it. (Outside the node, so its saved input has x's history.)
+                return _RMSNormFunction.apply(x.contiguous(), self.weight, self.eps)
             return _rms_forward(x, self.weight, self.eps)[0]
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return _rms_plain(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
@@ -84,6 +87,14 @@ def _rms_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
     return (x * rstd).mul_(weight), rstd
 
 
+def _rms_plain(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The plain expression, in HF's cast order: normalize in at least float32, cast back,
+    then scale."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a hand-written backward (float32/64, eager).
 
@@ -104,19 +115,18 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        # A strided x (queries sliced from a stacked q/k/v product, then transposed) is
-        # copied once here: the reduction runs faster on dense rows, the output comes out
-        # dense for RoPE and attention, and the backward's reshapes need no copy of it.
-        x = x.contiguous()
         y, rstd = _rms_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True: a graph a second backward can follow
+            plain = functools.partial(_rms_plain, eps=ctx.eps)
+            return (*graph_gradients(plain, (x, weight), (need_x, need_w), grad_y), None)
         d = x.shape[-1]
         x_ND, g_ND, r_N = x.reshape(-1, d), grad_y.reshape(-1, d), rstd.reshape(-1)
         gx_ND = g_ND * x_ND
