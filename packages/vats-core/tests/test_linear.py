@@ -97,6 +97,54 @@ def test_fused_path_taken_only_where_it_pays(few_rows_on):
 
 
 @needs_onednn
+@pytest.mark.parametrize("reorder", [True, False])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_fused_linear_on_a_weight_reordered_for_the_call(
+    monkeypatch, few_rows_on, reorder, activation
+):
+    # Outside a packed_weights() region, a large fused inference linear times oneDNN on the
+    # plain weight against the weight reordered for the call, once per shape; either way
+    # it equals the reference, strided weight and bias included.
+    monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+    few_rows_on("onednn")  # (decided: no few-row timing, which packs weights of its own)
+    choices = DefaultChoice(reorder)
+    monkeypatch.setattr(L, "_fused_choice", choices)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(MIN_ROWS, 256, generator=gen)
+    w = torch.randn(256, 512, generator=gen)[:, ::2] / 16  # (256, 256), strided
+    b = torch.randn(512, generator=gen)[::2]
+    assert x.shape[0] * 256 * 256 >= MIN_TIMED_MACS
+    reorders = []
+    monkeypatch.setattr(L, "_reorder", lambda t, f=L._reorder: reorders.append(1) or f(t))
+    with torch.no_grad():
+        for _ in range(2):
+            got = linear(x, w, b, activation)
+            torch.testing.assert_close(got, _reference(x, w, b, activation), rtol=1e-5, atol=1e-5)
+        small = linear(x[:8], w, b, activation)  # below the timed size: never reordered
+    torch.testing.assert_close(small, _reference(x[:8], w, b, activation), rtol=1e-5, atol=1e-5)
+    assert list(choices) == [(MIN_ROWS.bit_length(), 256, 256, True, activation)]
+    assert len(reorders) == (2 if reorder else 0)  # one reorder a call, where it won
+
+
+@needs_onednn
+def test_the_fused_reorder_choice_is_timed_once(monkeypatch):
+    monkeypatch.delenv("VATS_CPU_GEMM", raising=False)
+    monkeypatch.setattr(L, "_fused_choice", {})
+    timings = []
+    monkeypatch.setattr(L, "_best_times", lambda *f: timings.append(1) or [1.0, 0.5])
+    x, w = torch.randn(MIN_ROWS, 256), torch.randn(256, 256)
+    with torch.no_grad():
+        linear(x, w, torch.zeros(256))
+        linear(x, w, torch.zeros(256))
+    assert len(timings) == 1 and list(L._fused_choice.values()) == [True]
+    monkeypatch.setenv("VATS_CPU_GEMM", "onednn")  # a fixed library: no reorder, no timing
+    monkeypatch.setattr(L, "_fused_choice", {})
+    with torch.no_grad():
+        linear(x, w, torch.zeros(256))
+    assert len(timings) == 1 and not L._fused_choice
+
+
+@needs_onednn
 def test_few_rows_follow_the_choice(few_rows_on):
     x, w, _ = _operands(MIN_ROWS)
     use = L._use_onednn
