@@ -111,7 +111,7 @@ def bench_vit2d() -> None:
         return step
 
     fns = {"timm": train(peer), "vats": train(ours)}
-    times = time_alternating(fns, repeat=3)
+    times = time_alternating(fns, repeat=5)  # (as many as the inference figure takes)
     _report("training (fwd + bwd + AdamW)", times)
     print_floor("timm", times, {name: kernel_floor(fn) for name, fn in fns.items()})
 
