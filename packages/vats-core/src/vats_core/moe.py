@@ -506,8 +506,10 @@ def _experts_plain(
     w_down: Tensor,
 ) -> Tensor:
     """:meth:`GroupedExperts.forward`'s loop in plain differentiable ops, for torch.func
-    transforms (vats_core._autograd). ``torch.func.grad`` and ``jacrev`` run it; ``vmap``
-    cannot, since which tokens reach which expert is data (the group sizes are read)."""
+    transforms and for the loop node's backward under ``create_graph`` (vats_core._autograd).
+    ``torch.func.grad`` and ``jacrev`` run it; ``vmap`` cannot, since which tokens reach
+    which expert is data (the group sizes are read). Same arguments as
+    :func:`_experts_grouped`, the same computation as a loop."""
     y_ND = torch.zeros_like(x_ND)
     start = 0
     for e, n in enumerate(group_sizes_E.tolist()):
