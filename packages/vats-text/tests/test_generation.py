@@ -190,10 +190,15 @@ class _ScriptedLM(nn.Module):
         )
         self.calls = 0
 
-    def setup_caches(self, batch_size, max_len, *, device=None, dtype=None):
+    def setup_caches(self, batch_size, max_len, *, device=None, dtype=None, fixed_shape=False):
         self.calls = 0
         return KVCaches.for_layers(
-            [None], batch_size=batch_size, max_len=max_len, n_kv_heads=1, head_dim=2
+            [None],
+            batch_size=batch_size,
+            max_len=max_len,
+            n_kv_heads=1,
+            head_dim=2,
+            fixed_shape=fixed_shape,
         )
 
     def forward(self, input_ids, *, attention_mask=None, caches=None, logits_to_keep=0):

@@ -287,8 +287,8 @@ def test_lm_init_and_parameter_counts():
     model = _model(n_layers=8, layer_windows=[], init_std=0.02)
     n = model.config.n_layers
     o_proj = torch.cat([layer.attn.o_proj.weight.flatten() for layer in model.layers])
-    q_proj = torch.cat([layer.attn.q_proj.weight.flatten() for layer in model.layers])
-    assert abs(float(q_proj.std()) - 0.02) < 0.002
+    qkv_proj = torch.cat([layer.attn.qkv_proj.weight.flatten() for layer in model.layers])
+    assert abs(float(qkv_proj.std()) - 0.02) < 0.002
     assert abs(float(o_proj.std()) - 0.02 / math.sqrt(2 * n)) < 0.001
     experts_down = model.layers[1].ffn.experts.down_proj
     assert abs(float(experts_down.std()) - 0.02 / math.sqrt(2 * n)) < 0.001

@@ -119,7 +119,7 @@ def test_gradients_flow_and_weights_are_copies() -> None:
     vit(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in vit.parameters())
     with torch.no_grad():
-        vit.blocks[0].attn.q_proj.weight.zero_()
+        vit.blocks[0].attn.qkv_proj.weight.zero_()
     assert model.blocks[0].attn.qkv.weight.abs().sum() > 0  # timm's weights untouched
 
 

@@ -104,16 +104,19 @@ def _transpose_model(model: ViT2D) -> ViT2D:
     with torch.no_grad():
         proj.weight.copy_(proj.weight.transpose(-1, -2).clone())
         for block in twin.blocks:
-            for layer in (block.attn.q_proj, block.attn.k_proj):
-                dh = block.attn.head_dim
-                q = dh // 4
-                idx = torch.arange(dh)
-                perm = torch.cat([idx[q : 2 * q], idx[:q], idx[3 * q :], idx[2 * q : 3 * q]])
-                heads = layer.out_features // dh
-                full = torch.cat([perm + h * dh for h in range(heads)])
-                layer.weight.copy_(layer.weight[full].clone())
+            attn = block.attn
+            dh = attn.head_dim
+            q = dh // 4
+            idx = torch.arange(dh)
+            perm = torch.cat([idx[q : 2 * q], idx[:q], idx[3 * q :], idx[2 * q : 3 * q]])
+            # the query rows, then the key rows of the fused projection (values untouched)
+            for first, heads in ((0, attn.n_heads), (attn.n_heads * dh, attn.n_kv_heads)):
+                rows = torch.cat([first + perm + h * dh for h in range(heads)])
+                span = slice(first, first + heads * dh)
+                layer = attn.qkv_proj
+                layer.weight[span] = layer.weight[rows].clone()
                 if layer.bias is not None:
-                    layer.bias.copy_(layer.bias[full])
+                    layer.bias[span] = layer.bias[rows].clone()
     return twin
 
 

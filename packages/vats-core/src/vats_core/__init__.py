@@ -4,9 +4,8 @@ Attention with GQA, sliding windows and pluggable kernels (:mod:`vats_core.atten
 RoPE in 1D/2D/3D (:mod:`vats_core.rope`), KV caches (:mod:`vats_core.kv_cache`),
 Mixture of Experts (:mod:`vats_core.moe`), norms and MLPs, the pre-norm
 :class:`TransformerBlock`, config dataclasses (:mod:`vats_core.config`), checkpoint I/O
-(:mod:`vats_core.checkpoint`), the trainer (:mod:`vats_core.training`), the shared
-model-contract checks (:mod:`vats_core.testing`), and linears on the faster CPU GEMM library
-with :func:`packed_weights` for inference loops (:mod:`vats_core.linear`).
+(:mod:`vats_core.checkpoint`), the trainer (:mod:`vats_core.training`) and the shared
+model-contract checks (:mod:`vats_core.testing`).
 """
 
 from vats_core.attention import (
@@ -20,7 +19,6 @@ from vats_core.block import BlockConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check
 from vats_core.kv_cache import KVCaches, RollingKVCache, StaticKVCache
-from vats_core.linear import packed_weights
 from vats_core.mlp import Activation, MLPConfig
 from vats_core.moe import MoE, MoEConfig, RouterStats
 from vats_core.norms import LayerNorm, NormType, RMSNorm
@@ -53,5 +51,4 @@ __all__ = [
     "attention",
     "attention_backend",
     "check",
-    "packed_weights",
 ]

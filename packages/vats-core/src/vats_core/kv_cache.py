@@ -17,6 +17,16 @@ token); the cache keeps it per slot and returns the mask over everything it hold
 RoPE positions are the model's job (:meth:`StaticKVCache.seq_lens` tells it how many real
 tokens each row already has).
 
+Two ways to return what attention sees. By default ``update`` returns only the tokens held
+(a static cache's filled prefix), so eager decoding attends over exactly the keys there
+are; the returned length grows with every step. Built with ``fixed_shape=True`` (for a
+decode step under ``torch.compile``, as gpt-fast does), a one-token ``update`` instead
+returns the whole buffer, the same shape every step, with a mask that hides the slots not
+written yet: the compiled step then traces once and never recompiles as the caches fill or
+a ring buffer wraps. The write position is a tensor (:attr:`KVCache.pos`), so no Python
+integer that changes per step enters the graph's shapes. Prefill chunks (more than one
+token) take the default path either way.
+
 Shapes: B batch, Hkv key/value heads, T new tokens, L cache capacity, Dh head dim.
 """
 
@@ -43,6 +53,7 @@ class KVCache(nn.Module):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str | None,
+        fixed_shape: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -66,8 +77,26 @@ class KVCache(nn.Module):
         self.register_buffer(
             "n_real", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False
         )
-        self.length = 0  # tokens written since the last reset (the next token's index)
+        # Tokens written since the last reset (the next token's index). A tensor, so that a
+        # compiled fixed-shape step reads no Python integer that changes every step (dynamo
+        # would specialize on it and recompile); the default path also keeps it as an int.
+        self.register_buffer(
+            "pos", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
+        self._length = 0
         self._padded = False  # whether any chunk came with a key padding mask
+        self.fixed_shape = bool(fixed_shape)
+
+    @property
+    def length(self) -> int:
+        """Tokens written since the last reset (the next token's index). On a fixed-shape
+        cache this reads :attr:`pos` from the device."""
+        return int(self.pos) if self.fixed_shape else self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self._length = value
+        self.pos.fill_(value)
 
     @property
     def capacity(self) -> int:
@@ -138,8 +167,15 @@ class KVCache(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"batch_size={self.batch_size}, n_kv_heads={self.n_kv_heads}, "
-            f"capacity={self.capacity}, head_dim={self.head_dim}, length={self.length}"
+            f"capacity={self.capacity}, head_dim={self.head_dim}, length={self.length}, "
+            f"fixed_shape={self.fixed_shape}"
         )
+
+    def _advance(self, t: int, key_padding_mask: Tensor | None) -> None:
+        self.n_real += t if key_padding_mask is None else key_padding_mask.sum(dim=1)
+        self.pos += t
+        if not self.fixed_shape:
+            self._length += t
 
 
 class StaticKVCache(KVCache):
@@ -147,6 +183,8 @@ class StaticKVCache(KVCache):
 
     ``update`` writes the chunk at ``[length, length + T)`` and returns views of the filled
     prefix, so attention sees exactly ``length`` keys (no masking of empty slots needed).
+    With ``fixed_shape``, a one-token update returns all ``max_len`` slots and masks the
+    unwritten ones (module docstring).
     """
 
     def __init__(
@@ -158,6 +196,7 @@ class StaticKVCache(KVCache):
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        fixed_shape: bool = False,
     ) -> None:
         if max_len < 1:
             raise ValueError(f"StaticKVCache: max_len={max_len!r} must be >= 1")
@@ -168,28 +207,49 @@ class StaticKVCache(KVCache):
             head_dim=head_dim,
             dtype=dtype,
             device=device,
+            fixed_shape=fixed_shape,
         )
 
     def update(
         self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         self._check_chunk(k, v, key_padding_mask)
-        start, t = self.length, k.shape[2]
-        if start + t > self.capacity:
-            raise ValueError(
-                f"StaticKVCache is full: it holds {start} of max_len={self.capacity} tokens and "
-                f"cannot take {t} more; build it with a larger max_len or reset() it"
-            )
+        t = k.shape[2]
+        if self.fixed_shape and t == 1:
+            return self._update_fixed(k, v, key_padding_mask)
+        start = self.length
+        self._check_room(start, t)
         end = start + t
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         if key_padding_mask is not None or self._padded:
             self.mask[:, start:end] = self._chunk_mask(key_padding_mask, t)
             self._padded = True
-        self.n_real += t if key_padding_mask is None else key_padding_mask.sum(dim=1)
-        self.length = end
+        self._advance(t, key_padding_mask)
         mask = self.mask[:, :end] if self._padded else None
         return self.k[:, :, :end], self.v[:, :, :end], mask
+
+    def _check_room(self, start: int, t: int) -> None:
+        if start + t > self.capacity:
+            raise ValueError(
+                f"StaticKVCache is full: it holds {start} of max_len={self.capacity} tokens and "
+                f"cannot take {t} more; build it with a larger max_len or reset() it"
+            )
+
+    def _update_fixed(
+        self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # One token at slot pos; every slot returned, those past it masked. With Tq = 1 the
+        # dispatch aligns the query with the last key, so causality is the mask's job.
+        if not torch.compiler.is_compiling():  # (a host read: eager calls check the room)
+            self._check_room(self.length, 1)
+        slot = self.pos.view(1)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        self.mask.index_copy_(1, slot, self._chunk_mask(key_padding_mask, 1))
+        written = torch.arange(self.capacity, device=self.k.device) <= self.pos  # (L,)
+        self._advance(1, key_padding_mask)
+        return self.k, self.v, self.mask & written
 
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.length:
@@ -210,6 +270,11 @@ class RollingKVCache(KVCache):
     the held keys back in chronological order, appends the chunk, and returns the
     concatenation (at most ``window - 1 + T`` keys), so a prefill chunk longer than the window
     is still masked exactly. Only the chunk's last ``window - 1`` tokens are written back.
+
+    With ``fixed_shape``, a one-token update returns the ``window - 1`` slots in slot order
+    (unwritten ones masked) followed by the new token: ``window`` keys every step. Their
+    order is not chronological, which changes nothing: every held key lies inside the
+    window, so all of them are visible, and RoPE was applied before they were cached.
     """
 
     def __init__(
@@ -221,6 +286,7 @@ class RollingKVCache(KVCache):
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        fixed_shape: bool = False,
     ) -> None:
         if window < 1:
             raise ValueError(f"RollingKVCache: window={window!r} must be >= 1")
@@ -231,6 +297,7 @@ class RollingKVCache(KVCache):
             head_dim=head_dim,
             dtype=dtype,
             device=device,
+            fixed_shape=fixed_shape,
         )
         self.window = window
 
@@ -245,6 +312,8 @@ class RollingKVCache(KVCache):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         self._check_chunk(k, v, key_padding_mask)
         t, cap = k.shape[2], self.capacity
+        if self.fixed_shape and t == 1 and cap > 0:
+            return self._update_fixed(k, v, key_padding_mask)
         padded = self._padded or key_padding_mask is not None
         chunk_mask = self._chunk_mask(key_padding_mask, t) if padded else None
 
@@ -265,8 +334,23 @@ class RollingKVCache(KVCache):
             if padded:
                 self.mask.index_copy_(1, write, chunk_mask[:, t - n_write :])
         self._padded = padded
-        self.n_real += t if key_padding_mask is None else key_padding_mask.sum(dim=1)
-        self.length += t
+        self._advance(t, key_padding_mask)
+        return k_all, v_all, mask_all
+
+    def _update_fixed(
+        self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cap = self.capacity
+        chunk_mask = self._chunk_mask(key_padding_mask, 1)
+        written = torch.arange(cap, device=self.k.device) < self.pos  # (cap,); all once wrapped
+        k_all = torch.cat([self.k, k], dim=2)  # (B, Hkv, cap + 1, Dh): held slots, then new
+        v_all = torch.cat([self.v, v], dim=2)
+        mask_all = torch.cat([self.mask & written, chunk_mask], dim=1)  # (B, cap + 1)
+        slot = (self.pos % cap).view(1)  # the oldest token's slot: it leaves the window now
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        self.mask.index_copy_(1, slot, chunk_mask)
+        self._advance(1, key_padding_mask)
         return k_all, v_all, mask_all
 
     def crop(self, length: int) -> None:
@@ -301,11 +385,13 @@ class KVCaches(nn.ModuleList):
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        fixed_shape: bool = False,
     ) -> KVCaches:
         """Caches for layers with the given causal windows (None = global attention).
 
         A windowed layer gets a :class:`RollingKVCache` unless its window spans ``max_len``
-        anyway, in which case the static cache is smaller.
+        anyway, in which case the static cache is smaller. ``fixed_shape``: one-token
+        updates return the same shapes every step (module docstring), for compiled decoding.
         """
         caches: list[KVCache] = []
         for window in windows:
@@ -318,6 +404,7 @@ class KVCaches(nn.ModuleList):
                         head_dim=head_dim,
                         dtype=dtype,
                         device=device,
+                        fixed_shape=fixed_shape,
                     )
                 )
             else:
@@ -329,6 +416,7 @@ class KVCaches(nn.ModuleList):
                         head_dim=head_dim,
                         dtype=dtype,
                         device=device,
+                        fixed_shape=fixed_shape,
                     )
                 )
         return cls(caches)

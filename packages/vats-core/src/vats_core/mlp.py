@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vats_core.config import Config, check, coerce_enum
-from vats_core.linear import Linear, linear
 
 __all__ = ["Activation", "GeluMLP", "MLPConfig", "SwiGLU", "build_mlp"]
 
@@ -47,9 +46,9 @@ class SwiGLU(nn.Module):
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
         self.config = config
-        self.gate_proj = Linear(config.dim, config.hidden_dim, bias=config.bias)
-        self.up_proj = Linear(config.dim, config.hidden_dim, bias=config.bias)
-        self.down_proj = Linear(config.hidden_dim, config.dim, bias=config.bias)
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., D) -> (..., D)``."""
@@ -62,13 +61,13 @@ class GeluMLP(nn.Module):
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
         self.config = config
-        self.activation = "gelu_tanh" if config.activation is Activation.GELU_TANH else "gelu"
-        self.fc1 = Linear(config.dim, config.hidden_dim, bias=config.bias)
-        self.fc2 = Linear(config.hidden_dim, config.dim, bias=config.bias)
+        self.approximate = "tanh" if config.activation is Activation.GELU_TANH else "none"
+        self.fc1 = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
+        self.fc2 = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., D) -> (..., D)``; on CPU inference the GELU runs inside fc1's GEMM."""
-        return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, self.activation))
+        """``(..., D) -> (..., D)``."""
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 def build_mlp(config: MLPConfig) -> SwiGLU | GeluMLP:

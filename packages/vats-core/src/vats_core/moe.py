@@ -48,9 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core._autograd import graph_gradients, in_func_transform
 from vats_core.config import Config, check, coerce_enum
-from vats_core.linear import Linear, linear, linear_slice, mm, onednn_for_rows
+from vats_core.mlp import Activation, MLPConfig, SwiGLU
 
 __all__ = [
     "GroupedExperts",
@@ -75,22 +74,14 @@ class ScoreFunc(enum.StrEnum):
 
 
 class GroupedMM(enum.StrEnum):
-    """Whether the experts run as one ``grouped_mm`` call or a loop of matmuls."""
+    """Which of the two expert paths runs: one ``grouped_mm`` per projection, or a loop of
+    one matmul per expert. Both compute the same function with plain autograd."""
 
-    # grouped_mm on CUDA in bf16 (sm80+). torch>=2.9 also has a CPU fp32 kernel: at the
-    # benchmark config (8 experts, 4096 tokens, 2 threads) it measured ~10 % slower than the
-    # loop forward + backward, and a 1024-token prefill 13 % slower, but on inference steps of
-    # a few rows (batched decoding) one C++ call beats a Python loop over the experts hit
-    # (bench_text, batch 8: 0.92x -> 1.02x HF). So on CPU, auto uses it exactly there: no
-    # gradient, at most 64 (token, expert) assignments, more than one token (one token's
-    # experts take views of it, cheaper still); under torch.compile, inside the opaque
-    # few-token op (GroupedExperts.forward_few). Except where oneDNN runs few-row linears
-    # (vats_core.linear.small_gemm_kernels; an AMD EPYC, where MKL's grouped_mm streamed
-    # weights at under half oneDNN's rate): there the loop of oneDNN linears (batch 8 decode
-    # 90 -> 166 tok/s).
+    # grouped_mm wherever it runs (see _grouped_mm_unsupported: CUDA bf16 on sm80+; the CPU
+    # float32 kernel of torch >= 2.9 in eager mode), else the loop.
     AUTO = "auto"
-    ON = "on"  # wherever it runs (CUDA bf16, CPU fp32); a ValueError elsewhere
-    OFF = "off"  # always the loop (the reference; works in float64)
+    ON = "on"  # grouped_mm; a ValueError where it cannot run
+    OFF = "off"  # always the loop (the reference; it runs in any dtype and under compile)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -272,57 +263,6 @@ class RouterStats:
 # --------------------------------------------------------------------------------------------
 
 
-def _swiglu(gate_up: Tensor) -> Tensor:
-    """silu(gate) * up for ``gate_up = cat([gate, up], -1)``: (..., 2H) -> (..., H).
-
-    Same values as ``F.silu(g) * u`` on the two halves, with a hand-written backward that
-    writes both halves of the gradient straight into one (..., 2H) buffer: autograd through
-    ``chunk`` would ``cat`` them (a full extra copy), and it would keep silu(gate) alive too.
-    """
-    return _SwiGLU.apply(gate_up)
-
-
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up: Tensor) -> Tensor:
-        ctx.save_for_backward(gate_up)
-        return _swiglu_forward(gate_up)
-
-    @staticmethod
-    def backward(ctx, grad_h: Tensor) -> Tensor:
-        (gate_up,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: plain ops (vats_core._autograd)
-            return graph_gradients(_swiglu_plain, (gate_up,), (True,), grad_h)[0]
-        return _swiglu_backward(gate_up, grad_h)
-
-
-def _swiglu_plain(gate_up: Tensor) -> Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _swiglu_forward(gate_up: Tensor) -> Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
-
-
-def _swiglu_backward(gate_up: Tensor, grad_h: Tensor, silu_gate: Tensor | None = None) -> Tensor:
-    """Gradient wrt ``gate_up`` of silu(gate) * up, written into one (..., 2H) buffer.
-
-    ``silu_gate``: ``silu(gate)`` where the caller has it; recomputed otherwise (one pass,
-    cheaper in memory than saving it).
-    """
-    gate, up = gate_up.chunk(2, dim=-1)
-    grad = torch.empty_like(gate_up)
-    grad_gate, grad_up = grad.chunk(2, dim=-1)
-    # d/d gate: silu'(gate) * (grad_h * up), the product staged in grad_up's slot;
-    # d/d up: grad_h * silu(gate).
-    torch.mul(grad_h, up, out=grad_up)
-    torch.ops.aten.silu_backward.grad_input(grad_up, gate, grad_input=grad_gate)
-    torch.mul(grad_h, F.silu(gate) if silu_gate is None else silu_gate, out=grad_up)
-    return grad
-
-
 class Router(nn.Module):
     """Linear scores over experts -> top-k -> optional renormalization.
 
@@ -339,7 +279,7 @@ class Router(nn.Module):
     def forward(self, x_ND: Tensor) -> Routing:
         """Route N tokens. x_ND (N, D) -> :class:`Routing`."""
         cfg = self.config
-        logits_NE = _at_least_fp32(linear(x_ND, self.weight, self.bias))
+        logits_NE = _at_least_fp32(F.linear(x_ND, self.weight, self.bias))
         if cfg.score_func is ScoreFunc.SOFTMAX:
             scores_NE = logits_NE.softmax(dim=-1)
             probs_NE = scores_NE
@@ -370,14 +310,6 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * H, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, H))
 
-    def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(gate_up_proj, down_proj) in the compute dtype (autocast: grouped_mm and the
-        hand-written loops are not autocast-aware)."""
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if w_gate_up.dtype != dtype:
-            w_gate_up, w_down = w_gate_up.to(dtype), w_down.to(dtype)
-        return w_gate_up, w_down
-
     def forward(
         self,
         x_ND: Tensor,
@@ -397,294 +329,59 @@ class GroupedExperts(nn.Module):
             token_S: (S,) long, the token of each assignment, grouped by expert.
             weight_S: (S,) combine weight of each assignment.
             group_sizes_E: (E,) long, assignments per expert; S = group_sizes_E.sum().
-            grouped: one ``grouped_mm`` per projection (caller checked it runs) or a loop.
+            grouped: one ``grouped_mm`` per projection (the caller checked it runs), or the
+                loop over experts.
 
         Returns:
             (N, D): Σ over a token's assignments of weight · expert(x); zero for tokens
             with none.
         """
-        w_gate_up, w_down = self._weights(x_ND.dtype)
-        weight_S = weight_S.to(x_ND.dtype)
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if w_gate_up.dtype != x_ND.dtype:  # autocast: grouped_mm does not cast for itself
+            w_gate_up, w_down = w_gate_up.to(x_ND.dtype), w_down.to(x_ND.dtype)
+        # index_select, not x_ND[token_S]: its backward is an index_add, not an index_put.
+        x_SD = x_ND.index_select(0, token_S)
         if grouped and token_S.shape[0] > 0:
-            return _experts_grouped(x_ND, token_S, weight_S, group_sizes_E, w_gate_up, w_down)
-        if in_func_transform():
-            return _experts_plain(x_ND, token_S, weight_S, group_sizes_E, w_gate_up, w_down)
-        # The loop: one host sync for the group sizes, then one hand-written autograd node
-        # (which keeps activations for its backward only when one can follow).
-        keep = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x_ND, weight_S, w_gate_up, w_down)
-        )
-        sizes = group_sizes_E.tolist()
-        return _ExpertsLoop.apply(x_ND, token_S, weight_S, sizes, w_gate_up, w_down, keep)
-
-    def forward_few(
-        self, x_ND: Tensor, routing: Routing, mask_N: Tensor | None, *, grouped: bool = False
-    ) -> Tensor:
-        """Inference on a few tokens: like :meth:`forward`, with the grouping done in Python.
-
-        One host read of the (N, K) choices; then per expert hit, its tokens' rows (a view
-        when there is one) through two matmuls, added onto their tokens in expert order (the
-        order :meth:`forward` adds in). With ``grouped``, the sort-based plan and one
-        ``grouped_mm`` per projection instead, as :meth:`forward` runs them.
-
-        Under torch.compile either runs as the custom op ``vats::moe_experts_few``, opaque to
-        the tracer, so a compiled decoding step stays one graph around the data-dependent
-        grouping (and the CPU ``grouped_mm``, which the tracer's fake-tensor check refuses in
-        fp32, runs eagerly inside it).
-
-        Args:
-            x_ND: (N, D) tokens, in the compute dtype.
-            routing: the router's decision for them.
-            mask_N: (N,) bool, True = real token; None = all real.
-            grouped: run as grouped_mm (the caller checked it runs).
-
-        Returns:
-            (N, D), as :meth:`forward`.
-        """
-        w_gate_up, w_down = self._weights(x_ND.dtype)
-        args = (x_ND, routing.topk_idx_NK, routing.topk_weight_NK, mask_N, w_gate_up, w_down)
-        if torch.compiler.is_compiling():
-            return _experts_few_op(*args, grouped)
-        return _experts_few(*args, grouped)
-
-    def forward_one_traced(self, x_1D: Tensor, routing: Routing, mask_1: Tensor | None) -> Tensor:
-        """One token, for torch.compile: like :meth:`forward_few`, as plain traced tensor ops.
-
-        The K chosen experts' weights are indexed by the routing tensor and multiplied as
-        reductions (``(w[e] * x).sum(-1)``), which inductor fuses into one pass over just
-        those weights: no host read of the choice, no opaque call, no weight copy. (Eager,
-        the same indexing would copy the weights; :meth:`forward_few` takes views instead.)
-
-        Args:
-            x_1D: (1, D), in the compute dtype.
-            routing: the router's decision for it.
-            mask_1: (1,) bool, True = real token; None = real.
-
-        Returns:
-            (1, D), as :meth:`forward`.
-        """
-        w_gate_up, w_down = self._weights(x_1D.dtype)
-        e_K = routing.topk_idx_NK[0]
-        k = e_K.shape[0]
-        gate_up_K2H = _matvec(w_gate_up[e_K], x_1D.expand(k, -1))
-        out_KD = _matvec(w_down[e_K], _swiglu_forward(gate_up_K2H))
-        weight_K1 = routing.topk_weight_NK[0, :, None].to(x_1D.dtype)
-        if mask_1 is not None:
-            weight_K1 = weight_K1 * mask_1.to(x_1D.dtype)
-        return (out_KD * weight_K1).sum(0, keepdim=True)
-
-
-def _matvec(w_KOI: Tensor, v_KI: Tensor) -> Tensor:
-    """Per-k matrix-vector products (K, O, I) x (K, I) -> (K, O), written as a reduction."""
-    return (w_KOI * v_KI[:, None, :]).sum(-1)
-
-
-def _experts_grouped(
-    x_ND: Tensor,
-    token_S: Tensor,
-    weight_S: Tensor,
-    group_sizes_E: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-) -> Tensor:
-    """:meth:`GroupedExperts.forward` as one ``grouped_mm`` per projection (S > 0)."""
-    # grouped_mm wants int32 end offsets; the transposed views are free (no copy).
-    # index_select, not x_ND[token_S]: its backward is index_add, not index_put.
-    offsets_E = group_sizes_E.cumsum(0).to(torch.int32)
-    x_SD = x_ND.index_select(0, token_S)
-    gate_up_S2H = _grouped_mm(x_SD, w_gate_up.transpose(-2, -1), offsets_E)
-    out_SD = _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
-    return torch.zeros_like(x_ND).index_add(0, token_S, out_SD * weight_S[:, None])
-
-
-def _experts_plain(
-    x_ND: Tensor,
-    token_S: Tensor,
-    weight_S: Tensor,
-    group_sizes_E: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-) -> Tensor:
-    """:meth:`GroupedExperts.forward`'s loop in plain differentiable ops, for torch.func
-    transforms and for the loop node's backward under ``create_graph`` (vats_core._autograd).
-    ``torch.func.grad`` and ``jacrev`` run it; ``vmap`` cannot, since which tokens reach
-    which expert is data (the group sizes are read). Same arguments as
-    :func:`_experts_grouped`, the same computation as a loop."""
-    y_ND = torch.zeros_like(x_ND)
-    start = 0
-    for e, n in enumerate(group_sizes_E.tolist()):
-        if n == 0:
-            continue
-        tok_n = token_S[start : start + n]
-        gate_nH, up_nH = F.linear(x_ND.index_select(0, tok_n), w_gate_up[e]).chunk(2, dim=-1)
-        out_nD = F.linear(F.silu(gate_nH) * up_nH, w_down[e])
-        y_ND = y_ND.index_add(0, tok_n, out_nD * weight_S[start : start + n, None])
-        start += n
-    return y_ND
-
-
-def _experts_few(
-    x_ND: Tensor,
-    topk_idx_NK: Tensor,
-    topk_weight_NK: Tensor,
-    mask_N: Tensor | None,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-    grouped: bool,
-) -> Tensor:
-    """The work of :meth:`GroupedExperts.forward_few`, on plain tensors."""
-    k = topk_idx_NK.shape[1]
-    if grouped and x_ND.device.type == "cpu":
-        grouped = not any(w.data_ptr() % 16 for w in (w_gate_up, w_down))  # see _use_grouped_mm
-    if grouped:
-        order_S, sizes_E, n_kept, _ = _dispatch_plan(
-            topk_idx_NK, mask_N, w_gate_up.shape[0], capacity=None
-        )
-        if n_kept == 0:
-            return torch.zeros_like(x_ND)
-        order_S = order_S[:n_kept]
-        weight_S = topk_weight_NK.reshape(-1)[order_S].to(x_ND.dtype)
-        return _experts_grouped(x_ND, order_S // k, weight_S, sizes_E, w_gate_up, w_down)
-    real = None if mask_N is None else mask_N.tolist()
-    groups: dict[int, list[int]] = {}  # expert -> flat assignments n*K + k, token order
-    for s, e in enumerate(topk_idx_NK.reshape(-1).tolist()):
-        if real is None or real[s // k]:
-            groups.setdefault(e, []).append(s)
-    weight_S = topk_weight_NK.reshape(-1).to(x_ND.dtype)
-    y_ND = torch.zeros_like(x_ND)
-    for e in sorted(groups):
-        assignments = groups[e]
-        if len(assignments) == 1:  # views, no gather
-            s = assignments[0]
-            n = s // k
-            out_1D = linear_slice(
-                _swiglu_forward(linear_slice(x_ND[n : n + 1], w_gate_up, e)), w_down, e
-            )
-            y_ND[n : n + 1].add_(out_1D.mul_(weight_S[s : s + 1, None]))
+            # int32 end offsets; the transposed weights are views, no copy.
+            offsets_E = group_sizes_E.cumsum(0).to(torch.int32)
+            gate_up_S2H = _grouped_mm(x_SD, w_gate_up.transpose(-2, -1), offsets_E)
+            out_SD = _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
         else:
-            s_n = torch.tensor(assignments, device=x_ND.device)
-            tok_n = s_n // k
-            x_nD = x_ND.index_select(0, tok_n)
-            out_nD = linear_slice(_swiglu_forward(linear_slice(x_nD, w_gate_up, e)), w_down, e)
-            y_ND.index_add_(0, tok_n, out_nD.mul_(weight_S.index_select(0, s_n)[:, None]))
-    return y_ND
+            out_SD = _experts_loop(x_SD, group_sizes_E, w_gate_up, w_down)
+        out_SD = out_SD * weight_S.to(out_SD.dtype)[:, None]
+        return torch.zeros_like(x_ND).index_add(0, token_S, out_SD)
 
 
-# Under torch.compile the few-token path runs as this op, opaque to the tracer (eager calls
-# _experts_few directly and skips the dispatcher).
-_experts_few_op = torch.library.custom_op("vats::moe_experts_few", _experts_few, mutates_args=())
+def _swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for ``gate_up = cat([gate, up], -1)``: (..., 2H) -> (..., H)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
-@_experts_few_op.register_fake
-def _(x_ND, topk_idx_NK, topk_weight_NK, mask_N, w_gate_up, w_down, grouped):
-    return torch.empty_like(x_ND)
+def _experts_loop(x_SD: Tensor, group_sizes_E: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+    """The experts one at a time: expert e's rows of ``x_SD`` (its group) through its two
+    projections. One host read of the group sizes (under torch.compile, data-dependent
+    sizes); an expert without tokens multiplies an empty block, which costs no weight read.
 
-
-class _ExpertsLoop(torch.autograd.Function):
-    """Gather, SwiGLU experts, weight and scatter-add, one expert at a time, by hand.
-
-    Written out rather than left to autograd, whose graph for the same loop costs four full
-    copies per step: ``cat`` of the expert outputs, ``cat`` of the per-group input gradients
-    (the backward of ``split``), and two ``stack``s of per-expert weight gradients (the
-    backward of ``unbind``). Here each expert gathers its own tokens and scatter-adds its
-    own output, and the backward writes each expert's weight gradient straight into its
-    slice of the stacked gradient with ``torch.mm(out=...)`` (MKL: oneDNN has no ``out=``
-    and ran these transposed products slower); the other products are
-    :func:`vats_core.linear.mm`, on whichever library runs their shape faster. Per-expert
-    activations stay per-expert: a few MB each, recycled by the allocator, where one
-    (S, 2H) buffer would be freshly page-faulted on every step.
-
-    Saved per expert: its input rows (n, D), gate/up pre-activations (n, 2H) and unweighted
-    output (n, D), the last for the gradient of the combine weights. The SwiGLU output
-    (n, H), which autograd would keep too, is recomputed in the backward from the saved
-    pre-activations (one multiply beside the silu the backward needs anyway): a third less
-    activation memory for the experts at well under 1 % of the step.
+    Returns:
+        (S, D), the unweighted expert outputs in ``x_SD``'s row order.
     """
-
-    @staticmethod
-    def forward(ctx, x_ND, token_S, weight_S, sizes, w_gate_up, w_down, keep):  # type: ignore[override]
-        y_ND = torch.zeros_like(x_ND)
-        tokens = token_S.split(sizes)
-        weights = weight_S.split(sizes)
-        saved: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = []
-        for e, (tok_n, w_n) in enumerate(zip(tokens, weights, strict=True)):
-            if tok_n.shape[0] == 0:
-                saved.append(None)
-                continue
-            x_nD = x_ND.index_select(0, tok_n)
-            gate_up_n2H = mm(x_nD, w_gate_up[e].t())
-            h_nH = _swiglu_forward(gate_up_n2H)
-            out_nD = mm(h_nH, w_down[e].t())
-            y_ND.index_add_(0, tok_n, out_nD * w_n[:, None])
-            saved.append((x_nD, gate_up_n2H, out_nD) if keep else None)
-        ctx.sizes = sizes
-        ctx.saved = saved
-        ctx.save_for_backward(x_ND, token_S, weight_S, w_gate_up, w_down)
-        return y_ND
-
-    @staticmethod
-    def backward(ctx, grad_y_ND):  # type: ignore[override]
-        x_ND, token_S, weight_S, w_gate_up, w_down = ctx.saved_tensors
-        need_x, _, need_w, need_gu, need_d = (ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5))
-        if torch.is_grad_enabled():  # create_graph=True: plain ops (vats_core._autograd)
-            sizes = torch.tensor(ctx.sizes)
-
-            def plain(x_ND, weight_S, w_gate_up, w_down):
-                return _experts_plain(x_ND, token_S, weight_S, sizes, w_gate_up, w_down)
-
-            inputs, needs = (x_ND, weight_S, w_gate_up, w_down), (need_x, need_w, need_gu, need_d)
-            grad_x, grad_weight, grad_gate_up, grad_down = graph_gradients(
-                plain, inputs, needs, grad_y_ND
-            )
-            return grad_x, None, grad_weight, None, grad_gate_up, grad_down, None
-        grad_x = torch.zeros_like(x_ND) if need_x else None
-        grad_weight = torch.zeros_like(weight_S) if need_w else None
-        # Written expert by expert with mm(out=...); only experts without tokens are zeroed.
-        grad_gate_up = torch.empty_like(w_gate_up) if need_gu else None
-        grad_down = torch.empty_like(w_down) if need_d else None
-        tokens = token_S.split(ctx.sizes)
-        weights = weight_S.split(ctx.sizes)
-        start = 0
-        for e, (tok_n, w_n, saved) in enumerate(zip(tokens, weights, ctx.saved, strict=True)):
-            n = tok_n.shape[0]
-            if saved is None:
-                for grad_w in (grad_gate_up, grad_down):
-                    if grad_w is not None:
-                        grad_w[e].zero_()
-                continue
-            x_nD, gate_up_n2H, out_nD = saved
-            grad_out_nD = grad_y_ND.index_select(0, tok_n)
-            if grad_weight is not None:
-                torch.linalg.vecdot(grad_out_nD, out_nD, out=grad_weight[start : start + n])
-            grad_out_nD.mul_(w_n[:, None])  # now the gradient of the unweighted output
-            gate_nH, up_nH = gate_up_n2H.chunk(2, dim=-1)
-            silu_nH = F.silu(gate_nH)
-            if grad_down is not None:
-                torch.mm(grad_out_nD.t(), silu_nH * up_nH, out=grad_down[e])  # h, recomputed
-            grad_h_nH = mm(grad_out_nD, w_down[e])
-            grad_gate_up_n2H = _swiglu_backward(gate_up_n2H, grad_h_nH, silu_nH)
-            if grad_gate_up is not None:
-                torch.mm(grad_gate_up_n2H.t(), x_nD, out=grad_gate_up[e])
-            if grad_x is not None:
-                grad_x.index_add_(0, tok_n, mm(grad_gate_up_n2H, w_gate_up[e]))
-            start += n
-        return grad_x, None, grad_weight, None, grad_gate_up, grad_down, None
+    sizes = group_sizes_E.tolist()
+    outs = [
+        F.linear(_swiglu(F.linear(x_nD, w_gate_up[e])), w_down[e])
+        for e, x_nD in enumerate(x_SD.split(sizes))
+    ]
+    return torch.cat(outs)
 
 
-class SharedExpert(nn.Module):
+class SharedExpert(SwiGLU):
     """SwiGLU MLP every token goes through; n shared experts fused into one of n× the width.
 
     Named like Qwen2-MoE's ``shared_expert`` (gate_proj / up_proj / down_proj, no bias).
     """
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.gate_proj = Linear(dim, hidden_dim, bias=False)
-        self.up_proj = Linear(dim, hidden_dim, bias=False)
-        self.down_proj = Linear(hidden_dim, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        super().__init__(MLPConfig(dim=dim, hidden_dim=hidden_dim, activation=Activation.SWIGLU))
 
 
 class MoE(nn.Module):
@@ -711,7 +408,7 @@ class MoE(nn.Module):
         hidden = config.shared_total_hidden_dim
         self.shared_expert = SharedExpert(config.dim, hidden) if hidden else None
         self.shared_expert_gate = (
-            Linear(config.dim, 1, bias=False) if config.shared_expert_gate else None
+            nn.Linear(config.dim, 1, bias=False) if config.shared_expert_gate else None
         )
         self.reset_parameters()
 
@@ -743,34 +440,21 @@ class MoE(nn.Module):
 
         # 1. Route. (The losses are computed from the routing when RouterStats is read.)
         routing = self.router(x_ND)
-        x_compute = x_ND.to(self._compute_dtype(x))
-        grouped = self._use_grouped_mm(x, n_tokens)
-        few = self._few_tokens_inference(x, n_tokens)
-        if few and n_tokens == 1 and torch.compiler.is_compiling():
-            # Compiled one-token decoding: the token's K experts indexed in the graph, where
-            # the compiler fuses the gather into the matrix-vector products (no weight copy,
-            # no host read of the choice, no opaque call).
-            y_ND = self.experts.forward_one_traced(x_compute, routing, mask_N)
-            stats = RouterStats(routing, mask_N)
-        elif few and (not grouped or torch.compiler.is_compiling()):
-            # Decoding: a handful of tokens, no gradient. Grouping them in Python is cheaper
-            # than the sort-based plan below, and every op left scales with the experts hit.
-            # (Compiled, both ways run inside one opaque op: see forward_few.)
-            y_ND = self.experts.forward_few(x_compute, routing, mask_N, grouped=grouped)
-            stats = RouterStats(routing, mask_N)
-        else:
-            # 2. Order the N*K assignments by expert; padding and overflow go to a null
-            #    expert E, which sorts last and is cut off.
-            order_S, sizes_E, n_kept, dropped = _dispatch_plan(
-                routing.topk_idx_NK, mask_N, E, cfg.capacity(n_tokens)
-            )
-            order_S = order_S[:n_kept]
-            token_S = order_S // K  # assignment s of the flat (N*K,) list is token s // K's
-            weight_S = routing.topk_weight_NK.reshape(-1)[order_S]
 
-            # 3. Experts on contiguous groups, weighted and added back onto their tokens.
-            y_ND = self.experts(x_compute, token_S, weight_S, sizes_E, grouped=grouped)
-            stats = RouterStats(routing, mask_N, tokens_per_expert=sizes_E, dropped_tokens=dropped)
+        # 2. Order the N*K assignments by expert; padding and overflow go to a null expert E,
+        #    which sorts last and is cut off.
+        order_S, sizes_E, n_kept, dropped = _dispatch_plan(
+            routing.topk_idx_NK, mask_N, E, cfg.capacity(n_tokens)
+        )
+        order_S = order_S[:n_kept]
+        token_S = order_S // K  # assignment s of the flat (N*K,) list is token s // K's
+        weight_S = routing.topk_weight_NK.reshape(-1)[order_S]
+
+        # 3. Experts on contiguous groups, weighted and added back onto their tokens.
+        x_compute = x_ND.to(self._compute_dtype(x))
+        grouped = self._use_grouped_mm(x)
+        y_ND = self.experts(x_compute, token_S, weight_S, sizes_E, grouped=grouped)
+        stats = RouterStats(routing, mask_N, tokens_per_expert=sizes_E, dropped_tokens=dropped)
 
         # 4. Shared expert(s), dense.
         if self.shared_expert is not None:
@@ -815,34 +499,16 @@ class MoE(nn.Module):
             return torch.get_autocast_dtype(device)
         return x.dtype
 
-    def _few_tokens_inference(self, x: Tensor, n_tokens: int) -> bool:
-        few = n_tokens * self.config.top_k <= _FEW_ASSIGNMENTS
-        return few and self.config.capacity_factor is None and not torch.is_grad_enabled()
-
-    def _use_grouped_mm(self, x: Tensor, n_tokens: int | None = None) -> bool:
-        """Whether the experts run as grouped_mm for ``x`` (``n_tokens`` rows; see
-        :class:`GroupedMM`)."""
+    def _use_grouped_mm(self, x: Tensor) -> bool:
+        """Whether the experts run as grouped_mm for ``x`` (see :class:`GroupedMM`)."""
         mode = self.config.grouped_mm
-        if mode is GroupedMM.OFF or in_func_transform():
-            return False  # (torch.func: the plain loop, vats_core._autograd)
-        if mode is GroupedMM.AUTO and x.device.type != "cuda":
-            n = x.numel() // self.config.dim if n_tokens is None else n_tokens
-            few = n >= 2 and n * self.config.top_k <= _FEW_ASSIGNMENTS
-            # (Compiled, it runs inside an opaque op: torch.compile's fake-tensor check of the
-            # CPU kernel wants bf16. See GroupedExperts.forward_few.)
-            if not few or torch.is_grad_enabled():
-                return False  # see GroupedMM.AUTO
-            rows_per_expert = max(1, n * self.config.top_k // self.config.n_experts)
-            if x.device.type == "cpu" and onednn_for_rows(rows_per_expert):
-                return False  # the loop's few-row linears run on oneDNN: see GroupedMM.AUTO
+        if mode is GroupedMM.OFF:
+            return False
         why_not = _grouped_mm_unsupported(x.device, self._compute_dtype(x), self.config)
-        if why_not is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if why_not is None and x.device.type == "cpu":
             # torch<=2.10's CPU kernel needs 16-byte aligned operands; memory-mapped
-            # checkpoints can hand us weights that are not. (Compiled, the opaque few-token
-            # op checks: data_ptr cannot be traced.)
-            weights = (self.experts.gate_up_proj, self.experts.down_proj)
-            if any(w.data_ptr() % 16 for w in weights):
-                why_not = "the expert weights are not 16-byte aligned (memory-mapped?)"
+            # checkpoints can hand us weights that are not.
+            why_not = _misaligned(self.experts.gate_up_proj, self.experts.down_proj)
         if why_not is not None and mode is GroupedMM.ON:
             raise ValueError(f"MoEConfig.grouped_mm='on' but grouped_mm cannot run: {why_not}")
         return why_not is None
@@ -889,11 +555,6 @@ def _dispatch_plan(
     return order_S, sizes_E, n_kept, dropped
 
 
-# Up to this many (token, expert) assignments, a forward without gradient groups them by
-# expert in Python (MoE._few_tokens_inference): decoding steps of up to 32 rows at top-2.
-_FEW_ASSIGNMENTS = 64
-
-
 def _grouped_mm_fn():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -912,6 +573,9 @@ def _grouped_mm_unsupported(device: torch.device, dtype: torch.dtype, cfg: MoECo
     if _grouped_mm_fn() is None:
         return f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm"
     if device.type == "cpu":
+        if torch.compiler.is_compiling():
+            # (torch 2.10's fake-tensor rule for grouped_mm admits bfloat16 only.)
+            return "torch.compile cannot trace the CPU kernel; the loop runs compiled"
         if not _TORCH_2_9:
             return f"torch {torch.__version__} has no CPU grouped_mm kernel (needs torch>=2.9)"
         if dtype != torch.float32:
@@ -933,6 +597,16 @@ def _grouped_mm_unsupported(device: torch.device, dtype: torch.dtype, cfg: MoECo
             )
         return None
     return f"not available on {device.type}"
+
+
+def _misaligned(*weights: Tensor) -> str | None:
+    """Why the CPU grouped_mm kernel cannot read ``weights``, or None."""
+    try:
+        if any(w.data_ptr() % 16 for w in weights):
+            return "the expert weights are not 16-byte aligned (memory-mapped?)"
+    except RuntimeError:  # a torch.func transform's wrapper has no storage to point at
+        return "the expert weights have no storage here (inside a torch.func transform?)"
+    return None
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vats_core._autograd import in_func_transform
 from vats_core.config import Config, check, coerce_enum
 
 __all__ = [
@@ -296,52 +294,4 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
             f"expected (T, Dh) = ({t}, {dh}) or (B or 1, 1, T, Dh) = ({b} or 1, 1, {t}, {dh})"
         )
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if cos.requires_grad or sin.requires_grad or in_func_transform():
-        # learned angles, or torch.func (vats_core._autograd): the plain expression
-        return x * cos + rotate_half(x) * sin
-    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: skip the node
-        return _rotate_into(x, cos, sin)
-    return _Rotary.apply(x, cos, sin)
-
-
-def _rotate_into(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin`` in four fused passes over the two halves.
-
-    Written half by half into a tensor with ``x``'s strides, so queries and keys that are
-    transposed views of the projection stay in that layout; this avoids the ``neg``/``cat``
-    copies of :func:`rotate_half` (several times faster on CPU at head_dim 64). Under
-    torch.compile, which cannot trace ``out=`` into strided views and fuses the plain
-    expression into one kernel anyway, it is that expression.
-    """
-    if torch.compiler.is_compiling():
-        return x * cos + rotate_half(x) * sin
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    out = torch.empty_like(x)
-    o1, o2 = out[..., :h], out[..., h:]
-    torch.mul(x1, cos[..., :h], out=o1)
-    o1.addcmul_(x2, sin[..., :h], value=-1)  # x1·c1 − x2·s1
-    torch.mul(x2, cos[..., h:], out=o2)
-    o2.addcmul_(x1, sin[..., h:])  # x2·c2 + x1·s2
-    return out
-
-
-class _Rotary(torch.autograd.Function):
-    """RoPE as one autograd node: saves only the tables, not rotated copies of ``x``.
-
-    The rotation is linear in ``x``; its transpose maps ``g`` to
-    ``(g1·c1 + g2·s2, g2·c2 − g1·s1)``, which is the forward with the sines negated and
-    swapped between halves.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        ctx.save_for_backward(cos, sin)
-        return _rotate_into(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        h = sin.shape[-1] // 2
-        sin_t = torch.cat([-sin[..., h:], -sin[..., :h]], dim=-1)  # transpose of the rotation
-        return _Rotary.apply(grad, cos, sin_t), None, None
+    return x * cos + rotate_half(x) * sin

@@ -18,9 +18,10 @@ def _reference(
     """Plain multi-head attention: repeated KV heads, explicit mask, softmax."""
     b, t, _ = x.shape
     hq, hkv, dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    q = (x @ attn.q_proj.weight.T).view(b, t, hq, dh).transpose(1, 2)
-    k = (x @ attn.k_proj.weight.T).view(b, t, hkv, dh).transpose(1, 2)
-    v = (x @ attn.v_proj.weight.T).view(b, t, hkv, dh).transpose(1, 2)
+    w_q, w_k, w_v = attn.qkv_proj.weight.split([hq * dh, hkv * dh, hkv * dh])
+    q = (x @ w_q.T).view(b, t, hq, dh).transpose(1, 2)
+    k = (x @ w_k.T).view(b, t, hkv, dh).transpose(1, 2)
+    v = (x @ w_v.T).view(b, t, hkv, dh).transpose(1, 2)
     if rope is not None:
         cos, sin = rope
 
@@ -67,66 +68,40 @@ def test_matches_reference(n_heads: int, n_kv_heads: int, causal: bool, window: 
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_fused_projections_match_the_reference() -> None:
-    # From MIN_ROWS rows on, q, k and v come from one product of the stacked weights.
-    torch.manual_seed(0)
-    cfg = AttentionConfig(dim=24, n_heads=4, n_kv_heads=2, head_dim=8, causal=True, window=5)
-    attn = Attention(cfg).double()
-    x = torch.randn(2, 130, 24, dtype=F64)  # 260 rows
-    kpm = torch.ones(2, 130, dtype=torch.bool)
-    kpm[1, :9] = False
-    rope = RotaryEmbedding(RopeConfig(head_dim=8))(torch.arange(130), dtype=F64)
-    assert attn._fuse_projections(x, None)
-    assert not attn._fuse_projections(x[:, :100], None)  # 200 rows: three products
-    out = attn(x, rope=rope, key_padding_mask=kpm)
-    expected = _reference(attn, x, rope, True, 5, kpm)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
-
-
-def test_fused_projections_train_like_three() -> None:
-    # Same outputs and gradients (biases included) as three separate projections, which a
-    # swapped-in projection module (here a Linear subclass) falls back to.
-    import copy
-
-    from vats_core.linear import Linear
-
-    class Adapter(Linear):
-        pass
-
-    torch.manual_seed(0)
-    fused = Attention(AttentionConfig(dim=32, n_heads=4, n_kv_heads=2, qkv_bias=True))
-    three = copy.deepcopy(fused)
-    for name in ("q_proj", "k_proj", "v_proj"):
-        getattr(three, name).__class__ = Adapter
-    x = torch.randn(4, 80, 32)
-    assert fused._fuse_projections(x, None) and not three._fuse_projections(x, None)
-    assert not fused._fuse_projections(x, 1)  # class-token queries only
-    cot = torch.randn(4, 80, 32)
-    for module in (fused, three):
-        (module(x) * cot).sum().backward()
-    torch.testing.assert_close(fused(x), three(x), rtol=1e-5, atol=1e-5)
-    pairs = zip(fused.named_parameters(), three.parameters(), strict=True)
-    for (name, p_fused), p_three in pairs:
-        torch.testing.assert_close(p_fused.grad, p_three.grad, rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
-def test_packed_weights_give_the_same_attention() -> None:
-    # Inside packed_weights() the stacked q/k/v and the output projection run on packed
-    # copies: the same outputs as plain weights, at many rows (fused) and at one (decoding).
-    from vats_core.linear import packed_weights
-
+def test_fused_projection_is_three_projections_stacked() -> None:
+    # qkv_proj's rows are q's, then k's, then v's (biases likewise): the same outputs and
+    # gradients as three separate linears holding those rows.
     torch.manual_seed(0)
     attn = Attention(AttentionConfig(dim=32, n_heads=4, n_kv_heads=2, qkv_bias=True))
-    x = torch.randn(4, 80, 32)
-    packing = packed_weights()
+    sizes = [32, 16, 16]
+    three = [torch.nn.Linear(32, n) for n in sizes]
     with torch.no_grad():
-        plain, plain_one = attn(x), attn(x[:1, :1])
-        with packing:
-            packed, packed_one = attn(x), attn(x[:1, :1])
-    assert packing.bytes > 0  # the copies were made and used
-    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed_one, plain_one, rtol=1e-5, atol=1e-5)
+        for lin, w, b in zip(
+            three,
+            attn.qkv_proj.weight.split(sizes),
+            attn.qkv_proj.bias.split(sizes),
+            strict=True,
+        ):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+    x = torch.randn(3, 10, 32)
+    got = attn._project(x, x, None)
+    for g, lin in zip(got, three, strict=True):
+        torch.testing.assert_close(g, lin(x), rtol=0, atol=0)
+    cot = [torch.randn_like(g) for g in got]
+    sum((g * c).sum() for g, c in zip(got, cot, strict=True)).backward()
+    sum((lin(x) * c).sum() for lin, c in zip(three, cot, strict=True)).backward()
+    torch.testing.assert_close(
+        attn.qkv_proj.weight.grad, torch.cat([lin.weight.grad for lin in three])
+    )
+    torch.testing.assert_close(attn.qkv_proj.bias.grad, torch.cat([lin.bias.grad for lin in three]))
+
+
+def test_out_tokens_gives_the_full_calls_first_rows() -> None:
+    torch.manual_seed(0)
+    attn = Attention(AttentionConfig(dim=32, n_heads=4, n_kv_heads=2, qkv_bias=True)).double()
+    x = torch.randn(2, 9, 32, dtype=F64)
+    torch.testing.assert_close(attn(x, out_tokens=2), attn(x)[:, :2], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("n_kv_heads", "kind"), [(None, "MHA"), (2, "GQA"), (1, "MQA")])
@@ -134,8 +109,7 @@ def test_gqa_mqa_shapes(n_kv_heads: int | None, kind: str) -> None:
     cfg = AttentionConfig(dim=32, n_heads=8, n_kv_heads=n_kv_heads, head_dim=6)
     attn = Attention(cfg)
     hkv = 8 if n_kv_heads is None else n_kv_heads
-    assert attn.q_proj.weight.shape == (8 * 6, 32)
-    assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (hkv * 6, 32)
+    assert attn.qkv_proj.weight.shape == ((8 + 2 * hkv) * 6, 32)
     assert attn.o_proj.weight.shape == (32, 8 * 6)
     assert attn(torch.randn(3, 5, 32)).shape == (3, 5, 32), kind
 
@@ -150,8 +124,8 @@ def test_qk_norm_makes_output_invariant_to_qk_scale() -> None:
         attn = attn.double()
         before = attn(x)
         with torch.no_grad():
-            attn.q_proj.weight.mul_(7.0)
-            attn.k_proj.weight.mul_(0.3)
+            attn.qkv_proj.weight[:16].mul_(7.0)  # the query rows
+            attn.qkv_proj.weight[16:32].mul_(0.3)  # the key rows
         assert torch.allclose(attn(x), before, atol=1e-9) == qk_norm
     assert attn.q_norm is None
     normed = Attention(AttentionConfig(dim=16, n_heads=2, qk_norm=True))
@@ -162,7 +136,8 @@ def test_cross_attention_ignores_masked_context() -> None:
     torch.manual_seed(2)
     cfg = AttentionConfig(dim=16, n_heads=4, n_kv_heads=2, context_dim=10, qkv_bias=True)
     attn = Attention(cfg).double()
-    assert attn.k_proj.weight.shape == (2 * 4, 10)
+    assert attn.q_proj.weight.shape == (16, 16) and attn.qkv_proj is None
+    assert attn.kv_proj.weight.shape == (2 * 2 * 4, 10)
     x = torch.randn(2, 5, 16, dtype=F64)
     ctx = torch.randn(2, 7, 10, dtype=F64)
     mask = torch.ones(2, 7, dtype=torch.bool)

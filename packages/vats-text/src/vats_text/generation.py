@@ -14,19 +14,16 @@ exactly what it would alone.
 
 Per step the loop does the model's forward, the sampling of :mod:`vats_text.sampling`, and a
 handful of small tensor ops; nothing in it scales with layers or experts. It reads the device
-at most once per step, and only when some row can stop early (EOS or stop strings). Called
-inside ``with vats_core.packed_weights():``, the eager prefill and steps run their linears on
-weights packed once for oneDNN, reused across the calls made in the region (packing is worth
-it over many calls, not one: repacking a 360 MB MoE for each 128-token generation cost more
-than the faster products gained).
-``compile=True`` runs the decode step through ``torch.compile``; the caches' Python-int
-lengths are traced as dynamic integers, so the step compiles a few times while the caches
-warm up (first call, first growth, a rolling cache's first wrap) and never per token. The
-step is one graph: at batch 1 the MoE indexes its token's experts in the graph, where
-inductor fuses the gather into the matrix-vector products; for a few rows its data-dependent
-grouping runs inside an opaque custom op (``vats::moe_experts_few``). Inductor's C++ wrapper
-calls the kernels (less per-kernel overhead than its Python wrapper). On CPU the first call
-compiles for 30-60 s.
+at most once per step, and only when some row can stop early (EOS or stop strings).
+``compile=True`` runs the decode step through ``torch.compile`` (gpt-fast style). The
+caches are built with fixed shapes (:mod:`vats_core.kv_cache`): every step attends over
+whole buffers with the unwritten slots masked and writes at a tensor position, and the
+static caches' capacity (prompt + ``max_new_tokens``, new for every request) is traced as a
+dynamic size, so the step compiles once per batch size and never again, neither as the
+caches fill and wrap nor for a new prompt length. It is one graph: the MoE's expert loop
+runs on data-dependent sizes inside it. Inductor's C++ wrapper calls the kernels (less
+per-kernel overhead than its Python wrapper). On CPU the first call compiles for 30-60 s;
+the prefill stays eager.
 
 Example:
     >>> from vats_text.generation import generate, stream
@@ -51,7 +48,6 @@ import torch
 from torch import Tensor
 
 from vats_core.kv_cache import KVCaches, StaticKVCache
-from vats_core.linear import small_gemm_kernels
 from vats_text.model import MoELanguageModel
 from vats_text.sampling import SamplingConfig, sample_next_token
 
@@ -63,10 +59,9 @@ _COMPILE_BACKEND = "inductor"
 # - the caches' ``length`` is a Python int on a module that grows every step; dynamo
 #   specializes such ints by default (one recompile per token until the recompile limit,
 #   then silent eager fallback); unspecialized, it becomes one dynamic integer;
-# - batches of more than 32 rows take the MoE's expert loop (the few-token op serves up to
-#   32), which splits tokens by per-expert counts read from the device; captured as
-#   data-dependent sizes instead of constants, its frames do not recompile for every new
-#   routing pattern.
+# - the MoE's expert loop splits tokens by per-expert counts read from the device; captured
+#   as data-dependent sizes instead of constants, the step neither breaks its graph there
+#   nor recompiles for every new routing pattern.
 _DYNAMO_SETTINGS = {
     "allow_unspec_int_on_nn_module": True,
     # Module buffers (the caches' k/v/mask) may have dynamic sizes: see _mark_capacity_dynamic.
@@ -119,7 +114,7 @@ def generate(
 
     Args:
         model: the language model (any module with its ``forward(..., caches=...)``,
-            ``setup_caches`` and ``config``).
+            ``setup_caches(batch_size, max_len, *, device, fixed_shape)`` and ``config``).
         input_ids: ``(B, T)`` integer prompt ids in ``[0, V)``, left-padded when the prompts
             differ in length. ``T == 0`` (empty prompts) starts every row from BOS; so does a
             row whose mask is all False.
@@ -499,7 +494,9 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
     vocab = model.config.vocab_size
     sampling = plan.sampling
     with torch.no_grad():
-        caches = model.setup_caches(b, t + plan.max_new_tokens, device=plan.device)
+        caches = model.setup_caches(
+            b, t + plan.max_new_tokens, device=plan.device, fixed_shape=plan.compile
+        )
         seen_BV = None
         if sampling.repetition_penalty != 1.0:
             # Tokens present in each row's real prompt (padding excluded).
@@ -517,8 +514,6 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
         if plan.compile:
             step = _compiled_decode_step(_COMPILE_BACKEND)
             _mark_capacity_dynamic(caches)
-            if plan.device.type == "cpu":
-                small_gemm_kernels()  # the trace reads the few-row GEMM choice; make it first
 
         logits_BV = model(ids_BT, attention_mask=mask_BT, caches=caches, logits_to_keep=1).logits[
             :, -1

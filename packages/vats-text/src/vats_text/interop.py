@@ -12,7 +12,8 @@ v4 Mixtral checkpoints)::
     HF                                                  vats
     model.embed_tokens.weight                           embed_tokens.weight
     model.layers.{i}.input_layernorm.weight             layers.{i}.attn_norm.weight
-    model.layers.{i}.self_attn.{q,k,v,o}_proj.*         layers.{i}.attn.{q,k,v,o}_proj.*
+    model.layers.{i}.self_attn.{q,k,v}_proj.*           layers.{i}.attn.qkv_proj.* (stacked: q, k, v rows)
+    model.layers.{i}.self_attn.o_proj.*                 layers.{i}.attn.o_proj.*
     model.layers.{i}.post_attention_layernorm.weight    layers.{i}.ffn_norm.weight
     model.layers.{i}.mlp.gate.weight                    layers.{i}.ffn.router.weight
     model.layers.{i}.mlp.experts.gate_up_proj (v5)      layers.{i}.ffn.experts.gate_up_proj
@@ -302,9 +303,10 @@ def vats_key(hf_key: str, config: MoELMConfig) -> str | None:
     """The vats parameter name of an HF Mixtral / Qwen2-MoE state-dict key.
 
     Returns None for keys that carry nothing for vats: a tied ``lm_head.weight`` and the
-    weights of a zero-width Qwen2-MoE shared expert. v4 per-expert keys
-    (``experts.{e}.w1`` ...) are not single parameters here: :func:`convert_state_dict`
-    stacks them.
+    weights of a zero-width Qwen2-MoE shared expert. Some HF weights are rows of one vats
+    parameter, which :func:`convert_state_dict` stacks: ``self_attn.{q,k,v}_proj`` map to
+    ``attn.qkv_proj`` (their key is returned), v4 per-expert keys (``experts.{e}.w1`` ...)
+    to the stacked experts.
 
     Raises:
         ValueError: a key this mapping does not know (a feature vats does not have).
@@ -320,7 +322,11 @@ def vats_key(hf_key: str, config: MoELMConfig) -> str | None:
         i, rest = match.groups()
         rest = rest.replace("block_sparse_moe.", "mlp.", 1)  # v4 Mixtral
         if rest.startswith("self_attn."):
-            return f"layers.{i}.attn.{rest.removeprefix('self_attn.')}"
+            rest = rest.removeprefix("self_attn.")
+            proj, _, leaf = rest.partition(".")
+            if proj in ("q_proj", "k_proj", "v_proj") and leaf in ("weight", "bias"):
+                return f"layers.{i}.attn.qkv_proj.{leaf}"
+            return f"layers.{i}.attn.{rest}"
         if rest.startswith("mlp."):
             rest = rest.removeprefix("mlp.")
             if rest.startswith("shared_expert") and config.n_shared_experts == 0:
@@ -340,18 +346,30 @@ def convert_state_dict(hf_state: Mapping[str, Tensor], config: MoELMConfig) -> d
     """Rename an HF state dict to vats names (tensors shared, not copied).
 
     v5 stacked experts pass through as they are; v4 per-expert weights are stacked into
-    ``gate_up_proj[e] = cat([gate, up])`` ``(E, 2H, D)`` and ``down_proj`` ``(E, D, H)`` (the
-    only copies made).
+    ``gate_up_proj[e] = cat([gate, up])`` ``(E, 2H, D)`` and ``down_proj`` ``(E, D, H)``;
+    each layer's q, k and v projections into ``qkv_proj = cat([q, k, v])`` (the only
+    copies made).
 
     Raises:
-        ValueError: an unknown key, or v4 experts with some weights missing.
+        ValueError: an unknown key, or v4 experts or q/k/v projections with some weights
+            missing.
     """
     out: dict[str, Tensor] = {}
     v4: dict[str, dict[str, dict[int, Tensor]]] = {}  # layer prefix -> slot -> expert -> w
+    qkv: dict[str, dict[str, Tensor]] = {}  # qkv_proj key -> "q_proj" / ... -> tensor
     for hf_key, tensor in hf_state.items():
         match = _LAYER.fullmatch(hf_key)
         if match is not None:
             rest = match.group(2).replace("block_sparse_moe.", "mlp.", 1)
+            if rest.startswith("self_attn.") and rest.split(".")[1] in (
+                "q_proj",
+                "k_proj",
+                "v_proj",
+            ):
+                key = vats_key(hf_key, config)
+                assert key is not None
+                qkv.setdefault(key, {})[rest.split(".")[1]] = tensor
+                continue
             expert = _V4_EXPERT.fullmatch(rest.removeprefix("mlp."))
             if rest.startswith("mlp.") and expert is not None:
                 e, leaf = expert.groups()
@@ -374,6 +392,13 @@ def convert_state_dict(hf_state: Mapping[str, Tensor], config: MoELMConfig) -> d
             [torch.cat([gate[e], up[e]]) for e in range(n)]
         )  # (E, 2H, D)
         out[f"{prefix}.down_proj"] = torch.stack([down[e] for e in range(n)])  # (E, D, H)
+    for key, parts in qkv.items():
+        if sorted(parts) != ["k_proj", "q_proj", "v_proj"]:
+            raise ValueError(
+                f"from_transformers: {key} needs the q_proj, k_proj and v_proj weights, got "
+                f"{sorted(parts)}"
+            )
+        out[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
     return out
 
 

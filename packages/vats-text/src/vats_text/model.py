@@ -20,7 +20,7 @@ builds one KV cache per layer (a ring buffer of O(window) for sliding-window lay
 static buffer for global ones) and ``forward(..., caches=caches)`` processes one new chunk
 at a time; sampling loops live in ``vats_text.generate``.
 
-Module names (``embed_tokens``, ``layers.{i}.attn.q_proj``, ``layers.{i}.ffn.experts``,
+Module names (``embed_tokens``, ``layers.{i}.attn.qkv_proj``, ``layers.{i}.ffn.experts``,
 ``norm``, ``lm_head``) are what the HF importer maps Mixtral / Qwen2-MoE weights onto.
 
 Shapes: B batch, T tokens of this call, L tokens held by the caches (past + this call),
@@ -43,7 +43,6 @@ from vats_core.block import BlockConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check, coerce_enum
 from vats_core.kv_cache import KVCaches
-from vats_core.linear import Linear
 from vats_core.mlp import MLPConfig
 from vats_core.moe import GroupedMM, MoEConfig, RouterStats, ScoreFunc
 from vats_core.norms import RMSNorm
@@ -366,7 +365,7 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
             TransformerBlock(config.block_config(i)) for i in range(config.n_layers)
         )
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.init_weights()
@@ -422,6 +421,7 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        fixed_shape: bool = False,
     ) -> KVCaches:
         """KV caches for incremental decoding, one per layer (gpt-fast style).
 
@@ -434,6 +434,9 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
             device: default: the model's device.
             dtype: default: the model's parameter dtype (use the activation dtype under
                 autocast).
+            fixed_shape: one-token steps see the same shapes every step (whole buffers,
+                unwritten slots masked), so a compiled decode step traces once; see
+                :mod:`vats_core.kv_cache`.
 
         Raises:
             ValueError: ``batch_size`` or ``max_len`` < 1, or ``max_len > max_seq_len`` on a
@@ -458,6 +461,7 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
             head_dim=cfg.dh,
             dtype=dtype if dtype is not None else weight.dtype,
             device=device if device is not None else weight.device,
+            fixed_shape=fixed_shape,
         )
 
     # ------------------------------------------------------------------ forward
@@ -592,7 +596,9 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
                 raise ValueError(
                     f"caches were set up for batch size {caches[0].batch_size}, got {batch}"
                 )
-            past = caches.length
+            # (Compiled decoding skips the check: the length is a device count there, and
+            # generate() sized the caches within max_seq_len.)
+            past = 0 if torch.compiler.is_compiling() else caches.length
         if cfg.has_global_layer and past + t > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {past + t} tokens ({past} cached + {t} new) exceeds max_seq_len="

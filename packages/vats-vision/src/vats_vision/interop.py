@@ -14,7 +14,7 @@ Mapping (timm -> vats)::
     pos_embed                   -> pos_embed   (pos_embed_prefix = not no_embed_class)
     norm_pre                    -> norm_pre    (pre_norm, CLIP's ln_pre)
     blocks.i.norm1 / norm2      -> blocks.i.attn_norm / ffn_norm
-    blocks.i.attn.qkv           -> blocks.i.attn.{q,k,v}_proj  (fused rows split in three)
+    blocks.i.attn.qkv           -> blocks.i.attn.qkv_proj  (the same fused q, k, v rows)
     blocks.i.attn.q_norm/k_norm -> blocks.i.attn.q_norm/k_norm (RmsNorm only)
     blocks.i.attn.proj (* ls1)  -> blocks.i.attn.o_proj
     blocks.i.mlp.fc1 / fc2 (* ls2) -> blocks.i.ffn.fc1 / fc2
@@ -340,12 +340,9 @@ def _state_dict(model: nn.Module, config: ViT2DConfig) -> dict[str, Tensor]:
         attn, mlp = blk.attn, blk.mlp
         sd |= _Norm(blk.norm1, f"{src}.norm1", d).state(f"{dst}.attn_norm")
         sd |= _Norm(blk.norm2, f"{src}.norm2", d).state(f"{dst}.ffn_norm")
-        # timm's fused qkv rows are [q heads | k heads | v heads], each A = heads · head_dim.
-        for proj, w in zip("qkv", attn.qkv.weight.detach().chunk(3, dim=0), strict=True):
-            sd[f"{dst}.attn.{proj}_proj.weight"] = w
-        if attn.qkv.bias is not None:
-            for proj, b in zip("qkv", attn.qkv.bias.detach().chunk(3), strict=True):
-                sd[f"{dst}.attn.{proj}_proj.bias"] = b
+        # timm's fused qkv rows are [q heads | k heads | v heads], as vats stores them.
+        for name, t in attn.qkv.named_parameters():
+            sd[f"{dst}.attn.qkv_proj.{name}"] = t.detach()
         if config.qk_norm:
             sd[f"{dst}.attn.q_norm.weight"] = attn.q_norm.weight.detach()
             sd[f"{dst}.attn.k_norm.weight"] = attn.k_norm.weight.detach()

@@ -7,8 +7,13 @@ values come from a context sequence (text conditioning, diffusion) with its own 
 mask. The softmax itself is always :func:`vats_core.attention.dispatch.attention`, so every
 backend (math, sdpa, flex, local, xformers, flash) serves every layer.
 
-Parameter names follow HF (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``q_norm``,
-``k_norm``) so HF checkpoints map one to one.
+Self-attention stores its three input projections as one ``qkv_proj`` (rows: the Hq·Dh
+query rows, then Hkv·Dh key rows, then Hkv·Dh value rows), as timm (``qkv``), nanoGPT and
+gpt-fast (``wqkv``) do: one product per call, with nothing concatenated at run time.
+Cross-attention stores ``q_proj`` and a fused ``kv_proj`` (keys then values), since its
+keys and values read another sequence. The output projection is ``o_proj``; QK-norm is
+``q_norm`` / ``k_norm``. The HF and timm importers split or stack their checkpoints'
+separate or fused weights onto these.
 
 Shapes: B batch, T tokens, S context tokens, D model width, Dc context width, Hq query
 heads, Hkv key/value heads, Dh head dim.
@@ -19,12 +24,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vats_core.attention.dispatch import AttentionBackend, attention
 from vats_core.config import Config, check, coerce_enum
 from vats_core.kv_cache import KVCache, RollingKVCache
-from vats_core.linear import MIN_ROWS, Linear, linear_stacked
 from vats_core.norms import RMSNorm
 from vats_core.rope import apply_rotary
 
@@ -121,11 +126,16 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dh
-        kv_in = config.context_dim if config.is_cross else config.dim
-        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = Linear(kv_in, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = Linear(kv_in, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=config.out_bias)
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv_proj: nn.Linear | None = None
+        self.q_proj: nn.Linear | None = None
+        self.kv_proj: nn.Linear | None = None
+        if config.is_cross:
+            self.q_proj = nn.Linear(config.dim, q_out, bias=config.qkv_bias)
+            self.kv_proj = nn.Linear(config.context_dim, 2 * kv_out, bias=config.qkv_bias)  # type: ignore[arg-type]
+        else:
+            self.qkv_proj = nn.Linear(config.dim, q_out + 2 * kv_out, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_out, config.dim, bias=config.out_bias)
         self.q_norm = RMSNorm(self.head_dim, config.qk_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.qk_norm_eps) if config.qk_norm else None
         self.dropout = nn.Dropout(config.dropout)
@@ -166,17 +176,11 @@ class Attention(nn.Module):
         self._check_inputs(x, rope, key_padding_mask, cache, context, context_mask)
         b, t, _ = x.shape
         src = context if cfg.is_cross else x
-        x_q = x
         if out_tokens is not None:
             self._check_out_tokens(out_tokens, t, cache)
             t = out_tokens
-            x_q = x[:, :t]
-        fused = self._fuse_projections(x, out_tokens)
-        if fused:
-            q, k, v = self._qkv(x)  # one product for the three: see _fuse_projections
-        else:
-            q, k, v = self.q_proj(x_q), self.k_proj(src), self.v_proj(src)
-        # (B, Hq, T, Dh), T = out_tokens when given
+        q, k, v = self._project(x, src, out_tokens)
+        # (B, Hq, T, Dh), T = out_tokens when given; (B, Hkv, S, Dh)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, src.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -186,11 +190,6 @@ class Attention(nn.Module):
             cos, sin = rope
             q_rope = rope if out_tokens is None else (cos[..., :t, :], sin[..., :t, :])
             q, k = apply_rotary(q, *q_rope), apply_rotary(k, *rope)
-        if fused and (rope is not None or self.q_norm is not None):
-            # q and k are new tensors now: copy v out of the stacked product's buffer, so the
-            # buffer's q and k columns are freed here rather than kept (for the backward too)
-            # for as long as v is.
-            v = v.contiguous()
 
         mask = context_mask if cfg.is_cross else key_padding_mask
         if cache is not None:
@@ -207,34 +206,24 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, Hq·Dh)
         return self.dropout(self.o_proj(out))
 
-    def _fuse_projections(self, x: Tensor, out_tokens: int | None) -> bool:
-        """Whether q, k and v come from one product with the three weights stacked.
-
-        One (D -> (Hq + 2 Hkv) Dh) product runs faster than three narrow ones, and in
-        training its input gradient is one product instead of three and two adds (ViT-S/16
-        training, 2 CPU threads: about 4 ms a layer). The stacking copies the weights on
-        every call, which is noise beside a product of many rows but would double what a
-        decoding step reads (inside :func:`~vats_core.linear.packed_weights` the stack is
-        packed once instead): so self-attention over at least MIN_ROWS rows, all queries,
-        and the projections still the layer's own :class:`~vats_core.linear.Linear`s (a
-        swapped-in module, say an adapter, is called as a module). With RoPE or QK-norm, v
-        is then copied out of the stacked buffer (one pass over v) so the buffer is freed
-        once q and k are rotated: what the backward keeps is what three products keep, and
-        the forward's peak grows by the rotated q and k while the buffer still holds the
-        unrotated ones (ViT-3D at 64 frames, forward only: 82.8 against 73.6 MiB).
-        """
-        if self.config.is_cross or out_tokens is not None:
-            return False
-        if x.numel() < MIN_ROWS * x.shape[-1]:
-            return False
-        return all(type(m) is Linear for m in (self.q_proj, self.k_proj, self.v_proj))
-
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        biases = None if self.q_proj.bias is None else [m.bias for m in projections]
-        qkv = linear_stacked(x, [m.weight for m in projections], biases)  # (B, T, (Hq+2Hkv)Dh)
-        kv = self.n_kv_heads * self.head_dim
-        q, k, v = qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+    def _project(
+        self, x: Tensor, src: Tensor, out_tokens: int | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``(B, T, Hq·Dh)`` of ``x`` (its first ``out_tokens`` tokens when given),
+        keys and values ``(B, S, Hkv·Dh)`` of ``src``."""
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.kv_proj is not None and self.q_proj is not None:  # cross-attention
+            k, v = self.kv_proj(src).split([kv_out, kv_out], dim=-1)
+            return self.q_proj(x), k, v
+        assert self.qkv_proj is not None
+        if out_tokens is None:
+            return self.qkv_proj(x).split([q_out, kv_out, kv_out], dim=-1)
+        # Queries of the first tokens only: the query rows of the stacked weight (a view).
+        w, bias = self.qkv_proj.weight, self.qkv_proj.bias
+        q = F.linear(x[:, :out_tokens], w[:q_out], None if bias is None else bias[:q_out])
+        k, v = F.linear(x, w[q_out:], None if bias is None else bias[q_out:]).split(
+            [kv_out, kv_out], dim=-1
+        )
         return q, k, v
 
     def _check_out_tokens(self, out_tokens: int, t: int, cache: KVCache | None) -> None:
