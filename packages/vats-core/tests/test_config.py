@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from vats_core.config import Config, check
+from vats_core.config import Config, check, check_positive, is_int, is_number
 
 
 class Act(enum.StrEnum):
@@ -81,3 +81,74 @@ def test_from_dict_validates_and_replace_revalidates():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Outer().n_heads = 8  # type: ignore[misc]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Typed(Config):
+    dim: int = 8
+    scale: float = 1.0
+    flag: bool = False
+    name: str = "x"
+    act: Act = Act.SILU
+    window: int | None = None
+    sizes: tuple[int, ...] = ()
+    windows: tuple[int | None, ...] = ()
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "dim", "scale", "window")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TypedChild(Typed):  # no __post_init__ of its own: the parent's value checks still run
+    extra: int = 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("dim", 64.0),
+        ("dim", True),
+        ("dim", "64"),
+        ("dim", None),
+        ("scale", False),
+        ("scale", "1.0"),
+        ("flag", 1),
+        ("name", 3),
+        ("act", "relu"),
+        ("window", 2.5),
+        ("sizes", 3),
+        ("sizes", "abc"),
+        ("sizes", [1, 2.0]),
+        ("windows", [None, True]),
+        ("inner", 4),
+    ],
+)
+def test_wrong_types_raise_value_errors_naming_the_field(field, value):
+    for cls in (Typed, TypedChild):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}.*=.*is invalid: expected"):
+            cls(**{field: value})
+
+
+def test_types_are_normalized_and_configs_hash():
+    cfg = Typed(scale=2, act="gelu", sizes=[1, 2], windows=[None, 4], inner={"width": 3})
+    assert cfg.scale == 2 and cfg.act is Act.GELU and cfg.inner == Inner(width=3)
+    assert cfg.sizes == (1, 2) and cfg.windows == (None, 4)
+    assert hash(cfg) == hash(Typed.from_dict(cfg.to_dict()))
+    assert {cfg: 1}[Typed.from_dict(json.loads(cfg.to_json()))] == 1
+
+
+def test_value_checks_run_after_type_checks_and_are_inherited():
+    with pytest.raises(ValueError, match=r"Typed\.dim=0 is invalid"):
+        Typed(dim=0)
+    with pytest.raises(ValueError, match=r"TypedChild\.window=-1 is invalid"):
+        TypedChild(window=-1)
+    with pytest.raises(ValueError, match=r"TypedChild\.extra=1.5 is invalid"):
+        TypedChild(extra=1.5)
+    with pytest.raises(ValueError, match=r"Typed\.scale=nan is invalid"):
+        Typed(scale=float("nan"))
+
+
+def test_is_int_and_is_number():
+    assert is_int(3) and not is_int(True) and not is_int(3.0)
+    assert is_number(3) and is_number(2.5) and not is_number(False) and not is_number("1")
