@@ -146,13 +146,15 @@ def test_types_are_normalized_and_configs_hash():
 
 
 def test_value_checks_run_after_type_checks_and_are_inherited():
-    with pytest.raises(ValueError, match=r"Typed\.dim=0 is invalid"):
+    with pytest.raises(ValueError, match=r"Typed\.dim=0 is invalid: expected an int > 0$"):
         Typed(dim=0)
-    with pytest.raises(ValueError, match=r"TypedChild\.window=-1 is invalid"):
+    with pytest.raises(
+        ValueError, match=r"TypedChild\.window=-1 is invalid: expected None or an int"
+    ):
         TypedChild(window=-1)
     with pytest.raises(ValueError, match=r"TypedChild\.extra=1.5 is invalid"):
         TypedChild(extra=1.5)
-    with pytest.raises(ValueError, match=r"Typed\.scale=nan is invalid"):
+    with pytest.raises(ValueError, match=r"Typed\.scale=nan is invalid: expected a finite number"):
         Typed(scale=float("nan"))
 
 
