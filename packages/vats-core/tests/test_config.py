@@ -8,7 +8,14 @@ import json
 
 import pytest
 
+from vats_core.attention import AttentionConfig
+from vats_core.block import BlockConfig
 from vats_core.config import Config, check, check_positive, is_int, is_number
+from vats_core.mlp import MLPConfig
+from vats_core.moe import MoEConfig
+from vats_core.rope import RopeConfig
+from vats_core.testing import check_config, check_raises, config_classes, int_fields
+from vats_core.training import TrainerConfig
 
 
 class Act(enum.StrEnum):
@@ -139,16 +146,68 @@ def test_types_are_normalized_and_configs_hash():
 
 
 def test_value_checks_run_after_type_checks_and_are_inherited():
-    with pytest.raises(ValueError, match=r"Typed\.dim=0 is invalid"):
+    with pytest.raises(ValueError, match=r"Typed\.dim=0 is invalid: expected an int > 0$"):
         Typed(dim=0)
-    with pytest.raises(ValueError, match=r"TypedChild\.window=-1 is invalid"):
+    with pytest.raises(
+        ValueError, match=r"TypedChild\.window=-1 is invalid: expected None or an int"
+    ):
         TypedChild(window=-1)
     with pytest.raises(ValueError, match=r"TypedChild\.extra=1.5 is invalid"):
         TypedChild(extra=1.5)
-    with pytest.raises(ValueError, match=r"Typed\.scale=nan is invalid"):
+    with pytest.raises(ValueError, match=r"Typed\.scale=nan is invalid: expected a finite number"):
         Typed(scale=float("nan"))
 
 
 def test_is_int_and_is_number():
     assert is_int(3) and not is_int(True) and not is_int(3.0)
     assert is_number(3) and is_number(2.5) and not is_number(False) and not is_number("1")
+
+
+# -- every vats-core config: hashes, round trips, int fields reject floats and bools ----------
+
+_SELF = AttentionConfig(dim=16, n_heads=4, n_kv_heads=2, window=4, causal=True)
+_CROSS = AttentionConfig(dim=16, n_heads=2, context_dim=8, dropout=0.1)
+_MOE = MoEConfig(dim=16, hidden_dim=32, n_experts=4, n_shared_experts=1, capacity_factor=1.25)
+EXAMPLES = {
+    AttentionConfig: [_SELF, _CROSS],
+    MLPConfig: [MLPConfig(dim=16, hidden_dim=32, activation="gelu")],
+    MoEConfig: [_MOE],
+    BlockConfig: [
+        BlockConfig(attention=_SELF, mlp=MLPConfig(dim=16, hidden_dim=32)),
+        BlockConfig(attention=_SELF, cross_attention=_CROSS, moe=_MOE, norm="layernorm"),
+    ],
+    RopeConfig: [RopeConfig(head_dim=12, n_axes=2, axes_dims=[8, 4], scaling="linear")],
+    TrainerConfig: [TrainerConfig(), TrainerConfig(betas=[0.8, 0.9], grad_clip=None)],
+}
+CASES = [config for configs in EXAMPLES.values() for config in configs]
+
+
+def test_every_core_config_class_has_examples():
+    assert config_classes("vats_core") == sorted(EXAMPLES, key=lambda c: c.__qualname__)
+
+
+@pytest.mark.parametrize("config", CASES, ids=lambda c: type(c).__name__)
+def test_core_config_contract(config):
+    """Hashes; dict and JSON round trips give an equal config with an equal hash; each int
+    field rejects 64.0 and True naming the field (see check_config)."""
+    check_config(config)
+
+
+def test_int_fields_are_found_from_the_annotations():
+    assert int_fields(MoEConfig) == [
+        "dim",
+        "hidden_dim",
+        "n_experts",
+        "top_k",
+        "n_shared_experts",
+        "shared_hidden_dim",
+    ]
+
+
+def test_check_config_catches_a_list_field():
+    check_raises(lambda: check_config(Outer()), AssertionError, "Outer does not hash")
+
+
+def test_sequence_fields_are_tuples_built_from_lists():
+    assert RopeConfig(head_dim=12, n_axes=2, axes_dims=[8, 4]).axes_dims == (8, 4)
+    assert TrainerConfig(betas=[0.8, 0.9]).betas == (0.8, 0.9)

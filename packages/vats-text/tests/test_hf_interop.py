@@ -116,7 +116,7 @@ def test_mixtral_logits_match(kv_heads, window, tied):
     ours = check_parity(hf)
     cfg = ours.config
     assert cfg.kv_heads == kv_heads and cfg.tie_embeddings == tied
-    assert cfg.layer_windows == ([] if window is None else [window, window])
+    assert cfg.layer_windows == (() if window is None else (window, window))
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == tied
 
 

@@ -16,7 +16,7 @@ import dataclasses
 from torch import Tensor, nn
 
 from vats_core.attention.layer import Attention, AttentionConfig
-from vats_core.config import Config, check, coerce_enum
+from vats_core.config import Config, check, check_positive
 from vats_core.kv_cache import KVCache
 from vats_core.mlp import MLPConfig, build_mlp
 from vats_core.moe import MoE, MoEConfig, RouterStats
@@ -68,8 +68,7 @@ class BlockConfig(Config):
             f"dim={ffn_dim}",
             f"dim equal to attention.dim={dim}",
         )
-        coerce_enum(self, "norm", NormType)
-        check(self.norm_eps > 0, self, "norm_eps", self.norm_eps, "a positive number")
+        check_positive(self, "norm_eps")
 
 
 class TransformerBlock(nn.Module):

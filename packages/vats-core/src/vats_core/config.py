@@ -2,8 +2,8 @@
 
 Every vats model is built from a ``@dataclass(frozen=True, kw_only=True)`` config
 that subclasses :class:`Config`. Field types stay OmegaConf-safe (primitives,
-``str`` Enums, optionals, lists, nested configs) so Hydra YAML can map onto them
-and ``config.json`` can store them.
+``str`` Enums, optionals, ``tuple[X, ...]`` for sequences, nested configs) so Hydra YAML
+can map onto them, ``config.json`` can store them and every config hashes.
 
 Validation runs in two steps, and every error is a ``ValueError`` that names the config,
 the field, the value and what is allowed:
@@ -70,35 +70,48 @@ def check(ok: bool, owner: object, field: str, value: object, allowed: str) -> N
 
 
 def check_positive(config: object, *fields: str) -> None:
-    """Each field's value is a finite number > 0 (an int for int fields: step 1 checked
-    the type); None passes (optional fields)."""
+    """Each field's value is a finite number > 0; None passes (optional fields)."""
     for field in fields:
         value = getattr(config, field)
         if value is not None:
             ok = is_number(value) and math.isfinite(value) and value > 0
-            check(ok, config, field, value, "a positive number" if not is_int(value) else "> 0")
+            check(ok, config, field, value, f"{_kind(config, field)} > 0")
 
 
 def check_at_least(config: object, minimum: float, *fields: str) -> None:
-    """Each field's value is >= ``minimum`` (None passes)."""
+    """Each field's value is a finite number >= ``minimum``; None passes."""
     for field in fields:
         value = getattr(config, field)
         if value is not None:
             ok = is_number(value) and math.isfinite(value) and value >= minimum
-            check(ok, config, field, value, f"a number >= {minimum}")
+            check(ok, config, field, value, f"{_kind(config, field)} >= {minimum:g}")
 
 
 def check_probability(config: object, *fields: str) -> None:
-    """Each field's value is in [0, 1) (dropout rates and the like)."""
+    """Each field's value is in [0, 1) (dropout rates and the like); None passes."""
     for field in fields:
         value = getattr(config, field)
-        check(0.0 <= value < 1.0, config, field, value, "a probability in [0, 1)")
+        if value is not None:
+            ok = is_number(value) and 0.0 <= value < 1.0
+            check(ok, config, field, value, "a probability in [0, 1)")
+
+
+def _kind(config: object, field: str) -> str:
+    """What a numeric field holds, from its annotation: ``"an int"``, ``"a finite number"``,
+    with ``"None or "`` before it for an optional field (so the helpers' errors say it)."""
+    hints = dict(_field_hints(type(config))) if isinstance(config, Config) else {}
+    hint = hints.get(field)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if union else (hint,)
+    kind = "an int" if int in args and float not in args else "a finite number"
+    return f"None or {kind}" if type(None) in args else kind
 
 
 def coerce_enum(config: object, field: str, enum_type: type[enum.Enum]) -> None:
     """Validate an Enum field that may hold the plain value (``"gelu"`` from YAML or JSON)
     and store the Enum member, so later code compares members. For frozen configs, in
-    ``__post_init__``."""
+    ``__post_init__``. A :class:`Config` field annotated with the Enum needs none: the
+    type check (step 1) already does this."""
     value = getattr(config, field)
     allowed = [m.value for m in enum_type]
     check(value in allowed, config, field, value, f"one of {allowed}")

@@ -14,7 +14,7 @@ import enum
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core.config import Config, check, coerce_enum
+from vats_core.config import Config, check_positive
 
 __all__ = ["Activation", "GeluMLP", "MLPConfig", "SwiGLU", "build_mlp"]
 
@@ -35,9 +35,7 @@ class MLPConfig(Config):
     bias: bool = False  # biases on every projection (timm ViTs use them, Llama does not)
 
     def __post_init__(self) -> None:
-        check(self.dim > 0, self, "dim", self.dim, "a positive integer")
-        check(self.hidden_dim > 0, self, "hidden_dim", self.hidden_dim, "a positive integer")
-        coerce_enum(self, "activation", Activation)
+        check_positive(self, "dim", "hidden_dim")
 
 
 class SwiGLU(nn.Module):

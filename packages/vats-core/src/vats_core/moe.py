@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core.config import Config, check, coerce_enum
+from vats_core.config import Config, check, check_at_least, check_positive
 from vats_core.mlp import Activation, MLPConfig, SwiGLU
 
 __all__ = [
@@ -105,29 +105,18 @@ class MoEConfig(Config):
     init_std: float = 0.02  # std of the normal init of every weight
 
     def __post_init__(self) -> None:
-        for name in ("dim", "hidden_dim", "n_experts", "top_k"):
-            value = getattr(self, name)
-            check(_is_int(value) and value >= 1, self, name, value, "a positive integer")
+        check_positive(self, "dim", "hidden_dim", "n_experts", "top_k", "shared_hidden_dim")
         ok = self.top_k <= self.n_experts
         check(ok, self, "top_k", self.top_k, f"at most n_experts={self.n_experts}")
-        coerce_enum(self, "score_func", ScoreFunc)
-        coerce_enum(self, "grouped_mm", GroupedMM)
-        for name in ("norm_topk_prob", "shared_expert_gate", "router_bias"):
-            check(isinstance(getattr(self, name), bool), self, name, getattr(self, name), "a bool")
-        n_shared, shared_hidden = self.n_shared_experts, self.shared_hidden_dim
-        ok = _is_int(n_shared) and n_shared >= 0
-        check(ok, self, "n_shared_experts", n_shared, "an int >= 0")
-        ok = shared_hidden is None or (_is_int(shared_hidden) and shared_hidden >= 1)
-        check(ok, self, "shared_hidden_dim", shared_hidden, "a positive integer or None")
-        ok, gate = not self.shared_expert_gate or n_shared > 0, self.shared_expert_gate
+        check_at_least(self, 0, "n_shared_experts")
+        ok, gate = not self.shared_expert_gate or self.n_shared_experts > 0, self.shared_expert_gate
         check(
             ok, self, "shared_expert_gate", gate, "False when n_shared_experts=0 (nothing to gate)"
         )
         cf = self.capacity_factor
-        ok = cf is None or (_is_number(cf) and math.isfinite(cf) and cf > 0)
+        ok = cf is None or (math.isfinite(cf) and cf > 0)
         check(ok, self, "capacity_factor", cf, "None (dropless) or a finite number > 0")
-        ok = _is_number(self.init_std) and self.init_std > 0
-        check(ok, self, "init_std", self.init_std, "a number > 0")
+        check_positive(self, "init_std")
 
     @property
     def shared_total_hidden_dim(self) -> int:
@@ -140,14 +129,6 @@ class MoEConfig(Config):
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class Routing(NamedTuple):

@@ -32,7 +32,7 @@ import enum
 import torch
 from torch import Tensor, nn
 
-from vats_core.config import Config, check, coerce_enum
+from vats_core.config import Config, check, check_positive
 
 __all__ = [
     "RopeConfig",
@@ -61,7 +61,7 @@ class RopeConfig(Config):
     head_dim: int  # rotated channels per head (Dh); even
     theta: float = 10000.0  # base of the geometric frequency ladder
     n_axes: int = 1  # 1: sequence, 2: (h, w) image patches, 3: (t, h, w) tubelets
-    axes_dims: list[int] | None = None  # channels per axis (each even, sum Dh); None: default split
+    axes_dims: tuple[int, ...] | None = None  # channels per axis (even, sum Dh); None: default
     scaling: RopeScaling = RopeScaling.NONE
     scaling_factor: float = 1.0  # context stretch for LINEAR / NTK; ignored for NONE
 
@@ -73,9 +73,8 @@ class RopeConfig(Config):
             self.head_dim,
             "a positive even integer (RoPE rotates channel pairs)",
         )
-        check(self.theta > 0, self, "theta", self.theta, "a positive number")
+        check_positive(self, "theta")
         check(self.n_axes in (1, 2, 3), self, "n_axes", self.n_axes, "1, 2 or 3")
-        coerce_enum(self, "scaling", RopeScaling)
         check(
             self.scaling_factor >= 1.0,
             self,
@@ -84,11 +83,10 @@ class RopeConfig(Config):
             "a number >= 1 (how many times longer the context becomes)",
         )
         if self.axes_dims is not None:
-            dims = list(self.axes_dims)
             check(
-                len(dims) == self.n_axes
-                and all(d > 0 and d % 2 == 0 for d in dims)
-                and sum(dims) == self.head_dim,
+                len(self.axes_dims) == self.n_axes
+                and all(d > 0 and d % 2 == 0 for d in self.axes_dims)
+                and sum(self.axes_dims) == self.head_dim,
                 self,
                 "axes_dims",
                 self.axes_dims,

@@ -12,6 +12,9 @@ line::
         check_dtype_device_moves(model, x)
         check_raises(lambda: model(x[:, :1]), ValueError, "channels")
 
+Configs have one contract check too, :func:`check_config`, run on every config class
+that :func:`config_classes` finds in a package.
+
 ``inputs`` is a Tensor (``model(x)``), a tuple (``model(*inputs)``) or a dict of
 keyword arguments (``model(**inputs)``). Models may return a Tensor, a tuple (the first
 element is checked) or anything else with an ``output_fn(output) -> Tensor`` that
@@ -25,8 +28,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import json
 import os
+import pkgutil
 import re
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,14 +42,18 @@ import torch
 from torch import nn
 
 from vats_core.checkpoint import PretrainedMixin
+from vats_core.config import Config
 
 __all__ = [
     "check_backward",
+    "check_config",
     "check_dtype_device_moves",
     "check_forward",
     "check_raises",
     "check_save_load_roundtrip",
+    "config_classes",
     "default_output",
+    "int_fields",
 ]
 
 Inputs = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
@@ -342,3 +354,56 @@ def check_raises(
     except Exception as e:
         raise AssertionError(f"expected {exc_type.__name__}, got {type(e).__name__}: {e}") from e
     raise AssertionError(f"expected {exc_type.__name__}, but nothing was raised")
+
+
+def config_classes(package: str) -> list[type[Config]]:
+    """Every :class:`~vats_core.config.Config` subclass defined in ``package`` (all of its
+    modules are imported first), sorted by name: what a package's config test covers."""
+    root = importlib.import_module(package)
+    for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}."):
+        importlib.import_module(info.name)
+    found: set[type[Config]] = set()
+    todo = [Config]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__ == package or sub.__module__.startswith(f"{package}."):
+                found.add(sub)
+    return sorted(found, key=lambda c: c.__qualname__)
+
+
+def int_fields(cls: type[Config]) -> list[str]:
+    """The fields of ``cls`` annotated ``int`` or ``int | None``."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        args = typing.get_args(hint) if union else (hint,)
+        if int in args and float not in args:
+            names.append(f.name)
+    return names
+
+
+def check_config(config: Config) -> None:
+    """The config contract: ``config`` hashes; ``to_dict`` / ``from_dict`` and JSON rebuild
+    an equal config with an equal hash; every int field rejects ``64.0`` and ``True`` with
+    a ValueError that names the config and the field."""
+    cls, name = type(config), type(config).__name__
+    try:
+        key = hash(config)
+    except TypeError as e:
+        raise AssertionError(f"{name} does not hash ({e}): sequence fields must be tuples") from e
+    for how, back in (
+        ("to_dict / from_dict", cls.from_dict(config.to_dict())),
+        ("to_json / from_dict", cls.from_dict(json.loads(config.to_json()))),
+    ):
+        assert back == config, f"{name} {how} gives {back!r}, expected {config!r}"
+        assert hash(back) == key, f"{name} {how} gives an equal config with another hash"
+    for field in int_fields(cls):
+        for bad in (64.0, True):
+            check_raises(
+                lambda field=field, bad=bad: config.replace(**{field: bad}),
+                ValueError,
+                rf"{name}\.{field}={bad!r} is invalid",
+            )

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vats_core.config import is_int
 from vats_core.training import TensorBatches
 from vats_text.model import MoELanguageModel
 from vats_text.tokenizer import Tokenizer
@@ -64,7 +65,7 @@ def pack_documents(documents: Iterable[Sequence[int]], seq_len: int) -> Tensor:
     Raises:
         ValueError: ``seq_len < 2``, or a stream too short to fill one row.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+    if not is_int(seq_len) or seq_len < 2:
         raise ValueError(f"seq_len={seq_len!r} is invalid: expected an int >= 2")
     pieces = [torch.as_tensor(list(doc), dtype=torch.long) for doc in documents]
     stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)  # (N,)

@@ -23,20 +23,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vats_core.attention import AttentionBackend, AttentionConfig
+from vats_core.attention import AttentionBackend, AttentionConfig, check_head_fields
 from vats_core.block import BlockConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
-from vats_core.config import Config, check, coerce_enum
+from vats_core.config import Config, check, check_positive
 from vats_core.mlp import MLPConfig
 from vats_core.norms import RMSNorm
 from vats_core.rope import RopeConfig, RotaryEmbedding
-from vats_text.model import check_head_fields
+from vats_text.model import check_layer_windows
 
 __all__ = ["TextEncoder", "TextEncoderConfig", "TextEncoderOutput"]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,9 +48,9 @@ class TextEncoderConfig(Config):
     hidden_dim: int | None = None  # SwiGLU hidden; None = 8/3·D rounded up to 64
     max_seq_len: int = 512  # longest input accepted
     rope_theta: float = 10000.0  # RoPE base
-    # Per-layer bidirectional window: [] = every layer global; else n_layers entries,
+    # Per-layer bidirectional window: () = every layer global; else n_layers entries,
     # None = global, int w = token i sees tokens j with |i - j| < w.
-    layer_windows: list[int | None] = dataclasses.field(default_factory=list)
+    layer_windows: tuple[int | None, ...] = ()
     qkv_bias: bool = False  # biases on q/k/v projections
     qk_norm: bool = False  # RMSNorm of each query / key head before RoPE
     norm_eps: float = 1e-6  # eps of every RMSNorm
@@ -63,30 +59,13 @@ class TextEncoderConfig(Config):
     attention_backend: AttentionBackend = AttentionBackend.AUTO  # pin a backend for all layers
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
-            value = getattr(self, name)
-            check(_is_int(value) and value >= 1, self, name, value, "a positive integer")
-        check_head_fields(self)
-        hidden = self.hidden_dim
-        ok = hidden is None or (_is_int(hidden) and hidden >= 1)
-        check(ok, self, "hidden_dim", hidden, "None or a positive integer")
-        check(self.rope_theta > 0, self, "rope_theta", self.rope_theta, "a number > 0")
-        windows = self.layer_windows
-        ok = isinstance(windows, list | tuple) and len(windows) in (0, self.n_layers)
-        check(ok, self, "layer_windows", windows, f"[] or a list of n_layers={self.n_layers}")
-        for w in windows:
-            ok = w is None or (_is_int(w) and w >= 1)
-            check(ok, self, "layer_windows", windows, "entries that are None or an int >= 1")
-        object.__setattr__(self, "layer_windows", list(windows))
-        for name in ("qkv_bias", "qk_norm"):
-            check(isinstance(getattr(self, name), bool), self, name, getattr(self, name), "a bool")
-        check(self.norm_eps > 0, self, "norm_eps", self.norm_eps, "a number > 0")
-        ok = math.isfinite(self.init_std) and self.init_std > 0
-        check(ok, self, "init_std", self.init_std, "a finite number > 0")
+        check_positive(self, "vocab_size", "n_layers", "max_seq_len", "hidden_dim")
+        check_head_fields(self, rope=True)
+        check_positive(self, "rope_theta", "norm_eps", "init_std")
+        check_layer_windows(self)
         pad = self.pad_token_id
-        ok = pad is None or (_is_int(pad) and 0 <= pad < self.vocab_size)
-        check(ok, self, "pad_token_id", pad, f"None or an id in [0, {self.vocab_size})")
-        coerce_enum(self, "attention_backend", AttentionBackend)
+        ok = pad is None or 0 <= pad < self.vocab_size
+        check(ok, self, "pad_token_id", pad, f"None or an id in [0, vocab_size={self.vocab_size})")
 
     @property
     def kv_heads(self) -> int:

@@ -47,6 +47,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from vats_core.config import is_int
 from vats_core.kv_cache import KVCaches, StaticKVCache
 from vats_text.model import MoELanguageModel
 from vats_text.sampling import SamplingConfig, sample_next_token
@@ -274,7 +275,7 @@ def _plan(
     """Validate every argument (ValueError before any compute) and normalize the prompt."""
     cfg = model.config
     device = _model_device(model)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    if not is_int(max_new_tokens):
         raise ValueError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -331,7 +332,7 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None, cfg: object) -> list[int]
         raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {ids!r}")
     ids = list(ids)
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+        if not is_int(i) or not 0 <= i < vocab:
             raise ValueError(f"eos_token_id holds {i!r}, expected ids in [0, vocab_size={vocab})")
     return ids
 

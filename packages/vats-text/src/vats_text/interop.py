@@ -117,16 +117,16 @@ def _token_id(model_type: str, field: str, value: object) -> int | None:
     return None if value is None else int(value)  # type: ignore[arg-type]
 
 
-def _mixtral_windows(hf_config: Any) -> list[int | None]:
+def _mixtral_windows(hf_config: Any) -> tuple[int | None, ...]:
     window = hf_config.sliding_window
     if window is None:
-        return []
+        return ()
     if not isinstance(window, int) or window < 1:
         raise _unsupported("mixtral", "sliding_window", window, "expected None or an int >= 1")
-    return [window] * hf_config.num_hidden_layers
+    return (window,) * hf_config.num_hidden_layers
 
 
-def _qwen2_moe_windows(hf_config: Any) -> list[int | None]:
+def _qwen2_moe_windows(hf_config: Any) -> tuple[int | None, ...]:
     n = hf_config.num_hidden_layers
     layer_types = getattr(hf_config, "layer_types", None) or ["full_attention"] * n
     if len(layer_types) != n or any(
@@ -139,7 +139,7 @@ def _qwen2_moe_windows(hf_config: Any) -> list[int | None]:
             f"expected {n} entries, each 'full_attention' or 'sliding_attention'",
         )
     if "sliding_attention" not in layer_types:
-        return []
+        return ()
     window = hf_config.sliding_window
     if not isinstance(window, int) or window < 1:
         # Qwen2MoeConfig sets sliding_window=0 when use_sliding_window is False; HF then masks
@@ -151,7 +151,7 @@ def _qwen2_moe_windows(hf_config: Any) -> list[int | None]:
             f"layer_types has sliding_attention layers, so an int >= 1 is needed "
             f"(use_sliding_window={getattr(hf_config, 'use_sliding_window', None)!r})",
         )
-    return [window if t == "sliding_attention" else None for t in layer_types]
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
 
 def _moe_pattern(moe_layers: list[int], n_layers: int, hf_config: Any) -> tuple[int, int]:

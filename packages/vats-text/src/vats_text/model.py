@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core.attention import AttentionBackend, AttentionConfig
+from vats_core.attention import AttentionBackend, AttentionConfig, check_head_fields
 from vats_core.block import BlockConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
-from vats_core.config import Config, check, coerce_enum
+from vats_core.config import Config, check, check_at_least, check_positive, is_int
 from vats_core.kv_cache import KVCaches
 from vats_core.mlp import MLPConfig
 from vats_core.moe import GroupedMM, MoEConfig, RouterStats, ScoreFunc
@@ -54,33 +54,15 @@ __all__ = ["IGNORE_INDEX", "LMOutput", "MoELMConfig", "MoELanguageModel"]
 IGNORE_INDEX = -100
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def check_head_fields(config: Any) -> None:
-    """Validate ``n_kv_heads`` / ``head_dim`` against ``n_heads`` and ``dim`` (RoPE needs an
-    even head dim); shared by the LM and the text encoder configs."""
-    kv = config.n_kv_heads
-    ok = kv is None or (_is_int(kv) and kv >= 1 and config.n_heads % kv == 0)
-    check(ok, config, "n_kv_heads", kv, f"None or a positive divisor of n_heads={config.n_heads}")
-    if config.head_dim is None:
-        check(
-            config.dim % config.n_heads == 0 and (config.dim // config.n_heads) % 2 == 0,
-            config,
-            "dim",
-            config.dim,
-            f"a multiple of n_heads={config.n_heads} giving an even head dim "
-            "(or set head_dim explicitly)",
-        )
-    else:
-        hd = config.head_dim
-        ok = _is_int(hd) and hd >= 2 and hd % 2 == 0
-        check(ok, config, "head_dim", hd, "None or a positive even integer (RoPE rotates pairs)")
+def check_layer_windows(config: Any) -> None:
+    """``layer_windows`` of a config with ``n_layers``: empty (every layer global) or one
+    entry per layer, each None (global) or a window >= 1; shared by the LM and the text
+    encoder configs."""
+    windows, n_layers = config.layer_windows, config.n_layers
+    ok = len(windows) in (0, n_layers)
+    check(ok, config, "layer_windows", windows, f"empty or n_layers={n_layers} entries")
+    ok = all(w is None or w >= 1 for w in windows)
+    check(ok, config, "layer_windows", windows, "entries that are None or an int >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,9 +86,9 @@ class MoELMConfig(Config):
     rope_theta: float = 10000.0  # RoPE base
     rope_scaling: RopeScaling = RopeScaling.NONE  # context stretching of RoPE
     rope_scaling_factor: float = 1.0  # stretch factor for LINEAR / NTK (>= 1)
-    # Per-layer causal sliding window: [] = every layer global; else n_layers entries,
+    # Per-layer causal sliding window: () = every layer global; else n_layers entries,
     # None = global layer, int w = layer i sees keys i - w < j <= i (Mixtral's sliding_window).
-    layer_windows: list[int | None] = dataclasses.field(default_factory=list)
+    layer_windows: tuple[int | None, ...] = ()
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2-MoE: True)
     qk_norm: bool = False  # RMSNorm of each query / key head before RoPE (Qwen3, OLMoE)
     norm_eps: float = 1e-6  # eps of every RMSNorm (Mixtral 1e-5, Qwen2-MoE 1e-6)
@@ -137,71 +119,42 @@ class MoELMConfig(Config):
     grouped_mm: GroupedMM = GroupedMM.AUTO  # MoE experts as one grouped_mm or a loop
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
-            value = getattr(self, name)
-            check(_is_int(value) and value >= 1, self, name, value, "a positive integer")
+        check_positive(self, "vocab_size", "n_layers", "max_seq_len")
         self._check_attention()
         self._check_ffn()
-        for name in ("qkv_bias", "qk_norm", "tie_embeddings", "norm_topk_prob"):
-            check(isinstance(getattr(self, name), bool), self, name, getattr(self, name), "a bool")
-        check(
-            _is_number(self.norm_eps) and self.norm_eps > 0, self, "norm_eps", self.norm_eps, "> 0"
-        )
-        for name in ("aux_loss_weight", "z_loss_weight"):
-            value = getattr(self, name)
-            ok = _is_number(value) and math.isfinite(value) and value >= 0
-            check(ok, self, name, value, "a finite number >= 0")
-        ok = _is_number(self.init_std) and math.isfinite(self.init_std) and self.init_std > 0
-        check(ok, self, "init_std", self.init_std, "a finite number > 0")
+        check_positive(self, "norm_eps", "init_std")
+        check_at_least(self, 0, "aux_loss_weight", "z_loss_weight")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            ok = value is None or (_is_int(value) and 0 <= value < self.vocab_size)
+            ok = value is None or 0 <= value < self.vocab_size
             check(ok, self, name, value, f"None or an id in [0, vocab_size={self.vocab_size})")
-        coerce_enum(self, "attention_backend", AttentionBackend)
-        coerce_enum(self, "grouped_mm", GroupedMM)
 
     def _check_attention(self) -> None:
-        check_head_fields(self)
-        ok = _is_number(self.rope_theta) and self.rope_theta > 0
-        check(ok, self, "rope_theta", self.rope_theta, "a number > 0")
-        coerce_enum(self, "rope_scaling", RopeScaling)
-        factor = self.rope_scaling_factor
-        check(_is_number(factor) and factor >= 1, self, "rope_scaling_factor", factor, ">= 1")
-        windows = self.layer_windows
-        ok = isinstance(windows, list | tuple) and len(windows) in (0, self.n_layers)
-        check(ok, self, "layer_windows", windows, f"[] or a list of n_layers={self.n_layers}")
-        for w in windows:
-            ok = w is None or (_is_int(w) and w >= 1)
-            check(ok, self, "layer_windows", windows, "entries that are None or an int >= 1")
-        # Store a plain list (OmegaConf hands over ListConfig, from_dict may give a tuple).
-        object.__setattr__(self, "layer_windows", list(windows))
+        check_head_fields(self, rope=True)
+        check_positive(self, "rope_theta")
+        check_at_least(self, 1, "rope_scaling_factor")
+        check_layer_windows(self)
 
     def _check_ffn(self) -> None:
         n = self.n_experts
-        check(_is_int(n) and n >= 0, self, "n_experts", n, "an int >= 0 (0 = dense model)")
-        ok = _is_int(self.top_k) and self.top_k >= 1 and (n == 0 or self.top_k <= n)
+        check(n >= 0, self, "n_experts", n, "an int >= 0 (0 = dense model)")
+        ok = self.top_k >= 1 and (n == 0 or self.top_k <= n)
         check(ok, self, "top_k", self.top_k, f"an int in [1, n_experts={n}]")
-        for name in ("expert_hidden_dim", "dense_hidden_dim", "shared_hidden_dim"):
-            value = getattr(self, name)
-            ok = value is None or (_is_int(value) and value >= 1)
-            check(ok, self, name, value, "None or a positive integer")
-        ok = _is_int(self.moe_every) and self.moe_every >= 1
-        check(ok, self, "moe_every", self.moe_every, "an int >= 1")
+        check_positive(self, "expert_hidden_dim", "dense_hidden_dim", "shared_hidden_dim")
+        check_positive(self, "moe_every")
         first = self.first_dense_layers
-        ok = _is_int(first) and 0 <= first <= self.n_layers
+        ok = 0 <= first <= self.n_layers
         check(ok, self, "first_dense_layers", first, f"an int in [0, n_layers={self.n_layers}]")
-        shared = self.n_shared_experts
-        check(_is_int(shared) and shared >= 0, self, "n_shared_experts", shared, "an int >= 0")
+        check_at_least(self, 0, "n_shared_experts")
         check(
-            isinstance(self.shared_expert_gate, bool) and (not self.shared_expert_gate or shared),
+            not self.shared_expert_gate or self.n_shared_experts > 0,
             self,
             "shared_expert_gate",
             self.shared_expert_gate,
-            "a bool, False when n_shared_experts=0 (nothing to gate)",
+            "False when n_shared_experts=0 (nothing to gate)",
         )
-        coerce_enum(self, "score_func", ScoreFunc)
         cf = self.capacity_factor
-        ok = cf is None or (_is_number(cf) and math.isfinite(cf) and cf > 0)
+        ok = cf is None or (math.isfinite(cf) and cf > 0)
         check(ok, self, "capacity_factor", cf, "None (dropless) or a finite number > 0")
 
     # -- derived values ------------------------------------------------------------------
@@ -443,9 +396,9 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
                 model with a global layer.
         """
         cfg = self.config
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"setup_caches: batch_size={batch_size!r} must be an int >= 1")
-        if not _is_int(max_len) or max_len < 1:
+        if not is_int(max_len) or max_len < 1:
             raise ValueError(f"setup_caches: max_len={max_len!r} must be an int >= 1")
         if cfg.has_global_layer and max_len > cfg.max_seq_len:
             raise ValueError(
@@ -605,7 +558,7 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
                 f"{cfg.max_seq_len} of a model with global-attention layers"
             )
 
-        if not _is_int(logits_to_keep) or logits_to_keep < 0:
+        if not is_int(logits_to_keep) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep={logits_to_keep!r} must be an int >= 0")
         if labels is not None:
             if logits_to_keep:

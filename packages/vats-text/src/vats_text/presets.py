@@ -49,7 +49,7 @@ def tiny() -> MoELMConfig:
         n_heads=4,
         n_kv_heads=2,
         max_seq_len=256,
-        layer_windows=[16, None, 16],  # local, global, local
+        layer_windows=(16, None, 16),  # local, global, local
         tie_embeddings=True,
         n_experts=4,
         top_k=2,
@@ -79,7 +79,7 @@ def small() -> MoELMConfig:
         n_heads=6,
         n_kv_heads=2,
         max_seq_len=1024,
-        layer_windows=[64, None, 64, None],
+        layer_windows=(64, None, 64, None),
         tie_embeddings=True,
         n_experts=4,
         top_k=2,
@@ -96,7 +96,7 @@ def bench() -> MoELMConfig:
         n_heads=8,
         n_kv_heads=2,
         max_seq_len=32768,
-        layer_windows=[1024] * 8,
+        layer_windows=(1024,) * 8,
         norm_eps=1e-5,
         n_experts=8,
         top_k=2,
@@ -130,7 +130,7 @@ def encoder_tiny() -> TextEncoderConfig:
         n_kv_heads=2,
         hidden_dim=128,
         max_seq_len=256,
-        layer_windows=[8, None],
+        layer_windows=(8, None),
     )
 
 

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from vats_core.config import Config, check
+from vats_core.config import Config, check, check_at_least, check_positive
 
 __all__ = [
     "SamplingConfig",
@@ -39,10 +39,6 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
 ]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,20 +52,12 @@ class SamplingConfig(Config):
     repetition_penalty: float = 1.0  # > 0; 1 = off, > 1 discourages repeats (CTRL)
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        check(_is_number(t) and math.isfinite(t) and t >= 0, self, "temperature", t, ">= 0")
-        k = self.top_k
-        ok = k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)
-        check(ok, self, "top_k", k, "None or an int >= 1")
+        check_at_least(self, 0, "temperature")
+        check_positive(self, "top_k", "repetition_penalty")
         p = self.top_p
-        ok = p is None or (_is_number(p) and 0 < p <= 1)
-        check(ok, self, "top_p", p, "None or a number in (0, 1]")
+        check(p is None or 0 < p <= 1, self, "top_p", p, "None or a number in (0, 1]")
         m = self.min_p
-        ok = m is None or (_is_number(m) and 0 <= m <= 1)
-        check(ok, self, "min_p", m, "None or a number in [0, 1]")
-        r = self.repetition_penalty
-        ok = _is_number(r) and math.isfinite(r) and r > 0
-        check(ok, self, "repetition_penalty", r, "a finite number > 0 (1 = off)")
+        check(m is None or 0 <= m <= 1, self, "min_p", m, "None or a number in [0, 1]")
 
     @property
     def greedy(self) -> bool:

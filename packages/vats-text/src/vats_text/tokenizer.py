@@ -63,6 +63,8 @@ import sentencepiece as spm
 import torch
 from torch import Tensor
 
+from vats_core.config import is_int
+
 __all__ = [
     "AUDIO_ID",
     "AUDIO_TOKEN",
@@ -189,7 +191,7 @@ class Tokenizer:
             FileNotFoundError: If one of ``files`` does not exist.
         """
         sentences, input_files = _check_training_input(texts, files)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        if not is_int(vocab_size):
             raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(
@@ -416,9 +418,7 @@ class Tokenizer:
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         n_special = int(add_bos) + int(add_eos)
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0
-        ):
+        if max_length is not None and (not is_int(max_length) or max_length < 0):
             raise ValueError(f"max_length must be a non-negative int or None, got {max_length!r}")
         if max_length is not None and max_length < n_special:
             raise ValueError(

@@ -15,7 +15,7 @@ from vats_core.attention.dispatch import (
     backend_unavailable_reason,
     resolve_backend,
 )
-from vats_core.attention.layer import Attention, AttentionConfig
+from vats_core.attention.layer import Attention, AttentionConfig, check_head_fields
 
 __all__ = [
     "Attention",
@@ -24,5 +24,6 @@ __all__ = [
     "attention",
     "attention_backend",
     "backend_unavailable_reason",
+    "check_head_fields",
     "resolve_backend",
 ]

@@ -22,18 +22,40 @@ heads, Hkv key/value heads, Dh head dim.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vats_core.attention.dispatch import AttentionBackend, attention
-from vats_core.config import Config, check, coerce_enum
+from vats_core.config import Config, check, check_positive, check_probability, is_int
 from vats_core.kv_cache import KVCache, RollingKVCache
 from vats_core.norms import RMSNorm
 from vats_core.rope import apply_rotary
 
-__all__ = ["Attention", "AttentionConfig"]
+__all__ = ["Attention", "AttentionConfig", "check_head_fields"]
+
+
+def check_head_fields(config: Any, *, rope: bool = False) -> None:
+    """The head rules of every config with ``dim``, ``n_heads``, ``n_kv_heads`` and
+    ``head_dim`` fields (:class:`AttentionConfig`, and model configs that name their own
+    fields in errors): positive sizes, ``n_kv_heads`` divides ``n_heads``, and without
+    ``head_dim`` the width splits evenly over the heads. ``rope``: the head dim must also be
+    even, since RoPE rotates channel pairs."""
+    check_positive(config, "dim", "n_heads")
+    dim, n_heads, kv, head_dim = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+    ok = kv is None or (kv >= 1 and n_heads % kv == 0)
+    check(ok, config, "n_kv_heads", kv, f"None or a positive divisor of n_heads={n_heads}")
+    even = " giving an even head dim" if rope else ""
+    if head_dim is None:
+        ok = dim % n_heads == 0 and (not rope or dim // n_heads % 2 == 0)
+        allowed = f"a multiple of n_heads={n_heads}{even} (or set head_dim explicitly)"
+        check(ok, config, "dim", dim, allowed)
+    else:
+        ok = head_dim >= 1 and (not rope or head_dim % 2 == 0)
+        allowed = "an even int > 0 (RoPE rotates channel pairs)" if rope else "an int > 0"
+        check(ok, config, "head_dim", head_dim, f"None or {allowed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,37 +79,10 @@ class AttentionConfig(Config):
     backend: AttentionBackend = AttentionBackend.AUTO  # pin a backend; auto = dispatch decides
 
     def __post_init__(self) -> None:
-        check(self.dim > 0, self, "dim", self.dim, "a positive integer")
-        check(self.n_heads > 0, self, "n_heads", self.n_heads, "a positive integer")
-        kv = self.kv_heads
-        check(
-            kv > 0 and self.n_heads % kv == 0,
-            self,
-            "n_kv_heads",
-            self.n_kv_heads,
-            f"a positive divisor of n_heads={self.n_heads}",
-        )
-        if self.head_dim is None:
-            check(
-                self.dim % self.n_heads == 0,
-                self,
-                "dim",
-                self.dim,
-                f"a multiple of n_heads={self.n_heads} (or set head_dim explicitly)",
-            )
-        else:
-            check(self.head_dim > 0, self, "head_dim", self.head_dim, "a positive integer or None")
-        check(self.qk_norm_eps > 0, self, "qk_norm_eps", self.qk_norm_eps, "a positive number")
-        check(0.0 <= self.dropout < 1.0, self, "dropout", self.dropout, "a probability in [0, 1)")
-        check(
-            self.window is None or self.window >= 1,
-            self,
-            "window",
-            self.window,
-            "None or an integer >= 1",
-        )
+        check_head_fields(self)
+        check_positive(self, "qk_norm_eps", "window", "context_dim")
+        check_probability(self, "dropout")
         if self.context_dim is not None:
-            check(self.context_dim > 0, self, "context_dim", self.context_dim, "a positive integer")
             check(
                 not self.causal,
                 self,
@@ -102,7 +97,6 @@ class AttentionConfig(Config):
                 self.window,
                 "None for cross-attention (context_dim is set)",
             )
-        coerce_enum(self, "backend", AttentionBackend)
 
     @property
     def kv_heads(self) -> int:
@@ -228,7 +222,7 @@ class Attention(nn.Module):
 
     def _check_out_tokens(self, out_tokens: int, t: int, cache: KVCache | None) -> None:
         cfg = self.config
-        if isinstance(out_tokens, bool) or not isinstance(out_tokens, int):
+        if not is_int(out_tokens):
             raise ValueError(f"out_tokens must be an int, got {type(out_tokens).__name__}")
         if not 1 <= out_tokens <= t:
             raise ValueError(f"out_tokens must be in [1, T={t}], got {out_tokens}")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
-from vats_core.config import Config, check
+from vats_core.config import Config, check, check_at_least, check_positive
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,14 +33,15 @@ class TrainerConfig(Config):
     progress: bool = True  # show a tqdm progress bar
 
     def __post_init__(self) -> None:
-        check(self.max_steps >= 1, self, "max_steps", self.max_steps, "an int >= 1")
-        check(math.isfinite(self.lr) and self.lr > 0, self, "lr", self.lr, "a finite float > 0")
+        check_positive(self, "max_steps", "lr", "eps", "grad_clip", "grad_accum_steps")
+        check_positive(self, "keep_checkpoints", "log_every")
+        check_at_least(self, 0, "weight_decay", "seed")
         check(
             0.0 <= self.min_lr_ratio <= 1.0,
             self,
             "min_lr_ratio",
             self.min_lr_ratio,
-            "a float in [0, 1]",
+            "a number in [0, 1]",
         )
         check(
             0 <= self.warmup_steps <= self.max_steps,
@@ -50,44 +50,14 @@ class TrainerConfig(Config):
             self.warmup_steps,
             f"an int in [0, max_steps={self.max_steps}]",
         )
-        check(self.weight_decay >= 0, self, "weight_decay", self.weight_decay, "a float >= 0")
         check(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             self,
             "betas",
             self.betas,
-            "two floats in [0, 1)",
+            "two numbers in [0, 1)",
         )
-        check(self.eps > 0, self, "eps", self.eps, "a float > 0")
-        check(
-            self.grad_clip is None or self.grad_clip > 0,
-            self,
-            "grad_clip",
-            self.grad_clip,
-            "None (off) or a float > 0",
-        )
-        check(
-            self.grad_accum_steps >= 1,
-            self,
-            "grad_accum_steps",
-            self.grad_accum_steps,
-            "an int >= 1",
-        )
-        check(
-            self.checkpoint_every >= 0,
-            self,
-            "checkpoint_every",
-            self.checkpoint_every,
-            "an int >= 0 (0 = off)",
-        )
-        check(
-            self.keep_checkpoints >= 1,
-            self,
-            "keep_checkpoints",
-            self.keep_checkpoints,
-            "an int >= 1",
-        )
-        check(self.log_every >= 1, self, "log_every", self.log_every, "an int >= 1")
-        check(self.eval_every >= 0, self, "eval_every", self.eval_every, "an int >= 0 (0 = off)")
+        for name in ("checkpoint_every", "eval_every"):
+            value = getattr(self, name)
+            check(value >= 0, self, name, value, "an int >= 0 (0 = off)")
         check(bool(self.out_dir), self, "out_dir", self.out_dir, "a non-empty path")
-        check(self.seed >= 0, self, "seed", self.seed, "an int >= 0")
