@@ -31,6 +31,7 @@ class TrainerConfig(Config):
     out_dir: str = "runs/default"  # checkpoints/ and metrics.jsonl go here
     seed: int = 0  # seeds torch, python random (and numpy if installed) on a fresh run
     bf16_autocast: bool = False  # bf16 autocast for forward + loss; CUDA only
+    compile: bool = False  # run forward + loss (and its backward) through torch.compile
     progress: bool = True  # show a tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -91,3 +92,6 @@ class TrainerConfig(Config):
         check(self.eval_every >= 0, self, "eval_every", self.eval_every, "an int >= 0 (0 = off)")
         check(bool(self.out_dir), self, "out_dir", self.out_dir, "a non-empty path")
         check(self.seed >= 0, self, "seed", self.seed, "an int >= 0")
+        for flag in ("bf16_autocast", "compile", "progress"):
+            value = getattr(self, flag)
+            check(isinstance(value, bool), self, flag, value, "true or false")
