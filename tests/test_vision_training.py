@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from vats_apps.cli import config_dir, run_pipeline
 from vats_apps.pipelines.train_vision import video_model_config, world_config
+from vats_vision.vit2d import ViT2D
 from vats_vision.vit3d import ViT3D
 
 VIDEO_STEPS = 150
@@ -112,27 +113,43 @@ def test_unknown_task_is_refused(tmp_path):
         run_pipeline(_cfg(tmp_path, "pipeline.task=audio"))
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
-def test_held_out_scoring_runs_on_packed_weights(tmp_path, monkeypatch):
-    # The scoring loop holds a vats_core.packed_weights() region: its linears run on packed
-    # copies (made once), and score as the plain weights do.
+def test_compile_switches_reach_training_and_scoring(tmp_path, monkeypatch):
+    # train.compile reaches the Trainer's config (recorded, then trained eagerly: the
+    # compiled step is vats-core's to test); pipeline.compile scores on compile_frozen's
+    # model, here with dynamo's eager backend standing in for inductor.
     from unittest import mock
 
     from vats_apps.pipelines import train_vision
-    from vats_core import linear as L
-    from vats_core.linear import packed_weights
+    from vats_core import inference
 
-    model, draw, _, _ = train_vision._build(_cfg(tmp_path, "pipeline.task=image"), "image")
-    pack = mock.Mock(wraps=L._pack)
-    monkeypatch.setattr(L, "_pack", pack)
-    n = 2 * train_vision.EVAL_CHUNK  # two chunks: the second reuses the first's copies
-    accuracy = train_vision.held_out_accuracy(model, draw, n)
-    linears = [m for m in model.modules() if isinstance(m, L.Linear)]
-    # Each weight packed once (q, k and v as one stack), though two chunks ran: twice as
-    # many packs as weights would exceed the count of linear layers.
-    assert 0 < pack.call_count <= len(linears)
-    count = pack.call_count
-    with packed_weights(max_bytes=0):  # an outer region with no room: plain weights
-        plain = train_vision.held_out_accuracy(model, draw, n)
-    assert pack.call_count == count
-    assert abs(accuracy - plain) <= 1 / n  # (a near-tie could flip one sample)
+    monkeypatch.setattr(inference, "_BACKEND", "eager")
+    frozen = mock.Mock(wraps=train_vision.compile_frozen)
+    monkeypatch.setattr(train_vision, "compile_frozen", frozen)
+    trained: list[bool] = []
+    real_trainer = train_vision.Trainer
+
+    def recording_trainer(model, config, **kwargs):
+        trained.append(config.compile)
+        return real_trainer(model, config.replace(compile=False), **kwargs)
+
+    monkeypatch.setattr(train_vision, "Trainer", recording_trainer)
+    short = ["pipeline.task=image", "train.image.max_steps=3", "train.image.eval_size=256"]
+    eager = run_pipeline(_cfg(tmp_path, *short))["image"]
+    assert trained == [False] and frozen.call_count == 0
+    compiled = run_pipeline(_cfg(tmp_path, *short, "train.compile=true"))["image"]
+    assert trained == [False, True] and frozen.call_count == 0
+    assert compiled["cache"] != eager["cache"]  # compiled training: another entry
+    # The cached eager model scored through the frozen compiled one gets the eager score;
+    # pipeline.compile leaves the key alone.
+    rescored = run_pipeline(_cfg(tmp_path, *short, "pipeline.compile=true"))["image"]
+    assert rescored["cached"] and rescored["cache"] == eager["cache"]
+    assert frozen.call_count == 1 and isinstance(frozen.call_args.args[0], ViT2D)
+    assert rescored["accuracy"] == eager["accuracy"]
+
+
+def test_bad_compile_switches_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"pipeline\.compile='yes' is invalid"):
+        run_pipeline(_cfg(tmp_path, "pipeline.task=image", "pipeline.compile=yes"))
+    with pytest.raises(ValueError, match=r"train\.image\.trainer\.compile is not read"):
+        run_pipeline(_cfg(tmp_path, "pipeline.task=image", "+train.image.trainer.compile=true"))
+    assert not (tmp_path / "cache").exists()
