@@ -3,6 +3,7 @@ the code, and all-or-nothing entries."""
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import vats_core
 from vats_apps.cli import config_dir
 from vats_apps.pipelines import cache, text_generation, train_vision
 from vats_apps.pipelines.cache import code_fingerprint, settings_hash, source_digest, staged_entry
+from vats_apps.pipelines.compiling import check_compile_switches, compile_flags
 from vats_text import presets
 from vats_vision.presets import VIT2D_PRESETS
 
@@ -139,3 +141,19 @@ def test_keys_change_with_the_code(monkeypatch, what):
         monkeypatch.setattr(torch, "__version__", "99.0")
     assert _text_key() != text
     assert _image_key() != image
+
+
+def test_compile_switches_need_setuptools_only_to_run(monkeypatch):
+    cfg = _compose("pipeline=train_vision", "pipeline.compile=true")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "setuptools" else find_spec(name, *args),
+    )
+    assert compile_flags(cfg) == (True, False)  # keys can be computed without it
+    train_vision.cache_key(cfg, "image")
+    with pytest.raises(ValueError, match="needs setuptools"):
+        check_compile_switches(cfg)
+    with pytest.raises(ValueError, match=r"pipeline\.compile='on' is invalid"):
+        compile_flags(_compose("pipeline=train_vision", "pipeline.compile=on"))

@@ -34,9 +34,18 @@ def compile_flags(cfg: DictConfig) -> CompileFlags:
     """``pipeline.compile`` and ``train.compile`` as bools (absent: false).
 
     Raises:
+        ValueError: a flag that is not a bool.
+    """
+    return CompileFlags(_flag(cfg, "pipeline.compile"), _flag(cfg, "train.compile"))
+
+
+def check_compile_switches(cfg: DictConfig) -> CompileFlags:
+    """:func:`compile_flags`, and the code generation they need: a pipeline's first check.
+
+    Raises:
         ValueError: a flag that is not a bool, or a flag on without setuptools.
     """
-    flags = CompileFlags(_flag(cfg, "pipeline.compile"), _flag(cfg, "train.compile"))
+    flags = compile_flags(cfg)
     if any(flags) and importlib.util.find_spec("setuptools") is None:
         raise ValueError(
             "pipeline.compile / train.compile run torch.compile, whose CPU code generation "

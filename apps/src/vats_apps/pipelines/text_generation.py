@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
-from vats_apps.pipelines.compiling import compile_flags, trainer_fields
+from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
 from vats_core.inference import compile_frozen
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.corpus import load_corpus
@@ -116,9 +116,10 @@ def load_or_train(cfg: DictConfig) -> TrainedLM:
 
 def _train(cfg: DictConfig, path: Path) -> TrainedLM:
     train_cfg = cfg.train
-    # A bad model or trainer section fails before any work.
+    # A bad model, trainer or compile setting fails before any work.
     model_config(cfg, train_cfg.vocab_size)
     trainer_config(cfg, out_dir=str(path / "run"))
+    check_compile_switches(cfg)
     torch.manual_seed(cfg.pipeline.seed)
     print("no cached model for this config: training one (tokenizer, then the MoE LM)")
     train_docs = load_corpus("train", max_files=train_cfg.max_files)
@@ -182,7 +183,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"prompts must be strings, got {prompts!r}")
     if gen.max_new_tokens < 0:
         raise ValueError(f"generation.max_new_tokens={gen.max_new_tokens} must be >= 0")
-    flags = compile_flags(cfg)
+    flags = check_compile_switches(cfg)
     lm = load_or_train(cfg)
     r = lm.report
     print(

@@ -87,7 +87,7 @@ from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
-from vats_apps.pipelines.compiling import compile_flags, trainer_fields
+from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
 from vats_core.inference import compile_frozen
 from vats_core.training import Trainer, TrainerConfig
 from vats_vision.presets import vit2d_preset, vit3d_preset
@@ -248,7 +248,7 @@ def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
         ``seconds`` and ``threads`` are those of the run that trained the weights.
     """
     model, draw, k, section = _build(cfg, task)  # a bad config fails before any work
-    flags = compile_flags(cfg)
+    flags = check_compile_switches(cfg)
     path = Path(str(cfg.pipeline.cache_dir)).expanduser() / "train_vision" / task
     path = path / cache_key(cfg, task)
     eval_size = int(section["eval_size"])
@@ -326,7 +326,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     tasks = TASKS if task == "all" else (task,)
     if task != "all" and task not in TASKS:
         raise ValueError(f"pipeline.task={task!r} is invalid: expected one of {[*TASKS, 'all']}")
-    compile_flags(cfg)  # bad compile switches fail before the first task trains
+    check_compile_switches(cfg)  # bad switches fail before the first task trains
     results = {}
     for name in tasks:
         print(f"train_vision: training {name} ...", flush=True)
