@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from vats_apps.cli import config_dir, run_pipeline
 from vats_apps.pipelines.train_vision import video_model_config, world_config
+from vats_vision.vit2d import ViT2D
 from vats_vision.vit3d import ViT3D
 
 VIDEO_STEPS = 150
@@ -111,3 +112,45 @@ def test_video_ablation_is_blind_to_frame_order(tmp_path):
 def test_unknown_task_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"pipeline\.task"):
         run_pipeline(_cfg(tmp_path, "pipeline.task=audio"))
+
+
+def test_compile_switches_reach_training_and_scoring(tmp_path, monkeypatch):
+    # train.compile reaches the Trainer's config (recorded, then trained eagerly: the
+    # compiled step is vats-core's to test); pipeline.compile scores on compile_frozen's
+    # model, here with dynamo's eager backend standing in for inductor.
+    from unittest import mock
+
+    from vats_apps.pipelines import train_vision
+    from vats_core import inference
+
+    monkeypatch.setattr(inference, "_BACKEND", "eager")
+    frozen = mock.Mock(wraps=train_vision.compile_frozen)
+    monkeypatch.setattr(train_vision, "compile_frozen", frozen)
+    trained: list[bool] = []
+    real_trainer = train_vision.Trainer
+
+    def recording_trainer(model, config, **kwargs):
+        trained.append(config.compile)
+        return real_trainer(model, config.replace(compile=False), **kwargs)
+
+    monkeypatch.setattr(train_vision, "Trainer", recording_trainer)
+    short = ["pipeline.task=image", "train.image.max_steps=3", "train.image.eval_size=256"]
+    eager = run_pipeline(_cfg(tmp_path, *short))["image"]
+    assert trained == [False] and frozen.call_count == 0
+    compiled = run_pipeline(_cfg(tmp_path, *short, "train.compile=true"))["image"]
+    assert trained == [False, True] and frozen.call_count == 0
+    assert compiled["cache"] != eager["cache"]  # compiled training: another entry
+    # The cached eager model scored through the frozen compiled one gets the eager score;
+    # pipeline.compile leaves the key alone.
+    rescored = run_pipeline(_cfg(tmp_path, *short, "pipeline.compile=true"))["image"]
+    assert rescored["cached"] and rescored["cache"] == eager["cache"]
+    assert frozen.call_count == 1 and isinstance(frozen.call_args.args[0], ViT2D)
+    assert rescored["accuracy"] == eager["accuracy"]
+
+
+def test_bad_compile_switches_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"pipeline\.compile='yes' is invalid"):
+        run_pipeline(_cfg(tmp_path, "pipeline.task=image", "pipeline.compile=yes"))
+    with pytest.raises(ValueError, match=r"train\.image\.trainer\.compile is not read"):
+        run_pipeline(_cfg(tmp_path, "pipeline.task=image", "+train.image.trainer.compile=true"))
+    assert not (tmp_path / "cache").exists()

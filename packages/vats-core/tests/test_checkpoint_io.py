@@ -6,10 +6,13 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from vats_core import checkpoint
 from vats_core.checkpoint import (
@@ -167,6 +170,204 @@ def test_overlapping_views_are_stored_as_copies(tmp_path: Path) -> None:
     loaded = load_safetensors(tmp_path / "v.safetensors")
     torch.testing.assert_close(loaded["first"], base[:6])
     torch.testing.assert_close(loaded["second"], base[3:9].view(2, 3))
+
+
+# --------------------------------------------------------------------------- meta-device loading
+
+
+class _RealStorages(TorchDispatchMode):
+    """Records every non-meta storage an aten op returns while active: address -> bytes.
+
+    Allocations (``empty``, ``uniform_`` on fresh weights, copies) and the tensors the
+    safetensors reader creates all pass through the dispatcher, so this sees the memory a
+    load creates, whatever Python-level path made it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                self.storages[storage.data_ptr()] = storage.nbytes()
+        return out
+
+
+def test_from_pretrained_holds_one_copy_of_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loaded model's tensors are the very tensors read from the file, and building it
+    allocated no weights of its own: one copy of the weights, not a random model plus the
+    file's (the old construct-then-copy load held two)."""
+    model = _trained_model(vocab=2048, dim=128, tie=False)  # ~2.1 MB of float32
+    model.save_pretrained(tmp_path)
+    n_bytes = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
+    read: list[dict[str, torch.Tensor]] = []
+
+    def recording_load(path: Path) -> dict[str, torch.Tensor]:
+        read.append(load_safetensors(path))
+        return read[-1]
+
+    monkeypatch.setattr(checkpoint, "load_safetensors", recording_load)
+    with _RealStorages() as seen:
+        loaded = ToyLM.from_pretrained(tmp_path)
+    (file_tensors,) = read
+    file_storages = {t.untyped_storage().data_ptr() for t in file_tensors.values()}
+    model_storages = {t.untyped_storage().data_ptr() for t in loaded.state_dict().values()}
+    assert model_storages == file_storages  # the weights were handed over, not copied
+    other = sum(n for ptr, n in seen.storages.items() if ptr not in file_storages)
+    assert other < 0.01 * n_bytes, f"{other} bytes allocated beside the {n_bytes} of the file"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BufferConfig(Config):
+    dim: int = 6
+
+
+class FreqTable(nn.Module):
+    """A RoPE-like module: a non-persistent buffer derived from the config, recreated by
+    the documented hook."""
+
+    hook_calls = 0
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.init_non_persistent_buffers()
+
+    def init_non_persistent_buffers(self) -> None:
+        type(self).hook_calls += 1
+        inv = 1.0 / (10000.0 ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+
+class PlainTable(nn.Module):
+    """A non-persistent buffer with no hook: from_pretrained takes it from a real build."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.linspace(-1.0, 1.0, dim), persistent=False)
+        self.register_buffer("count", torch.arange(dim), persistent=False)  # integer: kept
+
+
+class BufferNet(PretrainedMixin, nn.Module):
+    config_class = BufferConfig
+    built_on: ClassVar[list[str]] = []
+
+    def __init__(self, config: BufferConfig) -> None:
+        super().__init__()
+        type(self).built_on.append(torch.empty(0).device.type)  # the default device now
+        self.config = config
+        self.proj = nn.Linear(config.dim, config.dim)
+        self.freqs = FreqTable(config.dim)
+        self.table = PlainTable(config.dim)
+        self.register_buffer("gain", torch.ones(config.dim))  # persistent: from the file
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = x[..., : self.config.dim // 2] * self.freqs.inv_freq
+        return self.proj(x * self.table.steps * self.gain) + angles.sin().sum(-1, keepdim=True)
+
+
+def _all_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def test_non_persistent_buffers_are_materialised_on_the_target_device(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = BufferNet(BufferConfig())
+    with torch.no_grad():
+        model.gain.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path)
+    BufferNet.built_on.clear()
+    FreqTable.hook_calls = 0
+    loaded = BufferNet.from_pretrained(tmp_path)
+    # Built on meta; PlainTable has no hook, so one real build supplied its buffers.
+    assert BufferNet.built_on == ["meta", "cpu"]
+    assert FreqTable.hook_calls == 3  # meta build, real build, then the hook on the load
+    expected = _all_tensors(model)
+    actual = _all_tensors(loaded)
+    assert actual.keys() == expected.keys()
+    assert {"freqs.inv_freq", "table.steps", "table.count"} <= actual.keys()
+    for name, tensor in expected.items():
+        assert actual[name].device.type == "cpu", name
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name  # bit for bit, buffers included
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+    as64 = BufferNet.from_pretrained(tmp_path, dtype=torch.float64)
+    assert as64.freqs.inv_freq.dtype == as64.table.steps.dtype == torch.float64
+    assert as64.table.count.dtype == torch.int64  # integer buffers are not cast
+    assert torch.equal(as64.table.steps, model.table.steps.double())
+
+
+def test_meta_build_with_only_hooked_buffers_runs_the_constructor_once(tmp_path: Path) -> None:
+    class HookedOnly(PretrainedMixin, nn.Module):
+        config_class = BufferConfig
+        built_on: ClassVar[list[str]] = []
+
+        def __init__(self, config: BufferConfig) -> None:
+            super().__init__()
+            type(self).built_on.append(torch.empty(0).device.type)
+            self.config = config
+            self.proj = nn.Linear(config.dim, config.dim)
+            self.freqs = FreqTable(config.dim)
+
+    model = HookedOnly(BufferConfig())
+    model.save_pretrained(tmp_path)
+    HookedOnly.built_on.clear()
+    loaded = HookedOnly.from_pretrained(tmp_path)
+    assert HookedOnly.built_on == ["meta"]  # no real build: no random weights ever made
+    assert torch.equal(loaded.freqs.inv_freq, model.freqs.inv_freq)
+
+
+def test_constructor_that_reads_values_or_hides_tensors_is_reported(tmp_path: Path) -> None:
+    class ReadsValues(PretrainedMixin, nn.Module):
+        config_class = BufferConfig
+
+        def __init__(self, config: BufferConfig) -> None:
+            super().__init__()
+            self.config = config
+            self.proj = nn.Linear(config.dim, config.dim)
+            self.scale = float(torch.ones(()).item())  # cannot work on the meta device
+
+    class HiddenTensor(PretrainedMixin, nn.Module):
+        config_class = BufferConfig
+
+        def __init__(self, config: BufferConfig) -> None:
+            super().__init__()
+            self.config = config
+            self.proj = nn.Linear(config.dim, config.dim)
+            self.table = torch.ones(config.dim)  # neither parameter nor buffer
+
+    for cls, match in (
+        (ReadsValues, r"ReadsValues's constructor cannot run on the meta device"),
+        (HiddenTensor, r"left tensor\(s\) on the meta device: \['table'\]"),
+    ):
+        d = tmp_path / cls.__name__
+        cls(BufferConfig()).save_pretrained(d)
+        with pytest.raises(RuntimeError, match=match):
+            cls.from_pretrained(d)
+
+
+def test_tied_weights_are_one_parameter_after_loading(tmp_path: Path) -> None:
+    model = _trained_model()
+    model.save_pretrained(tmp_path)
+    loaded = ToyLM.from_pretrained(tmp_path).train()
+    assert len(list(loaded.parameters())) == len(list(model.parameters())) == 3
+    # One tensor: an update through either name is seen by the other.
+    optimizer = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    loaded(IDS).square().mean().backward()
+    optimizer.step()
+    assert loaded.head.weight is loaded.embed.weight
+    assert not torch.equal(loaded.embed.weight, model.embed.weight)
 
 
 # --------------------------------------------------------------------------- errors

@@ -4,19 +4,31 @@ entry and a retrain replaces the old one whole.
 
 Layout: ``<cache_dir>/<pipeline>/[<task>/]<settings hash>/`` holding ``report.json`` (what
 the run measured) beside whatever the pipeline saves (``model/``, a tokenizer, ...).
+
+A key (:func:`entry_key`) hashes what the pipeline says shapes the weights (the *resolved*
+model config, i.e. the dataclass after its preset and overrides, the training and data
+settings, the seed) together with the code that trains them (:func:`code_fingerprint`):
+the versions of Python, torch and the vats packages involved, and a digest of every source
+file of those packages. A preset that changes in code, or any edit to a training loop or a
+data generator, therefore never loads a model trained by the old code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
+import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import torch
 
 REPORT_NAME = "report.json"  # present only in a complete entry (written last)
 
@@ -24,6 +36,50 @@ REPORT_NAME = "report.json"  # present only in a complete entry (written last)
 def settings_hash(spec: dict[str, Any]) -> str:
     """16 hex digits of SHA-256 over ``spec`` as sorted-key JSON."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_digest(directory: Path) -> str:
+    """SHA-256 over every file under ``directory`` (bytecode caches left out), each with its
+    relative path, in sorted order: any edit, added, removed or renamed file changes it."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for path in files:
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _package_version(module_name: str) -> str:
+    """The installed distribution's version (``vats_text`` -> ``vats-text``)."""
+    try:
+        return version(module_name.replace("_", "-"))
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return str(getattr(importlib.import_module(module_name), "__version__", "unknown"))
+
+
+def code_fingerprint(packages: Iterable[str]) -> dict[str, Any]:
+    """Versions of Python and torch, and version + source digest of each named package.
+
+    Args:
+        packages: import names of the packages whose code trains the weights
+            (e.g. ``["vats_core", "vats_text", "vats_apps"]``).
+    """
+    found: dict[str, Any] = {}
+    for name in sorted(packages):
+        module = importlib.import_module(name)
+        assert module.__file__ is not None, f"{name} is not a regular package"
+        found[name] = {
+            "version": _package_version(name),
+            "source": source_digest(Path(module.__file__).parent),
+        }
+    # Python too: its version changes the stdlib (the text corpus) and float formatting.
+    return {"python": platform.python_version(), "torch": torch.__version__, "packages": found}
+
+
+def entry_key(spec: dict[str, Any], packages: Iterable[str]) -> str:
+    """The entry name for ``spec`` (settings that shape the weights, resolved configs as
+    plain dicts) trained by ``packages``' current code; see the module docstring."""
+    return settings_hash({"settings": spec, "code": code_fingerprint(packages)})
 
 
 @contextlib.contextmanager

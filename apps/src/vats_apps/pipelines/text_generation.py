@@ -3,11 +3,19 @@
 The first run trains a sentencepiece tokenizer and an MoE language model on the embedded
 corpus (the standard library's docstrings, :mod:`vats_text.corpus`), with the vats-core
 trainer and its progress bar, then saves both under ``pipeline.cache_dir`` keyed by a
-hash of everything that shapes the weights (model config, data, training settings). Any
-later run with the same settings loads them in seconds; a changed setting trains anew.
+hash of everything that shapes the weights (the resolved model config, data, training
+settings, seed, and the versions and source of the code; see
+:mod:`vats_apps.pipelines.cache`). Any later run with the same settings and code loads
+them in seconds; a changed setting or changed code trains anew.
 
 Then it reports the validation cross-entropy beside a unigram baseline's (the model must
 beat word frequencies to have learned anything) and streams a continuation of each prompt.
+
+``train.compile`` runs the training step through ``torch.compile``
+(``TrainerConfig.compile``). ``pipeline.compile`` scores the validation set after training
+on the model compiled with inductor's freezing (:func:`vats_core.inference.compile_frozen`)
+and generates with ``compile=True`` (the decode step compiled); on CPU each costs tens of
+seconds of compilation first.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vats_apps.pipelines.cache import REPORT_NAME, settings_hash, staged_entry
-from vats_core.linear import packed_weights
+from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
+from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
+from vats_core.inference import compile_frozen
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.corpus import load_corpus
 from vats_text.data import (
@@ -40,6 +49,8 @@ from vats_text.presets import lm_preset
 from vats_text.tokenizer import Tokenizer
 
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
+# The packages whose code trains (and whose versions and source key) the cached model.
+CODE = ("vats_core", "vats_text", "vats_apps")
 
 
 @dataclass
@@ -62,14 +73,33 @@ def model_config(cfg: DictConfig, vocab_size: int) -> MoELMConfig:
 
 
 def cache_key(cfg: DictConfig) -> str:
-    """Hash of every setting that changes the trained weights."""
+    """Hash of every setting that changes the trained weights, and of the code.
+
+    The model enters as the resolved :class:`MoELMConfig` (preset plus overrides, every
+    field), so a preset edited in vats_text changes the key though the YAML does not.
+    ``train`` holds the data settings (corpus files, vocabulary, sequence length), the
+    batch, the steps, ``compile`` and the trainer's fields.
+    """
     spec = {
         "format": CACHE_FORMAT,
-        "model": OmegaConf.to_container(cfg.model.text, resolve=True),
+        "model": model_config(cfg, cfg.train.vocab_size).to_dict(),
         "train": OmegaConf.to_container(cfg.train, resolve=True),
         "seed": cfg.pipeline.seed,
     }
-    return settings_hash(spec)
+    return entry_key(spec, CODE)
+
+
+def trainer_config(cfg: DictConfig, out_dir: str) -> TrainerConfig:
+    """``train.trainer`` fields plus the pipeline's steps, seed and ``train.compile``."""
+    fields = OmegaConf.to_container(cfg.train.trainer, resolve=True)
+    assert isinstance(fields, dict)
+    return TrainerConfig(
+        **trainer_fields(fields, "train.trainer"),
+        max_steps=cfg.train.max_steps,
+        out_dir=out_dir,
+        seed=cfg.pipeline.seed,
+        compile=compile_flags(cfg).training,
+    )
 
 
 def load_or_train(cfg: DictConfig) -> TrainedLM:
@@ -86,7 +116,10 @@ def load_or_train(cfg: DictConfig) -> TrainedLM:
 
 def _train(cfg: DictConfig, path: Path) -> TrainedLM:
     train_cfg = cfg.train
-    model_config(cfg, train_cfg.vocab_size)  # a bad model section fails before any work
+    # A bad model, trainer or compile setting fails before any work.
+    model_config(cfg, train_cfg.vocab_size)
+    trainer_config(cfg, out_dir=str(path / "run"))
+    check_compile_switches(cfg)
     torch.manual_seed(cfg.pipeline.seed)
     print("no cached model for this config: training one (tokenizer, then the MoE LM)")
     train_docs = load_corpus("train", max_files=train_cfg.max_files)
@@ -113,12 +146,7 @@ def _train(cfg: DictConfig, path: Path) -> TrainedLM:
     with staged_entry(path) as staging:
         trainer = Trainer(
             model,
-            TrainerConfig(
-                max_steps=train_cfg.max_steps,
-                out_dir=str(staging / "run"),
-                seed=cfg.pipeline.seed,
-                **OmegaConf.to_container(train_cfg.trainer, resolve=True),  # type: ignore[arg-type]
-            ),
+            trainer_config(cfg, out_dir=str(staging / "run")),
             data=PackedBatches(train_rows, train_cfg.batch_size, seed=cfg.pipeline.seed),
             loss_fn=lm_loss_fn,
             eval_fn=lambda m: evaluate_lm(m, val_rows, max_rows=train_cfg.eval_rows),
@@ -129,7 +157,9 @@ def _train(cfg: DictConfig, path: Path) -> TrainedLM:
         trainer.fit()
         train_seconds = time.perf_counter() - t0
         model.eval()
-        val = evaluate_lm(model, val_rows)
+        # The weights are final here: score them on the frozen compiled model if asked.
+        scorer = compile_frozen(model) if compile_flags(cfg).evaluation else model
+        val = evaluate_lm(scorer, val_rows)  # type: ignore[arg-type]
         report = {
             "val_ce": val["loss"],
             "val_ppl": val["ppl"],
@@ -153,6 +183,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"prompts must be strings, got {prompts!r}")
     if gen.max_new_tokens < 0:
         raise ValueError(f"generation.max_new_tokens={gen.max_new_tokens} must be >= 0")
+    flags = check_compile_switches(cfg)
     lm = load_or_train(cfg)
     r = lm.report
     print(
@@ -161,23 +192,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     generator = torch.Generator().manual_seed(cfg.pipeline.seed)
     samples = []
-    with packed_weights():  # the weights stay fixed here: pack them once for every prompt
-        for prompt in prompts:
-            print(f"\n>>> {prompt}", end="", flush=True)
-            pieces = []
-            for piece in stream(
-                lm.model,
-                lm.tokenizer,
-                prompt,
-                max_new_tokens=gen.max_new_tokens,
-                temperature=gen.temperature,
-                top_k=gen.top_k,
-                top_p=gen.top_p,
-                repetition_penalty=gen.repetition_penalty,
-                generator=generator,
-            ):
-                print(piece, end="", flush=True)
-                pieces.append(piece)
-            samples.append(prompt + "".join(pieces))
+    for prompt in prompts:
+        print(f"\n>>> {prompt}", end="", flush=True)
+        pieces = []
+        for piece in stream(
+            lm.model,
+            lm.tokenizer,
+            prompt,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            repetition_penalty=gen.repetition_penalty,
+            generator=generator,
+            compile=flags.evaluation,
+        ):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        samples.append(prompt + "".join(pieces))
     print()
     return {**r, "samples": samples, "cache": str(lm.path), "trained_now": lm.trained_now}

@@ -29,9 +29,10 @@ How the settings were chosen, on the EPYC:
 - Without qk_norm: 1350 steps at lr 1.5e-3 took 122-136 s for 97.6-97.9 %, over the 2-minute
   goal. In that same 1350-step run (seed 0), qk_norm held 95 % at step 1000 against 93 %
   without it, and a schedule shortened to 1000 steps reached 97 %.
-- The extra norms cost little since RMSNorm became one fused autograd node
-  (vats_core.norms): the qk_norm model's step took 87 ms against 97 ms through autograd's
-  graph of the plain expression (alternating in one process).
+- The extra norms cost little. (Measured when vats_core.norms had a hand-written fused
+  RMSNorm node: the qk_norm model's step took 87 ms with it and 97 ms with autograd's graph
+  of the plain expression, which the models use now, alternating in one process;
+  ``train.compile`` lets inductor fuse the norm.)
 - With qk_norm, lr 1.2e-3 beat 1.5e-3 (seed 2: 97 against 95 % at step 1000). 2e-3 and
   2.5e-3 were worse (91 and 83 %).
 - Batches of 32 learn less per image (88 % after 51k images); batches of 48 learn about as
@@ -57,10 +58,16 @@ turns visibly over a 4-frame clip) and motion of 1-2 patches per frame
 step count, batch size, held-out size and ``trainer`` (TrainerConfig fields).
 
 Each trained model and its report are cached under ``pipeline.cache_dir`` (like the
-text pipeline's), keyed by a hash of everything that shapes the weights; a later run with
-the same settings loads the weights, scores them again on the held-out samples and
-reports the training time recorded when they were trained (``pipeline.retrain=true``
-trains anew).
+text pipeline's), keyed by a hash of everything that shapes the weights (the resolved
+model and world configs, the training settings, the seed, and the versions and source of
+the code; see :mod:`vats_apps.pipelines.cache`); a later run with the same settings and
+code loads the weights, scores them again on the held-out samples and reports the
+training time recorded when they were trained (``pipeline.retrain=true`` trains anew).
+
+``train.compile`` runs the training steps through ``torch.compile``
+(``TrainerConfig.compile``); ``pipeline.compile`` scores the held-out samples on the model
+compiled with inductor's freezing (:func:`vats_core.inference.compile_frozen`). On CPU
+each compiles for tens of seconds first.
 
 Shapes: B batch, T frames, C channels, S image side, K classes.
 """
@@ -79,8 +86,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
-from vats_apps.pipelines.cache import REPORT_NAME, settings_hash, staged_entry
-from vats_core.linear import packed_weights
+from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
+from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
+from vats_core.inference import compile_frozen
 from vats_core.training import Trainer, TrainerConfig
 from vats_vision.presets import vit2d_preset, vit3d_preset
 from vats_vision.vit2d import ViT2D, ViT2DConfig
@@ -90,6 +98,8 @@ TASKS = ("image", "video", "video_no_temporal")
 GOALS = {"image": 0.95, "video": 0.90}  # the issue's held-out accuracy goals
 EVAL_CHUNK = 256  # held-out samples scored per forward
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
+# The packages whose code trains (and whose versions and source key) the cached models.
+CODE = ("vats_core", "vats_vision", "vats_apps")
 
 
 def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -159,32 +169,54 @@ def _loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[s
 
 @torch.no_grad()
 def held_out_accuracy(
-    model: nn.Module, draw: Callable[[range, str], tuple[Tensor, Tensor]], n: int
+    model: nn.Module,
+    draw: Callable[[range, str], tuple[Tensor, Tensor]],
+    n: int,
+    *,
+    compile: bool = False,
 ) -> float:
-    """Accuracy on val samples ``0 .. n - 1`` (never drawn by training). The weights do not
-    change here, so the linears run on copies packed once (vats_core.linear.packed_weights)."""
+    """Accuracy on val samples ``0 .. n - 1`` (never drawn by training).
+
+    Args:
+        compile: score on the model compiled with inductor's freezing (the weights do not
+            change here); compiled once per call, for the chunk shapes it meets.
+    """
     was_training = model.training
     model.eval()
-    correct = 0
-    with packed_weights():
+    try:
+        scorer = compile_frozen(model) if compile else model
+        correct = 0
         for start in range(0, n, EVAL_CHUNK):
             x, y = draw(range(start, min(n, start + EVAL_CHUNK)), "val")
-            correct += int((model(x).argmax(-1) == y).sum())
-    model.train(was_training)
+            correct += int((scorer(x).argmax(-1) == y).sum())
+    finally:
+        model.train(was_training)
     return correct / n
 
 
 def cache_key(cfg: DictConfig, task: str) -> str:
-    """Hash of every setting that changes ``task``'s trained weights."""
+    """Hash of every setting that changes ``task``'s trained weights, and of the code.
+
+    The model and the world enter as their resolved dataclass configs (preset plus
+    overrides plus what the data sets, every field), so a preset or a world default edited
+    in code changes the key though the YAML does not.
+    """
     kind = "image" if task == "image" else "video"
+    world = world_config(cfg, kind)
+    if kind == "image":
+        model: ViT2DConfig | ViT3DConfig = image_model_config(cfg, world)
+    else:
+        model = video_model_config(cfg, world, temporal=task == "video")
     spec = {
         "format": CACHE_FORMAT,
         "task": task,
-        "model": _section(cfg, "model.vision2d" if kind == "image" else "model.vision3d"),
+        "model": model.to_dict(),
+        "world": world.to_dict(),
         "train": {k: v for k, v in _section(cfg, f"train.{kind}").items() if k != "eval_size"},
+        "compile": compile_flags(cfg).training,
         "seed": int(cfg.pipeline.seed),
     }
-    return settings_hash(spec)
+    return entry_key(spec, CODE)
 
 
 def _build(cfg: DictConfig, task: str) -> tuple[nn.Module, Callable, int, dict[str, Any]]:
@@ -216,6 +248,7 @@ def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
         ``seconds`` and ``threads`` are those of the run that trained the weights.
     """
     model, draw, k, section = _build(cfg, task)  # a bad config fails before any work
+    flags = check_compile_switches(cfg)
     path = Path(str(cfg.pipeline.cache_dir)).expanduser() / "train_vision" / task
     path = path / cache_key(cfg, task)
     eval_size = int(section["eval_size"])
@@ -223,7 +256,9 @@ def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
         print(f"train_vision: loading the cached {task} model from {path}", flush=True)
         model = type(model).from_pretrained(path / "model")
         report = json.loads((path / REPORT_NAME).read_text())
-        report["accuracy"] = held_out_accuracy(model, draw, eval_size)  # scored again
+        report["accuracy"] = held_out_accuracy(  # scored again
+            model, draw, eval_size, compile=flags.evaluation
+        )
         return {**report, "cached": True, "cache": str(path)}
 
     batch_size, steps = int(section["batch_size"]), int(section["max_steps"])
@@ -233,25 +268,27 @@ def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
         x, y = draw(range(first, first + batch_size), "train")
         return {"x": x, "y": y}
 
-    trainer_fields = dict(section.get("trainer", {}))
+    kind = "image" if task == "image" else "video"
+    fields = trainer_fields(section.get("trainer", {}), f"train.{kind}.trainer")
     # A short run (tests, `max_steps=3` overrides) keeps the warmup inside the run.
-    if "warmup_steps" in trainer_fields:
-        trainer_fields["warmup_steps"] = min(int(trainer_fields["warmup_steps"]), steps)
+    if "warmup_steps" in fields:
+        fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
     seed = int(cfg.pipeline.seed)
     config = TrainerConfig(
-        **trainer_fields,
+        **fields,
         max_steps=steps,
         seed=seed,
         out_dir=str(Path(str(cfg.pipeline.out_dir)) / task),
         checkpoint_every=0,
         progress=bool(cfg.pipeline.progress),
+        compile=flags.training,
     )
     start = time.perf_counter()
     Trainer(model, config, data=batch_fn, loss_fn=_loss_fn).fit()
     seconds = time.perf_counter() - start
     report: dict[str, Any] = {
         "task": task,
-        "accuracy": held_out_accuracy(model, draw, eval_size),
+        "accuracy": held_out_accuracy(model, draw, eval_size, compile=flags.evaluation),
         "chance": 1.0 / k,
         "classes": k,
         "steps": steps,
@@ -289,6 +326,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     tasks = TASKS if task == "all" else (task,)
     if task != "all" and task not in TASKS:
         raise ValueError(f"pipeline.task={task!r} is invalid: expected one of {[*TASKS, 'all']}")
+    check_compile_switches(cfg)  # bad switches fail before the first task trains
     results = {}
     for name in tasks:
         print(f"train_vision: training {name} ...", flush=True)

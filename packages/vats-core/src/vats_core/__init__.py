@@ -18,6 +18,7 @@ from vats_core.attention import (
 from vats_core.block import BlockConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check
+from vats_core.inference import FrozenModel, compile_frozen
 from vats_core.kv_cache import KVCaches, RollingKVCache, StaticKVCache
 from vats_core.mlp import Activation, MLPConfig
 from vats_core.moe import MoE, MoEConfig, RouterStats
@@ -33,6 +34,7 @@ __all__ = [
     "AttentionConfig",
     "BlockConfig",
     "Config",
+    "FrozenModel",
     "KVCaches",
     "LayerNorm",
     "MLPConfig",
@@ -51,4 +53,5 @@ __all__ = [
     "attention",
     "attention_backend",
     "check",
+    "compile_frozen",
 ]

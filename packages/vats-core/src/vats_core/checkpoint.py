@@ -15,6 +15,13 @@ previous files intact. Loading checks everything it can (files present, JSON val
 safetensors header intact, ``model_type``, config validation, key names and shapes)
 before a single parameter of the model is written.
 
+``from_pretrained`` builds the model on the meta device and hands it the file's tensors
+(``load_state_dict(assign=True)``), so loading holds one copy of the weights, never a
+randomly initialised model beside the file's. Buffers that are not saved
+(``persistent=False``) are recreated by a module's ``init_non_persistent_buffers()``
+method (:data:`INIT_BUFFERS_HOOK`), or taken from one real build of the model when the
+module has none.
+
 Example::
 
     class TinyNet(PretrainedMixin, nn.Module):
@@ -49,6 +56,7 @@ from vats_core.config import Config
 __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
+    "INIT_BUFFERS_HOOK",
     "WEIGHTS_NAME",
     "PretrainedMixin",
     "atomic_replace",
@@ -301,24 +309,31 @@ def load_config_json(path: str | os.PathLike[str], model_type: str) -> dict[str,
 
 
 def _tied_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
-    """Names in a module's state_dict that are the very same tensor (tied weights)."""
+    """Names in a module's ``state_dict(keep_vars=True)`` that are one tensor (tied weights).
+
+    Real tensors are compared by memory (:func:`_storage_key`); meta tensors have none (every
+    meta tensor reports address 0), so there the very same Parameter object is the tie.
+    """
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, t in state.items():
         if t.numel() > 0:
-            groups.setdefault(_storage_key(t), []).append(name)
+            key = ("meta", id(t)) if t.is_meta else _storage_key(t)
+            groups.setdefault(key, []).append(name)
     return [names for names in groups.values() if len(names) > 1]
 
 
-def load_pretrained_state(
+def _check_state(
     model: nn.Module, tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]
-) -> None:
-    """Check ``tensors`` against ``model``'s state_dict, then load them (strict).
+) -> dict[str, torch.Tensor]:
+    """Fill in tied names the file stores once, then raise if ``tensors`` does not fit.
 
-    Missing keys, unexpected keys and shape mismatches are all collected and reported
-    in one ValueError before any parameter is written. A tied weight that the file
-    stores under only one of its names is filled in from that name.
+    Missing keys, unexpected keys and shape mismatches are all collected and reported in
+    one ValueError. Nothing of the model is written.
+
+    Returns:
+        The model's ``state_dict(keep_vars=True)`` (its own Parameters and buffers).
     """
-    expected = model.state_dict()
+    expected = model.state_dict(keep_vars=True)
     for group in _tied_groups(expected):
         present = [n for n in group if n in tensors]
         if present:
@@ -342,7 +357,119 @@ def load_pretrained_state(
         raise ValueError(
             f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems)
         )
+    return expected
+
+
+def load_pretrained_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]
+) -> None:
+    """Check ``tensors`` against ``model``'s state_dict, then copy them in (strict).
+
+    Missing keys, unexpected keys and shape mismatches are all collected and reported
+    in one ValueError before any parameter is written. A tied weight that the file
+    stores under only one of its names is filled in from that name. The model keeps its
+    own Parameters (an optimizer built on them stays valid): values are copied into them.
+    """
+    _check_state(model, tensors, source)
     model.load_state_dict(tensors, strict=True)
+
+
+# --------------------------------------------------------------------------- meta-device loading
+
+#: Method a module may define to (re)create its non-persistent buffers (those its
+#: ``state_dict`` leaves out, e.g. RoPE inverse frequencies) on the current default device.
+#: :meth:`PretrainedMixin.from_pretrained` builds the model on the meta device and calls it,
+#: under ``torch.device(target)``, on every module that defines it, after the weights are in.
+INIT_BUFFERS_HOOK = "init_non_persistent_buffers"
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``"blocks.0.attn.weight"`` -> ``("blocks.0.attn", "weight")``."""
+    owner, _, attr = name.rpartition(".")
+    return owner, attr
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer called ``name`` (a dotted path)."""
+    owner, attr = _split_name(name)
+    tensor = getattr(model.get_submodule(owner), attr)
+    assert isinstance(tensor, torch.Tensor)
+    return tensor
+
+
+def _non_persistent_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers the state_dict leaves out (``persistent=False``)."""
+    saved = set(model.state_dict(keep_vars=True))
+    return [n for n, _ in model.named_buffers(remove_duplicate=False) if n not in saved]
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter/buffer names that are one tensor object (tied weights), first name first."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ):
+        by_id.setdefault(id(t), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _fill_buffers_from_a_real_build(
+    model: nn.Module, build: Any, names: list[str], device: torch.device
+) -> None:
+    """Give ``model`` the named non-persistent buffers of a model built on ``device``.
+
+    The fallback for modules without :data:`INIT_BUFFERS_HOOK`: their buffers are whatever
+    the constructor computes, so the constructor runs once more, for real. It runs before
+    the weights file is read and its model is dropped at once, so the process never holds
+    its random weights and the file's together.
+    """
+    with torch.device(device):
+        reference = build()
+    for name in names:
+        owner, attr = _split_name(name)
+        setattr(model.get_submodule(owner), attr, reference.get_buffer(name))
+    del reference
+
+
+def _on_meta(model: nn.Module) -> list[str]:
+    """Tensors of ``model`` still on the meta device: parameters, buffers, tensor attributes."""
+    left = [
+        n
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if t is not None and t.is_meta
+    ]
+    for prefix, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                left.append(f"{prefix}.{attr}" if prefix else attr)
+    return left
+
+
+def _convert_for_assign(
+    tensors: dict[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> None:
+    """Move and cast the file's tensors in place to what the model will hold.
+
+    Each tensor takes the dtype the constructor gave its parameter or buffer (as the old
+    copy into constructed weights did), then ``dtype`` if given and floating. Aliases (one
+    tensor under several names) are converted once, so they stay one tensor. On CPU with
+    matching dtypes ``Tensor.to`` returns the tensor itself: no copy is made.
+    """
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, t in tensors.items():
+        names_by_tensor.setdefault(id(t), []).append(name)
+    for names in names_by_tensor.values():
+        t = tensors[names[0]]
+        want = expected[names[0]].dtype
+        t = t.to(device=device, dtype=want)
+        if dtype is not None and want.is_floating_point:
+            t = t.to(dtype=dtype)
+        for name in names:
+            tensors[name] = t  # the file's original is freed once all its names point here
 
 
 class PretrainedMixin:
@@ -376,13 +503,22 @@ class PretrainedMixin:
     ) -> Self:
         """Build the model from ``directory`` (written by :meth:`save_pretrained`).
 
-        The model is constructed on ``device`` (its constructor sets up tied weights and
-        buffers that are not saved), checked against the file, loaded, cast and put in
-        eval mode (call ``.train()`` to fine-tune).
+        The model is constructed on the meta device (shapes only, no memory, no random
+        init), checked against the file, then given the file's tensors as its parameters
+        and buffers (``load_state_dict(assign=True)``): the process holds one copy of the
+        weights, not a random one plus the file's. Tied weights are tied again (one
+        Parameter). Buffers the file does not hold (``persistent=False``) are created on
+        ``device`` by the module's ``init_non_persistent_buffers()`` method
+        (:data:`INIT_BUFFERS_HOOK`) where it has one; otherwise the constructor runs once
+        more on ``device`` before the weights are read, and its buffers are kept. The
+        model is cast and put in eval mode (call ``.train()`` to fine-tune).
+
+        The constructor must run on the meta device: build modules and set up tensors,
+        but read no tensor's values (no ``.item()``, ``.tolist()``).
 
         Args:
             directory: the saved model directory.
-            device: where to build the model; default CPU.
+            device: where the model's tensors go; default CPU.
             dtype: floating dtype for parameters and floating buffers; default: the
                 dtype the constructor gives (float32).
 
@@ -390,6 +526,8 @@ class PretrainedMixin:
             FileNotFoundError: the directory, config.json or model.safetensors is missing.
             ValueError: a corrupt or truncated file, another ``model_type``, a config that
                 fails validation, or weights that do not fit the config.
+            RuntimeError: the model class cannot be built on the meta device, or leaves a
+                tensor there that neither the file nor a hook fills.
         """
         directory = Path(directory)
         if not directory.is_dir():
@@ -405,13 +543,61 @@ class PretrainedMixin:
         except ValueError as e:
             e.add_note(f"while reading {directory / CONFIG_NAME}")
             raise
-        tensors = load_safetensors(weights_path)
+        target = torch.device(device if device is not None else "cpu")
 
-        with torch.device(device if device is not None else "cpu"):
+        def build() -> nn.Module:
             model = cls(config)  # type: ignore[call-arg]
-        assert isinstance(model, nn.Module)
-        load_pretrained_state(model, tensors, weights_path)
+            assert isinstance(model, nn.Module)
+            return model
+
+        # 1. The skeleton: every parameter and buffer with its shape and dtype, no memory.
+        try:
+            with torch.device("meta"):
+                model = build()
+        except (NotImplementedError, RuntimeError) as e:
+            raise RuntimeError(
+                f"{cls.__name__}'s constructor cannot run on the meta device, which "
+                f"from_pretrained builds on ({e}); it must not read tensor values"
+            ) from e
+        ties = _alias_groups(model)
+        # 2. Buffers the file does not hold and no hook recreates: from a real build,
+        #    done before the weights are read so that its weights and the file's never
+        #    coexist.
+        unhooked = [
+            name
+            for name in _non_persistent_buffers(model)
+            if not callable(
+                getattr(model.get_submodule(_split_name(name)[0]), INIT_BUFFERS_HOOK, None)
+            )
+        ]
+        if unhooked:
+            _fill_buffers_from_a_real_build(model, build, unhooked, target)
+        # 3. Read and check everything before the model takes anything.
+        tensors = load_safetensors(weights_path)
+        expected = _check_state(model, tensors, weights_path)
+        _convert_for_assign(tensors, expected, target, dtype)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        del tensors, expected
+        # assign=True wraps each tensor in a new Parameter, one per name: tie them again.
+        for names in ties:
+            shared = _get_tensor(model, names[0])
+            for name in names[1:]:
+                owner, attr = _split_name(name)
+                setattr(model.get_submodule(owner), attr, shared)
+        # 4. Non-persistent buffers the model's hooks create on the target device.
+        with torch.device(target):
+            for module in model.modules():
+                hook = getattr(module, INIT_BUFFERS_HOOK, None)
+                if callable(hook):
+                    hook()
+        left = _on_meta(model)
+        if left:
+            raise RuntimeError(
+                f"{cls.__name__}.from_pretrained left tensor(s) on the meta device: "
+                f"{_list_keys(left)}; register them as buffers (persistent, or recreated by "
+                f"an {INIT_BUFFERS_HOOK}() method) so that loading can materialise them"
+            )
         if dtype is not None:
-            model.to(dtype=dtype)
+            model.to(dtype=dtype)  # only the buffers made in steps 2 and 4 change
         model.eval()
-        return model
+        return model  # type: ignore[return-value]

@@ -1,11 +1,16 @@
-"""The trainer: exact resume, accumulation, clipping, NaN handling, metrics, checkpoints."""
+"""The trainer: exact resume (in a new process too), accumulation, clipping, NaN handling,
+metrics, checkpoints, and the compiled step."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from vats_core.checkpoint import PretrainedMixin, load_safetensors
 from vats_core.config import Config
@@ -25,6 +31,7 @@ from vats_core.training import (
     iter_metrics,
     lr_at,
 )
+from vats_core.training import trainer as trainer_module
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -398,3 +405,160 @@ def test_cuda_bf16_resume_is_exact(tmp_path: Path) -> None:
     run(tmp_path / "part", 5, False, 0)
     run(tmp_path / "part", None, True, 4)
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+# --------------------------------------------------------------------------- new processes
+
+
+_RESUME_SCRIPT = """
+import importlib.util, sys
+from pathlib import Path
+
+import torch
+
+tests_file, out_dir, threads = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+spec = importlib.util.spec_from_file_location("trainer_tests", tests_file)
+tests = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = tests  # dataclasses look their module up there
+spec.loader.exec_module(tests)
+model = tests.make_model(7)  # other weights: the checkpoint must restore them
+trainer = tests.Trainer(
+    model, tests.config(out_dir), data=tests.random_batch, loss_fn=tests.mse_loss
+)
+trainer.fit(resume=True)
+"""
+
+
+def test_resume_in_a_new_process_is_exact_with_no_environment_settings(tmp_path: Path) -> None:
+    """The second job is a fresh interpreter with no VATS_* variable: nothing a process
+    chooses for itself (kernels, seeds, caches) may change the numbers."""
+    full_model = make_model(0)
+    Trainer(full_model, config(tmp_path / "full"), data=random_batch, loss_fn=mse_loss).fit()
+    Trainer(make_model(0), config(tmp_path / "part"), data=random_batch, loss_fn=mse_loss).fit(
+        stop_after=5
+    )
+    script = tmp_path / "resume.py"
+    script.write_text(_RESUME_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VATS_")}
+    threads = torch.get_num_threads()
+    env["OMP_NUM_THREADS"] = str(threads)
+    job = subprocess.run(
+        [sys.executable, str(script), __file__, str(tmp_path / "part"), str(threads)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stderr
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    saved = load_safetensors(
+        tmp_path / "part" / "checkpoints" / "step_00000012" / "model.safetensors"
+    )
+    for name, tensor in full_model.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def _eval_mse(model: nn.Module) -> dict[str, float]:
+    x = torch.linspace(-1, 1, 12).reshape(2, 6)
+    return {"mse": float(F.mse_loss(model(x), x.sum(-1, keepdim=True)))}
+
+
+def test_compiled_step_compiles_once_and_matches_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aot_eager: dynamo's tracing and guards plus AOTAutograd's backward, without code
+    generation. 12 steps of 2 micro-batches (and evaluations between them, which put the
+    model in eval mode and back) run on the graph compiled at the first call."""
+    backend = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(trainer_module, "_COMPILE_BACKEND", backend)
+    torch._dynamo.reset()
+    common = dict(checkpoint_every=0, eval_every=4)
+    eager_model, compiled_model = make_model(0, dropout=0.0), make_model(0, dropout=0.0)
+    eager_rows = Trainer(
+        eager_model,
+        config(tmp_path / "eager", **common),
+        data=random_batch,
+        loss_fn=mse_loss,
+        eval_fn=_eval_mse,
+    ).fit()
+    assert backend.frame_count == 0  # compile=False never touches torch.compile
+    trainer = Trainer(
+        compiled_model,
+        config(tmp_path / "compiled", compile=True, **common),
+        data=random_batch,
+        loss_fn=mse_loss,
+        eval_fn=_eval_mse,
+    )
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rows = trainer.fit()
+    assert backend.frame_count == 1  # one graph, compiled once for 24 micro-batches
+    assert [r["step"] for r in rows] == [r["step"] for r in eager_rows]
+    for row, eager_row in zip(rows, eager_rows, strict=True):
+        for key in ("loss", "grad_norm", "pred_mean", "eval/mse"):
+            if key in eager_row:
+                assert row[key] == pytest.approx(eager_row[key], rel=1e-5, abs=1e-7), key
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_run_stops_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trainer_module, "_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    full_model = make_model(0)  # dropout 0.2: the compiled graph draws from the restored RNG
+    Trainer(
+        full_model, config(tmp_path / "full", compile=True), data=random_batch, loss_fn=mse_loss
+    ).fit()
+    cfg = config(tmp_path / "part", compile=True)
+    Trainer(make_model(0), cfg, data=random_batch, loss_fn=mse_loss).fit(stop_after=5)
+    resumed_model = make_model(7)
+    Trainer(resumed_model, cfg, data=random_batch, loss_fn=mse_loss).fit(resume=True)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    for (name, a), b in zip(
+        full_model.state_dict().items(), resumed_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_compiled_step_with_inductor(tmp_path: Path) -> None:
+    """The real backend (C++ code generation on CPU, some 10-30 s to compile): the same
+    training as eager to float32 rounding, with no recompile after the first step."""
+    torch._dynamo.reset()
+    common = dict(max_steps=4, warmup_steps=1, checkpoint_every=0)
+    eager_model, compiled_model = make_model(0, dropout=0.0), make_model(0, dropout=0.0)
+    eager_rows = Trainer(
+        eager_model, config(tmp_path / "eager", **common), data=random_batch, loss_fn=mse_loss
+    ).fit()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rows = Trainer(
+            compiled_model,
+            config(tmp_path / "compiled", compile=True, **common),
+            data=random_batch,
+            loss_fn=mse_loss,
+        ).fit()
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in eager_rows], rel=1e-5)
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_setting_is_checked_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match=r"TrainerConfig\.compile='yes' is invalid"):
+        TrainerConfig(compile="yes")  # type: ignore[arg-type]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "setuptools" else find_spec(name, *args),
+    )
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"compile=True .* needs setuptools"):
+        Trainer(make_model(0), config(out, compile=True), data=random_batch, loss_fn=mse_loss)
+    assert not out.exists()

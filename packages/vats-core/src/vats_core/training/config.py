@@ -30,6 +30,7 @@ class TrainerConfig(Config):
     out_dir: str = "runs/default"  # checkpoints/ and metrics.jsonl go here
     seed: int = 0  # seeds torch, python random (and numpy if installed) on a fresh run
     bf16_autocast: bool = False  # bf16 autocast for forward + loss; CUDA only
+    compile: bool = False  # run forward + loss (and its backward) through torch.compile
     progress: bool = True  # show a tqdm progress bar
 
     def __post_init__(self) -> None:

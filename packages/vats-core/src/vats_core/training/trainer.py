@@ -6,17 +6,26 @@ the loss (and optional extra metrics), a :class:`~vats_core.training.data.BatchS
 
 1. set the learning rate from :func:`~vats_core.training.schedule.lr_at`;
 2. for each of ``grad_accum_steps`` micro-batches: forward + loss (bf16 autocast on
-   CUDA if asked), backward of ``loss / grad_accum_steps``;
+   CUDA if asked; through ``torch.compile`` if ``config.compile``), backward of
+   ``loss / grad_accum_steps``;
 3. stop with :class:`NonFiniteLossError` if the loss or the gradient norm is NaN/inf,
    before the optimizer touches the weights;
 4. clip the global gradient norm, ``optimizer.step()``, zero the gradients;
 5. log (tqdm and ``out_dir/metrics.jsonl``), evaluate, checkpoint.
 
 Checkpoints hold the model, the optimizer, every RNG, the data position and the step,
-so ``fit(resume=True)`` continues bit for bit where the saved run stood. (On CPU, with
-``VATS_CPU_GEMM`` fixed to ``mkl`` or ``onednn``: by default a new process times which GEMM
-library runs each product shape faster, see :mod:`vats_core.linear`, and the resumed run may
-pick the other one for a shape, which changes results at float32 rounding.)
+so ``fit(resume=True)`` continues bit for bit where the saved run stood, in a new process
+too: the numbers depend on the machine and the thread count only, with no flag or
+environment variable to set.
+
+``TrainerConfig.compile`` wraps ``loss_fn`` in ``torch.compile`` once, when the trainer is
+built: the model's forward and the loss are traced into a graph (graph breaks fall back to
+eager Python for their part) and AOTAutograd compiles the matching backward, which
+``loss.backward()`` runs. Dynamo guards the graph on the batch's shapes and dtypes and the
+model's mode, so a run with a fixed batch shape compiles on its first step and never
+again (a different last batch compiles once more). ``eval_fn`` stays eager. The first step
+on CPU takes tens of seconds to compile; compiled numbers differ from eager ones at float
+rounding (fused kernels), so resume a compiled run compiled and an eager run eager.
 
 Example (classification; for language models pass ``items_fn=lambda b: b["ids"].numel()``
 and ``items_name="tokens"`` to see tokens/s)::
@@ -40,6 +49,7 @@ and ``items_name="tokens"`` to see tokens/s)::
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import time
@@ -70,6 +80,9 @@ LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, Mapping[
 EvalFn = Callable[[nn.Module], Mapping[str, Any]]
 
 METRICS_FILE = "metrics.jsonl"
+# torch.compile backend of the training step; tests swap in "aot_eager" (dynamo + AOTAutograd,
+# no code generation) to check the plumbing and the guards in seconds.
+_COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
 # TrainerConfig fields that do not change the numbers: resuming with other values is fine.
 _HARMLESS_CHANGES = {
     "out_dir",
@@ -165,6 +178,17 @@ def _as_float(value: Any, what: str) -> float:
     raise ValueError(f"{what} must be a number or a scalar tensor, got {type(value).__name__}")
 
 
+def _compiled(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` through torch.compile; a missing code-generation dependency is reported
+    here, when the trainer is built, before any work."""
+    if _COMPILE_BACKEND == "inductor" and importlib.util.find_spec("setuptools") is None:
+        raise ValueError(
+            "TrainerConfig.compile=True runs torch.compile, whose CPU code generation needs "
+            "setuptools: pip install setuptools (or set compile=False)"
+        )
+    return torch.compile(loss_fn, backend=_COMPILE_BACKEND)
+
+
 class Trainer:
     """Train ``model`` with ``loss_fn`` on batches from ``data``; see the module docstring.
 
@@ -223,6 +247,9 @@ class Trainer:
         self._elapsed_before = 0.0  # training seconds of earlier sessions of this run
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._amp: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        # The step's forward + loss: loss_fn itself, or wrapped once here (never per step);
+        # dynamo reuses the graph it traced at the first step while its guards hold.
+        self._forward_loss: LossFn = _compiled(loss_fn) if config.compile else loss_fn
 
     # ----------------------------------------------------------------------- public API
 
@@ -407,7 +434,7 @@ class Trainer:
             items += self.items_fn(batch)
             batch = _to_device(batch, self.device)
             with self._amp:
-                loss, extras = self._split_loss(self.loss_fn(self.model, batch))
+                loss, extras = self._split_loss(self._forward_loss(self.model, batch))
             # Mean over micro-batches: each contributes 1/accum of the gradient.
             (loss / accum).backward()
             loss_sum = loss_sum + _wide(loss.detach())
