@@ -3,7 +3,8 @@
 Tubelet embedding as in ViViT (Arnab et al., 2021, arXiv:2103.15691): a Conv3d with kernel
 = stride = ``(pT, p, p)`` turns a clip into a ``T' × gh × gw`` grid of tokens. Each block
 factorizes self-attention as ViViT's model 3 / TimeSformer's divided attention (Bertasius
-et al., 2021, arXiv:2102.05095), with vats-core attention layers::
+et al., 2021, arXiv:2102.05095): :class:`vats_core.block.FactorizedBlock`, which a video
+diffusion transformer shares::
 
     x = x + spatial_attn(norm(x))    # over the P + gh·gw tokens of each frame
     x = x + temporal_attn(norm(x))   # over the T' tubelets at each token position
@@ -54,11 +55,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vats_core.attention import Attention, AttentionBackend
-from vats_core.block import BlockConfig
+from vats_core.attention import AttentionBackend
+from vats_core.block import BlockConfig, FactorizedBlock
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check
-from vats_core.mlp import Activation, build_mlp
+from vats_core.mlp import Activation
 from vats_core.norms import NormType, build_norm
 from vats_core.rope import RopeConfig, RotaryEmbedding, grid_positions_2d
 from vats_vision.layers import (
@@ -75,7 +76,7 @@ from vats_vision.layers import (
 )
 from vats_vision.vit2d import take_indices
 
-__all__ = ["FactorizedBlock", "Pool", "ViT3D", "ViT3DConfig", "VideoPosEmbed"]
+__all__ = ["Pool", "ViT3D", "ViT3DConfig", "VideoPosEmbed"]
 
 _LAYOUT = "(B, C, T, H, W)"
 
@@ -172,53 +173,6 @@ class ViT3DConfig(Config):
     def block_config(self) -> BlockConfig:
         """Attention (used for both the spatial and the temporal step), MLP and norms."""
         return encoder_block_config(self, window=None)
-
-
-class FactorizedBlock(nn.Module):
-    """Pre-norm spatial attention, then temporal attention (optional), then an MLP."""
-
-    def __init__(self, config: BlockConfig, *, temporal: bool) -> None:
-        super().__init__()
-        dim, eps = config.attention.dim, config.norm_eps
-        self.spatial_norm = build_norm(config.norm, dim, eps)
-        self.spatial_attn = Attention(config.attention)
-        self.temporal_norm = build_norm(config.norm, dim, eps) if temporal else None
-        self.temporal_attn = Attention(config.attention) if temporal else None
-        self.ffn_norm = build_norm(config.norm, dim, eps)
-        self.ffn = build_mlp(config.mlp)  # type: ignore[arg-type]
-
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        rope_spatial: tuple[Tensor, Tensor] | None = None,
-        rope_temporal: tuple[Tensor, Tensor] | None = None,
-        tubelet_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Run the block.
-
-        Args:
-            x: ``(B, T', S, D)``.
-            rope_spatial: ``(cos, sin)`` each ``(1, 1, S, Dh)``.
-            rope_temporal: ``(cos, sin)`` each ``(1, 1, T', Dh)``.
-            tubelet_mask: ``(B, T')`` bool, True = real tubelet; None = all real.
-
-        Returns:
-            ``(B, T', S, D)``.
-        """
-        b, t, s, d = x.shape
-        h = x.reshape(b * t, s, d)  # frames are independent sequences
-        h = h + self.spatial_attn(self.spatial_norm(h), rope=rope_spatial)
-        if self.temporal_attn is not None and self.temporal_norm is not None:
-            h = rearrange(h, "(b t) s d -> (b s) t d", b=b)  # each position is a sequence
-            mask = None if tubelet_mask is None else tubelet_mask.repeat_interleave(s, dim=0)
-            h = h + self.temporal_attn(
-                self.temporal_norm(h), rope=rope_temporal, key_padding_mask=mask
-            )
-            h = rearrange(h, "(b s) t d -> b t s d", b=b)
-        else:
-            h = h.view(b, t, s, d)
-        return h + self.ffn(self.ffn_norm(h))
 
 
 class ViT3D(PretrainedMixin, nn.Module):
@@ -408,7 +362,7 @@ class ViT3D(PretrainedMixin, nn.Module):
             if stop is not None and i > stop:
                 break
             tokens = block(
-                tokens, rope_spatial=rope_s, rope_temporal=rope_t, tubelet_mask=tubelet_mask
+                tokens, rope_spatial=rope_s, rope_temporal=rope_t, frame_mask=tubelet_mask
             )
             if i in keep:
                 kept.append(tokens)
