@@ -30,10 +30,10 @@ Positions, by ``pos_embed``:
   (0, row, col) and the temporal step (t, 0, 0): the same scores as full 3D positions at a
   fraction of the table size. Prefix tokens sit at row = col = 0 (spatially unrotated).
 * ``learned``: separable tables (TimeSformer): ``pos_embed_spatial`` over the
-  ``image_size`` patch grid (bicubic-resampled to other grids) is added to patches;
-  ``pos_embed_temporal`` over ``num_frames / pT`` tubelets is added to every token of a
-  frame; a shorter clip takes its first rows, a longer one a linear stretch (per clip, so
-  clips in a padded batch get exactly what they would alone).
+  ``image_size`` patch grid (``H/p × W/p``, square or not; bicubic-resampled to other
+  grids) is added to patches; ``pos_embed_temporal`` over ``num_frames / pT`` tubelets is
+  added to every token of a frame; a shorter clip takes its first rows, a longer one a
+  linear stretch (per clip, so clips in a padded batch get exactly what they would alone).
 * ``none``.
 
 Clips of different lengths: pass ``frame_mask`` ``(B, T)`` (True = real frame; the real
@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from vats_core.attention import AttentionBackend
 from vats_core.block import BlockConfig, FactorizedBlock
 from vats_core.checkpoint import PretrainedMixin
-from vats_core.config import Config, check
+from vats_core.config import Config, check, check_positive
 from vats_core.mlp import Activation
 from vats_core.norms import NormType, build_norm
 from vats_core.rope import RopeConfig, RotaryEmbedding, grid_positions_2d
@@ -69,6 +69,7 @@ from vats_vision.layers import (
     check_encoder_fields,
     check_images,
     encoder_block_config,
+    image_hw,
     init_vit_weights,
     pad_to_multiple,
     resample_grid_embed,
@@ -85,7 +86,9 @@ _LAYOUT = "(B, C, T, H, W)"
 class ViT3DConfig(Config):
     """ViT-3D settings. Defaults: ViT-S width, 16-frame clips of 224², tubelets 2×16×16."""
 
-    image_size: int = 224  # default (square) frame size: the learned spatial table's grid
+    # Default frame size, S (square) or (H, W): the learned spatial table's grid is
+    # (H / p, W / p). Other sizes still run (RoPE follows any grid; the table is resampled).
+    image_size: int | tuple[int, int] = 224
     num_frames: int = 16  # default clip length: the learned temporal table covers / pT rows
     patch_size: int = 16  # p: spatial patch side
     tubelet_size: int = 2  # pT: frames per tubelet (Conv3d kernel = stride = (pT, p, p))
@@ -117,25 +120,8 @@ class ViT3DConfig(Config):
     attention_backend: AttentionBackend = AttentionBackend.AUTO
 
     def __post_init__(self) -> None:
-        for name in (
-            "image_size",
-            "num_frames",
-            "patch_size",
-            "tubelet_size",
-            "in_channels",
-            "dim",
-            "n_layers",
-            "n_heads",
-        ):
-            value = getattr(self, name)
-            check(value > 0, self, name, value, "a positive integer")
-        check(
-            self.image_size % self.patch_size == 0,
-            self,
-            "image_size",
-            self.image_size,
-            f"a multiple of patch_size={self.patch_size}",
-        )
+        check_encoder_fields(self)
+        check_positive(self, "num_frames", "tubelet_size")
         check(
             self.num_frames % self.tubelet_size == 0,
             self,
@@ -143,7 +129,6 @@ class ViT3DConfig(Config):
             self.num_frames,
             f"a multiple of tubelet_size={self.tubelet_size}",
         )
-        check_encoder_fields(self, VideoPosEmbed)
         dh = self.block_config.attention.dh  # validates heads / head_dim first
         if self.pos_embed is VideoPosEmbed.ROPE3D:
             check(
@@ -155,9 +140,15 @@ class ViT3DConfig(Config):
             )
 
     @property
-    def grid_size(self) -> int:
-        """Patches per side at ``image_size``."""
-        return self.image_size // self.patch_size
+    def image_hw(self) -> tuple[int, int]:
+        """``(H, W)`` of ``image_size``."""
+        return image_hw(self.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(gh, gw)``: the patch grid at ``image_size``, the learned spatial table's grid."""
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
 
     @property
     def n_tubelets(self) -> int:
@@ -195,7 +186,8 @@ class ViT3D(PretrainedMixin, nn.Module):
         self.pos_embed_spatial: nn.Parameter | None = None
         self.pos_embed_temporal: nn.Parameter | None = None
         if config.pos_embed is VideoPosEmbed.LEARNED:
-            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, config.grid_size**2, d))
+            gh, gw = config.grid
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, gh * gw, d))
             self.pos_embed_temporal = nn.Parameter(torch.zeros(1, config.n_tubelets, d))
         block = config.block_config
         self.rotary: RotaryEmbedding | None = None
@@ -301,8 +293,7 @@ class ViT3D(PretrainedMixin, nn.Module):
         b, _, t, gh, gw = grid.shape
         tokens = rearrange(grid, "b d t h w -> b t (h w) d")
         if self.pos_embed_spatial is not None:
-            g = cfg.grid_size
-            tokens = tokens + resample_grid_embed(self.pos_embed_spatial, (g, g), (gh, gw))
+            tokens = tokens + resample_grid_embed(self.pos_embed_spatial, cfg.grid, (gh, gw))
         prefix = [p for p in (self.cls_token, self.reg_tokens) if p is not None]
         if prefix:
             pre = torch.cat(prefix, dim=1).expand(b * t, -1, -1).reshape(b, t, self.n_prefix, -1)
