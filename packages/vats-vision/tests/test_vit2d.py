@@ -376,9 +376,24 @@ def test_config_validation_and_round_trip() -> None:
     check_raises(lambda: ViT2DConfig(n_kv_heads=4), ValueError, "n_kv_heads")
     check_raises(lambda: ViT2DConfig(window=0), ValueError, "window")
     check_raises(lambda: vit2d_preset("huge"), ValueError, "tiny")
+    for field, bad in (
+        ("dim", 64.0),
+        ("n_layers", True),
+        ("class_token", 1),
+        ("norm_eps", 0.0),
+        ("n_register_tokens", -1),
+        ("num_classes", -2),
+        ("mlp_hidden_dim", 0),
+        ("init_std", "0.02"),
+        ("patch_size", 0),
+    ):
+        check_raises(
+            lambda f=field, v=bad: ViT2DConfig(**{f: v}), ValueError, rf"ViT2DConfig\.{field}="
+        )
     config = vit2d_preset("tiny", pos_embed="learned", pool="avg", norm="rmsnorm")
     assert config.pos_embed is PosEmbed.LEARNED and config.pool is Pool.AVG
-    assert ViT2DConfig.from_dict(config.to_dict()) == config
+    again = ViT2DConfig.from_dict(config.to_dict())
+    assert again == config and hash(again) == hash(config)
 
 
 @pytest.mark.parametrize("train", [False, True])

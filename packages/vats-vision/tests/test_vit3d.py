@@ -304,9 +304,21 @@ def test_config_validation_and_round_trip() -> None:
     check_raises(lambda: ViT3DConfig(dim=24, n_heads=6), ValueError, "head_dim=4")
     check_raises(lambda: ViT3DConfig(pos_embed="rope2d"), ValueError, "rope3d")
     check_raises(lambda: vit3d_preset("huge"), ValueError, "tiny")
+    for field, bad in (
+        ("num_frames", 16.0),
+        ("tubelet_size", 0),
+        ("temporal_attention", 1),
+        ("rope_theta", -1.0),
+        ("n_register_tokens", -1),
+        ("image_size", (224, 200)),
+    ):
+        check_raises(
+            lambda f=field, v=bad: ViT3DConfig(**{f: v}), ValueError, rf"ViT3DConfig\.{field}="
+        )
     config = vit3d_preset("tiny", pos_embed="learned", temporal_attention=False)
     assert config.pos_embed is VideoPosEmbed.LEARNED
-    assert ViT3DConfig.from_dict(config.to_dict()) == config
+    again = ViT3DConfig.from_dict(config.to_dict())
+    assert again == config and hash(again) == hash(config)
 
 
 def test_compiles_to_one_graph() -> None:
