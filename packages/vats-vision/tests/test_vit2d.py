@@ -406,3 +406,75 @@ def test_compiles_to_one_graph(train: bool) -> None:
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def _no_graph_breaks(fn, *args) -> None:
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(fn)(*args)
+    reasons = [r.reason.splitlines()[0] for r in report.break_reasons]
+    assert report.graph_break_count == 0 and report.graph_count == 1, reasons
+
+
+@pytest.mark.parametrize("pos_embed", [PosEmbed.ROPE2D, PosEmbed.LEARNED])
+def test_every_entry_point_traces_without_graph_breaks(pos_embed: PosEmbed) -> None:
+    # Rectangular config, inputs at its size and at another (the table resampled), ragged
+    # lists, intermediates and a training step's forward + loss: each one graph.
+    model = _tiny(image_size=(32, 48), pos_embed=pos_embed, n_register_tokens=1)
+    x = torch.randn(2, 3, 32, 48)
+    _no_graph_breaks(model, x)
+    _no_graph_breaks(model, torch.randn(2, 3, 40, 24))
+    _no_graph_breaks(model.forward_features, x)
+    _no_graph_breaks(lambda x: model.forward_intermediates(x, 1), x)
+    _no_graph_breaks(model, [torch.randn(3, 32, 48), torch.randn(3, 16, 24)])
+    _no_graph_breaks(model.forward_features, [torch.randn(3, 32, 48), torch.randn(3, 16, 24)])
+    model.train()
+    _no_graph_breaks(lambda x: model(x).square().mean(), x)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "pos_embed", "size"),
+    [
+        (32, PosEmbed.ROPE2D, (32, 32)),
+        ((32, 48), PosEmbed.ROPE2D, (32, 48)),
+        ((32, 48), PosEmbed.LEARNED, (32, 48)),
+        ((32, 48), PosEmbed.LEARNED, (48, 24)),  # the table resampled in the graph
+    ],
+)
+def test_aot_compiled_equals_eager(image_size, pos_embed, size) -> None:
+    # AOT autograd (functionalized aten graphs, forward and backward, as inductor gets
+    # them, without inductor's slow C++ codegen) gives eager's features, logits,
+    # intermediates and gradients to float32 rounding.
+    torch.manual_seed(0)
+    config = vit2d_preset("tiny", image_size=image_size, pos_embed=pos_embed, n_register_tokens=1)
+    model = ViT2D(config).eval()
+    x = torch.randn(2, 3, *size)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.forward_features(x), model.forward_features(x))
+        torch.testing.assert_close(compiled(x), model(x))
+        got = compiled.forward_intermediates(x, 2, intermediates_only=True)
+        want = model.forward_intermediates(x, 2, intermediates_only=True)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    model.train()
+    compiled(x).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    assert grads.keys() == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_equals_eager() -> None:
+    # The real compiler once, on a tiny rectangular model: ~1 min on 2 CPU cores, most of
+    # it inductor's one-time C++ toolchain set-up.
+    torch.manual_seed(0)
+    model = ViT2D(vit2d_preset("tiny", image_size=(16, 24), n_layers=1)).eval()
+    x = torch.randn(2, 3, 16, 24)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.forward_features(x), model.forward_features(x))

@@ -329,3 +329,53 @@ def test_compiles_to_one_graph() -> None:
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(clips), model(clips))
+
+
+def _no_graph_breaks(fn, *args) -> None:
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(fn)(*args)
+    reasons = [r.reason.splitlines()[0] for r in report.break_reasons]
+    assert report.graph_break_count == 0 and report.graph_count == 1, reasons
+
+
+@pytest.mark.parametrize("pos_embed", list(VideoPosEmbed))
+def test_every_entry_point_traces_without_graph_breaks(pos_embed: VideoPosEmbed) -> None:
+    # The frame mask's values are never read on the host while compiling (no checks, and
+    # learned temporal tables picked per clip by a gather), so padded batches, clip lists
+    # and clips longer than the learned table all trace as one graph.
+    model = _tiny(image_size=(16, 24), pos_embed=pos_embed, num_frames=2)
+    x = torch.randn(2, 3, 6, 16, 24)
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    _no_graph_breaks(model, x)
+    _no_graph_breaks(model, x, mask)
+    _no_graph_breaks(model.forward_features, x, mask)
+    _no_graph_breaks(lambda x: model.forward_intermediates(x, 1), x)
+    _no_graph_breaks(model, [x[0], x[1, :, :2]])
+    _no_graph_breaks(model.forward_features, [x[0], x[1, :, :2]])
+    model.train()
+    _no_graph_breaks(lambda x, m: model(x, m).square().mean(), x, mask)
+
+
+@pytest.mark.parametrize("pos_embed", list(VideoPosEmbed))
+def test_aot_compiled_equals_eager(pos_embed: VideoPosEmbed) -> None:
+    # Padded clips (one longer than the learned temporal table) on a rectangular config:
+    # AOT-compiled features, logits and gradients equal eager's to float32 rounding.
+    model = _tiny(image_size=(16, 24), pos_embed=pos_embed, num_frames=2, n_register_tokens=1)
+    x = torch.randn(2, 3, 6, 16, 24)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled.forward_features(x, mask), model.forward_features(x, mask)
+        )
+        torch.testing.assert_close(compiled(x, mask), model(x, mask))
+        torch.testing.assert_close(compiled(x), model(x))
+    model.train()
+    compiled(x, mask).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x, mask).square().mean().backward()
+    assert grads.keys() == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)

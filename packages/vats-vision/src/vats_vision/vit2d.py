@@ -310,8 +310,8 @@ class ViT2D(PretrainedMixin, nn.Module):
             batch and its mask).
         """
         if not isinstance(x, Tensor):
-            feats, mask = self.forward_features_padded(x)
-            return [f[:n] for f, n in zip(feats, mask.sum(1).tolist(), strict=True)]
+            feats, _, lengths = self._encode_padded(x)
+            return [f[:n] for f, n in zip(feats, lengths, strict=True)]
         self._check(x)
         tokens, grid = self._embed(x)
         return self.norm(self._blocks(tokens, self._rope(grid, tokens), None))
@@ -330,13 +330,15 @@ class ViT2D(PretrainedMixin, nn.Module):
             ``(features, mask)``: ``(B, N_max, D)`` with zeros at padding, and ``(B, N_max)``
             bool, True = real token.
         """
-        return self._encode_padded(images)
+        feats, mask, _ = self._encode_padded(images)
+        return feats, mask
 
     def _encode_padded(
         self, images: Sequence[Tensor], out_tokens: int | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`forward_features_padded`; ``out_tokens`` as in :meth:`_blocks` (the
-        features then hold only those first tokens, the mask still every token)."""
+    ) -> tuple[Tensor, Tensor, list[int]]:
+        """:meth:`forward_features_padded`, plus each image's token count; ``out_tokens`` as
+        in :meth:`_blocks` (the features then hold only those first tokens, the mask still
+        every token)."""
         if isinstance(images, Tensor) or not isinstance(images, Sequence) or len(images) == 0:
             got = type(images).__name__ if not isinstance(images, Sequence) else "an empty list"
             raise ValueError(f"ViT2D expects a non-empty list of (C, H, W) images, got {got}")
@@ -366,7 +368,7 @@ class ViT2D(PretrainedMixin, nn.Module):
         # Same-length batches need no mask: padding-free, identical to the tensor path.
         out = self._blocks(x, rope, None if min(lengths) == n_max else mask, out_tokens)
         out = self.norm(out).masked_fill(~mask[:, : out.shape[1], None], 0.0)
-        return out, mask
+        return out, mask, lengths
 
     def forward_head(
         self,
@@ -426,12 +428,12 @@ class ViT2D(PretrainedMixin, nn.Module):
                 return self.forward_head(self.norm(cls))
             return self.forward_head(self.forward_features(x))
         if self._head_reads_class_token_only():
-            cls, _ = self._encode_padded(x, out_tokens=1)
+            cls, _, _ = self._encode_padded(x, out_tokens=1)
             return self.forward_head(cls)
-        feats, mask = self.forward_features_padded(x)
+        feats, mask, lengths = self._encode_padded(x)
         out = self.forward_head(feats, mask=mask)
         if self.config.pool is Pool.NONE:
-            return [row[:n] for row, n in zip(out, mask.sum(1).tolist(), strict=True)]
+            return [row[:n] for row, n in zip(out, lengths, strict=True)]
         return out
 
     def forward_intermediates(

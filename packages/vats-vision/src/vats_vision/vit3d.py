@@ -39,7 +39,9 @@ Positions, by ``pos_embed``:
 Clips of different lengths: pass ``frame_mask`` ``(B, T)`` (True = real frame; the real
 frames first, a multiple of pT of them) with a right-padded batch, or a list of
 ``(C, T_i, H, W)`` clips. Padded tubelets are masked out of temporal attention as keys, so
-every clip's outputs equal running it alone; their feature rows are zeros.
+every clip's outputs equal running it alone; their feature rows are zeros. Eager calls
+check the mask's values; under ``torch.compile`` they are not read on the host (no graph
+break), so a compiled caller passes a well-formed mask.
 
 Shapes: B batch, C channels, T frames, H / W frame size, pT tubelet length, p patch size,
 T' = T / pT tubelets, gh / gw patch grid, S = P + gh·gw tokens per frame (P prefix tokens),
@@ -243,21 +245,24 @@ class ViT3D(PretrainedMixin, nn.Module):
                 f"ViT3D frame_mask must be a bool (B, T) = ({b}, {t}) tensor (True = real "
                 f"frame), got {frame_mask.dtype} {tuple(frame_mask.shape)}"
             )
-        lengths = frame_mask.sum(1)  # (B,)
-        prefix = torch.arange(t, device=frame_mask.device) < lengths[:, None]
-        if not torch.equal(prefix, frame_mask):
-            raise ValueError(
-                "ViT3D frame_mask must mark each clip's real frames first, then padding "
-                "(right-padded clips)"
-            )
-        bad = [n for n in lengths.tolist() if n < pt or n % pt]
-        if bad:
-            raise ValueError(
-                f"ViT3D expects every clip's frame count to be a positive multiple of "
-                f"tubelet_size={pt}, got lengths {lengths.tolist()}"
-            )
-        if bool(frame_mask.all()):
-            return None
+        # The mask's values are data: torch.compile traces without reading them (no checks,
+        # and an all-real mask stays a mask: the same function, one graph for any mask).
+        if not torch.compiler.is_compiling():
+            lengths = frame_mask.sum(1)  # (B,)
+            prefix = torch.arange(t, device=frame_mask.device) < lengths[:, None]
+            if not torch.equal(prefix, frame_mask):
+                raise ValueError(
+                    "ViT3D frame_mask must mark each clip's real frames first, then padding "
+                    "(right-padded clips)"
+                )
+            bad = [n for n in lengths.tolist() if n < pt or n % pt]
+            if bad:
+                raise ValueError(
+                    f"ViT3D expects every clip's frame count to be a positive multiple of "
+                    f"tubelet_size={pt}, got lengths {lengths.tolist()}"
+                )
+            if bool(frame_mask.all()):
+                return None
         return frame_mask.view(b, t // pt, pt)[..., 0]  # (B, T')
 
     def _batch_clips(self, clips: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -299,21 +304,26 @@ class ViT3D(PretrainedMixin, nn.Module):
             pre = torch.cat(prefix, dim=1).expand(b * t, -1, -1).reshape(b, t, self.n_prefix, -1)
             tokens = torch.cat([pre, tokens], dim=2)  # (B, T', S, D)
         if self.pos_embed_temporal is not None:
-            tokens = tokens + self._temporal_table(b, t, tubelet_mask)[:, :, None]
+            tokens = tokens + self._temporal_table(t, tubelet_mask)[:, :, None]
         return tokens
 
-    def _temporal_table(self, b: int, t: int, tubelet_mask: Tensor | None) -> Tensor:
+    def _temporal_table(self, t: int, tubelet_mask: Tensor | None) -> Tensor:
         """Learned temporal positions ``(B or 1, T', D)``, chosen per clip length."""
         table = self.pos_embed_temporal
         assert table is not None
         if tubelet_mask is None or t <= table.shape[1]:
             # Slicing is per-clip exact: a shorter clip's rows are a prefix of these.
             return resample_sequence_embed(table, t)
-        rows = []
-        for n in tubelet_mask.sum(1).tolist():
-            own = resample_sequence_embed(table, n)[0]  # (T'_i, D)
-            rows.append(torch.cat([own, own.new_zeros(t - n, own.shape[-1])]))
-        return torch.stack(rows)  # (B, T', D)
+        # Clips longer than the table get it stretched to their own length: every length
+        # 1..T' once, then each clip picks its own (a gather, no host read of the lengths).
+        d = table.shape[-1]
+        by_length = torch.stack(
+            [
+                torch.cat([resample_sequence_embed(table, n)[0], table.new_zeros(t - n, d)])
+                for n in range(1, t + 1)
+            ]
+        )  # (T', T', D): row n - 1 is a clip of n tubelets' table, zeros after
+        return by_length[tubelet_mask.sum(1) - 1]  # (B, T', D)
 
     def _ropes(
         self, t: int, grid: tuple[int, int], like: Tensor
@@ -386,11 +396,12 @@ class ViT3D(PretrainedMixin, nn.Module):
         if not isinstance(x, Tensor):
             if frame_mask is not None:
                 raise ValueError("ViT3D: pass frame_mask with a padded tensor, not with a list")
-            x, frame_mask = self._batch_clips(x)
+            clips = x
+            x, frame_mask = self._batch_clips(clips)
             out, _, mask, _ = self._run(x, frame_mask)
             out = self._zero_padding(self.norm(out), mask)
-            lengths = [out.shape[1]] * out.shape[0] if mask is None else mask.sum(1).tolist()
-            return [o[:n] for o, n in zip(out, lengths, strict=True)]
+            pt = self.config.tubelet_size
+            return [o[: c.shape[1] // pt] for o, c in zip(out, clips, strict=True)]
         out, _, mask, _ = self._run(x, frame_mask)
         return self._zero_padding(self.norm(out), mask)
 
