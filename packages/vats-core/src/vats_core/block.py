@@ -162,6 +162,10 @@ class TransformerBlock(nn.Module):
 class FactorizedBlock(nn.Module):
     """Pre-norm divided space / time attention over a ``(B, T, N, D)`` grid of tokens.
 
+    Shapes: B clips, T frames (time steps: frames, tubelets or video latents), N tokens
+    per frame (its ``h·w`` patches plus any per-frame prefix tokens), D width; S context
+    tokens of width Dc; Dh head dim.
+
     ::
 
         x = x + spatial_attn(norm(x))           # B·T sequences: the N tokens of each frame
@@ -172,7 +176,8 @@ class FactorizedBlock(nn.Module):
     Joint attention over all ``T·N`` tokens of a clip costs ``O((T·N)²)`` scores per head.
     Here spatial attention costs ``O(T·N²)``, linear in the number of frames T, and temporal
     attention ``O(N·T²)``, linear in the ``N = h·w`` tokens per frame: the factorized block
-    stays affordable as clips grow longer or frames larger.
+    stays affordable as clips grow longer or frames larger. Cross-attention costs
+    ``O(T·N·S)``.
 
     Both self-attentions are built from ``config.attention`` (the same head layout, separate
     weights; its ``window`` applies to both axes). Cross-attention, when
