@@ -1,5 +1,7 @@
 """TransformerBlock: pre-norm structure, dense and MoE feed-forward, cross-attention,
-padding pass-through to the MoE, backward, config validation."""
+padding pass-through to the MoE, backward, config validation. FactorizedBlock: equals
+attention run by hand per frame, then per token position; frames independent without the
+temporal step; padding frames and padding context tokens masked; input checks."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from vats_core.attention.layer import AttentionConfig
-from vats_core.block import BlockConfig, TransformerBlock
+from vats_core.block import BlockConfig, FactorizedBlock, TransformerBlock
 from vats_core.mlp import Activation, MLPConfig
 from vats_core.moe import MoEConfig, RouterStats
 from vats_core.norms import LayerNorm, NormType, RMSNorm
@@ -136,3 +138,140 @@ def test_out_tokens_refuses_layers_where_fewer_queries_change_the_keys() -> None
     for bad in (0, 6, 1.0, True):
         with pytest.raises(ValueError, match="out_tokens must be"):
             block(x, out_tokens=bad)
+
+
+# ---------------------------------------------------------------------- FactorizedBlock
+
+BIDIR = AttentionConfig(dim=16, n_heads=4, n_kv_heads=2)  # Dh = 4
+
+
+def _factorized(cross: bool = False, temporal: bool = True) -> FactorizedBlock:
+    torch.manual_seed(3)
+    cfg = BlockConfig(
+        attention=BIDIR,
+        cross_attention=CROSS if cross else None,
+        mlp=MLP.replace(activation=Activation.GELU, bias=True),
+        norm=NormType.LAYERNORM,
+    )
+    block = FactorizedBlock(cfg, temporal=temporal).double()
+    with torch.no_grad():  # away from the unit / zero init, so a swapped norm would show
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return block
+
+
+def _rope(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return RotaryEmbedding(RopeConfig(head_dim=4))(torch.arange(n), dtype=F64)  # (1, 1, n, 4)
+
+
+def test_factorized_block_equals_attention_per_frame_then_per_position() -> None:
+    # The reference runs each frame's N tokens, then each position's real frames, through
+    # the block's own layers one sequence at a time (no reshapes, no masks: padding frames
+    # and padding context tokens are simply left out). The block must give the same rows.
+    block = _factorized(cross=True)
+    b, t, n = 2, 4, 5
+    x = torch.randn(b, t, n, 16, dtype=F64)
+    frames = [4, 2]  # clip 1 has two padding frames
+    frame_mask = torch.arange(t) < torch.tensor(frames)[:, None]
+    ctx = torch.randn(b, 3, 12, dtype=F64)
+    ctx_len = [3, 2]
+    ctx_mask = torch.arange(3) < torch.tensor(ctx_len)[:, None]
+    rope_s, rope_t = _rope(n), _rope(t)
+    with torch.no_grad():
+        out = block(
+            x,
+            rope_spatial=rope_s,
+            rope_temporal=rope_t,
+            frame_mask=frame_mask,
+            context=ctx,
+            context_mask=ctx_mask,
+        )
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        for i in range(b):
+            h = x[i, : frames[i]].clone()  # (T_i, N, D): the clip alone
+            for f in range(frames[i]):
+                h[f] = h[f] + block.spatial_attn(block.spatial_norm(h[f])[None], rope=rope_s)[0]
+                q = block.cross_attn_norm(h[f])[None]
+                h[f] = h[f] + block.cross_attn(q, context=ctx[i : i + 1, : ctx_len[i]])[0]
+            rope = (rope_t[0][..., : frames[i], :], rope_t[1][..., : frames[i], :])
+            for j in range(n):
+                seq = block.temporal_norm(h[:, j])[None]  # (1, T_i, D)
+                h[:, j] = h[:, j] + block.temporal_attn(seq, rope=rope)[0]
+            h = h + block.ffn(block.ffn_norm(h))
+            torch.testing.assert_close(out[i, : frames[i]], h, rtol=1e-12, atol=1e-12)
+
+
+def test_factorized_block_without_temporal_step_encodes_each_frame_alone() -> None:
+    # temporal=False: every frame is what a TransformerBlock with the spatial weights gives
+    # it on its own, and no temporal parameters exist.
+    block = _factorized(temporal=False)
+    assert not any("temporal" in name for name, _ in block.named_parameters())
+    single = TransformerBlock(block.config).double()
+    single.load_state_dict(
+        {
+            k.replace("spatial_norm", "attn_norm").replace("spatial_attn", "attn"): v
+            for k, v in block.state_dict().items()
+        }
+    )
+    x = torch.randn(2, 3, 5, 16, dtype=F64)
+    rope = _rope(5)
+    with torch.no_grad():
+        out = block(x, rope_spatial=rope)
+        for f in range(3):
+            alone, _ = single(x[:, f], rope=rope)
+            torch.testing.assert_close(out[:, f], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_factorized_block_mixes_frames_only_through_the_temporal_step() -> None:
+    x = torch.randn(1, 3, 4, 16, dtype=F64)
+    changed = x.clone()
+    changed[:, 0] += torch.randn(4, 16, dtype=F64)  # frame 0 only (not a constant: LayerNorm)
+    for temporal in (True, False):
+        block = _factorized(temporal=temporal)
+        with torch.no_grad():
+            diff = (block(x) - block(changed)).abs().amax(dim=(0, 2, 3))  # (T,)
+        assert diff[0] > 0
+        assert (diff[1:] > 1e-6).all() if temporal else (diff[1:] == 0).all()
+
+
+def test_factorized_block_padding_frames_are_not_read() -> None:
+    block = _factorized()
+    x = torch.randn(2, 4, 3, 16, dtype=F64)
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    other = x.clone()
+    other[1, 2:] = torch.randn(2, 3, 16, dtype=F64) * 10  # new content in the padding
+    rope_t = _rope(4)
+    with torch.no_grad():
+        a = block(x, rope_temporal=rope_t, frame_mask=mask)
+        b = block(other, rope_temporal=rope_t, frame_mask=mask)
+        unmasked = block(other, rope_temporal=rope_t)
+    torch.testing.assert_close(a[:, :2], b[:, :2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(unmasked[1, :2], a[1, :2])  # without the mask they are read
+
+
+def test_factorized_block_backward_reaches_every_parameter() -> None:
+    block = _factorized(cross=True)
+    x = torch.randn(2, 2, 3, 16, dtype=F64, requires_grad=True)
+    out = block(
+        x, rope_spatial=_rope(3), rope_temporal=_rope(2), context=torch.randn(2, 4, 12, dtype=F64)
+    )
+    out.square().mean().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_factorized_block_input_errors() -> None:
+    with pytest.raises(ValueError, match=r"BlockConfig\.mlp must be set"):
+        FactorizedBlock(BlockConfig(attention=BIDIR, moe=MOE))
+    block = _factorized()
+    x = torch.randn(2, 3, 4, 16, dtype=F64)
+    with pytest.raises(ValueError, match=r"\(B, T, N, 16\), got \(2, 4, 16\)"):
+        block(x[:, 0])
+    with pytest.raises(ValueError, match=r"frame_mask.*\(2, 3\)"):
+        block(x, frame_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context"):
+        block(x, context=torch.randn(2, 1, 12, dtype=F64))
+    with pytest.raises(ValueError, match="context"):
+        _factorized(cross=True)(x)

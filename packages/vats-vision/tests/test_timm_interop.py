@@ -1,5 +1,6 @@
-"""from_timm: an imported timm VisionTransformer computes timm's function; what it cannot
-represent is refused with a ValueError naming the timm option.
+"""from_timm: an imported timm VisionTransformer computes timm's function (square and
+rectangular img_size, fixed and dynamic_img_size); what it cannot represent is refused with
+a ValueError naming the timm option.
 
 Every timm model here is random-init and built locally (nothing downloaded); weights are
 perturbed away from timm's init (zero biases, unit norms, near-zero tokens) so that a
@@ -40,13 +41,23 @@ def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert err <= RTOL, f"relative error {err:.2e}"
 
 
-def _parity(model: VisionTransformer, x: torch.Tensor) -> None:
+def _parity(model: VisionTransformer, x: torch.Tensor, *, intermediates: bool = False) -> None:
     vit = from_timm(model)
     with torch.no_grad():
         _close(vit.forward_features(x), model.forward_features(x))
         _close(vit(x), model(x))
         feats = model.forward_features(x)
         _close(vit.forward_head(feats, pre_logits=True), model.forward_head(feats, pre_logits=True))
+        if model.num_classes:
+            _close(vit.forward_head(feats), model.forward_head(feats))
+        if intermediates:
+            for fmt in ("NCHW", "NLC"):
+                ref_final, ref = model.forward_intermediates(x, indices=2, output_fmt=fmt)
+                final, ours = vit.forward_intermediates(x, indices=2, output_fmt=fmt)
+                _close(final, ref_final)
+                assert len(ours) == len(ref) == 2
+                for a, b in zip(ours, ref, strict=True):
+                    _close(a, b)
 
 
 VARIANTS = {
@@ -92,6 +103,55 @@ def test_parity_at_other_sizes_with_dynamic_img_size(extra: dict) -> None:
     model = _timm_vit(img_size=48, dynamic_img_size=True, **extra)
     _parity(model, torch.randn(2, 3, 64, 32))
     _parity(model, torch.randn(1, 3, 48, 48))
+
+
+RECTANGULAR = {
+    "32x48_token": dict(img_size=(32, 48)),
+    "48x16_registers": dict(img_size=(48, 16), reg_tokens=2),
+    "24x40_no_class_token_avg": dict(img_size=(24, 40), class_token=False, global_pool="avg"),
+    "40x24_no_embed_class_registers": dict(img_size=(40, 24), no_embed_class=True, reg_tokens=1),
+    "16x64_no_pos_embed": dict(img_size=(16, 64), pos_embed="none", fc_norm=True),
+    "64x32_patch16_registers_avg": dict(
+        img_size=(64, 32), patch_size=16, reg_tokens=3, global_pool="avg"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECTANGULAR))
+def test_parity_with_rectangular_timm(name: str) -> None:
+    # img_size=(h, w): timm keeps patch_embed.img_size / grid_size as pairs; the ViT2D gets
+    # image_size=(h, w), the same (h/p, w/p) table, and timm's features at that size.
+    model = _timm_vit(**RECTANGULAR[name])
+    h, w = model.patch_embed.img_size
+    vit = from_timm(model)
+    assert vit.config.image_size == (h, w) and vit.config.grid == model.patch_embed.grid_size
+    if model.pos_embed is not None:
+        assert vit.pos_embed is not None and vit.pos_embed.shape == model.pos_embed.shape
+    _parity(model, torch.randn(2, 3, h, w), intermediates=True)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(),
+        dict(class_token=False, global_pool="avg"),
+        dict(no_embed_class=True, reg_tokens=2),
+    ],
+    ids=["token", "no_class_token", "no_embed_class_registers"],
+)
+def test_parity_with_rectangular_dynamic_img_size(extra: dict) -> None:
+    # Trained at 32 x 48 (a 4 x 6 table), run at its own size, transposed, square and
+    # other rectangles: both resample the rectangular table the same way.
+    model = _timm_vit(img_size=(32, 48), dynamic_img_size=True, **extra)
+    for h, w in ((32, 48), (48, 32), (40, 40), (64, 24), (16, 56)):
+        _parity(model, torch.randn(2, 3, h, w), intermediates=True)
+
+
+def test_parity_with_rectangular_dynamic_img_pad() -> None:
+    model = _timm_vit(img_size=(24, 40), dynamic_img_size=True, dynamic_img_pad=True)
+    assert from_timm(model).config.pad
+    _parity(model, torch.randn(2, 3, 30, 37))
+    _parity(model, torch.randn(1, 3, 24, 40), intermediates=True)
 
 
 def test_parity_with_dynamic_img_pad() -> None:
@@ -147,7 +207,7 @@ REFUSED = {
     "embed_norm_layer": dict(embed_norm_layer="layernorm"),
     "block_fn=ResPostBlock": dict(block_fn=timm.models.vision_transformer.ResPostBlock),
     "mlp_layer=SwiGLUPacked": dict(mlp_layer=timm.layers.SwiGLUPacked),
-    "img_size=(32, 48)": dict(img_size=(32, 48)),
+    "img_size=(36, 48)": dict(img_size=(36, 48)),  # not a multiple of the patch size
     "patch_size=(8, 4)": dict(patch_size=(8, 4)),
 }
 

@@ -1,8 +1,11 @@
-"""ViT-2D: model contract on every preset, ragged batches = lone runs, 2D RoPE on non-square
-grids (transpose equivariance), learned positions resampled as timm, the pad option,
-forward_intermediates, bad input and config validation."""
+"""ViT-2D: model contract on every preset and on rectangular configs, ragged batches = lone
+runs, 2D RoPE and learned tables on non-square grids (transpose equivariance), learned
+positions resampled as timm, the pad option, forward_intermediates, bad input and config
+validation (image_size forms), torch.compile against eager."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -33,14 +36,16 @@ def test_vit2d_preset_contract(name: str, tmp_path) -> None:
     config = vit2d_preset(name)
     model = ViT2D(config)
     # ViT-S/16 at 224² is slow on 2 CPU cores: one 64² image (its table resampled).
-    batch, size = (2, config.image_size) if config.image_size <= 64 else (1, 64)
-    x = torch.randn(batch, config.in_channels, size, size)
+    (h, w), batch = config.image_hw, 2
+    if max(h, w) > 64:
+        (h, w), batch = (64, 64), 1
+    x = torch.randn(batch, config.in_channels, h, w)
     check_forward(model, x, (batch, config.num_classes))
     check_backward(model, x)
     check_save_load_roundtrip(model, x, tmp_path)
     check_dtype_device_moves(model, x)
     feats = model.forward_features(x)
-    n = config.n_prefix_tokens + (size // config.patch_size) ** 2
+    n = config.n_prefix_tokens + (h // config.patch_size) * (w // config.patch_size)
     assert feats.shape == (batch, n, config.dim)
 
 
@@ -95,11 +100,21 @@ def test_same_size_list_equals_tensor_batch() -> None:
 def _transpose_model(model: ViT2D) -> ViT2D:
     """A copy that computes on transposed images what ``model`` computes on the originals.
 
-    Swaps the conv kernel's axes and, in every q/k head, the RoPE channel blocks of the row
-    and column axes (each axis owns a quarter of Dh at offsets 0 / Dh/2 and Dh/4 / 3Dh/4).
+    Its config has ``image_size`` transposed; it swaps the conv kernel's axes, transposes
+    the learned table's grid and, in every q/k head, swaps the RoPE channel blocks of the
+    row and column axes (each axis owns a quarter of Dh at offsets 0 / Dh/2 and Dh/4 /
+    3Dh/4; without RoPE the same permutation of q and k leaves every score unchanged).
     """
-    twin = ViT2D(model.config).to(F64).eval()
-    twin.load_state_dict(model.state_dict())
+    h, w = model.config.image_hw
+    twin = ViT2D(model.config.replace(image_size=(w, h))).to(F64).eval()
+    state = dict(model.state_dict())
+    if model.pos_embed is not None:
+        gh, gw = model.config.grid
+        n_prefix = model.pos_embed.shape[1] - gh * gw
+        table = state["pos_embed"]
+        patches = rearrange(table[:, n_prefix:], "b (h w) d -> b (w h) d", h=gh, w=gw)
+        state["pos_embed"] = torch.cat([table[:, :n_prefix], patches], dim=1)
+    twin.load_state_dict(state)
     proj = twin.patch_embed.proj
     with torch.no_grad():
         proj.weight.copy_(proj.weight.transpose(-1, -2).clone())
@@ -120,24 +135,50 @@ def _transpose_model(model: ViT2D) -> ViT2D:
     return twin
 
 
-@pytest.mark.parametrize("n_register_tokens", [0, 2])
-def test_rope2d_non_square_grid_transpose_equivariance(n_register_tokens: int) -> None:
-    # With RoPE positions (row, col) on a 4×6 grid, the transposed 48×32 image on the
-    # transposed model must give the same tokens in transposed order: fails if rows and
-    # columns are mixed up anywhere (positions, grid shape, flattening order).
+@pytest.mark.parametrize(
+    ("image_size", "pos_embed", "n_register_tokens", "size"),
+    [
+        (32, PosEmbed.ROPE2D, 0, (32, 48)),  # square config, rectangular input
+        (32, PosEmbed.ROPE2D, 2, (32, 48)),
+        ((32, 48), PosEmbed.ROPE2D, 1, (32, 48)),
+        ((32, 48), PosEmbed.LEARNED, 0, (32, 48)),  # the table's own rectangular grid
+        ((32, 48), PosEmbed.LEARNED, 2, (40, 24)),  # ... resampled to another one
+        ((48, 16), PosEmbed.LEARNED, 1, (48, 16)),
+    ],
+)
+def test_transpose_equivariance(image_size, pos_embed, n_register_tokens, size) -> None:
+    # The transposed image on the transposed model must give the same tokens in transposed
+    # order: fails if rows and columns are mixed up anywhere (RoPE positions, the learned
+    # table's grid and its resampling, flattening order).
     torch.manual_seed(0)
-    config = vit2d_preset("tiny", dim=64, n_heads=4, n_register_tokens=n_register_tokens)
+    config = vit2d_preset(
+        "tiny",
+        image_size=image_size,
+        dim=64,
+        n_heads=4,
+        pos_embed=pos_embed,
+        n_register_tokens=n_register_tokens,
+    )
     model = ViT2D(config).to(F64).eval()
+    if model.pos_embed is not None:
+        with torch.no_grad():  # a table with structure, so a transposed read would show
+            model.pos_embed.normal_()
     twin = _transpose_model(model)
-    x = torch.randn(2, 3, 32, 48, dtype=F64)
+    h, w = size
+    gh, gw = h // 8, w // 8
+    x = torch.randn(2, 3, h, w, dtype=F64)
     with torch.no_grad():
         out = model.forward_features(x)
         out_t = twin.forward_features(x.transpose(-1, -2))
         p = config.n_prefix_tokens
         torch.testing.assert_close(out_t[:, :p], out[:, :p])
-        grid = rearrange(out[:, p:], "b (h w) d -> b w h d", h=4, w=6)
-        torch.testing.assert_close(out_t[:, p:], grid.reshape(2, 24, -1))
-        # ... and the twin is a different function on the untransposed image (RoPE matters).
+        grid = rearrange(out[:, p:], "b (h w) d -> b (w h) d", h=gh, w=gw)
+        torch.testing.assert_close(out_t[:, p:], grid)
+        _, inter = model.forward_intermediates(x, 1)
+        _, inter_t = twin.forward_intermediates(x.transpose(-1, -2), 1)
+        assert inter[0].shape == (2, 64, gh, gw) and inter_t[0].shape == (2, 64, gw, gh)
+        torch.testing.assert_close(inter_t[0], inter[0].transpose(-1, -2))
+        # ... and the twin is a different function on the untransposed image.
         assert not torch.allclose(twin.forward_features(x), out, atol=1e-4)
 
 
@@ -178,6 +219,57 @@ def test_learned_positions_follow_input_size() -> None:
     assert not torch.allclose(base[:, 2:], moved[:, 2:])
     without_prefix = _tiny(pos_embed=PosEmbed.LEARNED, pos_embed_prefix=False)
     assert without_prefix.pos_embed is not None and without_prefix.pos_embed.shape[1] == 16
+
+
+@pytest.mark.parametrize("pos_embed", list(PosEmbed))
+def test_rectangular_config_contract(pos_embed: PosEmbed, tmp_path) -> None:
+    # image_size=(H, W): the learned table has an (H/p, W/p) grid; the model trains, saves
+    # and reloads (config.json stores the pair) and moves like any other.
+    torch.manual_seed(0)
+    config = vit2d_preset("tiny", image_size=(24, 56), pos_embed=pos_embed, n_register_tokens=1)
+    assert config.image_size == (24, 56) and config.image_hw == (24, 56)
+    assert config.grid == (3, 7)
+    model = ViT2D(config)
+    if pos_embed is PosEmbed.LEARNED:
+        assert model.pos_embed is not None and model.pos_embed.shape == (1, 2 + 3 * 7, 32)
+    x = torch.randn(2, 3, 24, 56)
+    check_forward(model, x, (2, 10))
+    check_backward(model, x)
+    check_save_load_roundtrip(model, x, tmp_path)
+    check_dtype_device_moves(model, x)
+    assert ViT2D.from_pretrained(tmp_path).config == config
+    assert model.forward_features(x).shape == (2, 2 + 21, 32)
+    with torch.no_grad():
+        feats, inter = model.forward_intermediates(x, 1)
+    assert inter[0].shape == (2, 32, 3, 7)
+    torch.testing.assert_close(feats, model.forward_features(x))
+
+
+def test_image_size_forms() -> None:
+    # An int S or a pair (H, W) (a list from YAML / JSON); a square pair is stored as its
+    # int, so equal sizes give equal, equally hashed configs; JSON keeps the pair.
+    rect = ViT2DConfig(image_size=[32, 48], patch_size=8)
+    assert rect.image_size == (32, 48) and rect.grid == (4, 6)
+    assert rect == ViT2DConfig(image_size=(32, 48), patch_size=8)
+    assert hash(rect) == hash(ViT2DConfig(image_size=(32, 48), patch_size=8))
+    assert ViT2DConfig.from_dict(json.loads(rect.to_json())) == rect
+    square = ViT2DConfig(image_size=(32, 32), patch_size=8)
+    assert square.image_size == 32 and square == ViT2DConfig(image_size=32, patch_size=8)
+    assert hash(square) == hash(ViT2DConfig(image_size=32, patch_size=8))
+    assert square.image_hw == (32, 32) and square.grid == (4, 4)
+    for bad, pattern in (
+        (
+            (32, 44),
+            r"ViT2DConfig\.image_size=\(32, 44\).*\(H, W\), each a positive multiple of patch_size=8",
+        ),
+        ((0, 32), r"ViT2DConfig\.image_size=\(0, 32\).*positive multiple"),
+        ((32, 48, 8), r"ViT2DConfig\.image_size=\(32, 48, 8\).*pair \(H, W\)"),
+        ((32, True), r"ViT2DConfig\.image_size"),
+        ((32.0, 48), r"ViT2DConfig\.image_size"),
+        ("32", r"ViT2DConfig\.image_size"),
+        (36, r"ViT2DConfig\.image_size=36.*a positive multiple of patch_size=8"),
+    ):
+        check_raises(lambda bad=bad: ViT2DConfig(image_size=bad, patch_size=8), ValueError, pattern)
 
 
 def test_pad_equals_zero_padded_input() -> None:
@@ -284,9 +376,24 @@ def test_config_validation_and_round_trip() -> None:
     check_raises(lambda: ViT2DConfig(n_kv_heads=4), ValueError, "n_kv_heads")
     check_raises(lambda: ViT2DConfig(window=0), ValueError, "window")
     check_raises(lambda: vit2d_preset("huge"), ValueError, "tiny")
+    for field, bad in (
+        ("dim", 64.0),
+        ("n_layers", True),
+        ("class_token", 1),
+        ("norm_eps", 0.0),
+        ("n_register_tokens", -1),
+        ("num_classes", -2),
+        ("mlp_hidden_dim", 0),
+        ("init_std", "0.02"),
+        ("patch_size", 0),
+    ):
+        check_raises(
+            lambda f=field, v=bad: ViT2DConfig(**{f: v}), ValueError, rf"ViT2DConfig\.{field}="
+        )
     config = vit2d_preset("tiny", pos_embed="learned", pool="avg", norm="rmsnorm")
     assert config.pos_embed is PosEmbed.LEARNED and config.pool is Pool.AVG
-    assert ViT2DConfig.from_dict(config.to_dict()) == config
+    again = ViT2DConfig.from_dict(config.to_dict())
+    assert again == config and hash(again) == hash(config)
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -299,3 +406,75 @@ def test_compiles_to_one_graph(train: bool) -> None:
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def _no_graph_breaks(fn, *args) -> None:
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(fn)(*args)
+    reasons = [r.reason.splitlines()[0] for r in report.break_reasons]
+    assert report.graph_break_count == 0 and report.graph_count == 1, reasons
+
+
+@pytest.mark.parametrize("pos_embed", [PosEmbed.ROPE2D, PosEmbed.LEARNED])
+def test_every_entry_point_traces_without_graph_breaks(pos_embed: PosEmbed) -> None:
+    # Rectangular config, inputs at its size and at another (the table resampled), ragged
+    # lists, intermediates and a training step's forward + loss: each one graph.
+    model = _tiny(image_size=(32, 48), pos_embed=pos_embed, n_register_tokens=1)
+    x = torch.randn(2, 3, 32, 48)
+    _no_graph_breaks(model, x)
+    _no_graph_breaks(model, torch.randn(2, 3, 40, 24))
+    _no_graph_breaks(model.forward_features, x)
+    _no_graph_breaks(lambda x: model.forward_intermediates(x, 1), x)
+    _no_graph_breaks(model, [torch.randn(3, 32, 48), torch.randn(3, 16, 24)])
+    _no_graph_breaks(model.forward_features, [torch.randn(3, 32, 48), torch.randn(3, 16, 24)])
+    model.train()
+    _no_graph_breaks(lambda x: model(x).square().mean(), x)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "pos_embed", "size"),
+    [
+        (32, PosEmbed.ROPE2D, (32, 32)),
+        ((32, 48), PosEmbed.ROPE2D, (32, 48)),
+        ((32, 48), PosEmbed.LEARNED, (32, 48)),
+        ((32, 48), PosEmbed.LEARNED, (48, 24)),  # the table resampled in the graph
+    ],
+)
+def test_aot_compiled_equals_eager(image_size, pos_embed, size) -> None:
+    # AOT autograd (functionalized aten graphs, forward and backward, as inductor gets
+    # them, without inductor's slow C++ codegen) gives eager's features, logits,
+    # intermediates and gradients to float32 rounding.
+    torch.manual_seed(0)
+    config = vit2d_preset("tiny", image_size=image_size, pos_embed=pos_embed, n_register_tokens=1)
+    model = ViT2D(config).eval()
+    x = torch.randn(2, 3, *size)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.forward_features(x), model.forward_features(x))
+        torch.testing.assert_close(compiled(x), model(x))
+        got = compiled.forward_intermediates(x, 2, intermediates_only=True)
+        want = model.forward_intermediates(x, 2, intermediates_only=True)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    model.train()
+    compiled(x).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    assert grads.keys() == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_equals_eager() -> None:
+    # The real compiler once, on a tiny rectangular model: ~1 min on 2 CPU cores, most of
+    # it inductor's one-time C++ toolchain set-up.
+    torch.manual_seed(0)
+    model = ViT2D(vit2d_preset("tiny", image_size=(16, 24), n_layers=1)).eval()
+    x = torch.randn(2, 3, 16, 24)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.forward_features(x), model.forward_features(x))

@@ -1,13 +1,17 @@
-"""ViT-3D: model contract on every preset, padded / list clip batches = lone runs, the
-temporal_attention switch (frames independent vs mixed), positions, the pad option,
-forward_intermediates, bad input and config validation."""
+"""ViT-3D: model contract on every preset and on rectangular configs, padded / list clip
+batches = lone runs, the temporal_attention switch (frames independent vs mixed),
+positions (transpose equivariance on rectangular frames), the pad option,
+forward_intermediates, bad input and config validation, torch.compile against eager."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from einops import rearrange
 
+from vats_core.rope import rope_axes_dims
 from vats_core.testing import (
     check_backward,
     check_dtype_device_moves,
@@ -32,14 +36,15 @@ def test_vit3d_preset_contract(name: str, tmp_path) -> None:
     torch.manual_seed(0)
     config = vit3d_preset(name)
     model = ViT3D(config)
-    size, t = config.image_size, config.num_frames
+    (h, w), t = config.image_hw, config.num_frames
     batch = 2 if name == "tiny" else 1  # keep the CPU suite fast
-    x = torch.randn(batch, config.in_channels, t, size, size)
+    x = torch.randn(batch, config.in_channels, t, h, w)
     check_forward(model, x, (batch, config.num_classes))
     check_backward(model, x)
     check_save_load_roundtrip(model, x, tmp_path)
     check_dtype_device_moves(model, x)
-    s = config.n_prefix_tokens + config.grid_size**2
+    gh, gw = config.grid
+    s = config.n_prefix_tokens + gh * gw
     assert model.forward_features(x).shape == (batch, config.n_tubelets, s, config.dim)
 
 
@@ -158,6 +163,104 @@ def test_non_square_frames_and_pad() -> None:
     check_raises(lambda: strict(x), ValueError, r"multiples of patch_size=8.*H=13, W=30")
 
 
+def _transpose_model(model: ViT3D) -> ViT3D:
+    """A copy computing on clips with H and W swapped what ``model`` computes on the originals:
+    transposed ``image_size``, conv kernel and learned spatial table, and the row / col RoPE
+    frequency blocks swapped in every q / k head (both axes own as many channels)."""
+    h, w = model.config.image_hw
+    twin = ViT3D(model.config.replace(image_size=(w, h))).to(F64).eval()
+    state = dict(model.state_dict())
+    if model.pos_embed_spatial is not None:
+        gh, gw = model.config.grid
+        table = state["pos_embed_spatial"]
+        state["pos_embed_spatial"] = rearrange(table, "b (h w) d -> b (w h) d", h=gh, w=gw)
+    twin.load_state_dict(state)
+    dh = model.config.block_config.attention.dh
+    dt, dr, dc = rope_axes_dims(dh, 3)
+    assert dr == dc
+    half = torch.arange(dh // 2)
+    r0, c0 = dt // 2, dt // 2 + dr // 2
+    half = torch.cat([half[:r0], half[c0:], half[r0:c0]])  # (t, col, row) frequencies
+    perm = torch.cat([half, half + dh // 2])
+    with torch.no_grad():
+        proj = twin.patch_embed.proj
+        proj.weight.copy_(proj.weight.transpose(-1, -2).clone())
+        for block in twin.blocks:
+            for attn in (block.spatial_attn, block.temporal_attn):
+                if attn is None:
+                    continue
+                layer = attn.qkv_proj
+                for first, heads in ((0, attn.n_heads), (attn.n_heads * dh, attn.n_kv_heads)):
+                    rows = torch.cat([first + perm + i * dh for i in range(heads)])
+                    span = slice(first, first + heads * dh)
+                    layer.weight[span] = layer.weight[rows].clone()
+                    if layer.bias is not None:
+                        layer.bias[span] = layer.bias[rows].clone()
+    return twin
+
+
+@pytest.mark.parametrize(
+    ("image_size", "pos_embed", "size"),
+    [
+        ((16, 32), VideoPosEmbed.ROPE3D, (16, 32)),
+        ((16, 32), VideoPosEmbed.LEARNED, (16, 32)),  # the table's own rectangular grid
+        ((32, 16), VideoPosEmbed.LEARNED, (24, 40)),  # ... resampled to another one
+    ],
+)
+def test_transpose_equivariance(image_size, pos_embed, size) -> None:
+    # Swapping H and W of the clip on the transposed model gives the same tokens in
+    # transposed order: rows and columns are never mixed up (RoPE, tables, flattening).
+    torch.manual_seed(0)
+    config = vit3d_preset("tiny", image_size=image_size, pos_embed=pos_embed, dim=48)
+    model = ViT3D(config).to(F64).eval()
+    if model.pos_embed_spatial is not None:
+        with torch.no_grad():
+            model.pos_embed_spatial.normal_()
+    twin = _transpose_model(model)
+    h, w = size
+    gh, gw = h // 8, w // 8
+    x = torch.randn(2, 3, 4, h, w, dtype=F64)
+    with torch.no_grad():
+        out = model.forward_features(x)
+        out_t = twin.forward_features(x.transpose(-1, -2))
+        torch.testing.assert_close(out_t[:, :, :1], out[:, :, :1])  # class tokens
+        grid = rearrange(out[:, :, 1:], "b t (h w) d -> b t (w h) d", h=gh, w=gw)
+        torch.testing.assert_close(out_t[:, :, 1:], grid)
+        _, inter = model.forward_intermediates(x, 1)
+        _, inter_t = twin.forward_intermediates(x.transpose(-1, -2), 1)
+        assert inter[0].shape == (2, 48, 2, gh, gw)
+        torch.testing.assert_close(inter_t[0], inter[0].transpose(-1, -2))
+        assert not torch.allclose(twin.forward_features(x), out, atol=1e-4)
+
+
+@pytest.mark.parametrize("pos_embed", list(VideoPosEmbed))
+def test_rectangular_config_contract(pos_embed: VideoPosEmbed, tmp_path) -> None:
+    torch.manual_seed(0)
+    config = vit3d_preset("tiny", image_size=[16, 40], pos_embed=pos_embed)
+    assert config.image_size == (16, 40) and config.grid == (2, 5)
+    model = ViT3D(config)
+    if pos_embed is VideoPosEmbed.LEARNED:
+        assert model.pos_embed_spatial is not None
+        assert model.pos_embed_spatial.shape == (1, 2 * 5, 32)
+    x = torch.randn(2, 3, 4, 16, 40)
+    check_forward(model, x, (2, 4))
+    check_backward(model, x)
+    check_save_load_roundtrip(model, x, tmp_path)
+    check_dtype_device_moves(model, x)
+    assert ViT3D.from_pretrained(tmp_path).config == config
+    assert model.forward_features(x).shape == (2, 2, 1 + 10, 32)
+    with torch.no_grad():
+        assert model.forward_intermediates(x, 1)[1][0].shape == (2, 32, 2, 2, 5)
+    assert ViT3DConfig.from_dict(json.loads(config.to_json())) == config
+    assert hash(config) == hash(config.replace(image_size=(16, 40)))
+    assert config.replace(image_size=(16, 16)).image_size == 16
+    check_raises(
+        lambda: config.replace(image_size=(16, 36)),
+        ValueError,
+        r"ViT3DConfig\.image_size=\(16, 36\).*multiple of patch_size=8",
+    )
+
+
 def test_forward_intermediates() -> None:
     model = _tiny(n_layers=3)
     x = torch.randn(2, 3, 4, 16, 24)
@@ -201,9 +304,21 @@ def test_config_validation_and_round_trip() -> None:
     check_raises(lambda: ViT3DConfig(dim=24, n_heads=6), ValueError, "head_dim=4")
     check_raises(lambda: ViT3DConfig(pos_embed="rope2d"), ValueError, "rope3d")
     check_raises(lambda: vit3d_preset("huge"), ValueError, "tiny")
+    for field, bad in (
+        ("num_frames", 16.0),
+        ("tubelet_size", 0),
+        ("temporal_attention", 1),
+        ("rope_theta", -1.0),
+        ("n_register_tokens", -1),
+        ("image_size", (224, 200)),
+    ):
+        check_raises(
+            lambda f=field, v=bad: ViT3DConfig(**{f: v}), ValueError, rf"ViT3DConfig\.{field}="
+        )
     config = vit3d_preset("tiny", pos_embed="learned", temporal_attention=False)
     assert config.pos_embed is VideoPosEmbed.LEARNED
-    assert ViT3DConfig.from_dict(config.to_dict()) == config
+    again = ViT3DConfig.from_dict(config.to_dict())
+    assert again == config and hash(again) == hash(config)
 
 
 def test_compiles_to_one_graph() -> None:
@@ -214,3 +329,53 @@ def test_compiles_to_one_graph() -> None:
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(clips), model(clips))
+
+
+def _no_graph_breaks(fn, *args) -> None:
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(fn)(*args)
+    reasons = [r.reason.splitlines()[0] for r in report.break_reasons]
+    assert report.graph_break_count == 0 and report.graph_count == 1, reasons
+
+
+@pytest.mark.parametrize("pos_embed", list(VideoPosEmbed))
+def test_every_entry_point_traces_without_graph_breaks(pos_embed: VideoPosEmbed) -> None:
+    # The frame mask's values are never read on the host while compiling (no checks, and
+    # learned temporal tables picked per clip by a gather), so padded batches, clip lists
+    # and clips longer than the learned table all trace as one graph.
+    model = _tiny(image_size=(16, 24), pos_embed=pos_embed, num_frames=2)
+    x = torch.randn(2, 3, 6, 16, 24)
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    _no_graph_breaks(model, x)
+    _no_graph_breaks(model, x, mask)
+    _no_graph_breaks(model.forward_features, x, mask)
+    _no_graph_breaks(lambda x: model.forward_intermediates(x, 1), x)
+    _no_graph_breaks(model, [x[0], x[1, :, :2]])
+    _no_graph_breaks(model.forward_features, [x[0], x[1, :, :2]])
+    model.train()
+    _no_graph_breaks(lambda x, m: model(x, m).square().mean(), x, mask)
+
+
+@pytest.mark.parametrize("pos_embed", list(VideoPosEmbed))
+def test_aot_compiled_equals_eager(pos_embed: VideoPosEmbed) -> None:
+    # Padded clips (one longer than the learned temporal table) on a rectangular config:
+    # AOT-compiled features, logits and gradients equal eager's to float32 rounding.
+    model = _tiny(image_size=(16, 24), pos_embed=pos_embed, num_frames=2, n_register_tokens=1)
+    x = torch.randn(2, 3, 6, 16, 24)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled.forward_features(x, mask), model.forward_features(x, mask)
+        )
+        torch.testing.assert_close(compiled(x, mask), model(x, mask))
+        torch.testing.assert_close(compiled(x), model(x))
+    model.train()
+    compiled(x, mask).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x, mask).square().mean().backward()
+    assert grads.keys() == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)

@@ -3,9 +3,10 @@
 Attention with GQA, sliding windows and pluggable kernels (:mod:`vats_core.attention`),
 RoPE in 1D/2D/3D (:mod:`vats_core.rope`), KV caches (:mod:`vats_core.kv_cache`),
 Mixture of Experts (:mod:`vats_core.moe`), norms and MLPs, the pre-norm
-:class:`TransformerBlock`, config dataclasses (:mod:`vats_core.config`), checkpoint I/O
-(:mod:`vats_core.checkpoint`), the trainer (:mod:`vats_core.training`) and the shared
-model-contract checks (:mod:`vats_core.testing`).
+:class:`TransformerBlock` and the divided space / time :class:`FactorizedBlock` (video),
+config dataclasses (:mod:`vats_core.config`), checkpoint I/O (:mod:`vats_core.checkpoint`),
+the trainer (:mod:`vats_core.training`) and the shared model-contract checks
+(:mod:`vats_core.testing`).
 """
 
 from vats_core.attention import (
@@ -15,7 +16,7 @@ from vats_core.attention import (
     attention,
     attention_backend,
 )
-from vats_core.block import BlockConfig, TransformerBlock
+from vats_core.block import BlockConfig, FactorizedBlock, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check
 from vats_core.inference import FrozenModel, compile_frozen
@@ -34,6 +35,7 @@ __all__ = [
     "AttentionConfig",
     "BlockConfig",
     "Config",
+    "FactorizedBlock",
     "FrozenModel",
     "KVCaches",
     "LayerNorm",

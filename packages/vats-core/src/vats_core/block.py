@@ -1,18 +1,32 @@
-"""The pre-norm transformer block every vats decoder and encoder is built from.
+"""The pre-norm transformer blocks every vats decoder and encoder is built from.
+
+:class:`TransformerBlock`, over one sequence of tokens::
 
     x = x + attn(norm(x))                       # self-attention (RoPE, cache, window, padding)
     x = x + cross_attn(norm(x), context)        # optional: text / image conditioning
     x = x + ffn(norm(x))                        # SwiGLU / GELU MLP, or a Mixture of Experts
 
+:class:`FactorizedBlock`, over a video's ``(T, N)`` grid of tokens (frames × tokens per
+frame), with divided space / time attention (TimeSformer, Bertasius et al., 2021,
+arXiv:2102.05095; ViViT's factorised encoder block, Arnab et al., 2021, arXiv:2103.15691)::
+
+    x = x + spatial_attn(norm(x))               # within each frame: over its N tokens
+    x = x + cross_attn(norm(x), context)        # optional: every token reads the context
+    x = x + temporal_attn(norm(x))              # across frames: over one token position's T
+    x = x + ffn(norm(x))
+
 Pre-norm (Xiong et al., 2020, arXiv:2002.04745) as in GPT-2, Llama, Mixtral and ViT.
 
-Shapes: B batch, T tokens, S context tokens, D model width, Dc context width.
+Shapes: B batch, T tokens (TransformerBlock) or frames (FactorizedBlock), N tokens per
+frame, S context tokens, D model width, Dc context width, Dh head dim.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from vats_core.attention.layer import Attention, AttentionConfig
@@ -22,7 +36,7 @@ from vats_core.mlp import MLPConfig, build_mlp
 from vats_core.moe import MoE, MoEConfig, RouterStats
 from vats_core.norms import NormType, build_norm
 
-__all__ = ["BlockConfig", "TransformerBlock"]
+__all__ = ["BlockConfig", "FactorizedBlock", "TransformerBlock"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,3 +156,130 @@ class TransformerBlock(nn.Module):
             out, stats = self.ffn(self.ffn_norm(x), token_mask=key_padding_mask)
             return x + out, stats
         return x + self.ffn(self.ffn_norm(x)), None
+
+
+class FactorizedBlock(nn.Module):
+    """Pre-norm divided space / time attention over a ``(B, T, N, D)`` grid of tokens.
+
+    Shapes: B clips, T frames (time steps: frames, tubelets or video latents), N tokens
+    per frame (its ``h·w`` patches plus any per-frame prefix tokens), D width; S context
+    tokens of width Dc; Dh head dim.
+
+    ::
+
+        x = x + spatial_attn(norm(x))           # B·T sequences: the N tokens of each frame
+        x = x + cross_attn(norm(x), context)    # if config.cross_attention: T·N queries per clip
+        x = x + temporal_attn(norm(x))          # B·N sequences: one position's T frames
+        x = x + ffn(norm(x))                    # per token
+
+    Joint attention over all ``T·N`` tokens of a clip costs ``O((T·N)²)`` scores per head.
+    Here spatial attention costs ``O(T·N²)``, linear in the number of frames T, and temporal
+    attention ``O(N·T²)``, linear in the ``N = h·w`` tokens per frame: the factorized block
+    stays affordable as clips grow longer or frames larger. Cross-attention costs
+    ``O(T·N·S)``.
+
+    Both self-attentions are built from ``config.attention`` (the same head layout, separate
+    weights; its ``window`` applies to both axes). Cross-attention, when
+    ``config.cross_attention`` is set, follows the spatial step: every token of every frame
+    attends over the same context (e.g. a text encoder's states and their padding mask), as
+    in a video diffusion transformer; its queries do not interact, so it runs as one call
+    over the clip's ``T·N`` tokens. The feed-forward is ``config.mlp`` (a Mixture of Experts
+    is not supported here). With ``temporal=False`` the block has no temporal step: frames
+    are then encoded independently (every frame as :class:`TransformerBlock` would encode it
+    alone with the spatial weights).
+
+    Padding frames (clips of different lengths in one batch) are masked out of temporal
+    attention as keys, so a real frame's outputs do not depend on them.
+
+    Module names: ``spatial_norm``, ``spatial_attn``, ``cross_attn_norm``, ``cross_attn``,
+    ``temporal_norm``, ``temporal_attn``, ``ffn_norm``, ``ffn``.
+    """
+
+    def __init__(self, config: BlockConfig, *, temporal: bool = True) -> None:
+        super().__init__()
+        if config.mlp is None:
+            raise ValueError(
+                "FactorizedBlock needs a dense feed-forward: BlockConfig.mlp must be set "
+                "(BlockConfig.moe is not supported here)"
+            )
+        self.config = config
+        dim, eps = config.attention.dim, config.norm_eps
+        self.spatial_norm = build_norm(config.norm, dim, eps)
+        self.spatial_attn = Attention(config.attention)
+        self.cross_attn_norm: nn.Module | None = None
+        self.cross_attn: Attention | None = None
+        if config.cross_attention is not None:
+            self.cross_attn_norm = build_norm(config.norm, dim, eps)
+            self.cross_attn = Attention(config.cross_attention)
+        self.temporal_norm = build_norm(config.norm, dim, eps) if temporal else None
+        self.temporal_attn = Attention(config.attention) if temporal else None
+        self.ffn_norm = build_norm(config.norm, dim, eps)
+        self.ffn = build_mlp(config.mlp)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        rope_spatial: tuple[Tensor, Tensor] | None = None,
+        rope_temporal: tuple[Tensor, Tensor] | None = None,
+        frame_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run the block.
+
+        Args:
+            x: ``(B, T, N, D)``: T frames of N tokens each.
+            rope_spatial: ``(cos, sin)`` for spatial attention, each ``(1 or B·T, 1, N, Dh)``
+                (rows in ``(b t)`` order): the tokens' positions within a frame.
+            rope_temporal: ``(cos, sin)`` for temporal attention, each
+                ``(1 or B·N, 1, T, Dh)`` (rows in ``(b n)`` order): the frames' times.
+            frame_mask: ``(B, T)`` bool, True = real frame; padding frames are left out of
+                temporal attention as keys. None = every frame is real.
+            context: ``(B, S, Dc)``; required iff the block has cross-attention.
+            context_mask: ``(B, S)`` bool, True = real context token.
+
+        Returns:
+            ``(B, T, N, D)``.
+        """
+        self._check_inputs(x, frame_mask, context)
+        b, t, n, d = x.shape
+        # 1. Spatial: each frame is one sequence of N tokens.
+        h = self.spatial_attn(self.spatial_norm(x).view(b * t, n, d), rope=rope_spatial)
+        x = x + h.view(b, t, n, d)
+        # 2. Cross-attention: per-token queries, so the whole clip is one call.
+        if self.cross_attn is not None and self.cross_attn_norm is not None:
+            h = self.cross_attn_norm(x).view(b, t * n, d)
+            h = self.cross_attn(h, context=context, context_mask=context_mask)
+            x = x + h.view(b, t, n, d)
+        # 3. Temporal: each token position is one sequence of T frames.
+        if self.temporal_attn is not None and self.temporal_norm is not None:
+            h = rearrange(self.temporal_norm(x), "b t n d -> (b n) t d")
+            mask = None if frame_mask is None else frame_mask.repeat_interleave(n, dim=0)
+            h = self.temporal_attn(h, rope=rope_temporal, key_padding_mask=mask)
+            x = x + rearrange(h, "(b n) t d -> b t n d", b=b)
+        # 4. Feed-forward, per token.
+        return x + self.ffn(self.ffn_norm(x))
+
+    def _check_inputs(self, x: Tensor, frame_mask: Tensor | None, context: Tensor | None) -> None:
+        dim = self.config.attention.dim
+        if x.ndim != 4 or x.shape[-1] != dim:
+            raise ValueError(
+                f"FactorizedBlock expects x of shape (B, T, N, {dim}), got {tuple(x.shape)}"
+            )
+        b, t = x.shape[:2]
+        if frame_mask is not None and (
+            frame_mask.dtype != torch.bool or tuple(frame_mask.shape) != (b, t)
+        ):
+            raise ValueError(
+                f"FactorizedBlock frame_mask must be a bool (B, T) = ({b}, {t}) tensor (True = "
+                f"real frame), got {frame_mask.dtype} {tuple(frame_mask.shape)}"
+            )
+        if (context is not None) != (self.cross_attn is not None):
+            raise ValueError(
+                "FactorizedBlock: context must be given exactly when the block has "
+                f"cross-attention (cross_attention is {'set' if self.cross_attn else 'None'})"
+            )
+
+    def extra_repr(self) -> str:
+        return f"temporal={self.temporal_attn is not None}"

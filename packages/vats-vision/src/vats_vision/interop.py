@@ -3,9 +3,10 @@
 ``from_timm(model)`` reads the architecture off the timm module tree (not off a config
 dict, so a model built any way, loaded from any checkpoint, converts), builds the
 matching :class:`~vats_vision.vit2d.ViT2DConfig` and copies the weights. The result
-computes the same function: ``forward_features``, ``forward_head`` and ``forward`` equal
-timm's to float rounding, at the default size and, for ``dynamic_img_size`` models, at
-any size (both resample the learned table with antialiased bicubic).
+computes the same function: ``forward_features``, ``forward_head``, ``forward`` and
+``forward_intermediates`` equal timm's to float rounding, at the default size (square or
+not) and, for ``dynamic_img_size`` models, at any size (both resample the learned table
+with antialiased bicubic).
 
 Mapping (timm -> vats)::
 
@@ -34,8 +35,12 @@ timm option: other block / attention / MLP classes (``block_fn``, ``attn_layer``
 LayerNorm QK-norm, ``scale_attn_norm`` / ``scale_mlp_norm``, gated attention,
 ``embed_norm_layer``, attention pooling (``global_pool='map'`` / ``'prr'``), ``'max'`` /
 ``'avgmax'`` pooling, ``pool_include_prefix``, ``final_norm=False``, norms that differ in
-kind or eps between layers, non-square patches or (with learned positions) non-square
-``img_size``, and ``VisionTransformer`` subclasses (distilled DeiT, ...).
+kind or eps between layers, non-square patches, an ``img_size`` whose sides are not
+multiples of the patch size, and ``VisionTransformer`` subclasses (distilled DeiT, ...).
+
+Rectangular models (``img_size=(h, w)``; timm keeps ``patch_embed.img_size`` and
+``grid_size`` as pairs) become a ViT2D with ``image_size=(h, w)``: its learned table has the
+same ``(h / p, w / p)`` grid, and ``forward_intermediates`` reshapes to that grid.
 
 timm is not a dependency of vats-vision: it is imported here only to recognise its
 classes, when a timm model is passed in.
@@ -204,10 +209,14 @@ def _check_model(model: nn.Module) -> None:
             f"patch_size={tuple(p)}",
             "expected a square, non-overlapping, unpadded patch conv (kernel = stride)",
         )
+    if pe.img_size is None:
+        raise _unsupported("img_size=None", "ViT2D needs a default input size")
     h, w = pe.img_size
-    if model.pos_embed is not None and h != w:
+    if h % p[0] or w % p[0]:
         raise _unsupported(
-            f"img_size={(h, w)}", "ViT2D's learned position table is for a square grid"
+            f"img_size={(h, w)}",
+            f"both sides must be multiples of patch_size={p[0]} (timm's conv drops the "
+            "remainder rows and columns; ViT2D refuses or pads them)",
         )
 
 
@@ -299,7 +308,7 @@ def _config(model: nn.Module) -> ViT2DConfig:
     head = model.head
     num_classes = 0 if _is_identity(head) else _linear(head, "head").out_features
     return ViT2DConfig(
-        image_size=pe.img_size[0],
+        image_size=tuple(pe.img_size),  # (H, W); stored as an int when square
         patch_size=p,
         in_channels=pe.proj.in_channels,
         dim=d,

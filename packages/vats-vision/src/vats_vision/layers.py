@@ -19,18 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core.attention import AttentionBackend, AttentionConfig
+from vats_core.attention import AttentionConfig
 from vats_core.block import BlockConfig
-from vats_core.config import check, coerce_enum
-from vats_core.mlp import Activation, MLPConfig
-from vats_core.norms import NormType
+from vats_core.config import check, check_at_least, check_positive
+from vats_core.mlp import MLPConfig
 
 __all__ = [
     "PatchEmbed",
     "Pool",
     "PosEmbed",
     "VideoPosEmbed",
+    "check_image_size",
     "check_images",
+    "image_hw",
     "init_vit_weights",
     "pad_to_multiple",
     "padded_size",
@@ -238,27 +239,45 @@ def init_vit_weights(
                 nn.init.normal_(token, std=1e-6)
 
 
-def check_encoder_fields(config: Any, pos_embed_type: type[enum.Enum]) -> None:
-    """Validation shared by :class:`~vats_vision.vit2d.ViT2DConfig` and
-    :class:`~vats_vision.vit3d.ViT3DConfig`: their common fields, Enums normalized."""
-    for field, enum_type in (
-        ("mlp_activation", Activation),
-        ("norm", NormType),
-        ("pos_embed", pos_embed_type),
-        ("pool", Pool),
-        ("attention_backend", AttentionBackend),
-    ):
-        coerce_enum(config, field, enum_type)
-    for field in ("norm_eps", "rope_theta", "init_std"):
-        value = getattr(config, field)
-        check(value > 0, config, field, value, "a positive number")
-    for field in ("n_register_tokens", "num_classes"):
-        value = getattr(config, field)
-        check(value >= 0, config, field, value, "an integer >= 0")
-    hidden = config.mlp_hidden_dim
+def image_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` of an ``image_size`` field: an int S is the square ``(S, S)``."""
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def check_image_size(config: Any) -> None:
+    """Validate ``config.image_size`` against ``config.patch_size`` and store its normal form.
+
+    The field is an int S (square) or a pair ``(H, W)``; both sides must be positive
+    multiples of the patch size (the learned position table has one row per patch of the
+    ``(H / p, W / p)`` grid). A square pair ``(S, S)`` is stored as S, so equal sizes give
+    equal (and equally hashed) configs and square configs keep their int.
+    """
+    size, p = config.image_size, config.patch_size
+    if isinstance(size, tuple):
+        check(len(size) == 2, config, "image_size", size, "an int S or a pair (H, W)")
+    h, w = image_hw(size)
+    sides = "a" if isinstance(size, int) else "(H, W), each a"
     check(
-        hidden is None or hidden > 0, config, "mlp_hidden_dim", hidden, "None or a positive integer"
+        h > 0 and w > 0 and h % p == 0 and w % p == 0,
+        config,
+        "image_size",
+        size,
+        f"{sides} positive multiple of patch_size={p}",
     )
+    if isinstance(size, tuple) and h == w:
+        object.__setattr__(config, "image_size", h)
+
+
+def check_encoder_fields(config: Any) -> None:
+    """Value checks shared by :class:`~vats_vision.vit2d.ViT2DConfig` and
+    :class:`~vats_vision.vit3d.ViT3DConfig` (their types are checked from the annotations
+    before, by :class:`~vats_core.config.Config`)."""
+    check_positive(
+        config, "patch_size", "in_channels", "dim", "n_layers", "n_heads", "mlp_hidden_dim"
+    )
+    check_positive(config, "norm_eps", "rope_theta", "init_std")
+    check_at_least(config, 0, "n_register_tokens", "num_classes")
+    check_image_size(config)
     check(
         config.pool is not Pool.TOKEN or config.class_token,
         config,

@@ -5,9 +5,13 @@ proofs on the shapes world, ``vit_small_patch16_224`` is timm's ViT-S/16 shape e
 (class token, learned positions over prefix + patches, LayerNorm eps 1e-6, GELU MLP,
 qkv / proj / MLP biases, token pooling, 1000 classes) for import and benchmarks.
 
+Presets are square; any of them takes a rectangular default size as an override (the
+learned tables then get the ``(H / p, W / p)`` grid).
+
 Example::
 
     config = vit2d_preset("tiny", num_classes=24)
+    wide = vit2d_preset("tiny", image_size=(32, 64))  # (H, W)
     video = vit3d_preset("small", temporal_attention=False)
 """
 

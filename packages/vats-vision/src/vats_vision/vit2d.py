@@ -11,10 +11,11 @@ Positions, by ``pos_embed``:
   (Heo et al., 2024, arXiv:2403.13298, whose theta of 100 is the default here). Any grid
   works with no parameters to resample. Prefix tokens sit at (0, 0), i.e. they are not
   rotated (as in DINOv3 / EVA).
-* ``learned``: an absolute table ``pos_embed`` for the ``image_size`` grid, resampled with
-  bicubic interpolation (timm's default) when the input grid differs. With
-  ``pos_embed_prefix=True`` the table also holds one row per prefix token, first (timm's
-  default ``no_embed_class=False``); with False the prefix tokens get none.
+* ``learned``: an absolute table ``pos_embed`` for the ``image_size`` grid (``gh × gw`` =
+  ``H/p × W/p``, square or not), resampled with bicubic interpolation (timm's default) when
+  the input grid differs. With ``pos_embed_prefix=True`` the table also holds one row per
+  prefix token, first (timm's default ``no_embed_class=False``); with False the prefix
+  tokens get none.
 * ``none``.
 
 The encoder contract is timm's: ``forward_features`` -> every token (prefix tokens first,
@@ -61,6 +62,7 @@ from vats_vision.layers import (
     check_encoder_fields,
     check_images,
     encoder_block_config,
+    image_hw,
     init_vit_weights,
     pad_to_multiple,
     pool_tokens,
@@ -76,7 +78,9 @@ _LAYOUT = "(B, C, H, W)"
 class ViT2DConfig(Config):
     """ViT-2D settings. Defaults are the ViT-S/16 shape with 2D RoPE."""
 
-    image_size: int = 224  # default (square) input size: the grid the learned table is for
+    # Default input size, S (square) or (H, W): the learned table's grid is (H / p, W / p).
+    # Other sizes still run (RoPE positions follow any grid; the table is resampled).
+    image_size: int | tuple[int, int] = 224
     patch_size: int = 16  # p: square patches, Conv2d kernel = stride = p
     in_channels: int = 3
     dim: int = 384  # D
@@ -108,17 +112,7 @@ class ViT2DConfig(Config):
     attention_backend: AttentionBackend = AttentionBackend.AUTO
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "in_channels", "dim", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            check(value > 0, self, name, value, "a positive integer")
-        check(
-            self.image_size % self.patch_size == 0,
-            self,
-            "image_size",
-            self.image_size,
-            f"a multiple of patch_size={self.patch_size}",
-        )
-        check_encoder_fields(self, PosEmbed)
+        check_encoder_fields(self)
         if self.pos_embed is PosEmbed.ROPE2D:
             dh = self.block_config.attention.dh  # validates heads / head_dim first
             check(
@@ -132,9 +126,15 @@ class ViT2DConfig(Config):
             _ = self.block_config  # validate the block settings
 
     @property
-    def grid_size(self) -> int:
-        """Patches per side at ``image_size``: the learned table's grid."""
-        return self.image_size // self.patch_size
+    def image_hw(self) -> tuple[int, int]:
+        """``(H, W)`` of ``image_size``."""
+        return image_hw(self.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(gh, gw)``: the patch grid at ``image_size``, the learned table's grid."""
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
 
     @property
     def n_prefix_tokens(self) -> int:
@@ -192,7 +192,8 @@ class ViT2D(PretrainedMixin, nn.Module):
         )
         self.pos_embed: nn.Parameter | None = None
         if config.pos_embed is PosEmbed.LEARNED:
-            rows = config.grid_size**2 + (self.n_prefix if config.pos_embed_prefix else 0)
+            gh, gw = config.grid
+            rows = gh * gw + (self.n_prefix if config.pos_embed_prefix else 0)
             self.pos_embed = nn.Parameter(torch.zeros(1, rows, d))
         self.rotary: RotaryEmbedding | None = None
         block = config.block_config
@@ -246,8 +247,9 @@ class ViT2D(PretrainedMixin, nn.Module):
         tokens = rearrange(patches, "b d h w -> b (h w) d")
         prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_tokens) if t is not None]
         if self.pos_embed is not None:
-            g, n_pos_prefix = cfg.grid_size, self.pos_embed.shape[1] - cfg.grid_size**2
-            table = resample_grid_embed(self.pos_embed[:, n_pos_prefix:], (g, g), (gh, gw))
+            (th, tw), rows = cfg.grid, self.pos_embed.shape[1]
+            n_pos_prefix = rows - th * tw  # prefix rows, first (pos_embed_prefix)
+            table = resample_grid_embed(self.pos_embed[:, n_pos_prefix:], (th, tw), (gh, gw))
             tokens = tokens + table
             if prefix and n_pos_prefix:
                 prefix = [torch.cat(prefix, dim=1) + self.pos_embed[:, :n_pos_prefix]]
@@ -308,8 +310,8 @@ class ViT2D(PretrainedMixin, nn.Module):
             batch and its mask).
         """
         if not isinstance(x, Tensor):
-            feats, mask = self.forward_features_padded(x)
-            return [f[:n] for f, n in zip(feats, mask.sum(1).tolist(), strict=True)]
+            feats, _, lengths = self._encode_padded(x)
+            return [f[:n] for f, n in zip(feats, lengths, strict=True)]
         self._check(x)
         tokens, grid = self._embed(x)
         return self.norm(self._blocks(tokens, self._rope(grid, tokens), None))
@@ -328,13 +330,15 @@ class ViT2D(PretrainedMixin, nn.Module):
             ``(features, mask)``: ``(B, N_max, D)`` with zeros at padding, and ``(B, N_max)``
             bool, True = real token.
         """
-        return self._encode_padded(images)
+        feats, mask, _ = self._encode_padded(images)
+        return feats, mask
 
     def _encode_padded(
         self, images: Sequence[Tensor], out_tokens: int | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """:meth:`forward_features_padded`; ``out_tokens`` as in :meth:`_blocks` (the
-        features then hold only those first tokens, the mask still every token)."""
+    ) -> tuple[Tensor, Tensor, list[int]]:
+        """:meth:`forward_features_padded`, plus each image's token count; ``out_tokens`` as
+        in :meth:`_blocks` (the features then hold only those first tokens, the mask still
+        every token)."""
         if isinstance(images, Tensor) or not isinstance(images, Sequence) or len(images) == 0:
             got = type(images).__name__ if not isinstance(images, Sequence) else "an empty list"
             raise ValueError(f"ViT2D expects a non-empty list of (C, H, W) images, got {got}")
@@ -364,7 +368,7 @@ class ViT2D(PretrainedMixin, nn.Module):
         # Same-length batches need no mask: padding-free, identical to the tensor path.
         out = self._blocks(x, rope, None if min(lengths) == n_max else mask, out_tokens)
         out = self.norm(out).masked_fill(~mask[:, : out.shape[1], None], 0.0)
-        return out, mask
+        return out, mask, lengths
 
     def forward_head(
         self,
@@ -424,12 +428,12 @@ class ViT2D(PretrainedMixin, nn.Module):
                 return self.forward_head(self.norm(cls))
             return self.forward_head(self.forward_features(x))
         if self._head_reads_class_token_only():
-            cls, _ = self._encode_padded(x, out_tokens=1)
+            cls, _, _ = self._encode_padded(x, out_tokens=1)
             return self.forward_head(cls)
-        feats, mask = self.forward_features_padded(x)
+        feats, mask, lengths = self._encode_padded(x)
         out = self.forward_head(feats, mask=mask)
         if self.config.pool is Pool.NONE:
-            return [row[:n] for row, n in zip(out, mask.sum(1).tolist(), strict=True)]
+            return [row[:n] for row, n in zip(out, lengths, strict=True)]
         return out
 
     def forward_intermediates(

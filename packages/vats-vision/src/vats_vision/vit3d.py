@@ -3,7 +3,8 @@
 Tubelet embedding as in ViViT (Arnab et al., 2021, arXiv:2103.15691): a Conv3d with kernel
 = stride = ``(pT, p, p)`` turns a clip into a ``T' × gh × gw`` grid of tokens. Each block
 factorizes self-attention as ViViT's model 3 / TimeSformer's divided attention (Bertasius
-et al., 2021, arXiv:2102.05095), with vats-core attention layers::
+et al., 2021, arXiv:2102.05095): :class:`vats_core.block.FactorizedBlock`, which a video
+diffusion transformer shares::
 
     x = x + spatial_attn(norm(x))    # over the P + gh·gw tokens of each frame
     x = x + temporal_attn(norm(x))   # over the T' tubelets at each token position
@@ -29,16 +30,18 @@ Positions, by ``pos_embed``:
   (0, row, col) and the temporal step (t, 0, 0): the same scores as full 3D positions at a
   fraction of the table size. Prefix tokens sit at row = col = 0 (spatially unrotated).
 * ``learned``: separable tables (TimeSformer): ``pos_embed_spatial`` over the
-  ``image_size`` patch grid (bicubic-resampled to other grids) is added to patches;
-  ``pos_embed_temporal`` over ``num_frames / pT`` tubelets is added to every token of a
-  frame; a shorter clip takes its first rows, a longer one a linear stretch (per clip, so
-  clips in a padded batch get exactly what they would alone).
+  ``image_size`` patch grid (``H/p × W/p``, square or not; bicubic-resampled to other
+  grids) is added to patches; ``pos_embed_temporal`` over ``num_frames / pT`` tubelets is
+  added to every token of a frame; a shorter clip takes its first rows, a longer one a
+  linear stretch (per clip, so clips in a padded batch get exactly what they would alone).
 * ``none``.
 
 Clips of different lengths: pass ``frame_mask`` ``(B, T)`` (True = real frame; the real
 frames first, a multiple of pT of them) with a right-padded batch, or a list of
 ``(C, T_i, H, W)`` clips. Padded tubelets are masked out of temporal attention as keys, so
-every clip's outputs equal running it alone; their feature rows are zeros.
+every clip's outputs equal running it alone; their feature rows are zeros. Eager calls
+check the mask's values; under ``torch.compile`` they are not read on the host (no graph
+break), so a compiled caller passes a well-formed mask.
 
 Shapes: B batch, C channels, T frames, H / W frame size, pT tubelet length, p patch size,
 T' = T / pT tubelets, gh / gw patch grid, S = P + gh·gw tokens per frame (P prefix tokens),
@@ -54,11 +57,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vats_core.attention import Attention, AttentionBackend
-from vats_core.block import BlockConfig
+from vats_core.attention import AttentionBackend
+from vats_core.block import BlockConfig, FactorizedBlock
 from vats_core.checkpoint import PretrainedMixin
-from vats_core.config import Config, check
-from vats_core.mlp import Activation, build_mlp
+from vats_core.config import Config, check, check_positive
+from vats_core.mlp import Activation
 from vats_core.norms import NormType, build_norm
 from vats_core.rope import RopeConfig, RotaryEmbedding, grid_positions_2d
 from vats_vision.layers import (
@@ -68,6 +71,7 @@ from vats_vision.layers import (
     check_encoder_fields,
     check_images,
     encoder_block_config,
+    image_hw,
     init_vit_weights,
     pad_to_multiple,
     resample_grid_embed,
@@ -75,7 +79,7 @@ from vats_vision.layers import (
 )
 from vats_vision.vit2d import take_indices
 
-__all__ = ["FactorizedBlock", "Pool", "ViT3D", "ViT3DConfig", "VideoPosEmbed"]
+__all__ = ["Pool", "ViT3D", "ViT3DConfig", "VideoPosEmbed"]
 
 _LAYOUT = "(B, C, T, H, W)"
 
@@ -84,7 +88,9 @@ _LAYOUT = "(B, C, T, H, W)"
 class ViT3DConfig(Config):
     """ViT-3D settings. Defaults: ViT-S width, 16-frame clips of 224², tubelets 2×16×16."""
 
-    image_size: int = 224  # default (square) frame size: the learned spatial table's grid
+    # Default frame size, S (square) or (H, W): the learned spatial table's grid is
+    # (H / p, W / p). Other sizes still run (RoPE follows any grid; the table is resampled).
+    image_size: int | tuple[int, int] = 224
     num_frames: int = 16  # default clip length: the learned temporal table covers / pT rows
     patch_size: int = 16  # p: spatial patch side
     tubelet_size: int = 2  # pT: frames per tubelet (Conv3d kernel = stride = (pT, p, p))
@@ -116,25 +122,8 @@ class ViT3DConfig(Config):
     attention_backend: AttentionBackend = AttentionBackend.AUTO
 
     def __post_init__(self) -> None:
-        for name in (
-            "image_size",
-            "num_frames",
-            "patch_size",
-            "tubelet_size",
-            "in_channels",
-            "dim",
-            "n_layers",
-            "n_heads",
-        ):
-            value = getattr(self, name)
-            check(value > 0, self, name, value, "a positive integer")
-        check(
-            self.image_size % self.patch_size == 0,
-            self,
-            "image_size",
-            self.image_size,
-            f"a multiple of patch_size={self.patch_size}",
-        )
+        check_encoder_fields(self)
+        check_positive(self, "num_frames", "tubelet_size")
         check(
             self.num_frames % self.tubelet_size == 0,
             self,
@@ -142,7 +131,6 @@ class ViT3DConfig(Config):
             self.num_frames,
             f"a multiple of tubelet_size={self.tubelet_size}",
         )
-        check_encoder_fields(self, VideoPosEmbed)
         dh = self.block_config.attention.dh  # validates heads / head_dim first
         if self.pos_embed is VideoPosEmbed.ROPE3D:
             check(
@@ -154,9 +142,15 @@ class ViT3DConfig(Config):
             )
 
     @property
-    def grid_size(self) -> int:
-        """Patches per side at ``image_size``."""
-        return self.image_size // self.patch_size
+    def image_hw(self) -> tuple[int, int]:
+        """``(H, W)`` of ``image_size``."""
+        return image_hw(self.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(gh, gw)``: the patch grid at ``image_size``, the learned spatial table's grid."""
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
 
     @property
     def n_tubelets(self) -> int:
@@ -172,53 +166,6 @@ class ViT3DConfig(Config):
     def block_config(self) -> BlockConfig:
         """Attention (used for both the spatial and the temporal step), MLP and norms."""
         return encoder_block_config(self, window=None)
-
-
-class FactorizedBlock(nn.Module):
-    """Pre-norm spatial attention, then temporal attention (optional), then an MLP."""
-
-    def __init__(self, config: BlockConfig, *, temporal: bool) -> None:
-        super().__init__()
-        dim, eps = config.attention.dim, config.norm_eps
-        self.spatial_norm = build_norm(config.norm, dim, eps)
-        self.spatial_attn = Attention(config.attention)
-        self.temporal_norm = build_norm(config.norm, dim, eps) if temporal else None
-        self.temporal_attn = Attention(config.attention) if temporal else None
-        self.ffn_norm = build_norm(config.norm, dim, eps)
-        self.ffn = build_mlp(config.mlp)  # type: ignore[arg-type]
-
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        rope_spatial: tuple[Tensor, Tensor] | None = None,
-        rope_temporal: tuple[Tensor, Tensor] | None = None,
-        tubelet_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Run the block.
-
-        Args:
-            x: ``(B, T', S, D)``.
-            rope_spatial: ``(cos, sin)`` each ``(1, 1, S, Dh)``.
-            rope_temporal: ``(cos, sin)`` each ``(1, 1, T', Dh)``.
-            tubelet_mask: ``(B, T')`` bool, True = real tubelet; None = all real.
-
-        Returns:
-            ``(B, T', S, D)``.
-        """
-        b, t, s, d = x.shape
-        h = x.reshape(b * t, s, d)  # frames are independent sequences
-        h = h + self.spatial_attn(self.spatial_norm(h), rope=rope_spatial)
-        if self.temporal_attn is not None and self.temporal_norm is not None:
-            h = rearrange(h, "(b t) s d -> (b s) t d", b=b)  # each position is a sequence
-            mask = None if tubelet_mask is None else tubelet_mask.repeat_interleave(s, dim=0)
-            h = h + self.temporal_attn(
-                self.temporal_norm(h), rope=rope_temporal, key_padding_mask=mask
-            )
-            h = rearrange(h, "(b s) t d -> b t s d", b=b)
-        else:
-            h = h.view(b, t, s, d)
-        return h + self.ffn(self.ffn_norm(h))
 
 
 class ViT3D(PretrainedMixin, nn.Module):
@@ -241,7 +188,8 @@ class ViT3D(PretrainedMixin, nn.Module):
         self.pos_embed_spatial: nn.Parameter | None = None
         self.pos_embed_temporal: nn.Parameter | None = None
         if config.pos_embed is VideoPosEmbed.LEARNED:
-            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, config.grid_size**2, d))
+            gh, gw = config.grid
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, gh * gw, d))
             self.pos_embed_temporal = nn.Parameter(torch.zeros(1, config.n_tubelets, d))
         block = config.block_config
         self.rotary: RotaryEmbedding | None = None
@@ -297,21 +245,24 @@ class ViT3D(PretrainedMixin, nn.Module):
                 f"ViT3D frame_mask must be a bool (B, T) = ({b}, {t}) tensor (True = real "
                 f"frame), got {frame_mask.dtype} {tuple(frame_mask.shape)}"
             )
-        lengths = frame_mask.sum(1)  # (B,)
-        prefix = torch.arange(t, device=frame_mask.device) < lengths[:, None]
-        if not torch.equal(prefix, frame_mask):
-            raise ValueError(
-                "ViT3D frame_mask must mark each clip's real frames first, then padding "
-                "(right-padded clips)"
-            )
-        bad = [n for n in lengths.tolist() if n < pt or n % pt]
-        if bad:
-            raise ValueError(
-                f"ViT3D expects every clip's frame count to be a positive multiple of "
-                f"tubelet_size={pt}, got lengths {lengths.tolist()}"
-            )
-        if bool(frame_mask.all()):
-            return None
+        # The mask's values are data: torch.compile traces without reading them (no checks,
+        # and an all-real mask stays a mask: the same function, one graph for any mask).
+        if not torch.compiler.is_compiling():
+            lengths = frame_mask.sum(1)  # (B,)
+            prefix = torch.arange(t, device=frame_mask.device) < lengths[:, None]
+            if not torch.equal(prefix, frame_mask):
+                raise ValueError(
+                    "ViT3D frame_mask must mark each clip's real frames first, then padding "
+                    "(right-padded clips)"
+                )
+            bad = [n for n in lengths.tolist() if n < pt or n % pt]
+            if bad:
+                raise ValueError(
+                    f"ViT3D expects every clip's frame count to be a positive multiple of "
+                    f"tubelet_size={pt}, got lengths {lengths.tolist()}"
+                )
+            if bool(frame_mask.all()):
+                return None
         return frame_mask.view(b, t // pt, pt)[..., 0]  # (B, T')
 
     def _batch_clips(self, clips: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -347,28 +298,32 @@ class ViT3D(PretrainedMixin, nn.Module):
         b, _, t, gh, gw = grid.shape
         tokens = rearrange(grid, "b d t h w -> b t (h w) d")
         if self.pos_embed_spatial is not None:
-            g = cfg.grid_size
-            tokens = tokens + resample_grid_embed(self.pos_embed_spatial, (g, g), (gh, gw))
+            tokens = tokens + resample_grid_embed(self.pos_embed_spatial, cfg.grid, (gh, gw))
         prefix = [p for p in (self.cls_token, self.reg_tokens) if p is not None]
         if prefix:
             pre = torch.cat(prefix, dim=1).expand(b * t, -1, -1).reshape(b, t, self.n_prefix, -1)
             tokens = torch.cat([pre, tokens], dim=2)  # (B, T', S, D)
         if self.pos_embed_temporal is not None:
-            tokens = tokens + self._temporal_table(b, t, tubelet_mask)[:, :, None]
+            tokens = tokens + self._temporal_table(t, tubelet_mask)[:, :, None]
         return tokens
 
-    def _temporal_table(self, b: int, t: int, tubelet_mask: Tensor | None) -> Tensor:
+    def _temporal_table(self, t: int, tubelet_mask: Tensor | None) -> Tensor:
         """Learned temporal positions ``(B or 1, T', D)``, chosen per clip length."""
         table = self.pos_embed_temporal
         assert table is not None
         if tubelet_mask is None or t <= table.shape[1]:
             # Slicing is per-clip exact: a shorter clip's rows are a prefix of these.
             return resample_sequence_embed(table, t)
-        rows = []
-        for n in tubelet_mask.sum(1).tolist():
-            own = resample_sequence_embed(table, n)[0]  # (T'_i, D)
-            rows.append(torch.cat([own, own.new_zeros(t - n, own.shape[-1])]))
-        return torch.stack(rows)  # (B, T', D)
+        # Clips longer than the table get it stretched to their own length: every length
+        # 1..T' once, then each clip picks its own (a gather, no host read of the lengths).
+        d = table.shape[-1]
+        by_length = torch.stack(
+            [
+                torch.cat([resample_sequence_embed(table, n)[0], table.new_zeros(t - n, d)])
+                for n in range(1, t + 1)
+            ]
+        )  # (T', T', D): row n - 1 is a clip of n tubelets' table, zeros after
+        return by_length[tubelet_mask.sum(1) - 1]  # (B, T', D)
 
     def _ropes(
         self, t: int, grid: tuple[int, int], like: Tensor
@@ -408,7 +363,7 @@ class ViT3D(PretrainedMixin, nn.Module):
             if stop is not None and i > stop:
                 break
             tokens = block(
-                tokens, rope_spatial=rope_s, rope_temporal=rope_t, tubelet_mask=tubelet_mask
+                tokens, rope_spatial=rope_s, rope_temporal=rope_t, frame_mask=tubelet_mask
             )
             if i in keep:
                 kept.append(tokens)
@@ -441,11 +396,12 @@ class ViT3D(PretrainedMixin, nn.Module):
         if not isinstance(x, Tensor):
             if frame_mask is not None:
                 raise ValueError("ViT3D: pass frame_mask with a padded tensor, not with a list")
-            x, frame_mask = self._batch_clips(x)
+            clips = x
+            x, frame_mask = self._batch_clips(clips)
             out, _, mask, _ = self._run(x, frame_mask)
             out = self._zero_padding(self.norm(out), mask)
-            lengths = [out.shape[1]] * out.shape[0] if mask is None else mask.sum(1).tolist()
-            return [o[:n] for o, n in zip(out, lengths, strict=True)]
+            pt = self.config.tubelet_size
+            return [o[: c.shape[1] // pt] for o, c in zip(out, clips, strict=True)]
         out, _, mask, _ = self._run(x, frame_mask)
         return self._zero_padding(self.norm(out), mask)
 
