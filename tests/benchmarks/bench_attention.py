@@ -126,8 +126,8 @@ def main() -> None:
             peak = peak_cpu_memory(steps[name])
             if name == "peer":
                 peer_peak = peak
-            ratio = timed["peer"] / seconds if "peer" in timed else float("nan")
-            print(f"{t:>6} {name:<12} {seconds:>9.3f} {fmt_bytes(peak):>11} {ratio:>8.2f}x")
+            vs_peer = timed["peer"] / seconds if "peer" in timed else float("nan")
+            print(f"{t:>6} {name:<12} {seconds:>9.3f} {fmt_bytes(peak):>11} {vs_peer:>8.2f}x")
 
     print("\ngrowth: time(T) / time(T/2) (linear ~2, quadratic ~4) and the log-log slope")
     for name, by_t in times.items():
