@@ -18,7 +18,7 @@ Contenders, in one alternation:
 
 Goal: vats (auto) >= 1.5x HF's default block. The other ratios are reported.
 
-Run: ``uv run python tests/benchmarks/bench_moe.py`` (about 3 minutes on 2 cores), or with
+Run: ``uv run python tests/benchmarks/bench_moe.py`` (1-2 minutes on 2 cores), or with
 ``--quick`` (2 rounds).
 """
 

@@ -23,8 +23,9 @@ Figures, each with the ratio it is read against and the goal (issue 15):
      ``generate(compile=True)``. Goals: vats compiled >= 2x HF eager at batch 1, >= 1.5x at
      batch 8; the eager ratio, vats compiled / HF compiled and HF compiled / HF eager are
      reported. Compiles (and any recompile) happen in warm-up calls before the alternation;
-     compile time, graph count and graph breaks are printed. The dynamo caches are reset
-     before each figure, so each batch size compiles as in a fresh process.
+     compile time, graph count and graph breaks are printed (the time is shorter when
+     inductor's on-disk cache holds a graph from an earlier run). The dynamo caches are
+     reset before each figure, so each batch size compiles as in a fresh process.
   2. prefill latency of a 1024-token prompt, eager both (goal: vats <= HF).
   3. training tokens/s, batch 8 x 256, forward + backward + AdamW (torch's fused kernel on
      every side: HF Trainer's default, and vats' trainer's): HF eager, vats eager, and vats
@@ -42,9 +43,9 @@ embedding table, the experts the router actually chose, the KV cache) over the r
 which a plain sum reads this model's weights here. HF eager's time over it is the most any
 implementation could gain (HF's time includes its prefill, so the bound errs high).
 
-Run: ``uv run python tests/benchmarks/bench_text.py`` (about 15 minutes on 2 cores, most of
-it compiling), ``--quick`` (fewer tokens and repeats), ``--config d384`` (one shape),
-``--figures decode,training`` (some figures).
+Run: ``uv run python tests/benchmarks/bench_text.py`` (9-14 minutes on 2 cores, up to 5 of
+them compiling), ``--quick`` (a quarter of the tokens, one round, 2k tokens for the cache
+curve), ``--config d384`` (one shape), ``--figures decode,training`` (some figures).
 """
 
 from __future__ import annotations
@@ -427,7 +428,7 @@ def run_shape(name: str, shape: Shape, figures: set[str], quick: bool) -> None:
     repeat = 1 if quick else 3
     if "decode" in figures:
         new = shape.new // 4 if quick else shape.new
-        # Every weight matrix once, each expert on its own: hundreds of MB, past the caches.
+        # Every weight matrix once, each expert on its own: what the decode steps read.
         matrices = [
             w for p in ours.parameters() for w in (p if p.dim() == 3 else [p]) if w.dim() == 2
         ]

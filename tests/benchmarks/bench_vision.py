@@ -23,8 +23,8 @@ for our factorized ViT3D against a joint space-time encoder at equal dims (same 
 embedding, same vats-core blocks and 3D RoPE, one attention over all T'·196 tokens).
 Goal: factorized grows linearly in T (attention O(T'·S² + S·T'²) against O((T'·S)²)).
 
-Run: ``uv run python tests/benchmarks/bench_vision.py`` (about 5 minutes on 2 cores, two of
-them compiling) or with ``--quick`` (fewer repeats, clips of 8 and 16 frames).
+Run: ``uv run python tests/benchmarks/bench_vision.py`` (2-3 minutes on 2 cores, up to one
+of them compiling) or with ``--quick`` (fewer repeats, clips of 8 and 16 frames).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,8 +44,9 @@ def banner(title: str, threads: int | None = 2) -> None:
         pass
     print(f"== {title}")
     print(
-        f"machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
-        f"fp32 on CPU"
+        f"machine: {cpu}, {os.cpu_count()} cores, {_last_level_cache()}, torch threads "
+        f"{torch.get_num_threads()}, kernels for {torch.backends.cpu.get_cpu_capability()}; "
+        "fp32 on CPU"
     )
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for peer in ("transformers", "timm"):
@@ -53,6 +55,19 @@ def banner(title: str, threads: int | None = 2) -> None:
         except PackageNotFoundError:
             versions.append(f"{peer} (not installed)")
     print("versions: " + ", ".join(versions))
+
+
+def _last_level_cache() -> str:
+    """ "L3 480 MiB": what decides whether a model's weights stay cache-resident."""
+    caches = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        last = max(caches.glob("index*"), key=lambda p: int((p / "level").read_text()))
+        level, size = (last / "level").read_text().strip(), (last / "size").read_text().strip()
+    except (OSError, ValueError):
+        return "cache size unknown"
+    if size.endswith("K") and size[:-1].isdigit() and int(size[:-1]) >= 1024:
+        size = f"{int(size[:-1]) // 1024} MiB"
+    return f"L{level} {size}"
 
 
 def require(ok: bool, message: str) -> None:
@@ -230,8 +245,9 @@ def stream_rate(matrices: Iterable[torch.Tensor], *, repeat: int = 3) -> float:
 
     One pass reads every matrix once with a plain ``sum`` (a decode step must read its
     weights at least once; no GEMM library reads them faster than a reduction does); the
-    best of ``repeat`` passes is returned. Give it a few hundred MB, more than the caches
-    hold, or it measures the caches.
+    best of ``repeat`` passes is returned. Give it the weights the decode step reads: when
+    they fit in the last-level cache (the banner prints its size) this is the cache's read
+    rate, which is then the step's bound too.
     """
     matrices = [m.detach() for m in matrices]
     nbytes = sum(m.numel() * m.element_size() for m in matrices)
