@@ -11,17 +11,25 @@ does. Ours:
 * ``flex``: eager flex_attention (compiled flex has no CPU backward); dense in eager
   mode, so run only at T <= 4k to keep memory bounded.
 
-Every contender's output is checked against the peer's before timing. Goal: ``local``
-grows linearly in T and is >= 4x faster than the peer at 16k.
+Then, at one length (4k; ``--quick``: 2k), the same forward + backward under
+``torch.compile``: the peer, ``local`` and ``sdpa`` each compiled on its own (flex is left
+out: compiled flex has no CPU backward), against the eager peer and one another.
 
-Run: ``uv run python tests/benchmarks/bench_attention.py``
+Every contender's output is checked against the peer's before timing (the script exits
+non-zero otherwise). Goal: ``local`` grows linearly in T and is >= 4x faster than the peer
+at 16k.
+
+Run: ``uv run python tests/benchmarks/bench_attention.py`` (about 4 minutes on 2 cores), or
+with ``--quick`` (T = 2k and 4k, 2 rounds).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +37,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import banner, fmt_bytes, peak_cpu_memory, time_alternating
+from common import (
+    CompileWatch,
+    banner,
+    fmt_bytes,
+    peak_cpu_memory,
+    ratio,
+    require,
+    time_alternating,
+)
 
 from vats_core.attention import attention
 from vats_core.attention.masks import visible_mask
@@ -65,6 +81,10 @@ def ours(backend: str) -> Callable[..., torch.Tensor]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T = 2k and 4k, fewer repeats")
+    args = parser.parse_args()
+    lengths = LENGTHS[:2] if args.quick else LENGTHS
     banner("causal sliding-window attention fwd+bwd: vats backends vs SDPA + (T, T) mask")
     print(
         f"config: window {WINDOW}, {HEADS} heads, head dim {HEAD_DIM}, batch {BATCH}, "
@@ -75,7 +95,7 @@ def main() -> None:
     header = f"{'T':>6} {'contender':<12} {'time (s)':>9} {'peak mem':>11} {'vs peer':>9}"
     print(header)
     print("-" * len(header))
-    for t in LENGTHS:
+    for t in lengths:
         gen = torch.Generator().manual_seed(t)
         q, k, v = (
             torch.randn(BATCH, HEADS, t, HEAD_DIM, generator=gen, requires_grad=True)
@@ -96,18 +116,18 @@ def main() -> None:
             want = peer(q, k, v) if "peer" in contenders else ours("sdpa")(q, k, v)
             for name, fn in contenders.items():
                 err = (fn(q, k, v) - want).abs().max().item()
-                assert err < 1e-4, f"{name} differs from the peer at T={t}: {err:.2e}"
+                require(err < 1e-4, f"{name} differs from the peer at T={t}: {err:.2e}")
 
         steps = {name: fwd_bwd(fn, q, k, v, cot) for name, fn in contenders.items()}
-        repeat = 5 if t <= 4096 else 3
+        repeat = 2 if args.quick else 5 if t <= 4096 else 3
         timed = time_alternating(steps, repeat=repeat, warmup=1)
         for name, seconds in timed.items():
             times.setdefault(name, {})[t] = seconds
             peak = peak_cpu_memory(steps[name])
             if name == "peer":
                 peer_peak = peak
-            ratio = timed["peer"] / seconds if "peer" in timed else float("nan")
-            print(f"{t:>6} {name:<12} {seconds:>9.3f} {fmt_bytes(peak):>11} {ratio:>8.2f}x")
+            vs_peer = timed["peer"] / seconds if "peer" in timed else float("nan")
+            print(f"{t:>6} {name:<12} {seconds:>9.3f} {fmt_bytes(peak):>11} {vs_peer:>8.2f}x")
 
     print("\ngrowth: time(T) / time(T/2) (linear ~2, quadratic ~4) and the log-log slope")
     for name, by_t in times.items():
@@ -119,7 +139,51 @@ def main() -> None:
         print(f"  {name:<12} {growth:<16} {slope_text:<11} {verdict}")
     if "peer" in times and 16384 in times["peer"]:
         speedup = times["peer"][16384] / times["vats local"][16384]
-        print(f"\nvats local vs peer at T=16384: {speedup:.1f}x faster (goal >= 4x)")
+        print()
+        ratio("vats local / peer at T=16384", speedup, ">= 4x")
+
+    compiled(2048 if args.quick else 4096, repeat=2 if args.quick else 5)
+
+
+def compiled(t: int, *, repeat: int) -> None:
+    """Forward + backward at length ``t``, each contender compiled on its own."""
+    gen = torch.Generator().manual_seed(t)
+    q, k, v = (
+        torch.randn(BATCH, HEADS, t, HEAD_DIM, generator=gen, requires_grad=True) for _ in range(3)
+    )
+    cot = torch.randn(BATCH, HEADS, t, HEAD_DIM, generator=gen)
+    contenders = {
+        "peer": peer,
+        "peer compiled": torch.compile(peer),
+        "local compiled": torch.compile(ours("local")),
+        "sdpa compiled": torch.compile(ours("sdpa")),
+    }
+    steps = {name: fwd_bwd(fn, q, k, v, cot) for name, fn in contenders.items()}
+    notes = {}
+    with torch.no_grad():
+        want = peer(q, k, v)
+    for name, step in steps.items():
+        watch = CompileWatch()
+        t0 = time.perf_counter()
+        with watch():
+            step()  # compiles forward and backward
+        if watch.graphs:
+            notes[name] = f"   (first call {time.perf_counter() - t0:.0f} s: {watch.summary()})"
+        with torch.no_grad():
+            err = (contenders[name](q, k, v) - want).abs().max().item()
+        require(err < 1e-4, f"{name} differs from the eager peer at T={t}: {err:.2e}")
+    watch = CompileWatch()
+    with watch():
+        timed = time_alternating(steps, repeat=repeat, warmup=1)
+    print(
+        f"\ncompiled, T={t}, forward + backward ({repeat} alternating rounds; outputs equal the "
+        f"peer's; graphs built while timed: {watch.graphs}):"
+    )
+    for name, seconds in timed.items():
+        print(f"  {name:<15s} {seconds:7.3f} s{notes.get(name, '')}")
+    ratio("local compiled / peer (eager)", timed["peer"] / timed["local compiled"])
+    ratio("local compiled / peer compiled", timed["peer compiled"] / timed["local compiled"])
+    ratio("sdpa compiled / peer compiled", timed["peer compiled"] / timed["sdpa compiled"])
 
 
 def _loglog_slope(xs: list[int], ys: list[float]) -> float | None:

@@ -3,6 +3,9 @@ and the floors a speed-up is bounded by.
 
 Timings on shared machines drift by ±15 % run to run, so every script runs ours and
 the peer's in one process, alternating, and reports the median of each plus the ratio.
+Compiled contenders are compiled (and warmed) before the alternation starts, so no timed
+call compiles; :class:`CompileWatch` says how many graphs each compile made and whether any
+timed call recompiled.
 
 A ratio against a peer is bounded by what the machine can do at all. Two floors make that
 bound visible: :func:`kernel_floor` (the time of a call's matrix products and attention
@@ -14,11 +17,14 @@ most any implementation of the same arithmetic could gain on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,7 +32,8 @@ from torch.utils._pytree import tree_map_only
 
 
 def banner(title: str, threads: int | None = 2) -> None:
-    """Fix the thread count and print what the figures were measured on."""
+    """Fix the thread count and print what the figures were measured on: the CPU, the core
+    and thread counts, and the versions of python, torch and the peers."""
     if threads is not None:
         torch.set_num_threads(threads)
     cpu = platform.processor() or platform.machine()
@@ -37,12 +44,79 @@ def banner(title: str, threads: int | None = 2) -> None:
         pass
     print(f"== {title}")
     print(
-        f"machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
-        f"python {platform.python_version()}, torch {torch.__version__}"
+        f"machine: {cpu}, {os.cpu_count()} cores, {_last_level_cache()}, torch threads "
+        f"{torch.get_num_threads()}, kernels for {torch.backends.cpu.get_cpu_capability()}; "
+        "fp32 on CPU"
     )
-    gemm = os.environ.get("VATS_CPU_GEMM", "auto")
-    how = "timed per shape" if gemm.strip().lower() == "auto" else "fixed"
-    print(f"vats CPU GEMM library: VATS_CPU_GEMM={gemm} ({how}; see vats_core.linear)")
+    versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for peer in ("transformers", "timm"):
+        try:
+            versions.append(f"{peer} {version(peer)}")
+        except PackageNotFoundError:
+            versions.append(f"{peer} (not installed)")
+    print("versions: " + ", ".join(versions))
+
+
+def _last_level_cache() -> str:
+    """ "L3 480 MiB": what decides whether a model's weights stay cache-resident."""
+    caches = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        last = max(caches.glob("index*"), key=lambda p: int((p / "level").read_text()))
+        level, size = (last / "level").read_text().strip(), (last / "size").read_text().strip()
+    except (OSError, ValueError):
+        return "cache size unknown"
+    if size.endswith("K") and size[:-1].isdigit() and int(size[:-1]) >= 1024:
+        size = f"{int(size[:-1]) // 1024} MiB"
+    return f"L{level} {size}"
+
+
+def require(ok: bool, message: str) -> None:
+    """Stop the script with a non-zero exit status when a fairness check fails (not an
+    ``assert``: ``python -O`` would skip it)."""
+    if not ok:
+        raise SystemExit(f"FAILED: {message}")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``|got - want| / |want|`` in the Frobenius norm, in float64."""
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def ratio(label: str, value: float, goal: str | None = None, *, width: int = 36) -> None:
+    """Print one ratio line, with the goal it is read against, or "no goal" (reported only)."""
+    print(f"  {label:<{width}s} {value:5.2f}x  ({f'goal {goal}' if goal else 'no goal'})")
+
+
+class CompileWatch:
+    """Counts the graphs torch.compile builds and the graph breaks it takes.
+
+    ``with watch("label"):`` around a call records what compiled during it; ``summary`` reads
+    as "2 graphs, 0 graph breaks". Reading the counters is free, so a timed loop can be
+    watched too: any graph it builds is a recompile the figure should not contain.
+    """
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self.breaks = 0
+
+    @staticmethod
+    def _counts() -> tuple[int, int]:
+        counters = torch._dynamo.utils.counters
+        return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[CompileWatch]:
+        graphs, breaks = self._counts()
+        try:
+            yield self
+        finally:
+            now_graphs, now_breaks = self._counts()
+            self.graphs += now_graphs - graphs
+            self.breaks += now_breaks - breaks
+
+    def summary(self) -> str:
+        return f"{self.graphs} graph{'s' * (self.graphs != 1)}, {self.breaks} graph breaks"
 
 
 def time_alternating(
@@ -104,14 +178,12 @@ _COMPUTE_OPS = {
     torch.ops.aten.convolution_backward,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
-    torch.ops.mkldnn._linear_pointwise,
 }
 
 
 def _signature(x: object) -> object:
     if isinstance(x, torch.Tensor):
-        layout = "mkldnn" if x.is_mkldnn else tuple(x.stride())  # (a packed weight: no strides)
-        return ("T", tuple(x.shape), layout, x.dtype)
+        return ("T", tuple(x.shape), tuple(x.stride()), x.dtype)
     if isinstance(x, (list, tuple)):
         return tuple(_signature(y) for y in x)
     if isinstance(x, dict):
@@ -144,12 +216,14 @@ def kernel_floor(fn: Callable[[], object], *, repeat: int = 3) -> float:
     """Seconds one ``fn()`` would take if only its matrix products and attention kernels
     cost anything and each ran at the speed it reaches alone, warm, on the same arguments.
 
-    The matrix products, convolutions, grouped GEMMs, oneDNN linears and CPU flash
-    attention (forward and backward) that ``fn`` dispatches are recorded, then each
+    The matrix products, convolutions, grouped GEMMs and CPU flash attention (forward and
+    backward) that ``fn`` dispatches are recorded, then each
     distinct call is replayed ``repeat`` times after a warm-up and its best time counted
     once per occurrence. Everything else (elementwise passes, norms, copies, the
     optimizer, Python) counts as free, so the floor is optimistic: no implementation that
-    performs these products on this machine's kernels runs faster.
+    performs these products on this machine's kernels runs faster. ``fn`` must run eagerly
+    (a compiled graph's kernels are not seen one by one); a compiled model does the same
+    products, so the eager floor bounds it too.
     """
     recorder = _RecordCompute()
     with recorder:
@@ -171,8 +245,9 @@ def stream_rate(matrices: Iterable[torch.Tensor], *, repeat: int = 3) -> float:
 
     One pass reads every matrix once with a plain ``sum`` (a decode step must read its
     weights at least once; no GEMM library reads them faster than a reduction does); the
-    best of ``repeat`` passes is returned. Give it a few hundred MB, more than the caches
-    hold, or it measures the caches.
+    best of ``repeat`` passes is returned. Give it the weights the decode step reads: when
+    they fit in the last-level cache (the banner prints its size) this is the cache's read
+    rate, which is then the step's bound too.
     """
     matrices = [m.detach() for m in matrices]
     nbytes = sum(m.numel() * m.element_size() for m in matrices)
