@@ -84,3 +84,33 @@ def test_lm_tiny_training_lowers_validation_loss(tmp_path):
     assert final <= unigram - 0.3, (unigram, final)
     # The router stays usable: load balancing near 1 (perfect balance), not collapsed.
     assert rows[-1]["aux"] < 1.5
+
+
+def test_compiled_training_step_is_one_graph_and_equals_eager():
+    # The whole loss, router losses included, traces as one graph under the MoE's compile
+    # settings (the expert groups are data-dependent sizes, the router statistics need no
+    # lock): no graph break, and forward + backward equal eager's.
+    import copy
+
+    from vats_core.moe import COMPILE_SETTINGS
+
+    torch.manual_seed(0)
+    model = MoELanguageModel(lm_preset("tiny", layer_windows=[8, None, 8])).train()
+    twin = copy.deepcopy(model)
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(m: MoELanguageModel, ids: torch.Tensor) -> torch.Tensor:
+        return m(ids, labels=ids).loss
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(**COMPILE_SETTINGS):
+        explained = torch._dynamo.explain(loss_fn)(model, ids)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        assert explained.graph_count == 1
+        compiled = torch.compile(loss_fn, backend="aot_eager")
+        loss = compiled(model, ids)
+    loss.backward()
+    loss_fn(twin, ids).backward()
+    torch.testing.assert_close(loss, twin(ids, labels=ids).loss, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)

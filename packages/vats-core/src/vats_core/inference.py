@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vats_core.moe import COMPILE_SETTINGS
+
 __all__ = ["FrozenModel", "compile_frozen"]
 
 # torch.compile backend; freezing is an inductor option. Tests swap in "eager" (dynamo alone,
@@ -110,7 +112,9 @@ class FrozenModel(nn.Module):
                     "but the compiled code holds the old weights as constants: call "
                     "compile_frozen(model) again after changing weights"
                 )
-        return self._compiled(*args, **kwargs)
+        # (MoE expert groups: data-dependent sizes inside the graph, not a graph break)
+        with torch._dynamo.config.patch(**COMPILE_SETTINGS):
+            return self._compiled(*args, **kwargs)
 
 
 def compile_frozen(model: nn.Module, *, dynamic: bool | None = None) -> FrozenModel:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import math
 from typing import NamedTuple
 
@@ -49,9 +48,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vats_core.config import Config, check, check_at_least, check_positive
+from vats_core.lazy import computed_once
 from vats_core.mlp import Activation, MLPConfig, SwiGLU
 
 __all__ = [
+    "COMPILE_SETTINGS",
     "GroupedExperts",
     "GroupedMM",
     "MoE",
@@ -169,9 +170,9 @@ def load_balancing_loss(
     if token_mask_N is None:
         token_mask_N = torch.ones(n_tokens, dtype=torch.bool, device=probs_NE.device)
     n_real = token_mask_N.sum().clamp(min=1)
-    # Padding goes to a null expert E so one bincount counts real assignments only.
+    # Padding goes to a null expert E so one count covers real assignments only.
     idx_S = topk_idx_NK.masked_fill(~token_mask_N[:, None], n_experts).reshape(-1)  # (N*K,)
-    f_E = torch.bincount(idx_S, minlength=n_experts + 1)[:n_experts].to(probs_NE.dtype)
+    f_E = _count(idx_S, n_experts + 1)[:n_experts].to(probs_NE.dtype)
     f_E = f_E / (n_real * k)
     # torch.where, not a multiply: a padding row holding inf/NaN must not leak into the sum.
     P_E = torch.where(token_mask_N[:, None], probs_NE, 0.0).sum(0) / n_real
@@ -219,22 +220,22 @@ class RouterStats:
         if dropped_tokens is not None:
             self.dropped_tokens = dropped_tokens
 
-    @functools.cached_property
+    @computed_once
     def load_balancing_loss(self) -> Tensor:
         return load_balancing_loss(self._routing.probs_NE, self._routing.topk_idx_NK, self._mask_N)
 
-    @functools.cached_property
+    @computed_once
     def z_loss(self) -> Tensor:
         return router_z_loss(self._routing.logits_NE, self._mask_N)
 
-    @functools.cached_property
+    @computed_once
     def tokens_per_expert(self) -> Tensor:  # dropless: every real token's K assignments
         idx_NK, n_experts = self._routing.topk_idx_NK, self._routing.logits_NE.shape[-1]
         if self._mask_N is not None:
             idx_NK = idx_NK.masked_fill(~self._mask_N[:, None], n_experts)
-        return torch.bincount(idx_NK.reshape(-1), minlength=n_experts + 1)[:n_experts]
+        return _count(idx_NK.reshape(-1), n_experts + 1)[:n_experts]
 
-    @functools.cached_property
+    @computed_once
     def dropped_tokens(self) -> Tensor:  # dropless
         return torch.zeros((), dtype=torch.long, device=self._routing.logits_NE.device)
 
@@ -523,7 +524,7 @@ def _dispatch_plan(
         # Rank of each assignment within its expert, in token order: position in the stably
         # sorted list minus where its expert's group starts.
         order_S = torch.sort(expert_S, stable=True).indices
-        counts_E1 = torch.bincount(expert_S, minlength=E + 1)
+        counts_E1 = _count(expert_S, E + 1)
         starts_E1 = counts_E1.cumsum(0) - counts_E1
         rank_sorted_S = torch.arange(N * K, device=expert_S.device) - starts_E1[expert_S[order_S]]
         rank_S = torch.empty_like(rank_sorted_S).scatter_(0, order_S, rank_sorted_S)
@@ -531,9 +532,28 @@ def _dispatch_plan(
         dropped = over_S.sum()
         expert_S = expert_S.masked_fill(over_S, E)
     order_S = torch.sort(expert_S, stable=True).indices
-    sizes_E = torch.bincount(expert_S, minlength=E + 1)[:E]
+    sizes_E = _count(expert_S, E + 1)[:E]
     n_kept = N * K if mask_N is None and capacity is None else int(sizes_E.sum())
     return order_S, sizes_E, n_kept, dropped
+
+
+def _count(idx: Tensor, n: int) -> Tensor:
+    """``(n,)`` long: how often each of ``0..n-1`` occurs in ``idx`` (values < n). Like
+    ``bincount(minlength=n)``, but with a shape known before the data, which torch.compile
+    traces without a graph break."""
+    return torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(
+        0, idx, torch.ones_like(idx)
+    )
+
+
+# Dynamo settings under which the expert loop's group sizes, read from the device, trace as
+# data-dependent sizes inside one graph instead of breaking it (and under which nothing
+# recompiles for a new routing). The trainer, compile_frozen and compiled generation run
+# their compiled calls under them.
+COMPILE_SETTINGS: dict[str, bool] = {
+    "capture_scalar_outputs": True,
+    "capture_dynamic_output_shape_ops": True,
+}
 
 
 def _grouped_mm_fn():

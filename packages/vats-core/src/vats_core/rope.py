@@ -191,19 +191,25 @@ class RotaryEmbedding(nn.Module):
         """
         dtype = _compute_dtype(dtype)
         key = (torch.device(device), dtype)
+        if torch.compiler.is_compiling():
+            # A compiled graph computes the few constants itself: filling the cache inside
+            # it would fail the graph's guard on the cache and compile it a second time.
+            return self._compute_inv_freq(*key)
         cached = self._inv_freq_cache.get(key)
         if cached is None:
-            cfg = self.config
-            parts = []
-            for d in self.axes_dims:
-                theta = cfg.theta
-                if cfg.scaling is RopeScaling.NTK:
-                    theta = theta * cfg.scaling_factor ** (d / (d - 2))
-                exponent = torch.arange(0, d, 2, dtype=torch.int64).to(dtype) / d  # (d/2,)
-                parts.append(1.0 / (theta**exponent))
-            cached = torch.cat(parts).to(key[0])  # (Dh/2,)
-            self._inv_freq_cache[key] = cached
+            cached = self._inv_freq_cache[key] = self._compute_inv_freq(*key)
         return cached
+
+    def _compute_inv_freq(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        cfg = self.config
+        parts = []
+        for d in self.axes_dims:
+            theta = cfg.theta
+            if cfg.scaling is RopeScaling.NTK:
+                theta = theta * cfg.scaling_factor ** (d / (d - 2))
+            exponent = torch.arange(0, d, 2, dtype=torch.int64).to(dtype) / d  # (d/2,)
+            parts.append(1.0 / (theta**exponent))
+        return torch.cat(parts).to(device)  # (Dh/2,)
 
     def forward(
         self, positions: Tensor, dtype: torch.dtype = torch.float32

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from vats_core.config import is_int
 from vats_core.kv_cache import KVCaches, StaticKVCache
+from vats_core.moe import COMPILE_SETTINGS
 from vats_text.model import MoELanguageModel
 from vats_text.sampling import SamplingConfig, sample_next_token
 
@@ -68,8 +69,7 @@ _DYNAMO_SETTINGS = {
     # Module buffers (the caches' k/v/mask) may have dynamic sizes: see _mark_capacity_dynamic.
     # (Parameters keep their shapes: a model's weights never change size between steps.)
     "force_parameter_static_shapes": False,
-    "capture_scalar_outputs": True,
-    "capture_dynamic_output_shape_ops": True,
+    **COMPILE_SETTINGS,
 }
 
 

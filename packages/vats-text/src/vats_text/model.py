@@ -30,7 +30,6 @@ D model dim, V vocabulary, E experts, Dh head dim.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -43,6 +42,7 @@ from vats_core.block import BlockConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check, check_at_least, check_positive, is_int
 from vats_core.kv_cache import KVCaches
+from vats_core.lazy import computed_once
 from vats_core.mlp import MLPConfig
 from vats_core.moe import GroupedMM, MoEConfig, RouterStats, ScoreFunc
 from vats_core.norms import RMSNorm
@@ -279,13 +279,13 @@ class LMOutput:
     router_stats: list[RouterStats] = dataclasses.field(default_factory=list)
 
     # Computed on first read (decoding never reads them, so it does not pay for them).
-    @functools.cached_property
+    @computed_once
     def aux_loss(self) -> Tensor | None:
         if not self.router_stats:
             return None
         return torch.stack([s.load_balancing_loss for s in self.router_stats]).mean()
 
-    @functools.cached_property
+    @computed_once
     def z_loss(self) -> Tensor | None:
         if not self.router_stats:
             return None

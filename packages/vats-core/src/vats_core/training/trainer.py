@@ -49,6 +49,7 @@ and ``items_name="tokens"`` to see tokens/s)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -63,6 +64,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vats_core.checkpoint import atomic_write_text
+from vats_core.moe import COMPILE_SETTINGS
 from vats_core.training.config import TrainerConfig
 from vats_core.training.data import BatchSource, FunctionBatches, default_batch_items
 from vats_core.training.schedule import lr_at
@@ -186,7 +188,15 @@ def _compiled(loss_fn: LossFn) -> LossFn:
             "TrainerConfig.compile=True runs torch.compile, whose CPU code generation needs "
             "setuptools: pip install setuptools (or set compile=False)"
         )
-    return torch.compile(loss_fn, backend=_COMPILE_BACKEND)
+    compiled = torch.compile(loss_fn, backend=_COMPILE_BACKEND)
+
+    @functools.wraps(loss_fn)
+    def forward_loss(model: nn.Module, batch: Any) -> Any:
+        # (MoE expert groups: data-dependent sizes inside the graph, not a graph break)
+        with torch._dynamo.config.patch(**COMPILE_SETTINGS):
+            return compiled(model, batch)
+
+    return forward_loss
 
 
 class Trainer:
