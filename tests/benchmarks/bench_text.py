@@ -75,7 +75,7 @@ from common import (
     time_alternating,
 )
 
-from vats_core.moe import GroupedExperts
+from vats_core.moe import COMPILE_SETTINGS, GroupedExperts
 from vats_text.generation import generate
 from vats_text.interop import from_transformers
 from vats_text.model import MoELanguageModel, MoELMConfig
@@ -323,9 +323,14 @@ def training(hf, ours, *, batch: int, seq: int, vocab: int, repeat: int) -> None
     def step(name: str) -> Callable[[], None]:
         model, opt = models[name], opts[name]
 
+        # vats' compiled step runs as the trainer's compile=True runs it: under the MoE's
+        # compile settings, so the expert groups trace as data-dependent sizes in one graph.
+        settings = COMPILE_SETTINGS if name == "vats compiled" else {}
+
         def run() -> None:
             opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids).loss
+            with torch._dynamo.config.patch(**settings):
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             losses.setdefault(name, loss.item())  # the first step's: same weights everywhere

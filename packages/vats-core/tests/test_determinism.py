@@ -34,7 +34,7 @@ _SCRIPT = textwrap.dedent(
                               grouped_mm=grouped_mm),
             )
         )
-        for grouped_mm in ("auto", "off")
+        for grouped_mm in ("on", "off")
     )
     rope = RotaryEmbedding(RopeConfig(head_dim=dim // 4))(torch.arange(t))
     optimizer = torch.optim.AdamW(blocks.parameters(), lr=1e-3)

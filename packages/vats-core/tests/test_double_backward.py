@@ -99,10 +99,10 @@ def test_gradient_penalty_through_rope():
     _check_penalty(proj, torch.randn(b, h, t, dh), call)
 
 
-@pytest.mark.parametrize("grouped", ["off", "auto"])
+@pytest.mark.parametrize("grouped", ["off", "on"])
 def test_gradient_penalty_through_the_moe(grouped):
-    # (torch.func runs the loop: grouped_mm needs real storage. Eager, "auto" takes
-    # grouped_mm where this torch has a CPU kernel.)
+    # (torch.func runs the loop: grouped_mm needs real storage. Eager, "on" takes the CPU
+    # grouped_mm kernel.)
     torch.manual_seed(3)
     config = MoEConfig(dim=32, hidden_dim=64, n_experts=4, top_k=2, grouped_mm=grouped)
     moe = MoE(config)

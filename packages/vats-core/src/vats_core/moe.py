@@ -78,10 +78,13 @@ class GroupedMM(enum.StrEnum):
     """Which of the two expert paths runs: one ``grouped_mm`` per projection, or a loop of
     one matmul per expert. Both compute the same function with plain autograd."""
 
-    # grouped_mm wherever it runs (see _grouped_mm_unsupported: CUDA bf16 on sm80+; the CPU
-    # float32 kernel of torch >= 2.9 in eager mode), else the loop.
+    # grouped_mm on CUDA where it runs (bf16, sm80+: _grouped_mm_unsupported), else the loop.
+    # On CPU the loop: torch 2.10's float32 grouped_mm kernel ran a MoE layer's forward +
+    # backward ~20 % slower than the loop's matmuls (bench_moe: 4096 tokens, 8 experts) and
+    # inference within 10 % of it, and torch.compile cannot trace it (the loop is what runs
+    # compiled), so eager and compiled CPU runs take the same path.
     AUTO = "auto"
-    ON = "on"  # grouped_mm; a ValueError where it cannot run
+    ON = "on"  # grouped_mm (also the CPU float32 kernel in eager mode); a ValueError elsewhere
     OFF = "off"  # always the loop (the reference; it runs in any dtype and under compile)
 
 
@@ -349,10 +352,10 @@ def _experts_loop(x_SD: Tensor, group_sizes_E: Tensor, w_gate_up: Tensor, w_down
         (S, D), the unweighted expert outputs in ``x_SD``'s row order.
     """
     sizes = group_sizes_E.tolist()
-    outs = [
-        F.linear(_swiglu(F.linear(x_nD, w_gate_up[e])), w_down[e])
-        for e, x_nD in enumerate(x_SD.split(sizes))
-    ]
+    # unbind, not w[e]: its backward stacks the experts' weight gradients once, where each
+    # w[e] would write its gradient into a zeroed copy of the whole stacked weight.
+    groups = zip(x_SD.split(sizes), w_gate_up.unbind(0), w_down.unbind(0), strict=True)
+    outs = [F.linear(_swiglu(F.linear(x_nD, w_gu)), w_d) for x_nD, w_gu, w_d in groups]
     return torch.cat(outs)
 
 
@@ -484,7 +487,7 @@ class MoE(nn.Module):
     def _use_grouped_mm(self, x: Tensor) -> bool:
         """Whether the experts run as grouped_mm for ``x`` (see :class:`GroupedMM`)."""
         mode = self.config.grouped_mm
-        if mode is GroupedMM.OFF:
+        if mode is GroupedMM.OFF or (mode is GroupedMM.AUTO and x.device.type != "cuda"):
             return False
         why_not = _grouped_mm_unsupported(x.device, self._compute_dtype(x), self.config)
         if why_not is None and x.device.type == "cpu":
