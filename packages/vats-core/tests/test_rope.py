@@ -47,11 +47,11 @@ def test_apply_rotary_is_complex_rotation_of_half_pairs() -> None:
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_fused_apply_rotary_matches_formula_and_gradcheck(layout: str) -> None:
-    # The fused autograd node against x·cos + rotate_half(x)·sin, with tables whose halves
-    # differ (any (cos, sin) the public function accepts), on a transposed view like the
-    # attention layer's queries; its hand-written backward through gradcheck (twice, so
-    # the second-order path is exercised too).
+def test_apply_rotary_matches_formula_and_gradcheck(layout: str) -> None:
+    # apply_rotary against x·cos + rotate_half(x)·sin, with tables whose halves differ (any
+    # (cos, sin) the public function accepts), on a transposed view like the attention
+    # layer's queries, which it keeps in their layout; first and second derivatives through
+    # gradcheck.
     torch.manual_seed(2)
     b, h, t, dh = 2, 3, 5, 8
     if layout == "transposed":
