@@ -16,8 +16,9 @@ TEST_ENV := OMP_NUM_THREADS=1
 PKG_DIR_core := packages/vats-core
 PKG_DIR_text := packages/vats-text
 PKG_DIR_vision := packages/vats-vision
+PKG_DIR_audio := packages/vats-audio
 PKG_DIR_apps := apps
-PACKAGES := core text vision apps
+PACKAGES := core text vision audio apps
 
 .PHONY: setup uv sync demo test lint test-root bench build clean $(addprefix test-,$(PACKAGES))
 

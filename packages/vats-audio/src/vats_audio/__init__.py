@@ -1,0 +1,6 @@
+"""vats-audio: audio I/O, Whisper-compatible log-mel features, an audio encoder on vats-core,
+Whisper import and a Griffin-Lim vocoder."""
+
+__version__ = "0.1.0"
+
+__all__: list[str] = []
