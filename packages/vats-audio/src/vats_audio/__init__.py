@@ -3,13 +3,16 @@ Whisper import and a Griffin-Lim vocoder."""
 
 from vats_audio.features import LogMel, LogMelConfig, LogMelNormalization
 from vats_audio.io import WavEncoding, load, save
+from vats_audio.vocoder import GriffinLimVocoder, Vocoder
 
 __version__ = "0.1.0"
 
 __all__: list[str] = [
+    "GriffinLimVocoder",
     "LogMel",
     "LogMelConfig",
     "LogMelNormalization",
+    "Vocoder",
     "WavEncoding",
     "load",
     "save",
