@@ -19,12 +19,12 @@ The steps, for a clip of S samples at ``sample_rate``:
    * ``log``: the natural log ``ln(max(mel, 1e-10))``, no floor.
 
 Agreement with ``transformers.WhisperFeatureExtractor`` (which always pads or cuts to 30 s
-with zeros before the STFT): for a 30 s clip every one of the 3000 frames agrees (to about
-1e-5). For a shorter clip of S samples, frame t agrees when its window lies inside the
+with zeros before the STFT): for a 30 s clip all 3000 frames agree (within 2e-5: float32
+rounding). For a shorter clip of S samples, frame t agrees when its window lies inside the
 audio, ``t · hop_length + n_fft // 2 <= S`` (all frames but the last one or two with
-Whisper's sizes), and when the clip's maximum lies in those frames. The last frames
-differ because the extractor's window there sees its zero padding where LogMel reflects the
-clip's own end, and the floor differs only if the maximum sits in those frames (the
+Whisper's sizes), provided the clip's maximum lies in those frames. The last frames differ
+because the extractor's window there sees its zero padding where LogMel reflects the clip's
+own end; the floor (maximum − 8) would differ only if the maximum sat in those frames (the
 extractor's maximum also runs over its padding, which is digital silence and never wins).
 
 Padded batches: ``forward(waveform, lengths)`` gives each clip the features it gets alone:
