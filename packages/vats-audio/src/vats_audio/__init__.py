@@ -1,6 +1,13 @@
 """vats-audio: audio I/O, Whisper-compatible log-mel features, an audio encoder on vats-core,
 Whisper import and a Griffin-Lim vocoder."""
 
+from vats_audio.encoder import AudioEncoder, AudioEncoderConfig
+from vats_audio.presets import audio_preset
+
 __version__ = "0.1.0"
 
-__all__: list[str] = []
+__all__: list[str] = [
+    "AudioEncoder",
+    "AudioEncoderConfig",
+    "audio_preset",
+]
