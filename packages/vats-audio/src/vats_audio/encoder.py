@@ -288,10 +288,10 @@ class AudioEncoder(PretrainedMixin, nn.Module):
         limit = cfg.max_frames
         if limit is not None and t > limit:
             raise ValueError(
-                f"AudioEncoder with sinusoidal positions takes at most {cfg.duration(limit)} "
-                f"(2 · max_positions={cfg.max_positions} tokens), got {cfg.duration(t)}; a "
-                "sliding window (window=...) continues the table past its end, and with RoPE "
-                "(pos_embed='rope') there is no limit"
+                f"AudioEncoder with sinusoidal positions takes at most {cfg.duration(limit)}: "
+                f"its table has max_positions={cfg.max_positions} rows, one per token after the "
+                f"stride-2 conv; got {cfg.duration(t)}. A sliding window (window=...) continues "
+                "the table past its end, and with RoPE (pos_embed='rope') there is no limit"
             )
         lengths = self._check_lengths(lengths, b, t, features.device)
         if not torch.compiler.is_compiling():
@@ -365,15 +365,6 @@ class AudioEncoder(PretrainedMixin, nn.Module):
         extra = sinusoid_table(n - rows, self.config.dim, start=rows, device=like.device)
         return torch.cat([table, extra.to(table.dtype)])
 
-    def _token_mask(self, lengths: Tensor | None, t: int) -> Tensor | None:
-        """``(B, T')`` bool, True = real token; None when every clip fills the batch (the
-        unmasked fast path; under compile the mask is always kept: one graph)."""
-        if lengths is None:
-            return None
-        if not torch.compiler.is_compiling() and bool((lengths == t).all()):
-            return None
-        return _frame_mask(output_lengths(lengths), (t - 1) // 2 + 1)
-
     def forward_features(self, features: Tensor, lengths: Lengths | None = None) -> Tensor:
         """Every token after the final norm.
 
@@ -392,6 +383,10 @@ class AudioEncoder(PretrainedMixin, nn.Module):
         """
         lengths = self._check(features, lengths)
         t = features.shape[-1]
+        if lengths is not None and not torch.compiler.is_compiling() and bool((lengths == t).all()):
+            # Nothing is padded: the unmasked fast path. (A compiled graph keeps the masks
+            # whatever the lengths hold: one graph, no data-dependent branch.)
+            lengths = None
         frames = None if lengths is None else _frame_mask(lengths, t)[:, None, :]  # (B, 1, T)
         # 1. Convolutions. Padded frames are zeroed before each conv, so a clip's last real
         #    frames see the zeros its lone run's padding=1 gives them.
@@ -408,7 +403,7 @@ class AudioEncoder(PretrainedMixin, nn.Module):
         else:
             x = x + self._positions(n, x).to(x.dtype)
         # 3. Blocks with padded tokens masked out as keys, then the final norm.
-        mask = self._token_mask(lengths, t)
+        mask = None if lengths is None else _frame_mask(output_lengths(lengths), n)  # (B, T')
         for block in self.blocks:
             x, _ = block(x, rope=rope, key_padding_mask=mask)
         x = self.norm(x)
