@@ -140,7 +140,7 @@ def _norm_eps(norms: list[tuple[str, nn.Module]], dim: int) -> float:
     return eps
 
 
-def _config(model: nn.Module, encoder: nn.Module) -> AudioEncoderConfig:
+def _config(encoder: nn.Module) -> AudioEncoderConfig:
     """The AudioEncoderConfig of ``encoder``; refuses what it cannot represent."""
     hf: Any = encoder.config
     act = hf.activation_function
@@ -256,7 +256,7 @@ def from_transformers(model: nn.Module) -> AudioEncoder:
     if not isinstance(model, nn.Module):
         raise ValueError(f"from_transformers expects a Whisper model, got {type(model).__name__}")
     encoder = _encoder_of(model)
-    config = _config(model, encoder)
+    config = _config(encoder)
     state = _state_dict(encoder)
     with torch.device("meta"):
         ours = AudioEncoder(config)  # shapes only: the copies become its tensors
