@@ -240,33 +240,47 @@ def bench_real_lengths(peer, ours, *, repeat: int) -> None:
 
 
 def bench_front_end(*, repeat: int) -> None:
-    """Log-mel features of the (b) clips: HF's extractor now, vats' LogMel once it lands.
-
-    ==== FRONT END (to be completed when ``vats_audio.LogMel`` lands) ====
-    The vats side belongs in the ``if`` below: build the LogMel with Whisper's settings (80
-    mels, n_fft 400, hop 160, 16 kHz), check its features against the extractor's on the
-    same waves (``require``, to the tolerance its tests use), then time both in one
-    alternation and print the ratio with its goal and the peak memory of both.
-    """
+    """Log-mel features of the (b) clips: HF's extractor (every clip padded to 30 s, numpy)
+    against vats' LogMel (one padded batch on the clips' real lengths, torch). The features
+    are checked equal first, on every frame whose window lies inside its clip."""
     from transformers import WhisperFeatureExtractor
 
     torch.manual_seed(2)
     waves = [torch.randn(round(s * SAMPLE_RATE)) * 0.1 for s in CLIP_SECONDS]
     extractor = WhisperFeatureExtractor(feature_size=N_MELS)
     arrays = [w.numpy() for w in waves]
+    logmel = vats_audio.LogMel(vats_audio.LogMelConfig(n_mels=N_MELS))
+    lengths = torch.tensor([w.shape[0] for w in waves])
+    batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)  # (B, S_max)
     print(f"\n-- (c) front end: log-mel of the {len(waves)} clips of (b) from 16 kHz waveforms")
+    theirs = torch.from_numpy(
+        extractor(arrays, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
+    )
+    with torch.no_grad():
+        ours = logmel(batch, lengths=lengths)
+    worst = 0.0
+    for i, n in enumerate(lengths.tolist()):
+        inside = (n - logmel.config.n_fft // 2) // logmel.config.hop_length  # frames inside
+        err = (ours[i, :, :inside] - theirs[i, :, :inside]).abs().max().item()
+        worst = max(worst, err)
+    require(worst < 1e-3, f"LogMel differs from the extractor by {worst:.1e} (> 1e-3)")
+    print(f"  features agree on every frame inside its clip (max abs difference {worst:.1e})")
+
+    def vats() -> None:
+        with torch.no_grad():
+            logmel(batch, lengths=lengths)
+
     fns: dict[str, Callable[[], object]] = {
         "HF WhisperFeatureExtractor (pads to 30 s)": lambda: extractor(
             arrays, sampling_rate=SAMPLE_RATE, return_tensors="np"
         ),
+        "vats LogMel (real lengths)": vats,
     }
-    if hasattr(vats_audio, "LogMel"):
-        print("  vats_audio.LogMel is present: its figure is not written yet (bench_front_end)")
-    else:
-        print("  vats_audio.LogMel is not in this build: the extractor's figure alone")
     times = time_alternating(fns, repeat=repeat)
     for name, seconds in times.items():
         print(f"  {name:42s} {seconds * 1e3:8.1f} ms")
+    hf, ours_s = times.values()
+    ratio("vats LogMel / HF extractor (speed)", hf / ours_s)
 
 
 def main() -> None:
