@@ -29,10 +29,12 @@ uv:
 setup: uv
 	$(UV) sync --locked --all-packages
 
-# The text model, then the vision proofs; each trains once and is cached (~/.cache/vats).
+# The text model, then the vision and audio proofs; each trains once and is cached
+# (~/.cache/vats).
 demo: setup
 	$(RUN) vats pipeline=text_generation
 	$(RUN) vats pipeline=train_vision
+	$(RUN) vats pipeline=train_audio
 
 test: setup lint $(addprefix test-,$(PACKAGES)) test-root
 

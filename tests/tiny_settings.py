@@ -26,8 +26,19 @@ TINY_VISION = [
     "train.video.eval_size=8",
     "pipeline.progress=false",
 ]
+TINY_AUDIO = [
+    "model/audio=tiny",
+    "train.max_steps=3",
+    "train.batch_size=8",
+    "train.eval_size=16",
+    "train.vocoder.eval_size=4",
+    "train.vocoder.n_iter=4",
+    "pipeline.examples=1",
+    "pipeline.progress=false",
+]
 TINY: dict[str, list[str]] = {
     "info": [],
     "text_generation": TINY_TEXT,
     "train_vision": TINY_VISION,
+    "train_audio": TINY_AUDIO,
 }

@@ -1,4 +1,5 @@
-"""Embedded, procedurally generated datasets (see :mod:`vats_apps.data.shapes`)."""
+"""Embedded, procedurally generated datasets: the shapes world (:mod:`vats_apps.data.shapes`)
+and the sounds world (:mod:`vats_apps.data.sounds`)."""
 
 from vats_apps.data.shapes import (
     BACKGROUNDS,
@@ -16,20 +17,38 @@ from vats_apps.data.shapes import (
     ShapeVideos,
     Split,
 )
+from vats_apps.data.sounds import BACKGROUNDS as SOUND_BACKGROUNDS
+from vats_apps.data.sounds import (
+    DURATIONS,
+    PITCHES,
+    TIMBRES,
+    SoundBatch,
+    SoundClips,
+    SoundsConfig,
+    SoundsWorld,
+)
 
 __all__ = [
     "BACKGROUNDS",
     "COLORS",
     "DIRECTIONS",
+    "DURATIONS",
     "MIN_IMAGE_SIZE",
+    "PITCHES",
     "POSITIONS",
     "SHAPES",
     "SIZES",
+    "SOUND_BACKGROUNDS",
     "SPEEDS",
+    "TIMBRES",
     "ShapeBatch",
     "ShapeImages",
     "ShapeVideos",
     "ShapesConfig",
     "ShapesWorld",
+    "SoundBatch",
+    "SoundClips",
+    "SoundsConfig",
+    "SoundsWorld",
     "Split",
 ]

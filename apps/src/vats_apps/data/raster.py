@@ -1,10 +1,12 @@
-"""Batched, anti-aliased rasterization and counter-based randomness for the shapes world.
+"""Batched, anti-aliased rasterization and counter-based randomness for the shapes world
+(the randomness and the balanced targets serve the sounds world too).
 
 Everything here is plain torch tensor math on a pixel grid, vectorized over the batch:
 
 - :func:`uniforms`: a counter-based hash (two 32-bit ``lowbias32`` lanes, i.e. a 64-bit
   key per sample) that turns ``(sample key, stream)`` into a uniform float, so a
   sample's random draws do not depend on which batch it is generated in;
+- :func:`balanced_targets`: classification targets in blocks that hold every class once;
 - signed distance functions (after Inigo Quilez, "2D distance functions") for each
   shape, in pixel units with y pointing up; coverage ``clamp(0.5 - d, 0, 1)`` gives a
   one-pixel anti-aliased edge at any resolution;
@@ -70,6 +72,21 @@ def uniforms(key_a: Tensor, key_b: Tensor, streams: Tensor) -> Tensor:
     s = streams.to(torch.int64)[None, :]
     h = mix32(mix32((key_a[:, None] + _mul32(s + 1, _GOLDEN32)) & _M32) ^ key_b[:, None])
     return (h >> 8).to(torch.float32) / float(1 << 24)
+
+
+def balanced_targets(head: list[int], idx: Tensor, k: int) -> Tensor:
+    """(B,) class targets in [0, k): each block of k consecutive indices holds every class
+    once, in an order hashed from ``head`` (the world's seed, split and kind) and the block.
+
+    Args:
+        head: integers that select the stream (each in [0, 2**32)).
+        idx: (B,) int64 sample indices.
+        k: number of classes.
+    """
+    block, pos = idx // k, idx % k
+    order = hash_chain([*head, 0xBA1A, block[:, None], torch.arange(k)], lane=3)  # (B, K)
+    perm = torch.argsort(order, dim=1, stable=True)
+    return perm.gather(1, pos[:, None])[:, 0]
 
 
 # ---- signed distance functions: pixel units, y up, shape centred at the origin --------------

@@ -330,7 +330,7 @@ class ShapesWorld:
         key_a = raster.hash_chain([*head, idx], lane=1)
         key_b = raster.hash_chain([*head, idx], lane=2)
         u = raster.uniforms(key_a, key_b, torch.arange(_N_STREAMS))  # (B, streams)
-        target = self._balanced(
+        target = raster.balanced_targets(
             head, idx, c.num_image_classes if kind == Kind.IMAGE else c.num_video_classes
         )
 
@@ -404,15 +404,6 @@ class ShapesWorld:
         return dataclasses.replace(
             batch, captions=[_caption(batch.names(i), c.bounce) for i in range(b)]
         )
-
-    def _balanced(self, head: list[int], idx: Tensor, k: int) -> Tensor:
-        """(B,) targets: each block of k consecutive indices holds every class once."""
-        block, pos = idx // k, idx % k
-        order = raster.hash_chain(
-            [*head, 0xBA1A, block[:, None], torch.arange(k)], lane=3
-        )  # (B, K)
-        perm = torch.argsort(order, dim=1, stable=True)
-        return perm.gather(1, pos[:, None])[:, 0]
 
     def _trajectory(self, start: Tensor, velocity: Tensor, margin: Tensor) -> Tensor:
         """(B, T, 2) centres: straight lines inside the frame, or bouncing off the borders."""

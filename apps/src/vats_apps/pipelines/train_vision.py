@@ -82,12 +82,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
+from vats_apps.pipelines.sections import preset_fields, section
 from vats_core.inference import compile_frozen
 from vats_core.training import Trainer, TrainerConfig
 from vats_vision.presets import vit2d_preset, vit3d_preset
@@ -103,20 +104,11 @@ CODE = ("vats_core", "vats_vision", "vats_apps")
 
 
 def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
-    node = OmegaConf.select(cfg, key)
-    if node is None:
-        raise ValueError(f"train_vision needs the config section `{key}`")
-    out = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(out, dict)
-    return out
+    return section(cfg, key, "train_vision")
 
 
 def _preset_fields(cfg: DictConfig, key: str) -> tuple[str, dict[str, Any]]:
-    fields = _section(cfg, key)
-    preset = fields.pop("preset", None)
-    if preset is None:
-        raise ValueError(f"{key} needs a `preset` (e.g. {key.replace('.', '/')}=shapes)")
-    return str(preset), fields
+    return preset_fields(cfg, key, "train_vision")
 
 
 def world_config(cfg: DictConfig, kind: str) -> ShapesConfig:
