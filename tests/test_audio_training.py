@@ -75,9 +75,12 @@ def test_training_batches_mix_durations_and_padding_is_silence(tmp_path):
         torch.testing.assert_close(fixed.features[i, :, :n], clips.features[i, :, :n])
 
 
-def test_cache_reuse_and_user_files_are_classified(tmp_path, capsys):
+def test_cache_reuse_and_user_files_are_classified(tmp_path, capsys, monkeypatch):
     short = ["train.max_steps=3", "pipeline.examples=1"]
+    vocoded = mock.Mock(wraps=train_audio.vocoder_accuracy)
+    monkeypatch.setattr(train_audio, "vocoder_accuracy", vocoded)
     first = run_pipeline(_cfg(tmp_path, *short))
+    assert vocoded.call_count == 1
     assert not first["cached"] and len(first["examples"]) == 2  # the clip and its vocoded twin
     # a user's file: a held-out clip written as 44.1 kHz stereo WAV, resampled and downmixed
     clip = SoundsWorld().clips([0], "val")
@@ -90,6 +93,8 @@ def test_cache_reuse_and_user_files_are_classified(tmp_path, capsys):
     assert second["cached"] and second["cache"] == first["cache"]
     assert second["accuracy"] == first["accuracy"]  # the same weights, scored again
     assert second["seconds"] == first["seconds"]
+    # the round trip's score is stored with the weights: not vocoded again
+    assert second["vocoder_accuracy"] == first["vocoder_accuracy"] and vocoded.call_count == 1
     (item,) = second["classified"]
     assert item["file"] == str(path) and len(item["top"]) == 3
     assert item["seconds"] == pytest.approx(float(clip.seconds[0]), abs=0.01)
@@ -103,6 +108,7 @@ def test_cache_reuse_and_user_files_are_classified(tmp_path, capsys):
     # the vocoder's settings score, they do not train: same entry
     again = run_pipeline(_cfg(tmp_path, *short, "train.vocoder.n_iter=4"))
     assert again["cached"] and again["cache"] == first["cache"]
+    assert vocoded.call_count == 3  # (the lr run scored its own) other settings score anew
 
 
 @pytest.mark.parametrize(
