@@ -555,3 +555,61 @@ def test_config_with_reserved_field_name_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="reserves"):
         Bad(BadConfig()).save_pretrained(tmp_path)
+
+
+class InitNet(PretrainedMixin, nn.Module):
+    """Layers whose constructors initialise through nn.init (kaiming, trunc_normal_)."""
+
+    config_class = ToyConfig
+
+    def __init__(self, config: ToyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.conv = nn.Conv1d(config.dim, config.dim, 3, padding=1)
+        self.proj = nn.Linear(config.dim, config.dim)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        self.register_buffer("offset", torch.full((config.dim,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.conv(x).transpose(1, 2)) + self.offset
+
+
+def test_from_pretrained_skips_initialising_the_skeleton(tmp_path: Path) -> None:
+    # Random init on meta tensors computes nothing, but torch runs it through its Python
+    # reference kernels (importing sympy: seconds of a cold load); the skeleton skips it.
+    # Real tensors built inside the same mode are still initialised, and persistent
+    # buffers (filled at construction) come from the file.
+    model = InitNet(ToyConfig())
+    model.save_pretrained(tmp_path)
+    calls: list[str] = []
+
+    class Count(checkpoint._SkipInitOnMeta):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(getattr(func, "__name__", str(func)))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    with torch.device("meta"), Count():
+        skeleton = InitNet(ToyConfig())
+    assert skeleton.proj.weight.is_meta and "kaiming_uniform_" in calls
+    with Count():
+        real = InitNet(ToyConfig())
+    assert real.proj.weight.abs().sum() > 0 and real.conv.weight.std() > 0
+    loaded = InitNet.from_pretrained(tmp_path)
+    x = torch.randn(2, 8, 5)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_cold_from_pretrained_does_not_import_sympy(tmp_path: Path) -> None:
+    # In a fresh process: building the skeleton must not reach torch's symbolic shapes.
+    import subprocess
+    import sys
+
+    InitNet(ToyConfig()).save_pretrained(tmp_path)
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_checkpoint_io import InitNet\n"
+        f"InitNet.from_pretrained({str(tmp_path)!r})\n"
+        "assert 'sympy' not in sys.modules, 'sympy was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

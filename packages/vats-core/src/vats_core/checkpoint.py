@@ -50,6 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vats_core.config import Config
 
@@ -376,6 +377,47 @@ def load_pretrained_state(
 
 # --------------------------------------------------------------------------- meta-device loading
 
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Skips weight initialisation on meta tensors while a skeleton is built.
+
+    Initialising a meta tensor computes nothing, but torch 2.10 runs ``uniform_`` /
+    ``normal_`` on the meta device through its Python reference kernels, whose first
+    shape check imports sympy: 5-8 s of a cold ``from_pretrained`` on a 2-core CPU, for
+    values that are then replaced by the file's. ``torch.nn.init`` functions and the
+    in-place fills and arithmetic they use (none changes a shape) return their meta tensor
+    unchanged here; everything else runs.
+    """
+
+    _FILLS = frozenset(
+        {
+            torch.Tensor.uniform_,
+            torch.Tensor.normal_,
+            torch.Tensor.exponential_,
+            torch.Tensor.bernoulli_,
+            torch.Tensor.random_,
+            # what init functions without a torch-function hook (trunc_normal_) do next
+            torch.Tensor.erfinv_,
+            torch.Tensor.mul_,
+            torch.Tensor.add_,
+            torch.Tensor.clamp_,
+            torch.Tensor.fill_,
+            torch.Tensor.zero_,
+        }
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+        if (
+            isinstance(target, torch.Tensor)
+            and target.is_meta
+            and (func in self._FILLS or getattr(func, "__module__", None) == "torch.nn.init")
+        ):
+            return target
+        return func(*args, **kwargs)
+
+
 #: Method a module may define to (re)create its non-persistent buffers (those its
 #: ``state_dict`` leaves out, e.g. RoPE inverse frequencies) on the current default device.
 #: :meth:`PretrainedMixin.from_pretrained` builds the model on the meta device and calls it,
@@ -552,7 +594,7 @@ class PretrainedMixin:
 
         # 1. The skeleton: every parameter and buffer with its shape and dtype, no memory.
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), _SkipInitOnMeta():
                 model = build()
         except (NotImplementedError, RuntimeError) as e:
             raise RuntimeError(
