@@ -20,8 +20,8 @@ attention), vats at its defaults.
     padded input is checked against vats' on the same input). Eager both. The ratio,
     the work ratio it is read against and the peak memory of both are printed.
 (c) the front end: log-mel features of the same 8 clips (as 16 kHz waveforms), HF's
-    ``WhisperFeatureExtractor`` (numpy; pads to 30 s) timed here; the vats side runs when
-    ``vats_audio`` has a ``LogMel`` (the front end lands separately): see
+    ``WhisperFeatureExtractor`` (numpy; pads every clip to 30 s) against vats' ``LogMel``
+    (one padded batch on the real lengths), checked equal first: see
     :func:`bench_front_end`.
 
 Run: ``uv run python tests/benchmarks/bench_audio.py`` (about 4-5 minutes on 2 cores, about
