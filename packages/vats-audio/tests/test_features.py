@@ -243,3 +243,14 @@ def test_too_many_mels_for_the_fft() -> None:
 def test_config_round_trips() -> None:
     config = LogMelConfig(n_mels=128, f_max=7600.0, normalization="log")
     assert LogMelConfig.from_dict(config.to_dict()) == config
+
+
+def test_buffers_rebuilt_by_the_loading_hook_equal_the_constructors() -> None:
+    # from_pretrained builds on the meta device, then calls init_non_persistent_buffers
+    with torch.device("meta"):
+        skeleton = LogMel(LogMelConfig(n_mels=64))
+    assert skeleton.filters.is_meta
+    skeleton.init_non_persistent_buffers()
+    built = LogMel(LogMelConfig(n_mels=64))
+    assert torch.equal(skeleton.filters, built.filters)
+    assert torch.equal(skeleton.window, built.window)

@@ -85,6 +85,7 @@ def test_block_context_errors() -> None:
         ({"attention": SELF}, "mlp"),
         ({"attention": SELF, "mlp": MLP, "moe": MOE}, "moe"),
         ({"attention": SELF, "mlp": MLP.replace(dim=8)}, "mlp"),
+        ({"attention": SELF, "mlp": MLP.replace(out_dim=8)}, "mlp"),
         ({"attention": SELF, "moe": MOE.replace(dim=8)}, "moe"),
         ({"attention": CROSS, "mlp": MLP}, "attention"),
         ({"attention": SELF, "cross_attention": SELF, "mlp": MLP}, "cross_attention"),

@@ -128,6 +128,15 @@ def test_dtype_argument_casts_floating_tensors(tmp_path: Path) -> None:
         ToyLM.from_pretrained(tmp_path, dtype=torch.int64)
 
 
+def test_float64_weights_load_as_float64_bit_for_bit(tmp_path: Path) -> None:
+    # one cast from the file's dtype to the requested one: no float32 stop on the way
+    model = _trained_model().double()
+    model.save_pretrained(tmp_path)
+    loaded = ToyLM.from_pretrained(tmp_path, dtype=torch.float64)
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
 def test_device_argument(tmp_path: Path) -> None:
     model = _trained_model()
     model.save_pretrained(tmp_path)

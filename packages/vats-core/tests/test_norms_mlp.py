@@ -166,6 +166,7 @@ def test_gelu_mlp_formula(activation: str, approximate: str) -> None:
         ({"dim": 0, "hidden_dim": 4}, "dim"),
         ({"dim": 4, "hidden_dim": -1}, "hidden_dim"),
         ({"dim": 4, "hidden_dim": 4, "activation": "relu"}, "activation"),
+        ({"dim": 4, "hidden_dim": 4, "out_dim": 0}, "out_dim"),
     ],
 )
 def test_mlp_config_errors_name_field(kwargs: dict, field: str) -> None:
@@ -177,3 +178,11 @@ def test_mlp_config_round_trip() -> None:
     cfg = MLPConfig(dim=4, hidden_dim=8, activation=Activation.GELU_TANH, bias=True)
     assert MLPConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.to_dict()["activation"] == "gelu_tanh"
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_mlp_out_dim_maps_to_another_width(activation: str) -> None:
+    cfg = MLPConfig(dim=6, hidden_dim=8, out_dim=3, activation=activation, bias=True)
+    mlp = build_mlp(cfg)
+    assert mlp(torch.randn(2, 5, 6)).shape == (2, 5, 3)
+    assert cfg.output_dim == 3 and MLPConfig(dim=6, hidden_dim=8).output_dim == 6

@@ -280,6 +280,49 @@ def test_stream_stops_on_stop_string():
     assert "".join(stream(model, tok, "hi", max_new_tokens=16, stop_strings=". t")) == "one. t"
 
 
+def test_prefill_embeddings_replace_the_prompt_embedding():
+    """inputs_embeds of the ids themselves change nothing; other embeddings (spliced media)
+    change the continuation, which then reads them from the caches only."""
+    model = _model()
+    rows = [_ids(1, n, seed=n)[0] for n in (9, 4)]
+    ids, mask = _left_pad(rows)
+    embeds = model.embed_tokens(ids).detach()
+    plain = generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    same = generate(
+        model, ids, attention_mask=mask, inputs_embeds=embeds, max_new_tokens=12, eos_token_id=[]
+    )
+    assert torch.equal(plain, same)
+    # Row 1's first real token replaced by a foreign vector: equal to a naive loop that feeds
+    # the same embeddings every step (no cache).
+    spliced = embeds.clone()
+    spliced[1, -4] = torch.randn(spliced.shape[-1], generator=torch.Generator().manual_seed(3))
+    got = generate(
+        model, ids, attention_mask=mask, inputs_embeds=spliced, max_new_tokens=12, eos_token_id=[]
+    )
+    want = []
+    with torch.no_grad():
+        row = spliced[1:, -4:]
+        for _ in range(12):
+            nxt = model(inputs_embeds=row).logits[:, -1].argmax(-1)
+            row = torch.cat([row, model.embed_tokens(nxt)[:, None]], dim=1)
+            want.append(int(nxt))
+    assert got[1, 9:].tolist() == want
+    assert torch.equal(got[0], plain[0])  # the other row is untouched
+
+
+def test_prefill_embeddings_are_checked_before_compute(guarded):
+    ids = _ids(2, 4)
+    embeds = torch.zeros(2, 4, guarded.config.dim)
+    for kwargs, match in [
+        (dict(inputs_embeds=embeds[:, :3]), r"\(B, T, D\)"),
+        (dict(inputs_embeds=embeds.double()), "float64"),
+        (dict(inputs_embeds=embeds, attention_mask=torch.tensor([[0, 0, 0, 0], [1] * 4])), "real"),
+    ]:
+        check_raises(
+            lambda kw=kwargs: generate(guarded, ids, max_new_tokens=2, **kw), ValueError, match
+        )
+
+
 @pytest.fixture(scope="module")
 def real_tok() -> Tokenizer:
     return Tokenizer.train(load_corpus("train", max_files=40), vocab_size=V)
@@ -298,6 +341,21 @@ def test_stream_concatenation_equals_decode_of_generate(real_tok):
     out = generate(model, prompt, generator=torch.Generator().manual_seed(1), **kwargs)
     assert "".join(pieces) == real_tok.decode(out[0, prompt.shape[1] :])
     assert all(p for p in pieces) and all(not p.endswith("\ufffd") for p in pieces[:-1])
+
+
+def test_stream_takes_ids_and_prefill_embeddings(real_tok):
+    model = _model()
+    ids = real_tok.encode("The value of", add_bos=True)
+    embeds = model.embed_tokens(torch.tensor([ids])).detach()
+    kwargs = dict(max_new_tokens=20, eos_token_id=[])
+    by_text = "".join(stream(model, real_tok, "The value of", **kwargs))
+    by_ids = "".join(stream(model, real_tok, ids, inputs_embeds=embeds, **kwargs))
+    assert by_text == by_ids
+    check_raises(
+        lambda: stream(model, real_tok, "text", inputs_embeds=embeds, **kwargs),
+        ValueError,
+        "token ids",
+    )
 
 
 def test_stop_strings_with_real_tokenizer(real_tok):

@@ -121,7 +121,9 @@ def mel_filters(config: LogMelConfig) -> Tensor:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        with warnings.catch_warnings():
+        # Built on the CPU whatever the default device (the empty-filter check reads values,
+        # which a meta-device build, as in from_pretrained, could not); callers move it.
+        with warnings.catch_warnings(), torch.device("cpu"):
             # torchaudio warns about empty filters; we raise instead, below.
             warnings.simplefilter("ignore", UserWarning)
             fb = torchaudio.functional.melscale_fbanks(
@@ -166,7 +168,16 @@ class LogMel(nn.Module):
         # Derived from the config, so not part of a state dict (persistent=False).
         window = torch.hann_window(self.config.n_fft, periodic=True, dtype=torch.float64)
         self.register_buffer("window", window, persistent=False)  # (n_fft,)
-        self.register_buffer("filters", mel_filters(self.config), persistent=False)  # (F, M)
+        filters = mel_filters(self.config).to(window.device)
+        self.register_buffer("filters", filters, persistent=False)  # (F, M)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Compute the window and the filters again, on the default device: what
+        ``from_pretrained`` of a model holding a LogMel calls after building it on the meta
+        device (:data:`vats_core.checkpoint.INIT_BUFFERS_HOOK`)."""
+        window = torch.hann_window(self.config.n_fft, periodic=True, dtype=torch.float64)
+        self.window = window
+        self.filters = mel_filters(self.config).to(window.device)
 
     def frame_lengths(self, lengths: Tensor | Sequence[int]) -> Tensor:
         """Frames of each clip: ``lengths // hop_length``, a ``(B,)`` long tensor.

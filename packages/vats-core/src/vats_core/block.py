@@ -82,6 +82,9 @@ class BlockConfig(Config):
             f"dim={ffn_dim}",
             f"dim equal to attention.dim={dim}",
         )
+        if self.mlp is not None:  # the residual adds the MLP's output to its input
+            out = self.mlp.output_dim
+            check(out == dim, self, "mlp", f"out_dim={out}", f"out_dim None or {dim}")
         check_positive(self, "norm_eps")
 
 

@@ -496,8 +496,9 @@ def _convert_for_assign(
 ) -> None:
     """Move and cast the file's tensors in place to what the model will hold.
 
-    Each tensor takes the dtype the constructor gave its parameter or buffer (as the old
-    copy into constructed weights did), then ``dtype`` if given and floating. Aliases (one
+    Each tensor takes ``dtype`` where given and its parameter or buffer is floating, else
+    the dtype the constructor gave it (as the old copy into constructed weights did); one
+    cast, so a float64 file loaded as float64 keeps every bit. Aliases (one
     tensor under several names) are converted once, so they stay one tensor. On CPU with
     matching dtypes ``Tensor.to`` returns the tensor itself: no copy is made.
     """
@@ -507,9 +508,9 @@ def _convert_for_assign(
     for names in names_by_tensor.values():
         t = tensors[names[0]]
         want = expected[names[0]].dtype
-        t = t.to(device=device, dtype=want)
         if dtype is not None and want.is_floating_point:
-            t = t.to(dtype=dtype)
+            want = dtype
+        t = t.to(device=device, dtype=want)
         for name in names:
             tensors[name] = t  # the file's original is freed once all its names point here
 

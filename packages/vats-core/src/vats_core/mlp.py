@@ -3,7 +3,9 @@
 Parameter names follow the checkpoints we import: ``gate_proj`` / ``up_proj`` /
 ``down_proj`` (HF Llama, Mixtral, Qwen) and ``fc1`` / ``fc2`` (timm).
 
-Shapes: ``(..., D)`` in, ``(..., D)`` out; F is the hidden width.
+Shapes: ``(..., D)`` in, ``(..., D_out)`` out (``D_out = D`` unless ``out_dim`` is set, as
+in the projectors that map one model's features into another's width); F is the hidden
+width.
 """
 
 from __future__ import annotations
@@ -33,9 +35,15 @@ class MLPConfig(Config):
     hidden_dim: int  # hidden width F (for SwiGLU: of each of gate and up)
     activation: Activation = Activation.SWIGLU
     bias: bool = False  # biases on every projection (timm ViTs use them, Llama does not)
+    out_dim: int | None = None  # output width; None = dim (a block's MLP)
 
     def __post_init__(self) -> None:
-        check_positive(self, "dim", "hidden_dim")
+        check_positive(self, "dim", "hidden_dim", "out_dim")
+
+    @property
+    def output_dim(self) -> int:
+        """The output width with the default applied."""
+        return self.dim if self.out_dim is None else self.out_dim
 
 
 class SwiGLU(nn.Module):
@@ -46,10 +54,10 @@ class SwiGLU(nn.Module):
         self.config = config
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
-        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
+        self.down_proj = nn.Linear(config.hidden_dim, config.output_dim, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., D) -> (..., D)``."""
+        """``(..., D) -> (..., D_out)``."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -61,10 +69,10 @@ class GeluMLP(nn.Module):
         self.config = config
         self.approximate = "tanh" if config.activation is Activation.GELU_TANH else "none"
         self.fc1 = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
-        self.fc2 = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
+        self.fc2 = nn.Linear(config.hidden_dim, config.output_dim, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., D) -> (..., D)``."""
+        """``(..., D) -> (..., D_out)``."""
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 

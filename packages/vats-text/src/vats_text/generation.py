@@ -102,6 +102,7 @@ def generate(
     generator: torch.Generator | None = None,
     tokenizer: TextTokenizer | None = None,
     compile: bool = False,
+    inputs_embeds: Tensor | None = None,
 ) -> Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -135,6 +136,12 @@ def generate(
         tokenizer: decodes generated ids to match ``stop_strings``.
         compile: run the one-token decode step through ``torch.compile`` (the prefill stays
             eager: it runs once).
+        inputs_embeds: ``(B, T, D)`` embeddings the prefill reads instead of embedding
+            ``input_ids`` (a multimodal model's text embeddings with image / audio features
+            scattered in); ``input_ids`` still give the output's prompt columns and the
+            repetition penalty's seen tokens. The decode steps embed their new tokens as usual,
+            so media enter at prefill only and the KV caches serve them afterwards. Needs
+            ``T >= 1`` and a real token in every row.
 
     Returns:
         ``(B, T' + N)`` long on the model's device: the prompt (``T' = T``, or 1 for empty
@@ -146,7 +153,8 @@ def generate(
             ``max_seq_len`` of a model with a global-attention layer, a sampling setting out of
             range (temperature < 0, top_p outside (0, 1], top_k < 1, min_p outside [0, 1],
             repetition_penalty <= 0), max_new_tokens < 0, an empty batch, a mask that is not
-            left padding, stop_strings without tokenizer, or a generator on another device.
+            left padding, stop_strings without tokenizer, a generator on another device, or
+            inputs_embeds that do not match input_ids and the model.
     """
     plan = _plan(
         model,
@@ -165,6 +173,7 @@ def generate(
         tokenizer=tokenizer,
         generator=generator,
         compile=compile,
+        inputs_embeds=inputs_embeds,
     )
     b, t = plan.input_ids.shape
     # Preallocated output: each step writes one column, nothing is concatenated.
@@ -179,7 +188,7 @@ def generate(
 def stream(
     model: MoELanguageModel,
     tokenizer: TextTokenizer,
-    prompt: str,
+    prompt: str | Sequence[int],
     *,
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -192,6 +201,7 @@ def stream(
     generator: torch.Generator | None = None,
     add_bos: bool = True,
     compile: bool = False,
+    inputs_embeds: Tensor | None = None,
 ) -> Iterator[str]:
     """Generate from one text prompt and yield the new text as it is produced.
 
@@ -204,20 +214,31 @@ def stream(
         model: the language model (in eval mode).
         tokenizer: encodes ``prompt`` and decodes the output (e.g.
             :class:`~vats_text.tokenizer.Tokenizer`).
-        prompt: the text to continue ("" = start from BOS).
+        prompt: the text to continue ("" = start from BOS), or its token ids (a list of
+            ints, used as they are: ``add_bos`` does not apply).
         max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id,
             stop_strings, generator, compile: as in :func:`generate`.
-        add_bos: prepend the BOS id to the prompt.
+        add_bos: prepend the BOS id to a text prompt.
+        inputs_embeds: ``(1, T, D)`` embeddings of the prompt's T ids for the prefill, as in
+            :func:`generate` (needs the prompt as ids).
 
     Returns:
         An iterator of text pieces.
 
     Raises:
-        ValueError: as :func:`generate`, or if ``prompt`` is not a string.
+        ValueError: as :func:`generate`, or if ``prompt`` is neither a string nor a list of
+            ints.
     """
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-    ids = tokenizer.encode(prompt, add_bos=add_bos)
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_bos=add_bos)
+    elif isinstance(prompt, Sequence) and all(is_int(i) for i in prompt):
+        ids = list(prompt)
+    else:
+        raise ValueError(
+            f"prompt must be a str or a list of token ids, got {type(prompt).__name__}"
+        )
+    if inputs_embeds is not None and isinstance(prompt, str):
+        raise ValueError("inputs_embeds need the prompt as token ids (the ids they embed)")
     device = _model_device(model)
     plan = _plan(
         model,
@@ -236,6 +257,7 @@ def stream(
         tokenizer=tokenizer,
         generator=generator,
         compile=compile,
+        inputs_embeds=inputs_embeds,
     )
     return _stream_text(model, plan, tokenizer)
 
@@ -257,6 +279,7 @@ class _Plan:
     generator: torch.Generator | None
     compile: bool
     device: torch.device
+    inputs_embeds: Tensor | None = None  # (B, T, D) read by the prefill instead of input_ids
 
 
 def _plan(
@@ -271,6 +294,7 @@ def _plan(
     tokenizer: TextTokenizer | None,
     generator: torch.Generator | None,
     compile: bool,
+    inputs_embeds: Tensor | None = None,
 ) -> _Plan:
     """Validate every argument (ValueError before any compute) and normalize the prompt."""
     cfg = model.config
@@ -289,7 +313,10 @@ def _plan(
                 f"generator is on {generator.device} but the model on {device}: build it with "
                 f"torch.Generator(device={str(device)!r})"
             )
+    ids_shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else None
     input_ids, mask = _check_prompt(input_ids, attention_mask, cfg, device)
+    if inputs_embeds is not None:
+        _check_embeds(inputs_embeds, ids_shape, attention_mask, model)
     t = input_ids.shape[1]
     if cfg.has_global_layer and t + max_new_tokens > cfg.max_seq_len:
         raise ValueError(
@@ -314,7 +341,34 @@ def _plan(
         generator=generator,
         compile=bool(compile),
         device=device,
+        inputs_embeds=None if inputs_embeds is None else inputs_embeds.to(device),
     )
+
+
+def _check_embeds(
+    inputs_embeds: Tensor,
+    ids_shape: tuple[int, ...] | None,
+    attention_mask: Tensor | None,
+    model: object,
+) -> None:
+    """ValueError unless ``inputs_embeds`` is ``(B, T, D)`` for the ``(B, T)`` prompt, in the
+    model's dtype, with a real token in every row (the prefill cannot start a row from BOS
+    without an embedding for it)."""
+    weight = model.embed_tokens.weight  # type: ignore[attr-defined]
+    assert ids_shape is not None  # _check_prompt accepted input_ids
+    want = (*ids_shape, weight.shape[1])
+    if not isinstance(inputs_embeds, Tensor) or tuple(inputs_embeds.shape) != want:
+        got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, Tensor) else inputs_embeds
+        raise ValueError(f"inputs_embeds must be (B, T, D) = {want} for input_ids, got {got}")
+    if inputs_embeds.dtype != weight.dtype:
+        raise ValueError(f"inputs_embeds is {inputs_embeds.dtype} but the model is {weight.dtype}")
+    if want[1] == 0 or (
+        attention_mask is not None and not bool(torch.as_tensor(attention_mask)[:, -1].all())
+    ):
+        raise ValueError(
+            "inputs_embeds need a real token in every row (an empty prompt has no embedding "
+            "to start from)"
+        )
 
 
 def _model_device(model: MoELanguageModel) -> torch.device:
@@ -516,9 +570,16 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
             step = _compiled_decode_step(_COMPILE_BACKEND)
             _mark_capacity_dynamic(caches)
 
-        logits_BV = model(ids_BT, attention_mask=mask_BT, caches=caches, logits_to_keep=1).logits[
-            :, -1
-        ]
+        if plan.inputs_embeds is None:
+            out = model(ids_BT, attention_mask=mask_BT, caches=caches, logits_to_keep=1)
+        else:  # (only then: a model without an inputs_embeds argument still generates)
+            out = model(
+                inputs_embeds=plan.inputs_embeds,
+                attention_mask=mask_BT,
+                caches=caches,
+                logits_to_keep=1,
+            )
+        logits_BV = out.logits[:, -1]
         for i in range(plan.max_new_tokens):
             token_B = sample_next_token(
                 logits_BV, sampling, seen=seen_BV, generator=plan.generator
