@@ -29,12 +29,13 @@ uv:
 setup: uv
 	$(UV) sync --locked --all-packages
 
-# The text model, then the vision and audio proofs; each trains once and is cached
-# (~/.cache/vats).
+# The text model, then the vision and audio proofs, then the multimodal LM built on all
+# of them; each trains once and is cached (~/.cache/vats).
 demo: setup
 	$(RUN) vats pipeline=text_generation
 	$(RUN) vats pipeline=train_vision
 	$(RUN) vats pipeline=train_audio
+	$(RUN) vats pipeline=train_multimodal
 
 test: setup lint $(addprefix test-,$(PACKAGES)) test-root
 

@@ -36,9 +36,40 @@ TINY_AUDIO = [
     "pipeline.examples=1",
     "pipeline.progress=false",
 ]
+# The multimodal pipelines read the parts' settings from parts.* (the same files the other
+# pipelines read as train), so the parts train as the tiny runs above do.
+_PARTS_PREFIX = {"text": "parts.text", "vision": "parts.vision", "audio": "parts.audio"}
+
+
+def _as_part(override: str, part: str) -> str:
+    key, value = override.split("=", 1)
+    if key.startswith("train."):
+        return f"{_PARTS_PREFIX[part]}.{key[len('train.') :]}={value}"
+    return override
+
+
+TINY_MULTIMODAL = [
+    "model/text=tiny",
+    "model/vision2d=tiny",
+    "model/vision3d=tiny",
+    "model/audio=tiny",
+    *(_as_part(o, "text") for o in TINY_TEXT if o.startswith("train.")),
+    *(_as_part(o, "vision") for o in TINY_VISION if o.startswith("train.")),
+    *(_as_part(o, "audio") for o in TINY_AUDIO if o.startswith("train.")),
+    "train.encoder_layers.image=1",  # the tiny encoders have 2 blocks
+    "train.encoder_layers.video=1",
+    "train.batch_size=6",
+    "train.align.max_steps=3",
+    "train.instruct.max_steps=3",
+    "train.eval_per_type=2",
+    "train.max_caption_tokens=4",
+    "pipeline.progress=false",
+]
 TINY: dict[str, list[str]] = {
     "info": [],
     "text_generation": TINY_TEXT,
     "train_vision": TINY_VISION,
     "train_audio": TINY_AUDIO,
+    "train_multimodal": TINY_MULTIMODAL,
+    "chat": [*TINY_MULTIMODAL, "prompt=Describe the image."],
 }

@@ -47,7 +47,7 @@ def tiny_config(vocab_size: int, **lm_overrides) -> MultimodalConfig:
     return MultimodalConfig(
         lm=lm,
         image_encoder=image,
-        image_projector=ProjectorConfig(in_dim=32, out_dim=lm.dim),
+        image_projector=ProjectorConfig(in_dim=32, out_dim=lm.dim, mean_token=True),
         video_encoder=video,
         video_projector=ProjectorConfig(in_dim=24, out_dim=lm.dim, stack=2),
         audio_features=LogMelConfig(n_mels=32),
@@ -85,6 +85,19 @@ def _wave(samples: int, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------- projector
 
 
+def test_projector_mean_token_is_the_mean_of_the_rows_own_tokens():
+    torch.manual_seed(0)
+    proj = Projector(ProjectorConfig(in_dim=3, out_dim=5, stack=2, mean_token=True))
+    x = torch.randn(2, 6, 3)
+    out, lengths = proj(x, torch.tensor([6, 3]))
+    assert out.shape == (2, 4, 5) and lengths.tolist() == [4, 3]
+    stacked = x[1, :4].reshape(2, 6)
+    stacked[1, 3:] = 0  # frame 3 is padding: zero, as in the row run alone
+    torch.testing.assert_close(out[1, 0], proj.mlp(stacked.mean(0)), rtol=0, atol=1e-6)
+    alone, _ = proj(x[1:, :3])
+    torch.testing.assert_close(out[1, :3], alone[0], rtol=0, atol=1e-6)
+
+
 def test_projector_stacks_frames_and_ignores_padding():
     torch.manual_seed(0)
     proj = Projector(ProjectorConfig(in_dim=3, out_dim=5, stack=2, norm=True, activation="swiglu"))
@@ -103,11 +116,11 @@ def test_projector_stacks_frames_and_ignores_padding():
 
 
 def test_placeholders_expand_to_each_items_token_count(model, tokenizer):
-    images = [_image(16, 16), _image(8, 12)]  # 16 and 6 patches of 4 px
+    images = [_image(16, 16), _image(8, 12)]  # 16 and 6 patches of 4 px, + the mean token
     videos = [_clip(4)]  # 2 tubelets x 4 patches = 8 features, stacked 2 -> 4 tokens
     audios = [_wave(3200)]  # 20 frames -> 10 encoder frames -> ceil(10 / 4) = 3 tokens
     counts = model.media_token_counts(images=images, videos=videos, audios=audios)
-    assert counts == {"image": [16, 6], "video": [4], "audio": [3]}
+    assert counts == {"image": [17, 7], "video": [4], "audio": [3]}
     b = build_inputs(
         model,
         tokenizer,
@@ -119,8 +132,8 @@ def test_placeholders_expand_to_each_items_token_count(model, tokenizer):
     )
     bos = tokenizer.bos_id
     a, space_b = tokenizer.encode(" a "), tokenizer.encode("b ")
-    row0 = [bos, *[IMAGE_ID] * 16, *a, *[AUDIO_ID] * 3]
-    row1 = [bos, *space_b, *[VIDEO_ID] * 4, *[IMAGE_ID] * 6]
+    row0 = [bos, *[IMAGE_ID] * 17, *a, *[AUDIO_ID] * 3]
+    row1 = [bos, *space_b, *[VIDEO_ID] * 4, *[IMAGE_ID] * 7]
     width = max(len(row0), len(row1))
     assert b.input_ids[0, : len(row0)].tolist() == row0
     assert b.input_ids[1, : len(row1)].tolist() == row1
@@ -133,7 +146,7 @@ def test_features_are_scattered_at_the_placeholders_in_order(model, tokenizer):
     b = build_inputs(model, tokenizer, ["x <image>", "<image> y"], images=images)
     embeds = model.embed(b.input_ids, b.attention_mask, images=b.images)
     text = model.lm.embed_tokens(b.input_ids)
-    features = model.encode("image", images)  # (16 + 6, D) in order
+    features = model.encode("image", images)  # (17 + 7, D) in order
     where = b.input_ids == IMAGE_ID
     torch.testing.assert_close(embeds[where], features, rtol=0, atol=0)
     torch.testing.assert_close(embeds[~where], text[~where], rtol=0, atol=0)
@@ -261,8 +274,11 @@ def test_loss_is_masked_to_the_answer_tokens(model, tokenizer):
         assert b.labels[i][labelled[i]].tolist() == want
         assert labelled[i, -len(want) :].all() and labelled[i].sum() == len(want)
     out = model(b.input_ids, b.attention_mask, labels=b.labels, **b.media())
-    # by hand: next-token cross-entropy at the answer positions only
-    logp = out.logits.double().log_softmax(-1)[:, :-1]
+    # by hand, from every position's logits: next-token cross-entropy at the answers only
+    # (the model's head ran on the last positions only)
+    every = model(b.input_ids, b.attention_mask, **b.media()).logits
+    assert out.logits.shape[1] < every.shape[1]
+    logp = every.double().log_softmax(-1)[:, :-1]
     target = b.labels[:, 1:]
     keep = target != IGNORE_INDEX
     by_hand = -logp[keep].gather(1, target[keep][:, None]).mean()
@@ -341,13 +357,13 @@ def test_placeholder_and_media_mismatches_fail_before_any_encoder_runs(model, to
     try:
         with pytest.raises(ValueError, match="<image> placeholder with no image"):
             build_inputs(model, tokenizer, ["<image> and <image>"], images=[image])
-        with pytest.raises(ValueError, match="1 image item.* have no placeholder"):
+        with pytest.raises(ValueError, match=r"1 image item.* have no placeholder"):
             build_inputs(model, tokenizer, ["<image>", "no media"], images=[image, image])
-        with pytest.raises(ValueError, match="1 audio item.* have no placeholder"):
+        with pytest.raises(ValueError, match=r"1 audio item.* have no placeholder"):
             build_inputs(model, tokenizer, ["text only"], audios=[_wave(2000)])
         # ids whose placeholder run does not match the features: named, with both counts
-        ids = torch.tensor([[tokenizer.bos_id, *[IMAGE_ID] * 15, 50]])
-        with pytest.raises(ValueError, match=r"image: the prompt holds 15 <image>.*yield 16"):
+        ids = torch.tensor([[tokenizer.bos_id, *[IMAGE_ID] * 16, 50]])
+        with pytest.raises(ValueError, match=r"image: the prompt holds 16 <image>.*yield 17"):
             model(ids, images=[image])
         with pytest.raises(ValueError, match=r"holds 0 <video>.*yield 4"):
             model(torch.tensor([[2, 50, 51]]), videos=[_clip(4)])
@@ -385,8 +401,11 @@ def test_a_model_without_an_encoder_refuses_that_medium(tokenizer):
 
 def test_a_prompt_too_long_after_expansion_says_by_how_much(tokenizer):
     m = MultimodalLM(tiny_config(tokenizer.vocab_size, max_seq_len=20))
-    image = torch.rand(3, 16, 16)  # 16 tokens
-    with pytest.raises(ValueError, match=r"prompt 0 is \d+ tokens .*16 of them media.*\d+ more than the LM's max_seq_len=20"):
+    image = torch.rand(3, 16, 16)  # 17 tokens
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 0 is \d+ tokens .*17 of them media.*\d+ more than the LM's max_seq_len=20",
+    ):
         build_inputs(m, tokenizer, ["<image> What colour is it?"], images=[image])
     with pytest.raises(ValueError, match=r"\+ 10 to generate"):
         build_inputs(m, tokenizer, ["<image>"], images=[image], max_new_tokens=10)
@@ -394,11 +413,11 @@ def test_a_prompt_too_long_after_expansion_says_by_how_much(tokenizer):
 
 def test_configs_that_do_not_fit_together_are_refused(tokenizer):
     cfg = tiny_config(tokenizer.vocab_size)
-    with pytest.raises(ValueError, match="image_projector.*in_dim=32"):
+    with pytest.raises(ValueError, match=r"image_projector.*in_dim=32"):
         cfg.replace(image_projector=ProjectorConfig(in_dim=31, out_dim=cfg.lm.dim))
-    with pytest.raises(ValueError, match="audio_features.*n_mels"):
+    with pytest.raises(ValueError, match=r"audio_features.*n_mels"):
         cfg.replace(audio_features=LogMelConfig(n_mels=40))
-    with pytest.raises(ValueError, match="video_projector.*set exactly when"):
+    with pytest.raises(ValueError, match=r"video_projector.*set exactly when"):
         cfg.replace(video_encoder=None)
-    with pytest.raises(ValueError, match="token_id=4 .*no other medium uses"):
+    with pytest.raises(ValueError, match=r"token_id=4 .*no other medium uses"):
         cfg.replace(audio_token_id=IMAGE_ID)

@@ -32,6 +32,7 @@ from vats_apps.multimodal.questions import (
     MODALITIES,
     QA,
     QUESTION_TYPES,
+    TRAIN_WRAPPERS,
     answer,
     caption_attributes,
     make_qa,
@@ -146,19 +147,33 @@ def test_bad_input_names_what_is_allowed() -> None:
 def test_make_qa_balanced_deterministic_and_split(modality: str) -> None:
     names, caption = _samples(modality)[0]
     types = QUESTION_TYPES[modality]
-    n, blocks = len(types), 50
+    n, blocks = len(types), 120
     for split in ("train", "test"):
         qas = [make_qa(modality, names, caption, split=split, index=i) for i in range(n * blocks)]
         for b in range(blocks):  # every aligned block asks every type once
             assert sorted(q.qtype for q in qas[b * n : (b + 1) * n]) == sorted(types)
         for q in qas:
             assert isinstance(q, QA) and q.modality == modality
-            assert q.question in phrasings(modality, q.qtype, split)
+            allowed_q = phrasings(modality, q.qtype, split)
+            if split == "train":  # a train question may sit inside a wrapper
+                assert any(w.format(p) == q.question for w in TRAIN_WRAPPERS for p in allowed_q)
+            else:
+                assert q.question in allowed_q
             assert q.answer == answer(modality, q.qtype, names, caption)
         # the hash reaches every allowed phrasing, about evenly
-        used = collections.Counter((q.qtype, q.question) for q in qas)
+        core = {
+            w.format(p): p
+            for w in TRAIN_WRAPPERS
+            for t in types
+            for p in phrasings(modality, t, split)
+        }
+        used = collections.Counter((q.qtype, core.get(q.question, q.question)) for q in qas)
         allowed = {(t, p) for t in types for p in phrasings(modality, t, split)}
-        assert set(used) == allowed and min(used.values()) >= 0.4 * len(qas) / len(allowed)
+        assert set(used) <= allowed
+        if split == "train":  # hundreds of train phrasings: most are drawn
+            assert len(used) >= 0.5 * len(allowed)
+        else:
+            assert set(used) == allowed and min(used.values()) >= 0.4 * len(qas) / len(allowed)
     again = make_qa(modality, names, caption, split="train", index=123_457)
     assert again == make_qa(modality, names, caption, split="train", index=123_457)
     orders = {

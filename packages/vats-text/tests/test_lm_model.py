@@ -17,7 +17,13 @@ from vats_core.testing import (
     check_raises,
     check_save_load_roundtrip,
 )
-from vats_text.model import LMOutput, MoELanguageModel, MoELMConfig, shifted_cross_entropy
+from vats_text.model import (
+    IGNORE_INDEX,
+    LMOutput,
+    MoELanguageModel,
+    MoELMConfig,
+    shifted_cross_entropy,
+)
 from vats_text.presets import PRESETS, lm_preset
 
 
@@ -301,3 +307,18 @@ def test_lm_init_and_parameter_counts():
     assert tied.num_parameters(exclude_embeddings=True) == tied.num_parameters() - 512 * 64
     expert_params = sum(p.numel() for name, p in tied.named_parameters() if ".ffn.experts." in name)
     assert tied.num_parameters(active=True) == tied.num_parameters() - expert_params // 2
+
+
+def test_loss_on_the_last_positions_only_equals_the_full_loss():
+    """Answers at the end of every row (left padding): keeping their logits only gives the
+    loss of the full head, and labels before them must be ignored."""
+    model = MoELanguageModel(lm_preset("tiny")).eval()
+    ids = _ids(2, 20)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -4:] = ids[:, -4:]  # the last 4 tokens are the answer
+    full = model(ids, labels=labels)
+    kept = model(ids, labels=labels, logits_to_keep=5)
+    assert kept.logits.shape[1] == 5
+    torch.testing.assert_close(kept.loss, full.loss)
+    check_raises(lambda: model(ids, labels=labels, logits_to_keep=4), ValueError, "must be -100")
+    check_raises(lambda: model(ids, labels=labels, logits_to_keep=21), ValueError, "exceeds")

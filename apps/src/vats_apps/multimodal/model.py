@@ -59,7 +59,7 @@ from vats_core.config import Config, check, check_positive
 from vats_core.mlp import Activation, MLPConfig, build_mlp
 from vats_core.norms import RMSNorm
 from vats_text.generation import TextTokenizer, generate, stream
-from vats_text.model import LMOutput, MoELanguageModel, MoELMConfig
+from vats_text.model import IGNORE_INDEX, LMOutput, MoELanguageModel, MoELMConfig
 from vats_text.tokenizer import AUDIO_ID, IMAGE_ID, VIDEO_ID
 from vats_vision.vit2d import ViT2D, ViT2DConfig
 from vats_vision.vit3d import ViT3D, ViT3DConfig
@@ -93,6 +93,9 @@ class ProjectorConfig(Config):
     stack: int = 1  # k consecutive features -> one token (Ultravox stacks 8 audio frames)
     norm: bool = False  # RMSNorm over the stacked vector first (Ultravox)
     activation: Activation = Activation.GELU  # LLaVA: GELU; Ultravox: SwiGLU
+    # Prepend one token made from the mean of the item's (stacked) features: the pooled
+    # vector an encoder's classifier reads, handed to the LM whole.
+    mean_token: bool = False
 
     def __post_init__(self) -> None:
         check_positive(self, "in_dim", "out_dim", "hidden_dim", "stack")
@@ -109,15 +112,17 @@ class ProjectorConfig(Config):
         )
 
     def output_length(self, n: int) -> int:
-        """Tokens out for ``n`` features in: ``ceil(n / stack)``."""
-        return -(-n // self.stack)
+        """Tokens out for ``n`` features in: ``ceil(n / stack)`` (+ 1 with ``mean_token``)."""
+        return -(-n // self.stack) + int(self.mean_token)
 
 
 class Projector(nn.Module):
-    """``(B, n, D_enc)`` features and their lengths -> ``(B, ceil(n / k), D_lm)`` and lengths.
+    """``(B, n, D_enc)`` features and their lengths -> ``(B, ceil(n / k), D_lm)`` and lengths
+    (one more token first with ``mean_token``: the mean of the row's stacked features).
 
     Features past a row's length are zeroed before stacking, so a padded row's last token
-    equals that of the row run alone (its missing frames are zeros there too).
+    equals that of the row run alone (its missing frames are zeros there too), and the mean
+    covers the row's own tokens only.
     """
 
     def __init__(self, config: ProjectorConfig) -> None:
@@ -147,9 +152,13 @@ class Projector(nn.Module):
         if pad:
             features = nn.functional.pad(features, (0, 0, 0, pad))
         x = features.reshape(b, (n + pad) // k, k * d)  # (B, n', k·D_enc)
+        lengths = (lengths + k - 1).div(k, rounding_mode="floor")
+        if cfg.mean_token:  # the real tokens' mean, first
+            mean = x.sum(1, keepdim=True) / lengths[:, None, None].to(x.dtype)  # padding is 0
+            x, lengths = torch.cat([mean, x], dim=1), lengths + 1
         if self.norm is not None:
             x = self.norm(x)
-        return self.mlp(x), (lengths + k - 1).div(k, rounding_mode="floor")
+        return self.mlp(x), lengths
 
 
 # ----------------------------------------------------------------------------- config
@@ -550,10 +559,20 @@ class MultimodalLM(PretrainedMixin, nn.Module):
                 everywhere but the answer tokens (``build_inputs(..., answers=)`` makes them).
 
         Returns:
-            :class:`~vats_text.model.LMOutput`.
+            :class:`~vats_text.model.LMOutput`; with labels, ``logits`` covers the positions
+            from the one before the first label to the end (all the loss reads).
         """
         embeds = self.embed(input_ids, attention_mask, images=images, videos=videos, audios=audios)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        keep = 0
+        if labels is not None and isinstance(labels, Tensor) and labels.shape == input_ids.shape:
+            # The head only where the loss reads it: from the position before the first label
+            # on (left-padded answers end together, so the prompts' logits are skipped).
+            cols = (labels != IGNORE_INDEX).any(0).nonzero()
+            if len(cols):
+                keep = input_ids.shape[1] - int(cols[0]) + 1
+        return self.lm(
+            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, logits_to_keep=keep
+        )
 
     @torch.no_grad()
     def generate(
@@ -626,12 +645,25 @@ class MultimodalLM(PretrainedMixin, nn.Module):
         """Copy a trained part's weights in: ``name`` is ``"lm"`` or ``"<kind>_encoder"``.
 
         A classifier's head (an encoder trained with ``num_classes > 0``) is left out: the
-        model reads the encoder's features, not its logits.
+        model reads the encoder's features, not its logits. So are the blocks past this
+        model's encoder depth when its config keeps fewer (``n_layers``) than the source has:
+        the features then come from an earlier layer (through the final norm), which keeps
+        more of what the classifier's last layers discard (LLaVA reads its CLIP encoder's
+        penultimate layer for the same reason).
         """
         target = getattr(self, name, None)
         if name not in ("lm", *(f"{k}_encoder" for k in KINDS)) or target is None:
             raise ValueError(f"no part {name!r} in this model (parts: lm, {self.config.kinds})")
-        state = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+        depth = getattr(target.config, "n_layers", None)
+
+        def kept(key: str) -> bool:
+            if key.startswith("head."):
+                return False
+            if name != "lm" and key.startswith("blocks.") and depth is not None:
+                return int(key.split(".")[1]) < depth
+            return True
+
+        state = {k: v for k, v in source.state_dict().items() if kept(k)}
         target.load_state_dict(state, strict=True)
 
     @classmethod

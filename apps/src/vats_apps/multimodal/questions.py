@@ -88,53 +88,102 @@ _TABLES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }  # fmt: skip
 
-# the last phrasing of each type is held out for val / test
+# The last phrasing of each type is held out for val / test. Each type has its own key word
+# ("shape", "colour", "size", "where", "background", "way"/"direction", "fast"/"speed",
+# "pitch", "timbre", "long"/"duration") and no other type's phrasings use it: the object is
+# "it", never "the shape", so a question is told apart by what it asks about. Every
+# held-out phrasing joins words the train phrasings use in a sentence they never form
+# ("... in the image", "... in the clip", "... the sound").
 _PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "image": {
-        "shape": ("What shape is shown?", "Which shape is in the picture?", "Name the shape.",
-                  "What kind of shape do you see?", "What is the shape in this image?"),
-        "color": ("What color is the shape?", "Which colour is the shape?",
-                  "Name the color of the shape.", "What colour do you see?",
-                  "Tell me the colour of the shape."),
-        "size": ("How big is the shape?", "What size is the shape?", "How large is the shape?",
-                 "Tell me the size of the shape.", "What is the size of the shape in the picture?"),
-        "position": ("Where is the shape?", "Where is the shape in the image?",
-                     "In which part of the picture is the shape?",
-                     "What is the position of the shape?", "Where in the frame does the shape sit?"),
-        "background": ("What is the background like?", "Describe the background.",
-                       "What kind of background is it?", "What does the background look like?",
-                       "Which background is behind the shape?"),
-        "describe": ("Describe the image.", "What is in the picture?",
-                     "Write a caption for this image.", "What do you see?",
-                     "Give a short description of the image."),
+        "shape": ("What shape is it?", "Which shape is shown?", "Name the shape.",
+                  "What shape do you see?", "What kind of shape is this?",
+                  "Which shape is in the picture?", "What shape is in the image?"),
+        "color": ("What color is it?", "What colour is it?", "Which color is shown?",
+                  "Name the colour.", "What colour do you see?",
+                  "Which colour is in the picture?", "What color is in the image?"),
+        "size": ("How big is it?", "What size is it?", "Which size is shown?", "Name the size.",
+                 "How large is it?", "What size do you see?", "How big is it in the picture?",
+                 "How big is it in the image?"),
+        "position": ("Where is it?", "Where is it placed?", "Which position is it in?",
+                     "Name the position.", "Where do you see it?", "Where in the picture is it?",
+                     "Where in the image is it?"),
+        "background": ("What is the background?", "What background is it on?",
+                       "Which background is shown?", "Name the background.",
+                       "What background do you see?", "Which background is in the picture?",
+                       "What background is in the image?"),
+        "describe": ("Describe the image.", "Describe the picture.", "Write a caption.",
+                     "What do you see? Describe it.", "Give a description of the picture.",
+                     "Caption this image.", "Give a description of the image."),
     },
     "video": {
-        "direction": ("Which way is the shape moving?", "In what direction does the shape move?",
-                      "Where is the shape going?", "What direction is the motion?",
-                      "Which direction does the shape travel in?"),
-        "speed": ("How fast is the shape moving?", "What is the speed of the shape?",
-                  "How quickly does the shape move?", "Is the shape moving slowly or quickly?",
-                  "At what speed does the shape travel?"),
-        "shape": ("What shape is moving?", "Which shape is in the clip?", "Name the moving shape.",
-                  "What kind of shape is in the video?", "What is the shape in this video?"),
-        "describe": ("Describe the clip.", "What happens in the video?",
-                     "Write a caption for this clip.", "What do you see in the clip?",
-                     "Give a short description of the video."),
+        "direction": ("Which way is it moving?", "What direction does it move in?",
+                      "Which direction is it going?", "Name the direction.",
+                      "Which way does it go?", "In which direction does it move?",
+                      "Which way does it move in the video?", "Which way is it going in the clip?"),
+        "speed": ("How fast is it moving?", "What speed does it move at?", "Is it slow or fast?",
+                  "Name the speed.", "How fast does it go?", "Which speed is shown?",
+                  "How fast does it move in the video?", "How fast is it in the clip?"),
+        "shape": ("What shape is moving?", "Which shape is it?", "Name the shape.",
+                  "What shape do you see?", "What kind of shape moves?",
+                  "Which shape is in the video?", "What shape is in the clip?"),
+        "describe": ("Describe the clip.", "Describe the video.", "Write a caption.",
+                     "What happens? Describe it.", "Give a description of the video.",
+                     "Caption this clip.", "Give a description of the clip."),
     },
     "audio": {
-        "pitch": ("What is the pitch of the tone?", "How high is the sound?",
-                  "Which pitch do you hear?", "Name the pitch of the sound.",
-                  "How high or low is the tone?"),
-        "timbre": ("What timbre is the tone?", "What kind of waveform does the sound have?",
-                   "Which timbre do you hear?", "What does the tone sound like?",
-                   "Name the timbre of the sound."),
-        "duration": ("How long is the sound?", "Is the tone short or long?",
-                     "What is the duration of the tone?", "How long does the tone last?",
-                     "Is this a short or a long sound?"),
-        "describe": ("Describe the sound.", "What do you hear?", "Write a caption for this audio.",
-                     "What is in the recording?", "Give a short description of the sound."),
+        "pitch": ("What pitch is it?", "How high is the pitch?", "Which pitch do you hear?",
+                  "Name the pitch.", "Is the pitch high or low?",
+                  "What is the pitch of the tone?", "What pitch is the sound?"),
+        "timbre": ("What timbre is it?", "Which timbre do you hear?", "Name the timbre.",
+                   "What kind of timbre is this?", "What is the timbre of the tone?",
+                   "Which timbre is it?", "What timbre is the sound?"),
+        "duration": ("How long is it?", "Is it short or long?", "What duration do you hear?",
+                     "Name the duration.", "How long does it last?",
+                     "What is the duration of the tone?", "How long is the sound?"),
+        "describe": ("Describe the sound.", "Describe the audio.", "Write a caption.",
+                     "What do you hear? Describe it.", "Give a description of the audio.",
+                     "Caption this tone.", "Give a description of the sound."),
     },
 }  # fmt: skip
+
+# The train phrasings above are also asked about other objects than "it" and with the
+# medium named (a few hundred strings in all), so the key word is what stays constant
+# across them; the held-out phrasings use neither these objects nor these medium nouns.
+_OBJECTS = {"image": ("the object", "the thing"), "video": ("the object", "the thing"),
+            "audio": ("the tone", "the note")}  # fmt: skip
+_MEDIUM_NOUNS = {"image": ("picture", "photo"), "video": ("video", "animation"),
+                 "audio": ("recording", "audio")}  # fmt: skip
+
+
+def _variants(modality: str, qtype: str, phrasing: str) -> list[str]:
+    out = [phrasing]
+    if re.search(r"\bit\b", phrasing):
+        out += [re.sub(r"\bit\b", o, phrasing, count=1) for o in _OBJECTS[modality]]
+    if qtype != "describe" and " in the " not in phrasing and phrasing[-1] in "?.":
+        out += [f"{q[:-1]} in the {n}{q[-1]}" for q in list(out) for n in _MEDIUM_NOUNS[modality]]
+    return out
+
+
+_TRAIN_PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    m: {
+        t: tuple(dict.fromkeys(v for p in every[:-1] for v in _variants(m, t, p)))
+        for t, every in types.items()
+    }
+    for m, types in _PHRASINGS.items()
+}
+for _m, _types in _PHRASINGS.items():  # a held-out phrasing is never a train one
+    for _t, _every in _types.items():
+        assert _every[-1] not in _TRAIN_PHRASINGS[_m][_t], (_m, _t)
+
+# Training questions come plain or inside one of these (chosen by the sample's hash), so the
+# model learns that words around the key word do not change what is asked: on the held-out
+# phrasings a model trained on the plain ones alone answered "Which way is it going in the
+# clip?" with a speed. Held-out questions are always plain.
+TRAIN_WRAPPERS: tuple[str, ...] = (
+    "{}", "{}", "{}", "Question: {}", "Please answer. {}", "Look closely. {}", "{} Thanks.",
+    "Quick one: {}",
+)  # fmt: skip
 
 _SYNONYMS: dict[tuple[str, str], tuple[str, ...]] = {  # more ways a caption may write a name
     ("position", "center"): ("centre", "middle"),
@@ -167,8 +216,10 @@ def phrasings(modality: str, qtype: str, split: str = "train") -> tuple[str, ...
     Returns:
         The phrasings, in a fixed order.
     """
-    every = _PHRASINGS[_check_modality(modality)][_check_qtype(modality, qtype)]
-    return every[:-1] if _check_split(split) == "train" else every[-1:]
+    _check_qtype(_check_modality(modality), qtype)
+    if _check_split(split) == "train":
+        return _TRAIN_PHRASINGS[modality][qtype]
+    return _PHRASINGS[modality][qtype][-1:]
 
 
 def answer(modality: str, qtype: str, names: Mapping[str, str], caption: str) -> str:
@@ -232,6 +283,8 @@ def make_qa(
     qtype = chosen[order[slot]]
     options = phrasings(modality, qtype, split)
     question = options[_mix(1, split_id, index) % len(options)]
+    if split == "train":  # words around the question that do not change what it asks
+        question = TRAIN_WRAPPERS[_mix(2, index) % len(TRAIN_WRAPPERS)].format(question)
     return QA(modality, qtype, question, answer(modality, qtype, names, caption))
 
 

@@ -313,6 +313,80 @@ def _write_examples(
     return written
 
 
+def load_or_train(cfg: DictConfig) -> tuple[AudioEncoder, dict[str, Any], bool, Path]:
+    """The audio encoder: from the cache when an entry matches the config, else trained
+    from scratch, scored on held-out clips (and after the vocoder round trip) and cached.
+
+    Returns:
+        ``(model, report, cached, path)``: the model in eval mode; the report written when
+        the weights were trained (with that run's held-out scores); whether it came from the
+        cache; the cache entry.
+    """
+    flags = check_compile_switches(cfg)
+    world_cfg = world_config(cfg)
+    features = features_config(cfg, world_cfg)
+    config = model_config(cfg, world_cfg, features)
+    train_section = section(cfg, "train", NAME)
+    batch_size = _count(cfg, "train.batch_size", minimum=1)
+    steps = _count(cfg, "train.max_steps", minimum=1)
+    eval_size = _count(cfg, "train.eval_size", minimum=1)
+    vocoder_size = _count(cfg, "train.vocoder.eval_size", minimum=0)
+    n_iter = _count(cfg, "train.vocoder.n_iter", minimum=1)
+    fields = trainer_fields(train_section.get("trainer", {}), "train.trainer")
+    path = Path(str(cfg.pipeline.cache_dir)).expanduser() / NAME / cache_key(cfg)
+    if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
+        print(f"{NAME}: loading the cached model from {path}", flush=True)
+        model = AudioEncoder.from_pretrained(path / "model")
+        return model, json.loads((path / REPORT_NAME).read_text()), True, path
+
+    world, logmel = SoundsWorld(world_cfg), LogMel(features)
+    draw = make_drawer(world, logmel)
+    frames = max_frames(world_cfg, features)
+    seed = int(cfg.pipeline.seed)
+    torch.manual_seed(seed)
+    model = AudioEncoder(config)
+    fixed = frames if flags.training else None  # compiled: one shape for every step
+
+    def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
+        first = (step * fields.get("grad_accum_steps", 1) + micro) * batch_size
+        clips = draw(range(first, first + batch_size), "train", fixed)
+        return {"x": clips.features, "lengths": clips.lengths, "y": clips.target}
+
+    if "warmup_steps" in fields:  # a short run keeps the warmup inside the run
+        fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
+    trainer_config = TrainerConfig(
+        **fields,
+        max_steps=steps,
+        seed=seed,
+        out_dir=str(Path(str(cfg.pipeline.out_dir))),
+        checkpoint_every=0,
+        progress=bool(cfg.pipeline.progress),
+        compile=flags.training,
+    )
+    start = time.perf_counter()
+    Trainer(model, trainer_config, data=batch_fn, loss_fn=_loss_fn).fit()
+    report = {
+        "task": "audio",
+        "chance": 1.0 / world_cfg.num_classes,
+        "classes": world_cfg.num_classes,
+        "steps": steps,
+        "seconds": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "goal": GOAL,
+        "vocoder_goal": VOCODER_GOAL,
+    }
+    report |= held_out_scores(model, draw, world_cfg, eval_size, frames, compile=flags.evaluation)
+    if vocoder_size:  # deterministic given the weights: kept with them, reused when cached
+        vocoder = GriffinLimVocoder(features, n_iter=n_iter)
+        report["vocoder_accuracy"] = vocoder_accuracy(model, draw, logmel, vocoder, vocoder_size)
+        report["vocoder_scored"] = {"n_iter": n_iter, "eval_size": vocoder_size}
+    with staged_entry(path) as staging:
+        model.save_pretrained(staging / "model")
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return model.eval(), report, False, path
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the audio encoder from scratch (or load it from the cache) and score it.
 
@@ -326,76 +400,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     flags = check_compile_switches(cfg)
     world_cfg = world_config(cfg)
     features = features_config(cfg, world_cfg)
-    config = model_config(cfg, world_cfg, features)
-    train_section = section(cfg, "train", NAME)
-    batch_size = _count(cfg, "train.batch_size", minimum=1)
-    steps = _count(cfg, "train.max_steps", minimum=1)
+    model_config(cfg, world_cfg, features)
+    section(cfg, "train", NAME)
+    for key, minimum in (
+        ("train.batch_size", 1),
+        ("train.max_steps", 1),
+        ("train.eval_size", 1),
+        ("train.vocoder.eval_size", 0),
+        ("train.vocoder.n_iter", 1),
+    ):
+        _count(cfg, key, minimum=minimum)
     eval_size = _count(cfg, "train.eval_size", minimum=1)
     vocoder_size = _count(cfg, "train.vocoder.eval_size", minimum=0)
     n_examples = _count(cfg, "pipeline.examples", minimum=0)
     n_iter = _count(cfg, "train.vocoder.n_iter", minimum=1)
-    vocoder = GriffinLimVocoder(features, n_iter=n_iter)
-    vocoder_settings = {"n_iter": n_iter, "eval_size": vocoder_size}
-    fields = trainer_fields(train_section.get("trainer", {}), "train.trainer")
+    trainer_fields(section(cfg, "train", NAME).get("trainer", {}), "train.trainer")
     files = {path: load_audio(path, sample_rate=world_cfg.sample_rate)[0] for path in _files(cfg)}
 
+    model, report, cached, path = load_or_train(cfg)
     world, logmel = SoundsWorld(world_cfg), LogMel(features)
     draw = make_drawer(world, logmel)
-    frames = max_frames(world_cfg, features)
-    seed = int(cfg.pipeline.seed)
-    out_dir = Path(str(cfg.pipeline.out_dir))
-    path = Path(str(cfg.pipeline.cache_dir)).expanduser() / NAME / cache_key(cfg)
-
-    if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
-        print(f"{NAME}: loading the cached model from {path}", flush=True)
-        model = AudioEncoder.from_pretrained(path / "model")
-        report = json.loads((path / REPORT_NAME).read_text())
-        cached = True
-    else:
-        torch.manual_seed(seed)
-        model = AudioEncoder(config)
-        fixed = frames if flags.training else None  # compiled: one shape for every step
-
-        def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
-            first = (step * fields.get("grad_accum_steps", 1) + micro) * batch_size
-            clips = draw(range(first, first + batch_size), "train", fixed)
-            return {"x": clips.features, "lengths": clips.lengths, "y": clips.target}
-
-        if "warmup_steps" in fields:  # a short run keeps the warmup inside the run
-            fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
-        trainer_config = TrainerConfig(
-            **fields,
-            max_steps=steps,
-            seed=seed,
-            out_dir=str(out_dir),
-            checkpoint_every=0,
-            progress=bool(cfg.pipeline.progress),
-            compile=flags.training,
+    vocoder = GriffinLimVocoder(features, n_iter=n_iter)
+    vocoder_settings = {"n_iter": n_iter, "eval_size": vocoder_size}
+    if cached:  # scored again
+        frames = max_frames(world_cfg, features)
+        report |= held_out_scores(
+            model, draw, world_cfg, eval_size, frames, compile=flags.evaluation
         )
-        start = time.perf_counter()
-        Trainer(model, trainer_config, data=batch_fn, loss_fn=_loss_fn).fit()
-        report = {
-            "task": "audio",
-            "chance": 1.0 / world_cfg.num_classes,
-            "classes": world_cfg.num_classes,
-            "steps": steps,
-            "seconds": time.perf_counter() - start,
-            "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "goal": GOAL,
-            "vocoder_goal": VOCODER_GOAL,
-        }
-        if vocoder_size:  # deterministic given the weights: kept with them, reused when cached
-            report["vocoder_accuracy"] = vocoder_accuracy(
-                model, draw, logmel, vocoder, vocoder_size
-            )
-            report["vocoder_scored"] = vocoder_settings
-        with staged_entry(path) as staging:
-            model.save_pretrained(staging / "model")
-            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        cached = False
-
-    report |= held_out_scores(model, draw, world_cfg, eval_size, frames, compile=flags.evaluation)
     report["vocoder_clips"] = vocoder_size
     if not vocoder_size:
         report["vocoder_accuracy"] = None
@@ -405,6 +436,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     elif cached:
         report["vocoder_reused"] = True  # scored when the weights were trained
     report["classified"] = classify_files(model, logmel, world_cfg.class_names(), files)
+    out_dir = Path(str(cfg.pipeline.out_dir))
     report["examples"] = [
         str(p) for p in _write_examples(out_dir, world, logmel, vocoder, n_examples)
     ]

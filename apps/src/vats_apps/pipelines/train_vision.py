@@ -230,28 +230,23 @@ def _build(cfg: DictConfig, task: str) -> tuple[nn.Module, Callable, int, dict[s
     return model, draw, k, _section(cfg, f"train.{kind}")
 
 
-def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
-    """Train one task's model from scratch (or load it from the cache) and score it on
-    held-out samples.
+def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any], bool, Path]:
+    """``task``'s model: from the cache when an entry matches the config, else trained from
+    scratch, scored on held-out samples and cached.
 
     Returns:
-        ``{"task", "accuracy", "chance", "classes", "steps", "seconds", "threads",
-        "parameters", "cached", "cache"}`` (plus ``"goal"`` where the issue sets one);
-        ``seconds`` and ``threads`` are those of the run that trained the weights.
+        ``(model, report, cached, path)``: the model in eval mode; the report written when
+        the weights were trained (its ``accuracy`` is the held-out score of that run); whether
+        it came from the cache; the cache entry.
     """
     model, draw, k, section = _build(cfg, task)  # a bad config fails before any work
     flags = check_compile_switches(cfg)
     path = Path(str(cfg.pipeline.cache_dir)).expanduser() / "train_vision" / task
     path = path / cache_key(cfg, task)
-    eval_size = int(section["eval_size"])
     if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
         print(f"train_vision: loading the cached {task} model from {path}", flush=True)
         model = type(model).from_pretrained(path / "model")
-        report = json.loads((path / REPORT_NAME).read_text())
-        report["accuracy"] = held_out_accuracy(  # scored again
-            model, draw, eval_size, compile=flags.evaluation
-        )
-        return {**report, "cached": True, "cache": str(path)}
+        return model, json.loads((path / REPORT_NAME).read_text()), True, path
 
     batch_size, steps = int(section["batch_size"]), int(section["max_steps"])
 
@@ -280,7 +275,9 @@ def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     report: dict[str, Any] = {
         "task": task,
-        "accuracy": held_out_accuracy(model, draw, eval_size, compile=flags.evaluation),
+        "accuracy": held_out_accuracy(
+            model, draw, int(section["eval_size"]), compile=flags.evaluation
+        ),
         "chance": 1.0 / k,
         "classes": k,
         "steps": steps,
@@ -293,7 +290,25 @@ def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
     with staged_entry(path) as staging:
         model.save_pretrained(staging / "model")  # type: ignore[operator]
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    return {**report, "cached": False, "cache": str(path)}
+    return model.eval(), report, False, path
+
+
+def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
+    """Train one task's model from scratch (or load it from the cache) and score it on
+    held-out samples.
+
+    Returns:
+        ``{"task", "accuracy", "chance", "classes", "steps", "seconds", "threads",
+        "parameters", "cached", "cache"}`` (plus ``"goal"`` where the issue sets one);
+        ``seconds`` and ``threads`` are those of the run that trained the weights.
+    """
+    model, report, cached, path = load_or_train(cfg, task)
+    if cached:  # scored again
+        _, draw, _, section = _build(cfg, task)
+        report["accuracy"] = held_out_accuracy(
+            model, draw, int(section["eval_size"]), compile=compile_flags(cfg).evaluation
+        )
+    return {**report, "cached": cached, "cache": str(path)}
 
 
 def _line(r: dict[str, Any]) -> str:

@@ -450,7 +450,9 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
             caches: from :meth:`setup_caches`; this call appends its keys / values and
                 attends over everything held.
             logits_to_keep: 0 = logits for all T positions; n > 0 = only the last n (a
-                prefill needs the last position's only). Not with labels.
+                prefill needs the last position's only). With labels, the loss scores those
+                n positions, so every label before the last n - 1 must be -100 (answers
+                ending together in left-padded rows: the head skips the prompts).
 
         Returns:
             :class:`LMOutput`.
@@ -481,7 +483,8 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
         logits = self.lm_head(h if logits_to_keep == 0 else h[:, -logits_to_keep:])  # (B, T', V)
         out = LMOutput(logits=logits, last_hidden_state=h, router_stats=router_stats)
         if labels is not None:
-            out.ce_loss = shifted_cross_entropy(logits, labels)
+            scored = labels if logits_to_keep == 0 else labels[:, -logits_to_keep:]
+            out.ce_loss = shifted_cross_entropy(logits, scored)
             out.loss = out.ce_loss
             if self.training and out.aux_loss is not None and out.z_loss is not None:
                 out.loss = (
@@ -561,8 +564,6 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
         if not is_int(logits_to_keep) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep={logits_to_keep!r} must be an int >= 0")
         if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels need the logits of every position: logits_to_keep=0")
             if not isinstance(labels, Tensor) or tuple(labels.shape) != (batch, t):
                 raise ValueError(
                     f"labels must be a (B, T) = ({batch}, {t}) tensor, got {_describe(labels)}"
@@ -570,6 +571,16 @@ class MoELanguageModel(PretrainedMixin, nn.Module):
             if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
                 raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
             _check_ids_in_range(labels, cfg.vocab_size, "labels", ignore=IGNORE_INDEX)
+            if logits_to_keep > t:
+                raise ValueError(f"logits_to_keep={logits_to_keep} exceeds the {t} positions")
+            seen = t - logits_to_keep + 1  # labels the kept logits score start here
+            early = labels[:, :seen] != IGNORE_INDEX
+            if logits_to_keep and not torch.compiler.is_compiling() and bool(early.any()):
+                raise ValueError(
+                    f"labels before the last {logits_to_keep - 1} positions must be "
+                    f"{IGNORE_INDEX} with logits_to_keep={logits_to_keep}: their logits are not "
+                    "computed (keep more, or 0 for all)"
+                )
         return batch, t
 
     def _prepare_mask(self, attention_mask: Tensor | None, batch: int, t: int) -> Tensor | None:
