@@ -17,8 +17,9 @@ PKG_DIR_core := packages/vats-core
 PKG_DIR_text := packages/vats-text
 PKG_DIR_vision := packages/vats-vision
 PKG_DIR_audio := packages/vats-audio
+PKG_DIR_diffusion := packages/vats-diffusion
 PKG_DIR_apps := apps
-PACKAGES := core text vision audio apps
+PACKAGES := core text vision audio diffusion apps
 
 .PHONY: setup uv sync demo test lint test-root bench build clean $(addprefix test-,$(PACKAGES))
 
