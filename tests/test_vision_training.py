@@ -5,6 +5,8 @@ frame order, which is why it must stay at chance on motion direction.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -109,6 +111,35 @@ def test_video_ablation_is_blind_to_frame_order(tmp_path):
         assert (forward - backward).abs().max() > 1e-3 * forward.abs().max()
 
 
+def test_aux_phase_widens_the_head_and_bad_aux_settings_are_refused(tmp_path):
+    # With aux labels the image head predicts size, position and background besides
+    # shape x colour: 24 + 3 + 9 + 4 logits, each slice scored on its own, the aux ones
+    # trained in a phase after the proof.
+    short = [
+        "pipeline.task=image",
+        "train.image.max_steps=2",
+        "train.image.aux.max_steps=2",
+        "train.image.eval_size=32",
+    ]
+    aux = "train.image.aux.labels=[size,position,background]"
+    result = run_pipeline(_cfg(tmp_path, *short, aux))["image"]
+    assert list(result["attributes"]) == ["size", "position", "background"]
+    assert result["aux_steps"] == 2 and 0 <= result["accuracy_before_aux"] <= 1
+    assert ViT2D.from_pretrained(Path(result["cache"]) / "model").config.num_classes == 40
+    assert (tmp_path / "image" / "aux" / "metrics.jsonl").is_file()
+    plain = run_pipeline(_cfg(tmp_path, *short))["image"]  # the shipped config: none
+    assert plain["attributes"] == {} and plain["cache"] != result["cache"]
+    assert "aux_steps" not in plain
+    for bad in ("labels=[speed]", "labels=[size,size]", "labels=size"):
+        with pytest.raises(ValueError, match=r"train\.image\.aux\.labels"):
+            run_pipeline(_cfg(tmp_path / "bad", *short, f"train.image.aux.{bad}"))
+    with pytest.raises(ValueError, match=r"train\.image\.aux"):
+        run_pipeline(_cfg(tmp_path / "bad", *short, aux, "train.image.aux.weight=-1"))
+    with pytest.raises(ValueError, match=r"train\.image\.aux\.trainer"):
+        run_pipeline(_cfg(tmp_path / "bad", *short, aux, "+train.image.aux.trainer.lrr=1"))
+    assert not (tmp_path / "bad" / "cache").exists()
+
+
 def test_unknown_task_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"pipeline\.task"):
         run_pipeline(_cfg(tmp_path, "pipeline.task=audio"))
@@ -134,7 +165,12 @@ def test_compile_switches_reach_training_and_scoring(tmp_path, monkeypatch):
         return real_trainer(model, config.replace(compile=False), **kwargs)
 
     monkeypatch.setattr(train_vision, "Trainer", recording_trainer)
-    short = ["pipeline.task=image", "train.image.max_steps=3", "train.image.eval_size=256"]
+    short = [
+        "pipeline.task=image",
+        "train.image.max_steps=3",
+        "train.image.aux.max_steps=0",  # one Trainer per run
+        "train.image.eval_size=256",
+    ]
     eager = run_pipeline(_cfg(tmp_path, *short))["image"]
     assert trained == [False] and frozen.call_count == 0
     compiled = run_pipeline(_cfg(tmp_path, *short, "train.compile=true"))["image"]

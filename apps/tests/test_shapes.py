@@ -219,6 +219,25 @@ def test_straight_motion_keeps_the_centre_in_the_frame():
 # ---- balance ----------------------------------------------------------------------------------
 
 
+def test_slots_index_the_config_lists():
+    # A classifier's class i of a label is the config list's i-th value, whatever the
+    # order of the lists: slots map the batch's global ids onto those positions.
+    config = ShapesConfig(colors=("cyan", "red", "blue"), sizes=("large", "small"))
+    world = ShapesWorld(config)
+    batch = world.videos(range(64))
+    for name in ("shape", "color", "size", "position", "background", "direction", "speed"):
+        values = config.label_values(name)
+        slots = world.slots(batch, name)
+        assert slots.shape == (64,) and int(slots.min()) >= 0
+        names = [batch.names(i)[name] for i in range(64)]
+        assert [values[int(k)] for k in slots] == names
+    assert config.label_values("position") == POSITIONS
+    with pytest.raises(ValueError, match="motion"):
+        world.slots(world.images(range(2)), "speed")
+    with pytest.raises(ValueError, match="label"):
+        config.label_values("mood")
+
+
 def test_classes_are_balanced():
     cfg = ShapesConfig()
     k = cfg.num_image_classes

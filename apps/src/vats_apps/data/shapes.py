@@ -117,6 +117,11 @@ _DIRECTION_WORDS = {
     "down-right": "down and to the right",
 }
 
+_TABLES: dict[str, tuple[str, ...]] = {  # label -> its global name table
+    "shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "position": POSITIONS,
+    "background": tuple(BACKGROUNDS), "direction": tuple(DIRECTIONS), "speed": tuple(SPEEDS),
+}  # fmt: skip
+
 MIN_IMAGE_SIZE = 24  # the smallest shape then spans about 5 pixels
 MAX_SEED = 2**32 - 1
 _TEXTURE_AMPLITUDE = 0.09  # background pattern contrast, small so shape colours stay clear
@@ -213,6 +218,18 @@ class ShapesConfig(Config):
         """K for videos: directions."""
         return len(self.directions)
 
+    def label_values(self, name: str) -> tuple[str, ...]:
+        """The values label ``name`` takes in this world, in slot order (see
+        :meth:`ShapesWorld.slots`): the config's list, or :data:`POSITIONS`."""
+        values = {
+            "shape": self.shapes, "color": self.colors, "size": self.sizes,
+            "position": POSITIONS, "background": self.backgrounds,
+            "direction": self.directions, "speed": self.speeds,
+        }  # fmt: skip
+        if name not in values:
+            raise config_error(type(self).__name__, "label", name, f"one of {list(values)}")
+        return values[name]
+
     def image_class_names(self) -> list[str]:
         """Name of each image target, e.g. ``'red circle'``."""
         return [f"{c} {s}" for s in self.shapes for c in self.colors]
@@ -269,13 +286,8 @@ class ShapeBatch:
 
     def names(self, i: int) -> dict[str, str]:
         """Label names of sample ``i`` (e.g. ``{"shape": "circle", ...}``)."""
-        tables = {
-            "shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES),
-            "position": POSITIONS, "background": tuple(BACKGROUNDS),
-            "direction": tuple(DIRECTIONS), "speed": tuple(SPEEDS),
-        }  # fmt: skip
         labels = self.labels(i)
-        return {k: tables[k][labels[k]] for k in self._LABELS if k in labels}
+        return {k: _TABLES[k][labels[k]] for k in self._LABELS if k in labels}
 
     def example(self, i: int) -> dict[str, Tensor | str]:
         """Sample ``i`` as a dict of tensors plus its caption (what ``Dataset[i]`` returns)."""
@@ -314,6 +326,18 @@ class ShapesWorld:
     def videos(self, indices: Sequence[int] | Tensor, split: Split | str = "train") -> ShapeBatch:
         """Render clips ``indices`` of ``split``; pixels (B, T, C, S, S)."""
         return self._generate(indices, split, Kind.VIDEO)
+
+    def slots(self, batch: ShapeBatch, name: str) -> Tensor:
+        """(B,) slot of label ``name`` in :meth:`ShapesConfig.label_values` (the class index a
+        classifier of this world predicts), from the batch's global ids."""
+        values = self.config.label_values(name)
+        ids = getattr(batch, name)
+        if ids is None:
+            raise ValueError(f"the batch has no {name!r} labels (images have no motion)")
+        table = _TABLES[name]
+        lookup = torch.full((len(table),), -1, dtype=torch.int64)
+        lookup[[table.index(v) for v in values]] = torch.arange(len(values))
+        return lookup[ids]
 
     # ---- sampling -----------------------------------------------------------------------------
 

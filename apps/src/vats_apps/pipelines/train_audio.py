@@ -402,14 +402,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     features = features_config(cfg, world_cfg)
     model_config(cfg, world_cfg, features)
     section(cfg, "train", NAME)
-    for key, minimum in (
-        ("train.batch_size", 1),
-        ("train.max_steps", 1),
-        ("train.eval_size", 1),
-        ("train.vocoder.eval_size", 0),
-        ("train.vocoder.n_iter", 1),
-    ):
-        _count(cfg, key, minimum=minimum)
+    for key in ("train.batch_size", "train.max_steps"):  # read by load_or_train
+        _count(cfg, key, minimum=1)
     eval_size = _count(cfg, "train.eval_size", minimum=1)
     vocoder_size = _count(cfg, "train.vocoder.eval_size", minimum=0)
     n_examples = _count(cfg, "pipeline.examples", minimum=0)

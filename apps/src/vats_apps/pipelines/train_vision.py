@@ -74,6 +74,7 @@ Shapes: B batch, T frames, C channels, S image side, K classes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -97,6 +98,12 @@ from vats_vision.vit3d import ViT3D, ViT3DConfig
 
 TASKS = ("image", "video", "video_no_temporal")
 GOALS = {"image": 0.95, "video": 0.90}  # the issue's held-out accuracy goals
+# Labels a classifier may predict besides its target (images: shape x colour; clips: the
+# direction): those their captions name. Images have no motion labels.
+AUX_LABELS = {
+    "image": ("size", "position", "background"),
+    "video": ("shape", "color", "size", "position", "background", "speed"),
+}
 EVAL_CHUNK = 256  # held-out samples scored per forward
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
 # The packages whose code trains (and whose versions and source key) the cached models.
@@ -117,10 +124,40 @@ def world_config(cfg: DictConfig, kind: str) -> ShapesConfig:
     return ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def aux_labels(cfg: DictConfig, kind: str) -> tuple[str, ...]:
+    """``train.<kind>.aux.labels``: the world's labels the classifier predicts besides its
+    target, each through its own slice of the head's logits (see :func:`heads`)."""
+    labels = (_section(cfg, f"train.{kind}").get("aux") or {}).get("labels")
+    labels = [] if labels is None else labels
+    allowed = AUX_LABELS[kind]
+    if not isinstance(labels, list | tuple) or any(a not in allowed for a in labels):
+        raise ValueError(
+            f"train_vision train.{kind}.aux.labels={labels!r} is invalid: expected a list of "
+            f"distinct labels from {list(allowed)}"
+        )
+    if len(set(labels)) != len(labels):
+        raise ValueError(
+            f"train_vision train.{kind}.aux.labels={labels!r} is invalid: a label is repeated"
+        )
+    return tuple(labels)
+
+
+def heads(cfg: DictConfig, task: str, world: ShapesConfig) -> list[tuple[str, int]]:
+    """``(label, classes)`` of each slice of ``task``'s logits, in order: the target (shape
+    x colour for images, the direction for clips) first, then the aux labels (none for the
+    ablation, which only has to show that direction is out of its reach)."""
+    k = world.num_image_classes if task == "image" else world.num_video_classes
+    kind = "image" if task == "image" else "video"
+    aux = [] if task == "video_no_temporal" else aux_labels(cfg, kind)
+    return [("target", k), *((a, len(world.label_values(a))) for a in aux)]
+
+
 def image_model_config(cfg: DictConfig, world: ShapesConfig) -> ViT2DConfig:
-    """``model.vision2d`` for this world: input size and class count come from the data."""
+    """``model.vision2d`` for this world: input size and class count come from the data
+    (the head emits the logits of every label in :func:`heads`)."""
     preset, fields = _preset_fields(cfg, "model.vision2d")
-    fields |= dict(image_size=world.image_size, num_classes=world.num_image_classes)
+    classes = sum(n for _, n in heads(cfg, "image", world))
+    fields |= dict(image_size=world.image_size, num_classes=classes)
     return vit2d_preset(preset, **fields)
 
 
@@ -130,60 +167,83 @@ def video_model_config(cfg: DictConfig, world: ShapesConfig, *, temporal: bool) 
     fields |= dict(
         image_size=world.image_size,
         num_frames=world.frames,
-        num_classes=world.num_video_classes,
+        num_classes=sum(n for _, n in heads(cfg, "video" if temporal else TASKS[2], world)),
         temporal_attention=temporal,
     )
     return vit3d_preset(preset, **fields)
 
 
-def _images(world: ShapesWorld) -> Callable[[range, str], tuple[Tensor, Tensor]]:
+Draw = Callable[[range, str], tuple[Tensor, Tensor]]
+
+
+def _drawer(world: ShapesWorld, kind: str, labels: list[str]) -> Draw:
+    """``draw(indices, split) -> (x, y)``: pixels in [-1, 1], (B, C, S, S) for images or
+    (B, C, T, S, S) for clips, and (B, L) class ids of each label in ``labels``."""
+
     def draw(indices: range, split: str) -> tuple[Tensor, Tensor]:
-        batch = world.images(indices, split)
-        return batch.pixels * 2 - 1, batch.target  # (B, C, S, S) in [-1, 1], (B,)
+        if kind == "image":
+            batch = world.images(indices, split)
+            pixels = batch.pixels
+        else:
+            batch = world.videos(indices, split)
+            pixels = batch.pixels.permute(0, 2, 1, 3, 4)  # (B, T, C, S, S) -> (B, C, T, S, S)
+        y = [batch.target if a == "target" else world.slots(batch, a) for a in labels]
+        return pixels * 2 - 1, torch.stack(y, dim=1)
 
     return draw
 
 
-def _videos(world: ShapesWorld) -> Callable[[range, str], tuple[Tensor, Tensor]]:
-    def draw(indices: range, split: str) -> tuple[Tensor, Tensor]:
-        batch = world.videos(indices, split)
-        pixels = batch.pixels.permute(0, 2, 1, 3, 4)  # (B, T, C, S, S) -> (B, C, T, S, S)
-        return pixels * 2 - 1, batch.target
-
-    return draw
+def _split_logits(logits: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
+    return logits.split(sizes, dim=-1)  # one (B, K_l) slice per label
 
 
-def _loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    logits = model(batch["x"])  # (B, K)
-    acc = (logits.argmax(-1) == batch["y"]).float().mean()
-    return F.cross_entropy(logits, batch["y"]), {"acc": acc}
+def _make_loss_fn(
+    sizes: list[int], aux_weight: float
+) -> Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]:
+    """Cross-entropy of the target plus ``aux_weight`` times that of each aux label."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        parts = _split_logits(model(batch["x"]), sizes)
+        y = batch["y"]  # (B, L)
+        loss = F.cross_entropy(parts[0], y[:, 0])
+        for i, part in enumerate(parts[1:] if aux_weight else (), start=1):
+            loss = loss + aux_weight * F.cross_entropy(part, y[:, i])
+        acc = (parts[0].argmax(-1) == y[:, 0]).float().mean()
+        return loss, {"acc": acc}
+
+    return loss_fn
 
 
 @torch.no_grad()
 def held_out_accuracy(
     model: nn.Module,
-    draw: Callable[[range, str], tuple[Tensor, Tensor]],
+    draw: Draw,
     n: int,
+    heads: list[tuple[str, int]],
     *,
     compile: bool = False,
-) -> float:
-    """Accuracy on val samples ``0 .. n - 1`` (never drawn by training).
+) -> dict[str, float]:
+    """Accuracy of each head's label on val samples ``0 .. n - 1`` (never drawn by
+    training), ``{label: accuracy}`` with ``"target"`` first.
 
     Args:
+        heads: ``(label, classes)`` of each slice of the logits (:func:`heads`).
         compile: score on the model compiled with inductor's freezing (the weights do not
             change here); compiled once per call, for the chunk shapes it meets.
     """
     was_training = model.training
     model.eval()
+    sizes = [k for _, k in heads]
     try:
         scorer = compile_frozen(model) if compile else model
-        correct = 0
+        correct = torch.zeros(len(heads), dtype=torch.int64)
         for start in range(0, n, EVAL_CHUNK):
             x, y = draw(range(start, min(n, start + EVAL_CHUNK)), "val")
-            correct += int((scorer(x).argmax(-1) == y).sum())
+            parts = _split_logits(scorer(x), sizes)
+            correct += torch.stack([(p.argmax(-1) == y[:, i]).sum() for i, p in enumerate(parts)])
     finally:
         model.train(was_training)
-    return correct / n
+    return {label: int(c) / n for (label, _), c in zip(heads, correct, strict=True)}
 
 
 def cache_key(cfg: DictConfig, task: str) -> str:
@@ -211,35 +271,75 @@ def cache_key(cfg: DictConfig, task: str) -> str:
     return entry_key(spec, CODE)
 
 
-def _build(cfg: DictConfig, task: str) -> tuple[nn.Module, Callable, int, dict[str, Any]]:
-    """The fresh model for ``task``, its sample drawer, class count and train section."""
+def _build(
+    cfg: DictConfig, task: str
+) -> tuple[nn.Module, Draw, list[tuple[str, int]], dict[str, Any]]:
+    """The fresh model for ``task``, its sample drawer, its heads and train section."""
     if task not in TASKS:
         raise ValueError(f"train_vision task={task!r} is invalid: expected one of {TASKS}")
     kind = "image" if task == "image" else "video"
     world_cfg = world_config(cfg, kind)
-    world = ShapesWorld(world_cfg)
+    task_heads = heads(cfg, task, world_cfg)
+    draw = _drawer(ShapesWorld(world_cfg), kind, [label for label, _ in task_heads])
     torch.manual_seed(int(cfg.pipeline.seed))
     model: nn.Module
     if kind == "image":
-        model, draw = ViT2D(image_model_config(cfg, world_cfg)), _images(world)
-        k = world_cfg.num_image_classes
+        model = ViT2D(image_model_config(cfg, world_cfg))
     else:
-        config = video_model_config(cfg, world_cfg, temporal=task == "video")
-        model, draw = ViT3D(config), _videos(world)
-        k = world_cfg.num_video_classes
-    return model, draw, k, _section(cfg, f"train.{kind}")
+        model = ViT3D(video_model_config(cfg, world_cfg, temporal=task == "video"))
+    return model, draw, task_heads, _section(cfg, f"train.{kind}")
+
+
+def _scores(report: dict[str, Any], accuracies: dict[str, float]) -> dict[str, Any]:
+    """The report with the held-out target accuracy and each aux label's."""
+    report["accuracy"] = accuracies["target"]
+    report["attributes"] = {k: v for k, v in accuracies.items() if k != "target"}
+    return report
+
+
+def _trainer_config(
+    cfg: DictConfig, fields_in: dict[str, Any], where: str, steps: int, out_dir: Path
+) -> TrainerConfig:
+    fields = trainer_fields(fields_in, where)
+    # A short run (tests, `max_steps=3` overrides) keeps the warmup inside the run.
+    if "warmup_steps" in fields:
+        fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainerConfig)})
+    if unknown:
+        raise ValueError(f"train_vision {where}: {unknown} are not TrainerConfig fields")
+    return TrainerConfig(
+        **fields,
+        max_steps=steps,
+        seed=int(cfg.pipeline.seed),
+        out_dir=str(out_dir),
+        checkpoint_every=0,
+        progress=bool(cfg.pipeline.progress),
+        compile=check_compile_switches(cfg).training,
+    )
 
 
 def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any], bool, Path]:
     """``task``'s model: from the cache when an entry matches the config, else trained from
     scratch, scored on held-out samples and cached.
 
+    Training has up to two phases: the proof (the target alone, ``train.<kind>``), then,
+    when ``train.<kind>.aux`` names labels, the aux phase (the target plus those labels,
+    ``aux.max_steps`` more steps on samples the first phase never drew).
+
     Returns:
         ``(model, report, cached, path)``: the model in eval mode; the report written when
         the weights were trained (its ``accuracy`` is the held-out score of that run); whether
         it came from the cache; the cache entry.
     """
-    model, draw, k, section = _build(cfg, task)  # a bad config fails before any work
+    model, draw, task_heads, section = _build(cfg, task)  # a bad config fails before any work
+    kind = "image" if task == "image" else "video"
+    aux = _section(cfg, f"train.{kind}").get("aux") or {}
+    aux_steps, aux_weight = int(aux.get("max_steps", 0)), float(aux.get("weight", 1.0))
+    if not aux_weight >= 0 or aux_steps < 0:
+        raise ValueError(
+            f"train_vision train.{kind}.aux: max_steps={aux_steps}, weight={aux_weight} is "
+            "invalid: expected max_steps >= 0 and weight >= 0"
+        )
     flags = check_compile_switches(cfg)
     path = Path(str(cfg.pipeline.cache_dir)).expanduser() / "train_vision" / task
     path = path / cache_key(cfg, task)
@@ -249,35 +349,28 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
         return model, json.loads((path / REPORT_NAME).read_text()), True, path
 
     batch_size, steps = int(section["batch_size"]), int(section["max_steps"])
+    accum = int(section.get("trainer", {}).get("grad_accum_steps", 1))
+    offset = 0  # the first sample index of the running phase
 
     def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
-        first = (step * section.get("grad_accum_steps", 1) + micro) * batch_size
+        first = offset + (step * accum + micro) * batch_size
         x, y = draw(range(first, first + batch_size), "train")
         return {"x": x, "y": y}
 
-    kind = "image" if task == "image" else "video"
-    fields = trainer_fields(section.get("trainer", {}), f"train.{kind}.trainer")
-    # A short run (tests, `max_steps=3` overrides) keeps the warmup inside the run.
-    if "warmup_steps" in fields:
-        fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
-    seed = int(cfg.pipeline.seed)
-    config = TrainerConfig(
-        **fields,
-        max_steps=steps,
-        seed=seed,
-        out_dir=str(Path(str(cfg.pipeline.out_dir)) / task),
-        checkpoint_every=0,
-        progress=bool(cfg.pipeline.progress),
-        compile=flags.training,
+    sizes, eval_size = [n for _, n in task_heads], int(section["eval_size"])
+    out_dir = Path(str(cfg.pipeline.out_dir)) / task
+    config = _trainer_config(
+        cfg, section.get("trainer", {}), f"train.{kind}.trainer", steps, out_dir
+    )
+    aux_config = _trainer_config(
+        cfg, aux.get("trainer", {}), f"train.{kind}.aux.trainer", max(aux_steps, 1), out_dir / "aux"
     )
     start = time.perf_counter()
-    Trainer(model, config, data=batch_fn, loss_fn=_loss_fn).fit()
+    Trainer(model, config, data=batch_fn, loss_fn=_make_loss_fn(sizes, 0.0)).fit()
     seconds = time.perf_counter() - start
+    k = task_heads[0][1]
     report: dict[str, Any] = {
         "task": task,
-        "accuracy": held_out_accuracy(
-            model, draw, int(section["eval_size"]), compile=flags.evaluation
-        ),
         "chance": 1.0 / k,
         "classes": k,
         "steps": steps,
@@ -285,6 +378,15 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
         "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if len(task_heads) > 1 and aux_steps > 0:
+        proof = held_out_accuracy(model, draw, eval_size, task_heads)
+        report["accuracy_before_aux"] = proof["target"]
+        offset = steps * accum * batch_size
+        start = time.perf_counter()
+        Trainer(model, aux_config, data=batch_fn, loss_fn=_make_loss_fn(sizes, aux_weight)).fit()
+        report["aux_steps"], report["aux_seconds"] = aux_steps, time.perf_counter() - start
+    accuracies = held_out_accuracy(model, draw, eval_size, task_heads, compile=flags.evaluation)
+    report = _scores(report, accuracies)
     if task in GOALS:
         report["goal"] = GOALS[task]
     with staged_entry(path) as staging:
@@ -304,10 +406,15 @@ def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
     """
     model, report, cached, path = load_or_train(cfg, task)
     if cached:  # scored again
-        _, draw, _, section = _build(cfg, task)
-        report["accuracy"] = held_out_accuracy(
-            model, draw, int(section["eval_size"]), compile=compile_flags(cfg).evaluation
+        _, draw, task_heads, section = _build(cfg, task)
+        accuracies = held_out_accuracy(
+            model,
+            draw,
+            int(section["eval_size"]),
+            task_heads,
+            compile=compile_flags(cfg).evaluation,
         )
+        report = _scores(report, accuracies)
     return {**report, "cached": cached, "cache": str(path)}
 
 
@@ -319,9 +426,10 @@ def _line(r: dict[str, Any]) -> str:
     elif r["task"] == "video_no_temporal":
         goal = " (expected near chance)"
     when = " (cached)" if r.get("cached") else ""
+    attributes = "".join(f", {k} {v:.1%}" for k, v in r.get("attributes", {}).items())
     return (
         f"{r['task']:18s} held-out accuracy {r['accuracy']:6.1%} vs chance {r['chance']:5.1%} "
-        f"({r['accuracy'] / r['chance']:.1f}x, {r['classes']} classes){goal}; "
+        f"({r['accuracy'] / r['chance']:.1f}x, {r['classes']} classes){goal}{attributes}; "
         f"{r['steps']} steps in {r['seconds']:.0f} s on {r['threads']} thread(s){when}, "
         f"{r['parameters'] / 1e6:.2f}M params"
     )
@@ -334,6 +442,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if task != "all" and task not in TASKS:
         raise ValueError(f"pipeline.task={task!r} is invalid: expected one of {[*TASKS, 'all']}")
     check_compile_switches(cfg)  # bad switches fail before the first task trains
+    for kind in {"image" if name == "image" else "video" for name in tasks}:
+        aux_labels(cfg, kind)  # and so do bad label lists
     results = {}
     for name in tasks:
         print(f"train_vision: training {name} ...", flush=True)
