@@ -15,6 +15,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+PACKAGES = Path(__file__).resolve().parent.parent / "packages"  # vats-<name>/pyproject.toml
 VATS = ("vats-core", "vats-text", "vats-vision", "vats-audio", "vats-diffusion", "vats-apps")
 # Distribution name -> import name of the libraries that must not leak in undeclared.
 GUARDED = {name: name.replace("-", "_") for name in VATS} | {
@@ -33,10 +34,25 @@ def declared(meta: dict) -> set[str]:
     return {re.split(r"[\s\[<>=!~;]", s, maxsplit=1)[0].lower() for s in specs}
 
 
+def runtime_closure(names: set[str]) -> set[str]:
+    """``names`` plus the runtime dependencies of the vats packages among them, recursively
+    (vats-apps declares vats-diffusion, which brings diffusers: that is declared too)."""
+    out, todo = set(names), [n for n in names if n in VATS]
+    while todo:
+        meta = tomllib.loads((PACKAGES / todo.pop() / "pyproject.toml").read_text())
+        specs = meta["project"].get("dependencies", [])
+        for dep in {re.split(r"[\s\[<>=!~;]", s, maxsplit=1)[0].lower() for s in specs}:
+            if dep not in out:
+                out.add(dep)
+                if dep in VATS:
+                    todo.append(dep)
+    return out
+
+
 def main(package_dir: str) -> int:
     meta = tomllib.loads((Path(package_dir) / "pyproject.toml").read_text())
     own = meta["project"]["name"]
-    allowed = declared(meta) | {own}
+    allowed = runtime_closure(declared(meta)) | {own}
     if "hydra-core" in allowed:
         allowed.add("omegaconf")  # hydra-core depends on it
     errors = []
