@@ -55,6 +55,18 @@ def test_records_whole_ops_under_inference_mode():
     assert sum(v for k, v in counts.items() if "scaled_dot_product" in k) == 1
 
 
+def test_records_convolutions_in_every_grad_mode():
+    image, kernel = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    for mode in (torch.inference_mode, torch.no_grad):
+
+        def fn(mode=mode) -> None:
+            with mode():
+                F.conv2d(image, kernel)
+
+        counts = _recorded(fn)
+        assert sum(v for k, v in counts.items() if "conv" in k) == 1, (mode, counts)
+
+
 def test_elementwise_only_has_no_floor():
     x = torch.randn(64, 64)
     assert kernel_floor(lambda: (x * 2 + 1).relu()) == 0.0

@@ -42,8 +42,7 @@ oneDNN's buffers, allocator caching and fragmentation). (c) also prints each cal
 seconds, steadier than wall time when other jobs share the cores.
 
 The floor of (a) and (b): the shared kernel floor (each matrix product, convolution and
-attention kernel replayed alone, warm; :func:`common.kernel_floor`, recorded under
-``no_grad``: see :func:`floor_of`), and the FLOPs of the
+attention kernel replayed alone, warm; :func:`common.kernel_floor`), and the FLOPs of the
 forward (``torch.utils.flop_counter``, SDPA included) over this machine's fp32 GEMM rate
 (a 2048² matmul, best of 3).
 
@@ -129,19 +128,6 @@ def _infer(fn: Callable[[], object]) -> Callable[[], None]:
             fn()
 
     return call
-
-
-def floor_of(fn: Callable[[], object]) -> float:
-    """:func:`common.kernel_floor` of ``fn`` run under ``no_grad``: under ``inference_mode``
-    a convolution reaches the recorder as ``aten.conv2d``, which it does not record (it
-    knows ``aten.convolution``, what ``conv2d`` becomes under ``no_grad``), and the VAE is
-    almost all convolutions. The replayed kernels are the same either way."""
-
-    def call() -> None:
-        with torch.no_grad():
-            fn()
-
-    return kernel_floor(call)
 
 
 # ---------------------------------------------------------------------- work and rates
@@ -362,7 +348,7 @@ def bench_dit(*, repeat: int, warmup: int, compiled: bool, rate: float) -> None:
             times["diffusers eager"] / times["diffusers compiled"],
         )
     eager = {"diffusers": times["diffusers eager"], "vats": times["vats eager"]}
-    floors = {"diffusers": floor_of(diffusers_fn), "vats": floor_of(vats_fn)}
+    floors = {"diffusers": kernel_floor(diffusers_fn), "vats": kernel_floor(vats_fn)}
     print_floor("diffusers", eager, floors)
     print_flop_floor(flops, rate, times)
 
@@ -420,7 +406,7 @@ def bench_vae_decode(peer, ours, *, repeat: int, warmup: int, compiled: bool, ra
             times["diffusers compiled"] / times["vats compiled"],
         )
         ratio("vats compiled / diffusers eager", times["diffusers eager"] / times["vats compiled"])
-    floors = {"diffusers": floor_of(diffusers_fn), "vats": floor_of(vats_fn)}
+    floors = {"diffusers": kernel_floor(diffusers_fn), "vats": kernel_floor(vats_fn)}
     print_floor("diffusers", {"diffusers": times[eager[0]], "vats": times[eager[1]]}, floors)
     print_flop_floor(flops, rate, times)
 

@@ -176,6 +176,10 @@ _COMPUTE_OPS = {
     torch.ops.aten._grouped_mm,
     torch.ops.aten.convolution,
     torch.ops.aten.convolution_backward,
+    # Under inference_mode convolutions arrive whole, before they become `convolution`.
+    torch.ops.aten.conv1d,
+    torch.ops.aten.conv2d,
+    torch.ops.aten.conv3d,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
 }

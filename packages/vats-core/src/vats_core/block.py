@@ -36,7 +36,30 @@ from vats_core.mlp import MLPConfig, build_mlp
 from vats_core.moe import MoE, MoEConfig, RouterStats
 from vats_core.norms import NormType, build_norm
 
-__all__ = ["BlockConfig", "FactorizedBlock", "TransformerBlock"]
+__all__ = ["BlockConfig", "FactorizedBlock", "TransformerBlock", "check_attention_pair"]
+
+
+def check_attention_pair(
+    owner: Config, attention: AttentionConfig, cross_attention: AttentionConfig | None
+) -> None:
+    """ValueError (naming ``owner``'s field) unless ``attention`` is a self-attention config
+    and ``cross_attention`` is None or a cross-attention config of the same width: the
+    fields of every block config that holds both."""
+    check(
+        attention.context_dim is None,
+        owner,
+        "attention",
+        f"context_dim={attention.context_dim}",
+        "a self-attention config (context_dim=None); put cross-attention in cross_attention",
+    )
+    if cross_attention is not None:
+        check(
+            cross_attention.context_dim is not None and cross_attention.dim == attention.dim,
+            owner,
+            "cross_attention",
+            f"context_dim={cross_attention.context_dim}, dim={cross_attention.dim}",
+            f"a cross-attention config (context_dim set) with dim={attention.dim}",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,21 +75,7 @@ class BlockConfig(Config):
 
     def __post_init__(self) -> None:
         dim = self.attention.dim
-        check(
-            self.attention.context_dim is None,
-            self,
-            "attention",
-            f"context_dim={self.attention.context_dim}",
-            "a self-attention config (context_dim=None); put cross-attention in cross_attention",
-        )
-        if self.cross_attention is not None:
-            check(
-                self.cross_attention.context_dim is not None and self.cross_attention.dim == dim,
-                self,
-                "cross_attention",
-                f"context_dim={self.cross_attention.context_dim}, dim={self.cross_attention.dim}",
-                f"a cross-attention config (context_dim set) with dim={dim}",
-            )
+        check_attention_pair(self, self.attention, self.cross_attention)
         check(
             (self.mlp is None) != (self.moe is None),
             self,

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vats_core.attention import Attention, AttentionConfig
+from vats_core.block import check_attention_pair
 from vats_core.config import Config, check, check_positive
 from vats_core.mlp import MLPConfig, build_mlp
 
@@ -173,21 +174,7 @@ class DiTBlockConfig(Config):
 
     def __post_init__(self) -> None:
         dim = self.attention.dim
-        check(
-            self.attention.context_dim is None,
-            self,
-            "attention",
-            f"context_dim={self.attention.context_dim}",
-            "a self-attention config (context_dim=None)",
-        )
-        if self.cross_attention is not None:
-            check(
-                self.cross_attention.context_dim is not None and self.cross_attention.dim == dim,
-                self,
-                "cross_attention",
-                f"context_dim={self.cross_attention.context_dim}, dim={self.cross_attention.dim}",
-                f"a cross-attention config (context_dim set) with dim={dim}",
-            )
+        check_attention_pair(self, self.attention, self.cross_attention)
         check(
             self.mlp.dim == dim and self.mlp.output_dim == dim,
             self,
