@@ -193,17 +193,13 @@ def _drawer(world: ShapesWorld, kind: str, labels: list[str]) -> Draw:
     return draw
 
 
-def _split_logits(logits: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
-    return logits.split(sizes, dim=-1)  # one (B, K_l) slice per label
-
-
 def _make_loss_fn(
     sizes: list[int], aux_weight: float
 ) -> Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]:
     """Cross-entropy of the target plus ``aux_weight`` times that of each aux label."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        parts = _split_logits(model(batch["x"]), sizes)
+        parts = model(batch["x"]).split(sizes, dim=-1)  # one (B, K_l) slice per label
         y = batch["y"]  # (B, L)
         loss = F.cross_entropy(parts[0], y[:, 0])
         for i, part in enumerate(parts[1:] if aux_weight else (), start=1):
@@ -239,7 +235,7 @@ def held_out_accuracy(
         correct = torch.zeros(len(heads), dtype=torch.int64)
         for start in range(0, n, EVAL_CHUNK):
             x, y = draw(range(start, min(n, start + EVAL_CHUNK)), "val")
-            parts = _split_logits(scorer(x), sizes)
+            parts = scorer(x).split(sizes, dim=-1)
             correct += torch.stack([(p.argmax(-1) == y[:, i]).sum() for i, p in enumerate(parts)])
     finally:
         model.train(was_training)
