@@ -429,7 +429,7 @@ def bench_tiled(peer, ours, *, latent: int, repeat: int) -> None:
         f"pixels: tiles of {tile_px} px ({tile_latent} latent), overlap {overlap_px} px, "
         f"{repeat} timed call(s) each\n"
         f"  tiles per side (latent rows): diffusers {peer_tiles} (stride {stride}, the last ones "
-        f"cut short), vats {ours_tiles} (laid out evenly, full size)"
+        f"cut short), vats {ours_tiles} (laid out evenly, equal, shrunk to the overlap)"
     )
     z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(3))
 

@@ -1,4 +1,5 @@
-"""VAE: the model contract, the posterior against its closed forms, latent scaling, tiling
+"""VAE: the model contract, the upsampling against repeat-then-conv, the posterior against its
+closed forms, latent scaling, tiling
 (the blend is exact where it should be, the network only ever sees tile-sized inputs, and
 the largest activation does not grow with the image), presets and input errors."""
 
@@ -23,6 +24,7 @@ from vats_diffusion.vae import (
     VAE,
     VAE_PRESETS,
     DiagonalGaussian,
+    Upsample,
     VAEConfig,
     tile_map,
     tile_spans,
@@ -217,17 +219,57 @@ def test_bad_inputs_raise_before_any_work(call, match: str) -> None:
     check_raises(lambda: call(_vae()), ValueError, match)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_upsample_equals_nearest_repeat_then_conv(memory_format) -> None:
+    """The phase-decomposed Upsample is the 3x3 conv of the nearest 2x repeat (what the
+    checkpoints were trained with), forward and backward, on rectangular and 1-pixel inputs,
+    and keeps the input's memory format."""
+    torch.manual_seed(0)
+    up = Upsample(6)
+    for h, w in ((5, 7), (1, 1), (4, 1)):
+        x = torch.randn(2, 6, h, w).contiguous(memory_format=memory_format)
+        x.requires_grad_(True)
+        want = up.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        got = up(x)
+        assert got.shape == (2, 6, 2 * h, 2 * w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if h > 1 and w > 1:
+            assert got.is_contiguous(memory_format=memory_format)
+        grad = torch.randn_like(want)
+        grads = torch.autograd.grad(got, [x, up.conv.weight, up.conv.bias], grad)
+        wants = torch.autograd.grad(want, [x, up.conv.weight, up.conv.bias], grad)
+        for g, r in zip(grads, wants, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- tiling
 
 
-@pytest.mark.parametrize(("length", "tile", "overlap"), [(10, 4, 1), (37, 8, 3), (64, 16, 8)])
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap"),
+    [(10, 4, 1), (37, 8, 3), (64, 16, 8), (128, 64, 16), (16, 8, 2), (9, 8, 0), (100, 33, 7)],
+)
 def test_tile_spans_cover_evenly_with_the_overlap(length: int, tile: int, overlap: int) -> None:
     spans = tile_spans(length, tile, overlap)
+    n = len(spans)
     assert spans[0][0] == 0 and spans[-1][1] == length
-    assert all(end - start == tile for start, end in spans)
+    sizes = {end - start for start, end in spans}
+    assert len(sizes) == 1 and sizes.pop() <= tile  # equal tiles, none above `tile`
+    size = spans[0][1] - spans[0][0]
+    assert n == -(-(length - overlap) // (tile - overlap))  # as few tiles as full ones need
+    # ... each as small as n tiles with that overlap allow: one row less would not cover
+    assert n * size >= length + (n - 1) * overlap > n * (size - 1)
+    overlaps = [a[1] - b[0] for a, b in itertools.pairwise(spans)]
+    assert all(overlap <= o < size for o in overlaps)
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(spans)]
-    assert all(0 < g <= tile - overlap for g in gaps)
     assert max(gaps) - min(gaps) <= 1  # laid out evenly
+
+
+def test_tile_spans_shrink_tiles_to_the_overlap_asked() -> None:
+    # The issue's tiled decode (128 latent rows, tiles 64, overlap 16): 3 tiles of 54 rows
+    # (162 rows decoded, 1.27x) rather than of 64 (192 rows, 1.5x), overlapping by 17 and 16.
+    assert tile_spans(128, 64, 16) == [(0, 54), (37, 91), (74, 128)]
+    assert tile_spans(40, 16, 4) == [(0, 16), (12, 28), (24, 40)]  # full tiles needed
     assert tile_spans(4, 8, 2) == [(0, 4)]
     check_raises(lambda: tile_spans(10, 4, 4), ValueError, "overlap < tile")
 
@@ -324,15 +366,18 @@ def _largest_activation(vae: VAE, call) -> tuple[int, set[tuple[int, ...]]]:
 
 def test_tiled_memory_is_flat_in_image_size() -> None:
     vae = _vae()
-    seen = {}
+    # what one full tile holds, alone: the bound of a tiled call, whatever the image size
+    enc_tile = _largest_activation(vae, lambda: vae.encode(_texture(32, 32)))[0]
+    dec_tile = _largest_activation(vae, lambda: vae.decode(torch.randn(1, 4, 16, 16)))[0]
+    untiled = {}
     for size in (64, 128):
         x = _texture(size, size + 32)
         z = torch.randn(1, 4, size // 2, (size + 32) // 2)
         enc = _largest_activation(vae, lambda x=x: vae.encode(x, tile_size=32, tile_overlap=8))
         dec = _largest_activation(vae, lambda z=z: vae.decode(z, tile_size=32, tile_overlap=8))
-        untiled = _largest_activation(vae, lambda z=z: vae.decode(z))
-        seen[size] = enc[0], dec[0], untiled[0]
-        # the networks only ever see one tile
-        assert enc[1] == {(1, 3, 32, 32)} and dec[1] == {(1, 4, 16, 16)}
-    assert seen[64][:2] == seen[128][:2]  # tiled: the same largest activation
-    assert seen[128][2] > 3 * seen[64][2]  # untiled: grows with the image
+        untiled[size] = _largest_activation(vae, lambda z=z: vae.decode(z))[0]
+        # the networks only ever see one tile, no larger than tile_size (32 px, 16 latent)
+        assert all(s[:2] == (1, 3) and max(s[2:]) <= 32 for s in enc[1])
+        assert all(s[:2] == (1, 4) and max(s[2:]) <= 16 for s in dec[1])
+        assert enc[0] <= enc_tile and dec[0] <= dec_tile
+    assert untiled[128] > 3 * untiled[64]  # untiled: grows with the image
