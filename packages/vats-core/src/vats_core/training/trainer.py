@@ -10,7 +10,8 @@ the loss (and optional extra metrics), a :class:`~vats_core.training.data.BatchS
    ``loss / grad_accum_steps``;
 3. stop with :class:`NonFiniteLossError` if the loss or the gradient norm is NaN/inf,
    before the optimizer touches the weights;
-4. clip the global gradient norm, ``optimizer.step()``, zero the gradients;
+4. clip the global gradient norm, ``optimizer.step()``, zero the gradients, call the
+   ``on_step`` hook if given (e.g. an EMA update);
 5. log (tqdm and ``out_dir/metrics.jsonl``), evaluate, checkpoint.
 
 Checkpoints hold the model, the optimizer, every RNG, the data position and the step,
@@ -218,6 +219,11 @@ class Trainer:
             of its first tensor, i.e. samples); for language models count tokens.
         items_name: the unit of ``items_fn`` ("samples", "tokens"), shown in the
             progress bar and logged as ``throughput_unit``.
+        on_step: ``on_step(step, model)``, called after every optimizer step with the
+            number of steps done (1, 2, ...) and the updated model, before that step's
+            logging, evaluation and checkpoint: e.g. an EMA of the weights
+            (``ema.update(model)``). Whatever it keeps is its own state, not part of the
+            trainer's checkpoints.
     """
 
     def __init__(
@@ -230,9 +236,15 @@ class Trainer:
         eval_fn: EvalFn | None = None,
         items_fn: Callable[[Any], int] | None = None,
         items_name: str = "samples",
+        on_step: Callable[[int, nn.Module], None] | None = None,
     ) -> None:
         if not isinstance(config, TrainerConfig):
             raise ValueError(f"config must be a TrainerConfig, got {type(config).__name__}")
+        if on_step is not None and not callable(on_step):
+            raise ValueError(
+                f"on_step must be None or a callable on_step(step, model), got "
+                f"{type(on_step).__name__}"
+            )
         if isinstance(data, BatchSource):
             self.data: BatchSource = data
         elif callable(data):
@@ -248,6 +260,7 @@ class Trainer:
         self.eval_fn = eval_fn
         self.items_fn = items_fn or default_batch_items
         self.items_name = items_name
+        self.on_step = on_step
         self.optimizer = build_optimizer(model, config)
         self.device = next(model.parameters()).device
         self.out_dir = Path(config.out_dir)
@@ -303,6 +316,8 @@ class Trainer:
             while self.step < end:
                 result = self._train_step()
                 self.step += 1
+                if self.on_step is not None:
+                    self.on_step(self.step, self.model)
                 window_items += result.items
                 bar.update(1)
                 elapsed = self._elapsed_before + time.perf_counter() - session_start
