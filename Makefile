@@ -31,12 +31,13 @@ setup: uv
 	$(UV) sync --locked --all-packages
 
 # The text model, then the vision and audio proofs, then the multimodal LM built on all
-# of them; each trains once and is cached (~/.cache/vats).
+# of them, then text to image; each trains once and is cached (~/.cache/vats).
 demo: setup
 	$(RUN) vats pipeline=text_generation
 	$(RUN) vats pipeline=train_vision
 	$(RUN) vats pipeline=train_audio
 	$(RUN) vats pipeline=train_multimodal
+	$(RUN) vats pipeline=text_to_image
 
 test: setup lint $(addprefix test-,$(PACKAGES)) test-root
 

@@ -65,6 +65,33 @@ TINY_MULTIMODAL = [
     "train.max_caption_tokens=4",
     "pipeline.progress=false",
 ]
+# Text to image: the tiny text LM and image classifier as parts (as the multimodal runs
+# train them), and each stage a few steps.
+TINY_TEXT_TO_IMAGE = [
+    "model/text=tiny",
+    "model/vision2d=tiny",
+    "model/vae=tiny",
+    "model/dit=tiny",
+    *(_as_part(o, "text") for o in TINY_TEXT if o.startswith("train.")),
+    *(_as_part(o, "vision") for o in TINY_VISION if o.startswith("train.")),
+    "parts.vision.image.aux.max_steps=2",
+    "train.vae.max_steps=3",
+    "train.vae.batch_size=8",
+    "train.vae.scale_samples=16",
+    "train.enrich.max_steps=3",
+    "train.enrich.batch_size=8",
+    "train.dit.max_steps=3",
+    "train.dit.batch_size=8",
+    "train.eval.prompts=2",
+    "train.eval.seeds=2",
+    "train.eval.enrich_prompts=4",
+    "train.eval.vae_images=8",
+    "enrichment.max_new_tokens=8",
+    "enrichment.tries=2",
+    "generation.steps=2",
+    "generation.num_images=2",
+    "pipeline.progress=false",
+]
 TINY: dict[str, list[str]] = {
     "info": [],
     "text_generation": TINY_TEXT,
@@ -72,4 +99,5 @@ TINY: dict[str, list[str]] = {
     "train_audio": TINY_AUDIO,
     "train_multimodal": TINY_MULTIMODAL,
     "chat": [*TINY_MULTIMODAL, "prompt=Describe the image."],
+    "text_to_image": TINY_TEXT_TO_IMAGE,
 }

@@ -34,3 +34,17 @@ def preset_fields(cfg: DictConfig, key: str, pipeline: str) -> tuple[str, dict[s
     if preset is None:
         raise ValueError(f"{key} needs a `preset` (e.g. {key.replace('.', '/')}=<name>)")
     return str(preset), fields
+
+
+def part_pipeline(cfg: DictConfig, **extra: Any) -> dict[str, Any]:
+    """The ``pipeline`` section of a part's config (a model another pipeline trains and
+    caches, loaded by a composing pipeline): this run's seed, cache, and progress, never
+    retrained or compiled by it (its ``pipeline.retrain`` retrains its own stages only)."""
+    return {
+        "seed": int(cfg.pipeline.seed),
+        "cache_dir": str(cfg.pipeline.cache_dir),
+        "retrain": False,
+        "compile": False,
+        "progress": bool(cfg.pipeline.progress),
+        **extra,
+    }

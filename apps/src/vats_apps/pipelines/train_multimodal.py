@@ -65,7 +65,7 @@ from vats_apps.multimodal.questions import (
 from vats_apps.pipelines import text_generation, train_audio, train_vision
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, trainer_fields
-from vats_apps.pipelines.sections import section
+from vats_apps.pipelines.sections import part_pipeline, section
 from vats_core.config import is_int
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.tokenizer import Tokenizer
@@ -116,17 +116,6 @@ class Trained:
 # ----------------------------------------------------------------------------- parts
 
 
-def _pipeline_node(cfg: DictConfig, **extra: Any) -> dict[str, Any]:
-    return {
-        "seed": int(cfg.pipeline.seed),
-        "cache_dir": str(cfg.pipeline.cache_dir),
-        "retrain": False,
-        "compile": False,
-        "progress": bool(cfg.pipeline.progress),
-        **extra,
-    }
-
-
 def part_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     """The configs the text, vision and audio pipelines would compose for the parts:
     ``model`` sections from here, ``train`` from ``parts.<name>``."""
@@ -140,14 +129,14 @@ def part_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     }
     audio = {"model": {"audio": model["audio"]}, "train": section(cfg, "parts.audio", NAME)}
     return {
-        "text": OmegaConf.create({**text, "pipeline": _pipeline_node(cfg)}),
+        "text": OmegaConf.create({**text, "pipeline": part_pipeline(cfg)}),
         "vision": OmegaConf.create(
-            {**vision, "pipeline": _pipeline_node(cfg, out_dir=str(out_dir / "vision"))}
+            {**vision, "pipeline": part_pipeline(cfg, out_dir=str(out_dir / "vision"))}
         ),
         "audio": OmegaConf.create(
             {
                 **audio,
-                "pipeline": _pipeline_node(
+                "pipeline": part_pipeline(
                     cfg, out_dir=str(out_dir / "audio"), classify=None, examples=0
                 ),
             }

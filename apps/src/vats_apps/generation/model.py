@@ -1,0 +1,243 @@
+"""The text-to-image model of apps and how it samples: a vats-text encoder feeding a
+vats-diffusion DiT through cross-attention, the VAE decoding its latents, and the vision
+classifier that reads the images back.
+
+Composition lives here, not in the packages: vats_diffusion knows no text encoder and
+vats_text no diffusion model (DESIGN.md).
+
+Shapes: B batch, T text tokens, D encoder width, C latent channels, h / w latent side,
+S image side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vats_apps.data import ShapesConfig, ShapesWorld
+from vats_apps.generation import enrich as en
+from vats_diffusion import VAE, Diffusion, DiT
+from vats_text.encoder import TextEncoder
+from vats_text.model import MoELanguageModel
+from vats_text.tokenizer import Tokenizer
+
+__all__ = [
+    "Sampling",
+    "TextToImage",
+    "TokenAlignment",
+    "denoising_loss",
+    "encode_texts",
+    "enrich_all",
+    "read_images",
+    "sample_images",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How images are generated (the pipeline's ``generation`` and ``enrichment`` fields)."""
+
+    scheduler: str  # diffusers sampler of the training scheduler's family
+    steps: int  # denoising steps
+    guidance_scale: float  # classifier-free guidance, >= 1 (1 = none)
+    temperature: float  # the enrichment LM's sampling (0 = greedy)
+    min_p: float | None
+    max_new_tokens: int
+    tries: int = 1  # enrichments sampled per prompt until one keeps its attributes
+
+
+class TextToImage(nn.Module):
+    """The text encoder and the DiT, trained together (one optimizer, one EMA)."""
+
+    def __init__(self, encoder: TextEncoder, dit: DiT) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dit = dit
+
+    def condition(self, input_ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """The DiT's text condition: ``{"text_states": (B, T, D), "text_mask": (B, T)}``."""
+        states = self.encoder(input_ids, mask).last_hidden_state
+        return {"text_states": states, "text_mask": mask}
+
+    @staticmethod
+    def null_condition(cond: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The null condition, one row of ``cond``'s shapes with no real token: what the
+        DiT's ``text_dropout`` trains, and the unconditional side of guidance."""
+        states, mask = cond["text_states"], cond["text_mask"]
+        return {
+            "text_states": torch.zeros_like(states[:1]),
+            "text_mask": torch.zeros_like(mask[:1]),
+        }
+
+
+class TokenAlignment(nn.Module):
+    """Representation alignment (REPA: Yu et al., 2024, "Representation Alignment for
+    Generation", arXiv:2410.06940): an MLP maps the DiT's tokens after block ``block`` (of
+    the noisy latent) to a frozen image encoder's patch features of the clean image, and
+    :meth:`loss` is one minus their mean cosine similarity. Added to the diffusion loss, it
+    hands the DiT the encoder's knowledge of what the image holds (here the vision proof's
+    ViT-2D, trained to tell the world's shapes apart), which its own loss teaches slowly.
+
+    The DiT's tokens are read by a forward hook on that block; call :meth:`remove` when
+    training ends. The grids must match: the DiT's patch grid and the encoder's, both
+    row-major.
+
+    Args:
+        dit: the DiT being trained.
+        block: 1-based index of the block whose output is aligned.
+        teacher_dim: width of the encoder's patch features.
+        hidden: width of the MLP.
+    """
+
+    def __init__(self, dit: DiT, block: int, teacher_dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        if not 1 <= block <= len(dit.blocks):
+            raise ValueError(f"block={block} is invalid: expected 1..{len(dit.blocks)}")
+        d = dit.config.dim
+        self.proj = nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, teacher_dim))
+        self._tokens: Tensor | None = None
+        self._hook = dit.blocks[block - 1].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: object, output: Tensor) -> None:
+        self._tokens = output  # (B, N, D)
+
+    def loss(self, teacher: Tensor) -> Tensor:
+        """``1 - cos(proj(tokens), teacher)`` averaged over tokens, for the DiT's last
+        forward; ``teacher`` is ``(B, N, teacher_dim)``."""
+        tokens, self._tokens = self._tokens, None  # each forward is scored once
+        if tokens is None:
+            raise RuntimeError("TokenAlignment.loss: run the DiT first")
+        h = self.proj(tokens)  # (B, N, teacher_dim)
+        if h.shape != teacher.shape:
+            raise ValueError(
+                f"TokenAlignment: the DiT gives {tuple(h.shape)} aligned tokens, the encoder "
+                f"{tuple(teacher.shape)} features: their grids and widths must match"
+            )
+        return 1 - F.cosine_similarity(h.float(), teacher.float(), dim=-1).mean()
+
+    def remove(self) -> None:
+        """Detach the hook from the DiT."""
+        self._hook.remove()
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], limit: int) -> tuple[Tensor, Tensor]:
+    """``(input_ids (B, T), mask (B, T))``, right-padded, no special tokens; a text longer
+    than ``limit`` tokens is a ValueError."""
+    return tokenizer.encode_batch(texts, padding_side="right", max_length=limit)
+
+
+@torch.no_grad()
+def denoising_loss(
+    model: TextToImage,
+    vae: VAE,
+    diffusion: Diffusion,
+    tokenizer: Tokenizer,
+    world: ShapesWorld,
+    n: int,
+) -> float:
+    """The diffusion loss on ``n`` held-out images with their captions, at fixed timesteps
+    and noise: the same numbers before and after training, so the two compare."""
+    batch = world.images(range(n), "val")
+    g = torch.Generator().manual_seed(0)
+    latents = vae.encode_latents(batch.pixels * 2 - 1, generator=g)
+    ids, mask = encode_texts(tokenizer, list(batch.captions), model.encoder.config.max_seq_len)
+    was = model.training
+    model.eval()
+    loss = diffusion.loss(model.dit, latents, model.condition(ids, mask), generator=g)
+    model.train(was)
+    return float(loss)
+
+
+@torch.no_grad()
+def sample_images(
+    model: TextToImage,
+    vae: VAE,
+    diffusion: Diffusion,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    sampling: Sampling,
+    generator: torch.Generator,
+    *,
+    progress: bool = False,
+) -> Tensor:
+    """Images ``(B, 3, S, S)`` in [-1, 1] for ``texts``: encode them, sample latents with
+    guidance (initial noise from ``generator``), decode."""
+    ids, mask = encode_texts(tokenizer, texts, model.encoder.config.max_seq_len)
+    cond = model.condition(ids, mask)
+    guided = sampling.guidance_scale > 1
+    h, w = model.dit.config.latent_hw
+    latents = diffusion.sample(
+        model.dit,
+        (len(texts), model.dit.config.in_channels, h, w),
+        steps=sampling.steps,
+        guidance_scale=sampling.guidance_scale,
+        cond=cond,
+        null_cond=model.null_condition(cond) if guided else None,
+        generator=generator,
+        scheduler=sampling.scheduler,
+        progress=progress,
+    )
+    return vae.decode_latents(latents).clamp(-1, 1)
+
+
+def enrich_all(
+    lm: MoELanguageModel,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    givens: list[dict[str, str]],
+    world: ShapesConfig,
+    sampling: Sampling,
+    generator: torch.Generator,
+) -> list[en.Enrichment]:
+    """Each prompt enriched (sampled from ``generator``) and checked against the attributes
+    it names (``givens``).
+
+    A refused enrichment is sampled again, up to ``sampling.tries`` samples in all (only the
+    refused rows, batched; greedy decoding, ``temperature`` 0, gets one try since it would
+    write the same words): the LM's slips (it writes "top left" for "top right" about one
+    time in eight) are rarely repeated, so a few tries keep the user's attributes where one
+    would fall back. When every try is refused the last one's reason is kept and the prompt
+    is used as it is. ``Enrichment.tries`` says how many samples each row took.
+    """
+    tries = sampling.tries if sampling.temperature > 0 else 1
+    outs: dict[int, en.Enrichment] = {}
+    todo = list(range(len(prompts)))
+    for attempt in range(1, tries + 1):
+        if not todo:
+            break
+        written = en.enrich(
+            lm,
+            tokenizer,
+            [prompts[i] for i in todo],
+            generator=generator,
+            temperature=sampling.temperature,
+            min_p=sampling.min_p,
+            max_new_tokens=sampling.max_new_tokens,
+        )
+        for i, w in zip(todo, written, strict=True):
+            checked = en.check_enrichment(prompts[i], givens[i], w, world)
+            outs[i] = dataclasses.replace(checked, tries=attempt)
+        todo = [i for i in todo if not outs[i].accepted]
+    return [outs[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def read_images(
+    classifier: nn.Module, heads: list[tuple[str, int]], world: ShapesConfig, images: Tensor
+) -> list[dict[str, str]]:
+    """What the vision classifier sees in each image: shape and colour from its target
+    head, the other attributes from its aux heads (``heads``: ``(label, classes)`` of each
+    slice of its logits, as ``train_vision.heads`` gives them)."""
+    logits = classifier(images).split([k for _, k in heads], dim=-1)
+    out: list[dict[str, str]] = [{} for _ in range(images.shape[0])]
+    for (label, _), part in zip(heads, logits, strict=True):
+        for i, slot in enumerate(part.argmax(-1).tolist()):
+            if label == "target":
+                shape, color = divmod(slot, len(world.colors))
+                out[i] |= {"shape": world.shapes[shape], "color": world.colors[color]}
+            else:
+                out[i][label] = world.label_values(label)[slot]
+    return out

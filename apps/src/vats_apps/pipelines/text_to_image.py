@@ -1,0 +1,969 @@
+"""``vats pipeline=text_to_image prompt="a red circle"``: the LM enriches the prompt, a text
+encoder reads it, a DiT samples latents with classifier-free guidance and the VAE decoder
+turns them into images of the shapes world; PNGs and a grid are written.
+
+The world is the vision proof's (``parts.vision.image.data``: 24 px images, 4 shapes x 6
+colours by default), so the proof's image classifier (``train_vision``'s, with its aux
+heads) scores what is generated. The text LM and tokenizer are ``text_generation``'s. Both
+parts come from their pipelines' caches (trained first when absent), as in
+``train_multimodal``.
+
+Training runs in three stages, each cached under a key of the settings that shape its
+weights (:mod:`vats_apps.pipelines.cache`), so a changed setting retrains only the stages
+it reaches (a DiT setting: the DiT stage alone):
+
+1. **vae**: the VAE (``model.vae``, f = 2: 24 px -> 12 x 12 x 4 latents) learns to
+   reconstruct fresh world images (MSE + a small KL, LDM's objective). Then its latents are
+   standardised as SD3 does: ``scaling_factor`` = 1 / std and ``shift_factor`` = mean of the
+   latents of a batch of images, so the DiT sees about unit-variance, centred latents.
+2. **enrich**: the LM fine-tunes (every weight) on terse prompt -> full caption pairs
+   (:mod:`vats_apps.generation.enrich`): a prompt names a random subset of a scene's
+   attributes in varied words, the target is the world's caption of the scene.
+3. **dit**: a :class:`vats_text.TextEncoder` (the LM's tokenizer) and the DiT
+   (``model.dit``) learn together on VAE latents of fresh images, conditioned on their
+   captions (``train.dit.terse_prob`` of them replaced by a terse prompt, so an un-enriched
+   prompt still works), with the DiT's condition dropout (``text_dropout``: the null
+   condition that guidance needs) and an EMA of both models' weights, which is what is
+   saved and sampled.
+
+Generation: the prompt is read first (:func:`~vats_apps.generation.enrich.check_prompt`):
+a value the world lacks ("a red star" when the world has no star) is an error naming the
+world's values, before any work; words the parser does not know are ignored. Each image
+gets its own enrichment (sampled from ``generation.seed``, so attributes the prompt leaves
+open vary from image to image); one that drops or contradicts the prompt's attributes, or
+does not parse, is sampled again (``enrichment.tries`` samples in all), then falls back to
+the prompt itself, with a message. ``enrich=false`` skips the
+LM. The images go to ``<pipeline.out_dir>/<prompt>-seed<seed>/`` at their own size and
+enlarged (nearest neighbour), with a grid and ``prompts.json``.
+
+Scoring (``pipeline.evaluate``, cached with its settings): on held-out prompts (the
+enrichment's held-out phrasings, ``val`` scenes) that name a shape and a colour, and a
+random subset of the rest, ``train.eval.seeds`` images each: shape x colour adherence by
+the classifier's target head (goal >= 85 %), the other attributes by its aux heads; the
+enrichment's keep rate on prompts naming any subset (goal >= 99 %); diversity (distinct
+values of each open attribute over the seeds, in the captions and in the images, against
+uniform draws); the same adherence without enrichment; the training time of each stage
+(goal: all under 10 minutes). Each figure is printed against chance.
+
+Shapes: B batch, C latent channels, h / w latent side, S image side, T text tokens, D width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from vats_apps.data import ShapesConfig, ShapesWorld
+from vats_apps.generation import enrich as en
+from vats_apps.generation.images import save_images
+from vats_apps.generation.model import (
+    Sampling,
+    TextToImage,
+    TokenAlignment,
+    denoising_loss,
+    encode_texts,
+    enrich_all,
+    read_images,
+    sample_images,
+)
+from vats_apps.generation.scoring import evaluate, print_table
+from vats_apps.pipelines import text_generation, train_vision
+from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
+from vats_apps.pipelines.compiling import compile_flags, trainer_fields
+from vats_apps.pipelines.sections import part_pipeline, preset_fields, section
+from vats_core.config import Config, is_int, is_number
+from vats_core.training import Trainer, TrainerConfig
+from vats_diffusion import (
+    EMA,
+    VAE,
+    Diffusion,
+    DiT,
+    DiTConfig,
+    SchedulerConfig,
+    VAEConfig,
+    dit_preset,
+    vae_preset,
+)
+from vats_text.encoder import TextEncoder, TextEncoderConfig
+from vats_text.model import MoELanguageModel
+from vats_text.presets import encoder_preset
+from vats_text.tokenizer import Tokenizer
+
+NAME = "text_to_image"
+CACHE_FORMAT = 1  # bump when what is cached changes meaning
+STAGES = ("vae", "enrich", "dit")
+# The packages whose code trains (and whose versions and source key) each stage's weights.
+CODE = {
+    "vae": ("vats_core", "vats_diffusion", "vats_apps"),
+    "enrich": ("vats_core", "vats_text", "vats_apps"),
+    "dit": ("vats_core", "vats_text", "vats_diffusion", "vats_apps"),
+    "eval": ("vats_core", "vats_text", "vats_vision", "vats_diffusion", "vats_apps"),
+}
+_SCHEDULERS = {
+    False: ("ddpm", "ddim", "dpm_solver"),  # DDPM-family training (epsilon / v / sample)
+    True: ("flow_match_euler",),  # flow matching
+}
+# Fields the pipeline sets from the data and the other parts, not the config.
+_SET_BY_PIPELINE = {
+    "model.dit": ("sample_size", "in_channels", "text_dim"),
+    "train.dit.encoder": ("vocab_size",),
+}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _fail(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{NAME}: {key}={value!r} is invalid: expected {allowed}")
+
+
+def _int(cfg: DictConfig, key: str, minimum: int) -> int:
+    value = OmegaConf.select(cfg, key)
+    if not is_int(value) or value < minimum:
+        raise _fail(key, value, f"an int >= {minimum}")
+    return int(value)
+
+
+def _number(cfg: DictConfig, key: str, low: float, high: float = math.inf) -> float:
+    value = OmegaConf.select(cfg, key)
+    if not is_number(value) or not low <= value <= high:
+        raise _fail(key, value, f"a number in [{low}, {high}]")
+    return float(value)
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise _fail(key, value, "true or false")
+    return value
+
+
+def _built(
+    factory: Callable[..., Config], cls: type, where: str, preset: str | None, **fields: Any
+) -> Any:
+    """``factory(preset, **fields)`` (``factory(**fields)`` without a preset), with unknown
+    fields and invalid values reported under the config key ``where``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(
+            f"{NAME}: {where}.{unknown[0]} is not a {cls.__name__} field: expected some of "
+            f"{sorted(known)}"
+        )
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    try:
+        return factory(**fields) if preset is None else factory(preset, **fields)
+    except ValueError as e:
+        raise ValueError(f"{NAME}: {where}: {e}") from None
+
+
+def _preset_section(cfg: DictConfig, key: str) -> tuple[str, dict[str, Any]]:
+    preset, fields = preset_fields(cfg, key, NAME)
+    for name in _SET_BY_PIPELINE.get(key, ()):
+        if name in fields:
+            raise ValueError(f"{NAME}: {key}.{name} is set by the pipeline, not the config")
+    return preset, fields
+
+
+def part_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The configs ``text_generation`` and ``train_vision`` would compose for the parts:
+    ``model`` sections from here, ``train`` from ``parts.<name>``."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model, dict)
+    out_dir = Path(str(cfg.pipeline.out_dir))
+    return {
+        "text": OmegaConf.create(
+            {
+                "model": {"text": model["text"]},
+                "train": section(cfg, "parts.text", NAME),
+                "pipeline": part_pipeline(cfg),
+            }
+        ),
+        "vision": OmegaConf.create(
+            {
+                "model": {"vision2d": model["vision2d"]},
+                "train": section(cfg, "parts.vision", NAME),
+                "pipeline": part_pipeline(cfg, out_dir=str(out_dir / "vision")),
+            }
+        ),
+    }
+
+
+def world_config(cfg: DictConfig) -> ShapesConfig:
+    """The world of the vision proof's image classifier, which the images are drawn from."""
+    return train_vision.world_config(part_configs(cfg)["vision"], "image")
+
+
+def vae_config(cfg: DictConfig, world: ShapesConfig) -> VAEConfig:
+    """``model.vae`` (a preset and VAEConfig overrides), checked against the image size."""
+    preset, fields = _preset_section(cfg, "model.vae")
+    config = _built(vae_preset, VAEConfig, "model.vae", preset, **fields)
+    f = config.downsample_factor
+    if world.image_size % f or world.image_size // f < 1:
+        raise ValueError(
+            f"{NAME}: model.vae.block_out_channels={list(config.block_out_channels)} "
+            f"downsamples by f={f}, which does not divide the world's image_size="
+            f"{world.image_size}: use fewer levels"
+        )
+    return config
+
+
+def encoder_config(cfg: DictConfig, vocab_size: int) -> TextEncoderConfig:
+    """``train.dit.encoder`` (a text-encoder preset and overrides) for the LM's tokenizer."""
+    preset, fields = _preset_section(cfg, "train.dit.encoder")
+    return _built(
+        encoder_preset,
+        TextEncoderConfig,
+        "train.dit.encoder",
+        preset,
+        vocab_size=vocab_size,
+        **fields,
+    )
+
+
+def dit_config(cfg: DictConfig, vae: VAEConfig, world: ShapesConfig, text_dim: int) -> DiTConfig:
+    """``model.dit`` on the VAE's latents (size, channels) and the encoder's width."""
+    preset, fields = _preset_section(cfg, "model.dit")
+    side = world.image_size // vae.downsample_factor
+    config = _built(
+        dit_preset,
+        DiTConfig,
+        "model.dit",
+        preset,
+        sample_size=side,
+        in_channels=vae.latent_channels,
+        text_dim=text_dim,
+        **fields,
+    )
+    if config.learned_sigma:
+        raise _fail("model.dit.learned_sigma", True, "false (the loss is the mean's MSE)")
+    if config.num_classes:
+        raise _fail("model.dit.num_classes", config.num_classes, "0 (text is the condition)")
+    return config
+
+
+def scheduler_config(cfg: DictConfig) -> SchedulerConfig:
+    """``train.dit.scheduler``: the noise process the DiT learns (SchedulerConfig fields)."""
+    fields = section(cfg, "train.dit.scheduler", NAME)
+    return _built(SchedulerConfig, SchedulerConfig, "train.dit.scheduler", None, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """The ``generation`` and ``enrichment`` sections, checked."""
+
+    sampling: Sampling  # how each image is made (also what the scores use)
+    num_images: int
+    seed: int  # the enrichments and the initial noise
+    upscale: int  # the enlarged copies and the grid
+
+
+def generation_settings(cfg: DictConfig, scheduler: SchedulerConfig, dit: DiTConfig) -> Generation:
+    """``generation.*``, checked against the trained noise process and the DiT."""
+    family = _SCHEDULERS[scheduler.is_flow]
+    name = OmegaConf.select(cfg, "generation.scheduler")
+    name = scheduler.name.value if name is None else name
+    if name not in family:
+        raise _fail(
+            "generation.scheduler",
+            name,
+            f"null (the training scheduler) or one of {list(family)}: the DiT is trained with "
+            f"train.dit.scheduler.name={scheduler.name.value!r}",
+        )
+    guidance = _number(cfg, "generation.guidance_scale", 1.0)
+    if guidance > 1 and dit.text_dropout == 0:
+        raise _fail(
+            "generation.guidance_scale",
+            guidance,
+            "1 with model.dit.text_dropout=0: guidance needs the null condition, which the "
+            "DiT learns only through text_dropout > 0",
+        )
+    min_p = OmegaConf.select(cfg, "enrichment.min_p")
+    if min_p is not None and (not is_number(min_p) or not 0 <= min_p <= 1):
+        raise _fail("enrichment.min_p", min_p, "null or a number in [0, 1]")
+    steps = _int(cfg, "generation.steps", 1)
+    if steps > scheduler.num_train_timesteps:
+        raise _fail("generation.steps", steps, f"<= {scheduler.num_train_timesteps}")
+    sampling = Sampling(
+        scheduler=name,
+        steps=steps,
+        guidance_scale=guidance,
+        temperature=_number(cfg, "enrichment.temperature", 0.0),
+        min_p=None if min_p is None else float(min_p),
+        max_new_tokens=_int(cfg, "enrichment.max_new_tokens", 1),
+        tries=_int(cfg, "enrichment.tries", 1),
+    )
+    return Generation(
+        sampling=sampling,
+        num_images=_int(cfg, "generation.num_images", 1),
+        seed=_int(cfg, "generation.seed", 0),
+        upscale=_int(cfg, "generation.upscale", 1),
+    )
+
+
+def _trainer(cfg: DictConfig, stage: str, steps: int, out_dir: Path) -> TrainerConfig:
+    fields = trainer_fields(
+        section(cfg, f"train.{stage}", NAME).get("trainer", {}), f"train.{stage}.trainer"
+    )
+    if "warmup_steps" in fields:  # a short run keeps the warmup inside the run
+        fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
+    try:
+        return TrainerConfig(
+            **fields,
+            max_steps=steps,
+            seed=int(cfg.pipeline.seed),
+            out_dir=str(out_dir),
+            checkpoint_every=0,
+            progress=bool(cfg.pipeline.progress),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{NAME}: train.{stage}.trainer: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the run reads, checked (:func:`check_config`)."""
+
+    world: ShapesConfig
+    vae: VAEConfig
+    scheduler: SchedulerConfig
+    generation: Generation
+    prompt: str | None
+    given: dict[str, str]  # the attributes the prompt names
+    enrich: bool
+    evaluate: bool
+
+
+def check_config(cfg: DictConfig) -> Settings:
+    """Every setting and the prompt, before any part trains or any file is written.
+
+    Raises:
+        ValueError: naming the field (or the prompt) and what is allowed.
+    """
+    flags = compile_flags(cfg)
+    if any(flags):
+        raise ValueError(
+            f"{NAME}: pipeline.compile / train.compile are not supported here: the stages are "
+            "small and their batch shapes change (caption lengths)"
+        )
+    world = world_config(cfg)
+    vae = vae_config(cfg, world)
+    vocab = OmegaConf.select(cfg, "parts.text.vocab_size")
+    encoder = encoder_config(cfg, int(vocab) if is_int(vocab) else 4096)
+    dit = dit_config(cfg, vae, world, encoder.dim)
+    scheduler = scheduler_config(cfg)
+    generation = generation_settings(cfg, scheduler, dit)
+    check_alignment(cfg, dit, world)
+    for stage in STAGES:
+        steps = _int(cfg, f"train.{stage}.max_steps", 1)
+        _int(cfg, f"train.{stage}.batch_size", 1)
+        _trainer(cfg, stage, steps, Path("unused"))
+    _number(cfg, "train.vae.kl_weight", 0.0)
+    _number(cfg, "train.vae.shape_weight", 0.0)
+    _int(cfg, "train.vae.scale_samples", 2)
+    _number(cfg, "train.dit.terse_prob", 0.0, 1.0)
+    _number(cfg, "train.dit.shape_weight", 0.0)
+    _number(cfg, "train.dit.ema.decay", 0.0, 0.999999)
+    _flag(cfg, "train.dit.ema.warmup")
+    for key in ("prompts", "seeds", "enrich_prompts", "vae_images"):
+        _int(cfg, f"train.eval.{key}", 1)
+    _flag(cfg, "train.eval.without_enrichment")
+    prompt = OmegaConf.select(cfg, "prompt")
+    given: dict[str, str] = {}
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{NAME}: prompt={prompt!r} is invalid: expected a non-empty string")
+        given = en.check_prompt(prompt, world)
+        # A token never spans whitespace: more words than the context is surely too long.
+        # The exact count needs the tokenizer (check_prompt_length, before any stage).
+        if len(prompt.split()) > encoder.max_seq_len:
+            raise _too_long(prompt, len(prompt.split()), encoder.max_seq_len, "words")
+    return Settings(
+        world=world,
+        vae=vae,
+        scheduler=scheduler,
+        generation=generation,
+        prompt=prompt,
+        given=given,
+        enrich=_flag(cfg, "enrich"),
+        evaluate=_flag(cfg, "pipeline.evaluate"),
+    )
+
+
+def _too_long(prompt: str, n: int, limit: int, unit: str) -> ValueError:
+    return ValueError(
+        f"{NAME}: prompt={prompt!r} is too long: {n} {unit}, more than the text encoder's "
+        f"context of {limit} tokens (train.dit.encoder.max_seq_len): shorten it"
+    )
+
+
+def check_prompt_length(prompt: str, tokenizer: Tokenizer, limit: int) -> None:
+    """The prompt fits the text encoder's context (it reads it when enrichment is off or
+    falls back)."""
+    n = len(tokenizer.encode(prompt))
+    if n > limit:
+        raise _too_long(prompt, n, limit, "tokens")
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+@dataclasses.dataclass
+class Parts:
+    tokenizer: Tokenizer
+    lm: MoELanguageModel
+    keys: dict[str, str]  # part -> its cache entry name
+    reports: dict[str, dict[str, Any]]
+
+
+def load_text(cfg: DictConfig) -> Parts:
+    """The tokenizer and LM of ``text_generation``'s cache (trained first when absent)."""
+    sub = part_configs(cfg)["text"]
+    key = text_generation.cache_key(sub)
+    lm = text_generation.load_or_train(sub)
+    return Parts(lm.tokenizer, lm.model, {"text": key}, {"text": lm.report})
+
+
+def load_classifier(cfg: DictConfig, parts: Parts) -> tuple[nn.Module, list[tuple[str, int]]]:
+    """``train_vision``'s image classifier (trained first when absent) and its heads."""
+    sub = part_configs(cfg)["vision"]
+    parts.keys["vision"] = train_vision.cache_key(sub, "image")
+    model, report, _, _ = train_vision.load_or_train(sub, "image")
+    parts.reports["vision"] = report
+    return model.eval(), train_vision.heads(sub, "image", world_config(cfg))
+
+
+def _entry(cfg: DictConfig, stage: str, spec: dict[str, Any]) -> Path:
+    key = entry_key({"format": CACHE_FORMAT, "stage": stage, **spec}, CODE[stage])
+    return Path(str(cfg.pipeline.cache_dir)).expanduser() / NAME / stage / key
+
+
+def _cached(path: Path, cfg: DictConfig) -> bool:
+    return (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain
+
+
+def _fit(
+    cfg: DictConfig,
+    stage: str,
+    model: nn.Module,
+    batch_fn: Callable[[int, int], Any],
+    loss_fn: Callable[[nn.Module, Any], Any],
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """Train ``stage`` in place with the vats-core trainer: (seconds, logged rows)."""
+    steps = int(OmegaConf.select(cfg, f"train.{stage}.max_steps"))
+    out = Path(str(cfg.pipeline.out_dir)) / stage
+    config = _trainer(cfg, stage, steps, out)
+    start = time.perf_counter()
+    rows = Trainer(model, config, data=batch_fn, loss_fn=loss_fn, on_step=on_step).fit()
+    return time.perf_counter() - start, rows
+
+
+def _first(step: int, micro: int, cfg: DictConfig, stage: str) -> int:
+    """Index of the first sample of a micro-batch: no sample repeats within a stage."""
+    accum = int(section(cfg, f"train.{stage}", NAME).get("trainer", {}).get("grad_accum_steps", 1))
+    return (step * accum + micro) * int(OmegaConf.select(cfg, f"train.{stage}.batch_size"))
+
+
+def _pixels(world: ShapesWorld, indices: range, split: str) -> Tensor:
+    return world.images(indices, split).pixels * 2 - 1  # (B, 3, S, S) in [-1, 1]
+
+
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+
+def vae_key_spec(cfg: DictConfig, s: Settings) -> dict[str, Any]:
+    return {
+        "model": s.vae.to_dict(),
+        "world": s.world.to_dict(),
+        "train": section(cfg, "train.vae", NAME),
+        "seed": int(cfg.pipeline.seed),
+    }
+
+
+def vae_loss(
+    vae: VAE, x: Tensor, mask: Tensor, *, kl_weight: float, shape_weight: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:meth:`VAE.loss` with the shape's pixels weighted ``1 + shape_weight`` (``mask``,
+    ``(B, 1, S, S)``, is the shape's coverage): the squared error is averaged with weights
+    that sum to the pixel count, so ``shape_weight=0`` is :meth:`VAE.loss` itself.
+
+    A shape covers a few percent of the image and the textured backgrounds most of the
+    error, so plain MSE spends the decoder on backgrounds and blurs small shapes, whose
+    outline is all that tells a triangle from a circle."""
+    posterior = vae.encode(x)
+    recon = vae.decode(posterior.sample())
+    w = 1 + shape_weight * mask  # (B, 1, S, S)
+    mse = (w * (recon.float() - x.float()) ** 2).mean() / w.mean()
+    kl = posterior.kl().float().mean()
+    return mse + kl_weight * kl / x[0].numel(), {"recon": mse.detach(), "kl": kl.detach()}
+
+
+@torch.no_grad()
+def _latent_stats(vae: VAE, world: ShapesWorld, n: int) -> tuple[float, float]:
+    """Mean and std of the unscaled posterior samples of ``n`` train images."""
+    z = [
+        vae.encode(_pixels(world, range(i, min(n, i + 256)), "train")).sample(
+            torch.Generator().manual_seed(i)
+        )
+        for i in range(0, n, 256)
+    ]
+    flat = torch.cat(z).flatten()
+    return float(flat.mean()), float(flat.std())
+
+
+@torch.no_grad()
+def _reconstruction(vae: VAE, world: ShapesWorld, n: int) -> dict[str, float]:
+    x = _pixels(world, range(n), "val")
+    mse = float(((vae(x).clamp(-1, 1) - x) ** 2).mean())
+    return {"val_mse": mse, "val_psnr": 10 * math.log10(4 / max(mse, 1e-12))}  # range 2
+
+
+@dataclasses.dataclass
+class Stage:
+    """A trained stage: its model, the report written when it was trained, its cache entry
+    name, and whether it came from the cache."""
+
+    model: Any
+    report: dict[str, Any]
+    key: str
+    cached: bool
+
+
+def _load_report(path: Path) -> dict[str, Any]:
+    return json.loads((path / REPORT_NAME).read_text())
+
+
+def load_or_train_vae(cfg: DictConfig, s: Settings) -> Stage:
+    """Stage 1 (module docstring): the VAE with standardised latents."""
+    path = _entry(cfg, "vae", vae_key_spec(cfg, s))
+    if _cached(path, cfg):
+        print(f"{NAME}: loading the cached VAE from {path}", flush=True)
+        return Stage(VAE.from_pretrained(path / "model"), _load_report(path), path.name, True)
+    print(f"{NAME}: stage 1/3, vae: the autoencoder learns the world's images", flush=True)
+    world = ShapesWorld(s.world)
+    torch.manual_seed(int(cfg.pipeline.seed))
+    vae = VAE(s.vae)
+    kl_weight, shape_weight = float(cfg.train.vae.kl_weight), float(cfg.train.vae.shape_weight)
+    b = int(cfg.train.vae.batch_size)
+
+    def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
+        first = _first(step, micro, cfg, "vae")
+        batch = world.images(range(first, first + b), "train")
+        return {"x": batch.pixels * 2 - 1, "mask": batch.mask}
+
+    def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        assert isinstance(m, VAE)
+        return vae_loss(m, bt["x"], bt["mask"], kl_weight=kl_weight, shape_weight=shape_weight)
+
+    seconds, rows = _fit(cfg, "vae", vae, batch_fn, loss_fn)
+    vae.eval()
+    t0 = time.perf_counter()
+    mean, std = _latent_stats(vae, world, int(cfg.train.vae.scale_samples))
+    vae.config = vae.config.replace(scaling_factor=1 / std, shift_factor=mean)
+    seconds += time.perf_counter() - t0
+    report = {
+        "seconds": seconds,
+        "latent_mean": mean,
+        "latent_std": std,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        **_reconstruction(vae, world, int(cfg.train.eval.vae_images)),
+        "parameters": sum(p.numel() for p in vae.parameters()),
+    }
+    with staged_entry(path) as staging:
+        vae.save_pretrained(staging / "model")
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return Stage(vae, report, path.name, False)
+
+
+# ----------------------------------------------------------------------------- stage 2: LM
+
+
+def untied(lm: MoELanguageModel) -> MoELanguageModel:
+    """A copy of ``lm`` whose head is its own weight, initialised to the embedding.
+
+    Tied, the fine-tune pulls together the rows of words that fill the same slot of a
+    caption (the head must score "left" and "right" alike where the position is open) until
+    the input side cannot tell them apart: on the small LM, the cosine of "left" and
+    "right" went from 0.57 to 0.97 in 600 steps and "left" was copied as "right" half the
+    time. Untied, the head learns the slot and the embedding keeps the word.
+    """
+    out = MoELanguageModel(lm.config.replace(tie_embeddings=False))
+    out.load_state_dict(lm.state_dict())
+    return out.requires_grad_(True)
+
+
+def load_or_train_enricher(cfg: DictConfig, s: Settings, parts: Parts) -> Stage:
+    """Stage 2: the LM fine-tuned to rewrite terse prompts into captions."""
+    spec = {
+        "text": parts.keys["text"],
+        "world": s.world.to_dict(),
+        "train": section(cfg, "train.enrich", NAME),
+        "seed": int(cfg.pipeline.seed),
+    }
+    path = _entry(cfg, "enrich", spec)
+    if _cached(path, cfg):
+        print(f"{NAME}: loading the cached enrichment LM from {path}", flush=True)
+        model = MoELanguageModel.from_pretrained(path / "model")
+        return Stage(model, _load_report(path), path.name, True)
+    print(f"{NAME}: stage 2/3, enrich: the LM learns to write captions from prompts", flush=True)
+    model = untied(parts.lm)
+    b, tokenizer = int(cfg.train.enrich.batch_size), parts.tokenizer
+
+    def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
+        first = _first(step, micro, cfg, "enrich")
+        pairs = [en.example(s.world, "train", i) for i in range(first, first + b)]
+        return en.lm_batch(tokenizer, [p.prompt for p in pairs], [p.caption for p in pairs])
+
+    def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> Tensor:
+        return m(bt["input_ids"], attention_mask=bt["attention_mask"], labels=bt["labels"]).loss
+
+    seconds, rows = _fit(cfg, "enrich", model, batch_fn, loss_fn)
+    model.eval()
+    report = {"seconds": seconds, "final_loss": rows[-1]["loss"] if rows else None}
+    with staged_entry(path) as staging:
+        model.save_pretrained(staging / "model")
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return Stage(model, report, path.name, False)
+
+
+# ----------------------------------------------------------------------------- stage 3: DiT
+
+
+def _dit_texts(batch: Any, first: int, terse_prob: float) -> list[str]:
+    """Each image's caption, or with probability ``terse_prob`` a terse prompt of it."""
+    texts = []
+    for i, text in enumerate(batch.captions):
+        rng = random.Random(f"dit/{first + i}")
+        if rng.random() < terse_prob:
+            names = batch.names(i)
+            keep = [a for a in en.ATTRIBUTES if rng.random() < 0.5]
+            text = en.terse_prompt(names, keep, rng, "train")
+        texts.append(text)
+    return texts
+
+
+def weighted_diffusion_loss(
+    diffusion: Diffusion, dit: DiT, x0: Tensor, cond: dict[str, Tensor], weight: Tensor
+) -> Tensor:
+    """:meth:`Diffusion.loss` with each latent position's squared error weighted by
+    ``weight`` (``(B, 1, h, w)``, normalised to mean 1): timesteps, noise and target as
+    there, from the global RNG."""
+    t = diffusion.sample_timesteps(x0.shape[0], device=x0.device)
+    noise = torch.randn_like(x0)
+    pred = dit(diffusion.add_noise(x0, noise, t), t, **cond)
+    err = (pred.float() - diffusion.target(x0, noise, t).float()) ** 2  # (B, C, h, w)
+    return (weight * err).mean() / weight.mean()
+
+
+@dataclasses.dataclass
+class DiTTraining:
+    """What the DiT stage trains with: the module the trainer updates (the model, and the
+    alignment MLP when REPA is on), its batches and loss, and the EMA of its weights."""
+
+    model: TextToImage
+    trained: nn.Module  # ModuleDict(model=..., [align=...])
+    batch_fn: Callable[[int, int], dict[str, Tensor]]
+    loss_fn: Callable[[nn.Module, dict[str, Tensor]], Any]
+    ema: EMA
+    alignment: TokenAlignment | None
+
+
+def alignment_settings(cfg: DictConfig) -> tuple[float, int]:
+    """``train.dit.align``: (weight, block) of representation alignment (weight 0: off)."""
+    weight = _number(cfg, "train.dit.align.weight", 0.0)
+    block = _int(cfg, "train.dit.align.block", 1)
+    return weight, block
+
+
+def check_alignment(cfg: DictConfig, dit: DiTConfig, world: ShapesConfig) -> None:
+    """The aligned block exists and the vision encoder's patch grid is the DiT's."""
+    weight, block = alignment_settings(cfg)
+    if weight == 0:
+        return
+    if block > dit.n_layers:
+        raise _fail("train.dit.align.block", block, f"an int in [1, {dit.n_layers}] (DiT blocks)")
+    vision = train_vision.image_model_config(part_configs(cfg)["vision"], world)
+    teacher = (world.image_size // vision.patch_size,) * 2
+    if teacher != dit.grid:
+        raise _fail(
+            "train.dit.align.weight",
+            weight,
+            f"0 here: the vision encoder's patch grid {teacher} is not the DiT's {dit.grid} "
+            "(image_size / vision patch_size must equal latent size / DiT patch_size)",
+        )
+
+
+def dit_training(
+    cfg: DictConfig,
+    s: Settings,
+    parts: Parts,
+    vae: VAE,
+    teacher: nn.Module | None,
+) -> DiTTraining:
+    """A fresh text encoder and DiT, and how the DiT stage trains them (module docstring)."""
+    encoder_cfg = encoder_config(cfg, parts.tokenizer.vocab_size)
+    dit_cfg = dit_config(cfg, s.vae, s.world, encoder_cfg.dim)
+    train = section(cfg, "train.dit", NAME)
+    world, diffusion = ShapesWorld(s.world), Diffusion(s.scheduler)
+    torch.manual_seed(int(cfg.pipeline.seed))
+    model = TextToImage(TextEncoder(encoder_cfg), DiT(dit_cfg))
+    trained = nn.ModuleDict({"model": model})
+    weight, block = alignment_settings(cfg)
+    alignment = None
+    if weight > 0:
+        assert teacher is not None
+        teacher_dim = teacher.config.dim  # type: ignore[union-attr]
+        alignment = trained["align"] = TokenAlignment(model.dit, block, teacher_dim)
+    tokenizer, b = parts.tokenizer, int(train["batch_size"])
+    terse_prob, limit = float(train["terse_prob"]), encoder_cfg.max_seq_len
+    shape_weight = float(train["shape_weight"])
+
+    def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
+        first = _first(step, micro, cfg, "dit")
+        batch = world.images(range(first, first + b), "train")
+        pixels = batch.pixels * 2 - 1
+        out = {}
+        with torch.no_grad():  # a posterior sample per image, as LDM trains
+            out["latents"] = vae.encode_latents(
+                pixels, generator=torch.Generator().manual_seed(first)
+            )
+            if alignment is not None:
+                out["teacher"] = teacher.forward_features(pixels)  # type: ignore[union-attr]
+        out["input_ids"], out["mask"] = encode_texts(
+            tokenizer, _dit_texts(batch, first, terse_prob), limit
+        )
+        if shape_weight:  # the shape's coverage of each latent position, (B, 1, h, w)
+            out["shape"] = F.avg_pool2d(batch.mask, s.vae.downsample_factor)
+        return out
+
+    def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> Any:
+        t2i = m["model"]  # type: ignore[index]
+        cond = t2i.condition(bt["input_ids"], bt["mask"])
+        if shape_weight:
+            loss = weighted_diffusion_loss(
+                diffusion, t2i.dit, bt["latents"], cond, 1 + shape_weight * bt["shape"]
+            )
+        else:
+            loss = diffusion.loss(t2i.dit, bt["latents"], cond)
+        if alignment is None:
+            return loss
+        align = alignment.loss(bt["teacher"])
+        return loss + weight * align, {"diffusion": loss.detach(), "align": align.detach()}
+
+    ema = EMA(trained, float(train["ema"]["decay"]), warmup=bool(train["ema"]["warmup"]))
+    return DiTTraining(model, trained, batch_fn, loss_fn, ema, alignment)
+
+
+def load_or_train_dit(
+    cfg: DictConfig,
+    s: Settings,
+    parts: Parts,
+    vae_stage: Stage,
+    teacher: nn.Module | None,
+) -> Stage:
+    """Stage 3: the text encoder and the DiT on the VAE's latents (EMA weights), aligned to
+    the vision encoder's features when ``train.dit.align.weight > 0``."""
+    encoder_cfg = encoder_config(cfg, parts.tokenizer.vocab_size)
+    dit_cfg = dit_config(cfg, s.vae, s.world, encoder_cfg.dim)
+    train = section(cfg, "train.dit", NAME)
+    spec = {
+        "vae": vae_stage.key,
+        "text": parts.keys["text"],
+        "teacher": parts.keys["vision"] if alignment_settings(cfg)[0] > 0 else None,
+        "encoder": encoder_cfg.to_dict(),
+        "model": dit_cfg.to_dict(),
+        "scheduler": s.scheduler.to_dict(),
+        "world": s.world.to_dict(),
+        "train": {k: v for k, v in train.items() if k != "encoder"},
+        "seed": int(cfg.pipeline.seed),
+    }
+    path = _entry(cfg, "dit", spec)
+    if _cached(path, cfg):
+        print(f"{NAME}: loading the cached text encoder and DiT from {path}", flush=True)
+        model = TextToImage(
+            TextEncoder.from_pretrained(path / "encoder"), DiT.from_pretrained(path / "dit")
+        )
+        return Stage(model.eval(), _load_report(path), path.name, True)
+    print(f"{NAME}: stage 3/3, dit: the text encoder and the DiT learn the latents", flush=True)
+    vae, world, diffusion = vae_stage.model, ShapesWorld(s.world), Diffusion(s.scheduler)
+    t = dit_training(cfg, s, parts, vae, teacher)
+    loss_before = denoising_loss(t.model, vae, diffusion, parts.tokenizer, world, 128)
+    seconds, rows = _fit(cfg, "dit", t.trained, t.batch_fn, t.loss_fn, lambda _, m: t.ema.update(m))
+    t.ema.copy_to(t.trained)  # the averaged weights are the ones sampled and saved
+    if t.alignment is not None:
+        t.alignment.remove()
+    model = t.model.eval()
+    report = {
+        "seconds": seconds,
+        "denoising_loss_before": loss_before,
+        "denoising_loss_after": denoising_loss(model, vae, diffusion, parts.tokenizer, world, 128),
+        "losses": [r["loss"] for r in rows],
+        "parameters": {
+            "encoder": sum(p.numel() for p in model.encoder.parameters()),
+            "dit": sum(p.numel() for p in model.dit.parameters()),
+        },
+    }
+    with staged_entry(path) as staging:
+        model.encoder.save_pretrained(staging / "encoder")
+        model.dit.save_pretrained(staging / "dit")
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return Stage(model, report, path.name, False)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def load_or_evaluate(
+    cfg: DictConfig,
+    s: Settings,
+    parts: Parts,
+    keys: dict[str, str],
+    models: tuple[VAE, MoELanguageModel, TextToImage],
+    classifier: tuple[nn.Module, list[tuple[str, int]]],
+) -> tuple[dict[str, Any], bool]:
+    """The scores, from the cache when the weights and the settings match."""
+    spec = {
+        "keys": keys | parts.keys,
+        "eval": section(cfg, "train.eval", NAME),
+        "sampling": dataclasses.asdict(s.generation.sampling),
+    }
+    path = _entry(cfg, "eval", spec)
+    if _cached(path, cfg):
+        return json.loads((path / REPORT_NAME).read_text()), True
+    print(f"{NAME}: scoring the held-out prompts", flush=True)
+    vae, lm, model = models
+    scores = evaluate(
+        s.world,
+        Diffusion(s.scheduler),
+        s.generation.sampling,
+        section(cfg, "train.eval", NAME),
+        parts.tokenizer,
+        vae,
+        lm,
+        model,
+        *classifier,
+    )
+    with staged_entry(path) as staging:
+        (staging / REPORT_NAME).write_text(json.dumps(scores, indent=2))
+    return scores, False
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:48] or "prompt"
+
+
+def generate_images(
+    cfg: DictConfig,
+    s: Settings,
+    parts: Parts,
+    vae: VAE,
+    lm: MoELanguageModel | None,
+    model: TextToImage,
+    classifier: tuple[nn.Module, list[tuple[str, int]]] | None,
+) -> dict[str, Any]:
+    """``generation.num_images`` images of the prompt, written and printed."""
+    assert s.prompt is not None
+    gen, prompt = s.generation, s.prompt
+    n = gen.num_images
+    if s.enrich:
+        assert lm is not None
+        outs = enrich_all(
+            lm, parts.tokenizer, [prompt] * n, [s.given] * n, s.world, gen.sampling,
+            torch.Generator().manual_seed(gen.seed),
+        )  # fmt: skip
+    else:
+        outs = [en.Enrichment(prompt, "", prompt, dict(s.given), None)] * n
+    images = sample_images(
+        model,
+        vae,
+        Diffusion(s.scheduler),
+        parts.tokenizer,
+        [o.used for o in outs],
+        gen.sampling,
+        torch.Generator().manual_seed(gen.seed),
+        progress=bool(cfg.pipeline.progress),
+    )
+    seen = read_images(*classifier, s.world, images) if classifier else [None] * n
+    folder = Path(str(cfg.pipeline.out_dir)) / f"{_slug(prompt)}-seed{gen.seed}"
+    files = save_images(images, folder, scale=gen.upscale)
+    records = []
+    print(f"prompt: {prompt!r}" + ("" if s.enrich else " (enrich=false: used as it is)"))
+    for i, (o, r) in enumerate(zip(outs, seen, strict=True)):
+        if not s.enrich:
+            line = f"  image {i}: {o.used!r}"
+        elif o.accepted:
+            again = f" (try {o.tries}: the earlier ones changed the prompt)" if o.tries > 1 else ""
+            line = f"  image {i}: enriched to {o.used!r}{again}"
+        else:
+            line = f"  image {i}: the enrichment {o.written!r} is not used, {o.reason} "
+            line += f"({o.tries} sample{'s' if o.tries > 1 else ''}); using the prompt"
+        if r is not None:
+            line += f" [the classifier sees: {en.caption(r) if len(r) == 5 else r}]"
+        print(line)
+        records.append(
+            {"prompt": prompt, "enriched": o.written, "used": o.used, "fallback": o.reason,
+             "classifier": r, "file": files["images"][i]}
+        )  # fmt: skip
+    (folder / "prompts.json").write_text(json.dumps(records, indent=2))
+    size = s.world.image_size
+    print(
+        f"wrote {n} image(s) ({size} px, and x{gen.upscale} for viewing) to {folder}\n"
+        f"grid: {files['grid']}"
+    )
+    return {"folder": str(folder), **files, "records": records}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Check everything, load the parts, train (or load) the stages, score, generate."""
+    s = check_config(cfg)  # a bad setting or prompt fails here, before any work
+    parts = load_text(cfg)
+    limit = encoder_config(cfg, parts.tokenizer.vocab_size).max_seq_len
+    if s.prompt is not None:
+        check_prompt_length(s.prompt, parts.tokenizer, limit)
+    align = alignment_settings(cfg)[0] > 0
+    classifier = load_classifier(cfg, parts) if s.evaluate or align else None
+    done = {"vae": load_or_train_vae(cfg, s)}
+    if s.enrich or s.evaluate:  # generating with enrich=false alone needs no LM
+        done["enrich"] = load_or_train_enricher(cfg, s, parts)
+    teacher = classifier[0] if classifier else None
+    done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"], teacher)
+    vae, model = done["vae"].model, done["dit"].model
+    lm = done["enrich"].model if "enrich" in done else None
+    stages = {k: v.report for k, v in done.items()}  # as recorded when trained
+    keys = {k: v.key for k, v in done.items()}
+    result: dict[str, Any] = {
+        "stages": stages,
+        "keys": keys,
+        "cached": {k: v.cached for k, v in done.items()},
+        "parts": parts.keys,
+    }
+    if s.evaluate:
+        assert lm is not None and classifier is not None
+        scores, result["scores_cached"] = load_or_evaluate(
+            cfg, s, parts, keys, (vae, lm, model), classifier
+        )
+        result["scores"] = scores
+        seconds = {k: r["seconds"] for k, r in stages.items()}
+        print_table(NAME, scores, seconds, parts.reports["vision"])
+    if s.prompt is not None:
+        result["generated"] = generate_images(cfg, s, parts, vae, lm, model, classifier)
+    return result

@@ -1,0 +1,137 @@
+"""The text-to-image model of apps: its condition and null condition, representation
+alignment, the shape-weighted losses, and the classifier's reading of images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vats_apps.data import ShapesConfig
+from vats_apps.generation.model import TextToImage, TokenAlignment, read_images
+from vats_apps.pipelines.text_to_image import vae_loss, weighted_diffusion_loss
+from vats_diffusion import VAE, Diffusion, DiT, SchedulerConfig, dit_preset, vae_preset
+from vats_text.encoder import TextEncoder
+from vats_text.presets import encoder_preset
+
+
+def _model() -> TextToImage:
+    torch.manual_seed(0)
+    encoder = TextEncoder(encoder_preset("tiny", vocab_size=64, max_seq_len=16))
+    dit = DiT(dit_preset("tiny", num_classes=0, learned_sigma=False, text_dim=64))
+    return TextToImage(encoder, dit).eval()
+
+
+def test_null_condition_is_what_text_dropout_trains():
+    model = _model()
+    ids = torch.randint(7, 64, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    cond = model.condition(ids, mask)
+    null = TextToImage.null_condition(cond)
+    assert null["text_states"].shape == (1, 5, 64) and not null["text_mask"].any()
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        dropped = model.dit(x, t, **{k: v.expand(3, *v.shape[1:]) for k, v in null.items()})
+        unconditional = model.dit(x, t)  # no text at all
+    torch.testing.assert_close(dropped, unconditional)
+
+
+@torch.no_grad()
+def test_alignment_reads_the_chosen_block_and_scores_cosine():
+    model = _model()
+    align = TokenAlignment(model.dit, block=1, teacher_dim=6)
+    seen = {}
+    model.dit.blocks[0].register_forward_hook(lambda m, a, out: seen.setdefault("x", out))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    model.dit(x, t)
+    teacher = align.proj(seen["x"]).detach()  # (B, N = 16, 6)
+    model.dit(x, t)
+    assert align.loss(teacher).item() == pytest.approx(0.0, abs=1e-6)  # aligned: cosine 1
+    model.dit(x, t)
+    assert align.loss(-teacher).item() == pytest.approx(2.0, abs=1e-5)  # opposite: cosine -1
+    with pytest.raises(ValueError, match="grids and widths must match"):
+        model.dit(x, t)
+        align.loss(torch.zeros(2, 9, 6))
+    align.remove()
+    model.dit(x, t)
+    with pytest.raises(RuntimeError, match="run the DiT first"):
+        align.loss(teacher)  # the hook is gone: nothing was captured
+
+
+def test_weighted_losses_with_unit_weights_are_the_packages_losses():
+    model = _model()
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0 = torch.randn(4, 4, 8, 8)
+    cond = model.condition(torch.randint(7, 64, (4, 3)), torch.ones(4, 3, dtype=torch.bool))
+    torch.manual_seed(1)
+    ours = weighted_diffusion_loss(diffusion, model.dit, x0, cond, torch.ones(4, 1, 8, 8))
+    torch.manual_seed(1)
+    theirs = diffusion.loss(model.dit, x0, cond)
+    torch.testing.assert_close(ours, theirs)
+    # A weight on one position is that position's error counting more, normalised.
+    torch.manual_seed(1)
+    w = torch.ones(4, 1, 8, 8)
+    w[:, :, 2, 3] = 5.0
+    weighted = weighted_diffusion_loss(diffusion, model.dit, x0, cond, w)
+    assert weighted != ours
+
+    torch.manual_seed(0)
+    vae = VAE(vae_preset("tiny"))
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    torch.manual_seed(2)
+    ours, parts = vae_loss(vae, x, torch.zeros(2, 1, 8, 8), kl_weight=1e-3, shape_weight=4.0)
+    torch.manual_seed(2)
+    theirs, their_parts = vae.loss(x, kl_weight=1e-3)
+    torch.testing.assert_close(ours, theirs)  # no shape: the plain LDM loss
+    torch.testing.assert_close(parts["recon"], their_parts["recon"])
+
+
+def test_the_classifier_reading_maps_each_head_to_names():
+    world = ShapesConfig(image_size=24)
+    heads = [("target", 24), ("size", 3), ("position", 9)]
+
+    class Fixed(nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            target = F.one_hot(torch.tensor([7, 0]), 24)  # 7 = shape 1 (square), colour 1
+            size = F.one_hot(torch.tensor([2, 0]), 3)
+            position = F.one_hot(torch.tensor([4, 8]), 9)
+            return torch.cat([target, size, position], dim=-1).float()
+
+    seen = read_images(Fixed(), heads, world, torch.zeros(2, 3, 24, 24))
+    assert seen[0] == {"shape": "square", "color": "green", "size": "large", "position": "center"}
+    assert seen[1] == {"shape": "circle", "color": "red", "size": "small",
+                       "position": "bottom right"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("temperature", "tries", "calls"), [(1.0, 3, 3), (0.0, 3, 1)])
+def test_refused_enrichments_are_sampled_again_up_to_the_tries(
+    monkeypatch, temperature, tries, calls
+):
+    from vats_apps.generation import enrich as en
+    from vats_apps.generation.model import Sampling, enrich_all
+
+    good = "a small red circle in the center on a plain background"
+    bad = "a small blue circle in the center on a plain background"  # changes the colour
+    # Row 0 is refused twice, then kept; row 1 is kept at once; row 2 is always refused.
+    script = iter([[bad, good, bad], [bad, bad], [good, bad]])
+    asked: list[list[str]] = []
+
+    def fake_enrich(model, tokenizer, prompts, **kw):
+        asked.append(list(prompts))
+        return next(script)
+
+    monkeypatch.setattr(en, "enrich", fake_enrich)
+    sampling = Sampling("flow_match_euler", 2, 1.0, temperature, None, 8, tries=tries)
+    prompts = ["a red circle", "a small red thing", "red circle"]
+    givens = [en.parse_prompt(p) for p in prompts]
+    outs = enrich_all(None, None, prompts, givens, ShapesConfig(), sampling, torch.Generator())
+    assert len(asked) == calls
+    if calls == 1:  # greedy: one sample each, the refused rows fall back
+        assert [o.accepted for o in outs] == [False, True, False]
+        assert [o.tries for o in outs] == [1, 1, 1]
+        return
+    assert asked[1] == [prompts[0], prompts[2]] and asked[2] == [prompts[0], prompts[2]]
+    assert [o.accepted for o in outs] == [True, True, False]
+    assert [o.tries for o in outs] == [3, 1, 3]
+    assert outs[2].used == prompts[2] and "color 'red' -> 'blue'" in outs[2].reason
