@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_apps.data import ShapesConfig, ShapesWorld
+from vats_apps.data import POSITIONS, ShapesConfig, ShapesWorld
 from vats_apps.generation import enrich as en
 from vats_diffusion import VAE, Diffusion, DiT
 from vats_text.encoder import TextEncoder
@@ -32,6 +32,7 @@ __all__ = [
     "encode_texts",
     "enrich_all",
     "read_images",
+    "read_positions",
     "sample_images",
 ]
 
@@ -224,13 +225,46 @@ def enrich_all(
     return [outs[i] for i in range(len(prompts))]
 
 
+# A pixel belongs to the shape when its colour is this far (Euclidean, RGB in [0, 1]) from
+# the background's, the median of the border pixels: the world's backgrounds are muted
+# greys whose texture moves a pixel by at most 0.09 per channel (0.16 in RGB), and its
+# shape colours are saturated or white. On 2048 real held-out 24 px images, 0.4 reads the
+# position right for 95 %, 0.3 for 94 %, 0.2 for 86 % (the shape's own mask: 99.95 %).
+SHAPE_DISTANCE = 0.4
+
+
+def read_positions(images: Tensor) -> list[str | None]:
+    """Where the shape is in each image, read from the pixels: the centroid of the pixels
+    that differ from the background's colour (:data:`SHAPE_DISTANCE`), as the world's 3 x 3
+    grid cell (:data:`~vats_apps.data.shapes.POSITIONS`). ``None`` where no pixel differs.
+
+    Args:
+        images: ``(B, 3, S, S)`` in [-1, 1].
+    """
+    x = (images.float() + 1) / 2  # (B, 3, S, S) in [0, 1]
+    s = x.shape[-1]
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=-1)
+    background = border.median(dim=-1).values  # (B, 3)
+    shape = ((x - background[:, :, None, None]).norm(dim=1) > SHAPE_DISTANCE).float()
+    grid = torch.arange(s, dtype=torch.float32) + 0.5  # pixel centres
+    count = shape.sum((1, 2))  # (B,)
+    cx = (shape * grid).sum((1, 2)) / count.clamp(min=1)
+    cy = (shape * grid[:, None]).sum((1, 2)) / count.clamp(min=1)
+    col = (cx * 3 / s).floor().clamp(0, 2).long()
+    row = (cy * 3 / s).floor().clamp(0, 2).long()
+    cells = (row * 3 + col).tolist()
+    return [POSITIONS[c] if n > 0 else None for c, n in zip(cells, count.tolist(), strict=True)]
+
+
 @torch.no_grad()
 def read_images(
     classifier: nn.Module, heads: list[tuple[str, int]], world: ShapesConfig, images: Tensor
 ) -> list[dict[str, str]]:
-    """What the vision classifier sees in each image: shape and colour from its target
-    head, the other attributes from its aux heads (``heads``: ``(label, classes)`` of each
-    slice of its logits, as ``train_vision.heads`` gives them)."""
+    """What each image shows: shape and colour from the vision classifier's target head,
+    size and background from its aux heads (``heads``: ``(label, classes)`` of each slice
+    of its logits, as ``train_vision.heads`` gives them), and the position from the pixels
+    (:func:`read_positions`: right on 95 % of real images, where the classifier's position
+    head reads them near chance), or from the classifier where no pixel stands out."""
     logits = classifier(images).split([k for _, k in heads], dim=-1)
     out: list[dict[str, str]] = [{} for _ in range(images.shape[0])]
     for (label, _), part in zip(heads, logits, strict=True):
@@ -240,4 +274,7 @@ def read_images(
                 out[i] |= {"shape": world.shapes[shape], "color": world.colors[color]}
             else:
                 out[i][label] = world.label_values(label)[slot]
+    for i, position in enumerate(read_positions(images)):
+        if position is not None:
+            out[i]["position"] = position
     return out

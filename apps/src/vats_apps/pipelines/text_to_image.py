@@ -914,7 +914,7 @@ def generate_images(
             line = f"  image {i}: the enrichment {o.written!r} is not used, {o.reason} "
             line += f"({o.tries} sample{'s' if o.tries > 1 else ''}); using the prompt"
         if r is not None:
-            line += f" [the classifier sees: {en.caption(r) if len(r) == 5 else r}]"
+            line += f" [read back: {en.caption(r) if len(r) == 5 else r}]"
         print(line)
         records.append(
             {"prompt": prompt, "enriched": o.written, "used": o.used, "fallback": o.reason,
