@@ -21,6 +21,7 @@ from vats_apps.generation import enrich as en
 LEARN = [
     *TINY_TEXT_TO_IMAGE,
     "train.vae.max_steps=20",
+    "train.enrich.max_steps=4",  # not the tiny run's (test_configs may have cached that one)
     "train.dit.max_steps=60",
     "train.dit.batch_size=16",
     "train.dit.trainer.warmup_steps=5",
