@@ -12,10 +12,14 @@ reported here, before a tokenizer or a model is trained.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
+
+from vats_core.training import TrainerConfig
 
 
 class CompileFlags(NamedTuple):
@@ -60,3 +64,41 @@ def trainer_fields(section: dict[str, Any], where: str) -> dict[str, Any]:
     if "compile" in section:
         raise ValueError(f"{where}.compile is not read: set train.compile instead")
     return dict(section)
+
+
+def stage_trainer_config(
+    section: dict[str, Any],
+    where: str,
+    *,
+    steps: int,
+    seed: int,
+    out_dir: Path,
+    progress: bool,
+    compile: bool = False,
+) -> TrainerConfig:
+    """The TrainerConfig of one training stage of a pipeline: the ``trainer`` section's
+    fields (``where`` names it in errors) with the steps, seed, output directory and
+    progress the pipeline sets, and no checkpoints (stages are cached whole). A warmup
+    longer than a short run (``max_steps=3`` in tests) is cut to the run.
+
+    Raises:
+        ValueError: naming ``where`` and the unknown or invalid fields.
+    """
+    fields = trainer_fields(section, where)
+    if "warmup_steps" in fields:
+        fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainerConfig)})
+    if unknown:
+        raise ValueError(f"{where}: {unknown} are not TrainerConfig fields")
+    try:
+        return TrainerConfig(
+            **fields,
+            max_steps=steps,
+            seed=seed,
+            out_dir=str(out_dir),
+            checkpoint_every=0,
+            progress=progress,
+            compile=compile,
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None

@@ -81,7 +81,7 @@ from vats_apps.generation.model import (
 from vats_apps.generation.scoring import evaluate, print_table
 from vats_apps.pipelines import text_generation, train_vision
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
-from vats_apps.pipelines.compiling import compile_flags, trainer_fields
+from vats_apps.pipelines.compiling import compile_flags, stage_trainer_config
 from vats_apps.pipelines.sections import part_pipeline, preset_fields, section
 from vats_core.config import Config, is_int, is_number
 from vats_core.training import Trainer, TrainerConfig
@@ -314,22 +314,14 @@ def generation_settings(cfg: DictConfig, scheduler: SchedulerConfig, dit: DiTCon
 
 
 def _trainer(cfg: DictConfig, stage: str, steps: int, out_dir: Path) -> TrainerConfig:
-    fields = trainer_fields(
-        section(cfg, f"train.{stage}", NAME).get("trainer", {}), f"train.{stage}.trainer"
+    return stage_trainer_config(
+        section(cfg, f"train.{stage}", NAME).get("trainer", {}),
+        f"{NAME}: train.{stage}.trainer",
+        steps=steps,
+        seed=int(cfg.pipeline.seed),
+        out_dir=out_dir,
+        progress=bool(cfg.pipeline.progress),
     )
-    if "warmup_steps" in fields:  # a short run keeps the warmup inside the run
-        fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
-    try:
-        return TrainerConfig(
-            **fields,
-            max_steps=steps,
-            seed=int(cfg.pipeline.seed),
-            out_dir=str(out_dir),
-            checkpoint_every=0,
-            progress=bool(cfg.pipeline.progress),
-        )
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{NAME}: train.{stage}.trainer: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

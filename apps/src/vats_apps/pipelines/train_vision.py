@@ -74,7 +74,6 @@ Shapes: B batch, T frames, C channels, S image side, K classes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -88,7 +87,11 @@ from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
-from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
+from vats_apps.pipelines.compiling import (
+    check_compile_switches,
+    compile_flags,
+    stage_trainer_config,
+)
 from vats_apps.pipelines.sections import preset_fields, section
 from vats_core.inference import compile_frozen
 from vats_core.training import Trainer, TrainerConfig
@@ -296,19 +299,12 @@ def _scores(report: dict[str, Any], accuracies: dict[str, float]) -> dict[str, A
 def _trainer_config(
     cfg: DictConfig, fields_in: dict[str, Any], where: str, steps: int, out_dir: Path
 ) -> TrainerConfig:
-    fields = trainer_fields(fields_in, where)
-    # A short run (tests, `max_steps=3` overrides) keeps the warmup inside the run.
-    if "warmup_steps" in fields:
-        fields["warmup_steps"] = min(int(fields["warmup_steps"]), steps)
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainerConfig)})
-    if unknown:
-        raise ValueError(f"train_vision {where}: {unknown} are not TrainerConfig fields")
-    return TrainerConfig(
-        **fields,
-        max_steps=steps,
+    return stage_trainer_config(
+        fields_in,
+        f"train_vision {where}",
+        steps=steps,
         seed=int(cfg.pipeline.seed),
-        out_dir=str(out_dir),
-        checkpoint_every=0,
+        out_dir=out_dir,
         progress=bool(cfg.pipeline.progress),
         compile=check_compile_switches(cfg).training,
     )
