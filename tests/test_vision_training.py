@@ -111,33 +111,53 @@ def test_video_ablation_is_blind_to_frame_order(tmp_path):
         assert (forward - backward).abs().max() > 1e-3 * forward.abs().max()
 
 
-def test_aux_phase_widens_the_head_and_bad_aux_settings_are_refused(tmp_path):
-    # With aux labels the image head predicts size, position and background besides
-    # shape x colour: 24 + 3 + 9 + 4 logits, each slice scored on its own, the aux ones
-    # trained in a phase after the proof.
-    short = [
-        "pipeline.task=image",
-        "train.image.max_steps=2",
-        "train.image.aux.max_steps=2",
-        "train.image.eval_size=32",
-    ]
-    aux = "train.image.aux.labels=[size,position,background]"
-    result = run_pipeline(_cfg(tmp_path, *short, aux))["image"]
-    assert list(result["attributes"]) == ["size", "position", "background"]
+def test_aux_labels_widen_the_head_and_bad_aux_settings_are_refused(tmp_path):
+    # The shipped config learns size, position and background with the target from the
+    # start: 24 + 3 + 9 + 4 logits, each slice scored on its own, no phase after.
+    short = ["pipeline.task=image", "train.image.max_steps=2", "train.image.eval_size=32"]
+    shipped = run_pipeline(_cfg(tmp_path, *short))["image"]
+    assert list(shipped["attributes"]) == ["size", "position", "background"]
+    assert "aux_steps" not in shipped
+    assert ViT2D.from_pretrained(Path(shipped["cache"]) / "model").config.num_classes == 40
+    # trained in a phase after the proof instead
+    phase = ["train.image.aux.from_start=false", "train.image.aux.max_steps=2"]
+    result = run_pipeline(_cfg(tmp_path, *short, *phase))["image"]
     assert result["aux_steps"] == 2 and 0 <= result["accuracy_before_aux"] <= 1
-    assert ViT2D.from_pretrained(Path(result["cache"]) / "model").config.num_classes == 40
     assert (tmp_path / "image" / "aux" / "metrics.jsonl").is_file()
-    plain = run_pipeline(_cfg(tmp_path, *short))["image"]  # the shipped config: none
-    assert plain["attributes"] == {} and plain["cache"] != result["cache"]
-    assert "aux_steps" not in plain
+    plain = run_pipeline(_cfg(tmp_path, *short, "train.image.aux.labels=[]"))["image"]
+    assert plain["attributes"] == {} and "aux_steps" not in plain
+    assert len({shipped["cache"], result["cache"], plain["cache"]}) == 3
     for bad in ("labels=[speed]", "labels=[size,size]", "labels=size"):
         with pytest.raises(ValueError, match=r"train\.image\.aux\.labels"):
             run_pipeline(_cfg(tmp_path / "bad", *short, f"train.image.aux.{bad}"))
-    with pytest.raises(ValueError, match=r"train\.image\.aux"):
-        run_pipeline(_cfg(tmp_path / "bad", *short, aux, "train.image.aux.weight=-1"))
-    with pytest.raises(ValueError, match=r"train\.image\.aux\.trainer"):
-        run_pipeline(_cfg(tmp_path / "bad", *short, aux, "+train.image.aux.trainer.lrr=1"))
+    for bad, where in [
+        ("weight=-1", r"train\.image\.aux: .*weight=-1"),
+        ("max_steps=1.5", r"train\.image\.aux: max_steps=1.5"),
+        ("from_start=3", r"train\.image\.aux\.from_start=3"),
+        ("trainer.lrr=1", r"train\.image\.aux\.trainer"),
+    ]:
+        override = f"{'+' if 'lrr' in bad else ''}train.image.aux.{bad}"
+        with pytest.raises(ValueError, match=where):
+            run_pipeline(_cfg(tmp_path / "bad", *short, override))
     assert not (tmp_path / "bad" / "cache").exists()
+
+
+def test_aux_labels_from_the_start_are_learned_in_the_proof(tmp_path):
+    # Background from the first step (weight 1 here): 100 steps of 32 images take it far
+    # above chance (1/4) on held-out images; with from_start off and no phase after, the
+    # same run leaves its head untrained.
+    short = [
+        "pipeline.task=image",
+        "train.image.max_steps=100",
+        "train.image.batch_size=32",
+        "train.image.eval_size=256",
+        "train.image.aux.labels=[background]",
+        "train.image.aux.weight=1.0",
+    ]
+    learned = run_pipeline(_cfg(tmp_path, *short))["image"]["attributes"]["background"]
+    off = ["train.image.aux.from_start=false"]
+    untrained = run_pipeline(_cfg(tmp_path, *short, *off))["image"]["attributes"]["background"]
+    assert learned >= 0.6 and untrained <= 0.45, (learned, untrained)
 
 
 def test_unknown_task_is_refused(tmp_path):

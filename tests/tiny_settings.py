@@ -74,7 +74,6 @@ TINY_TEXT_TO_IMAGE = [
     "model/dit=tiny",
     *(_as_part(o, "text") for o in TINY_TEXT if o.startswith("train.")),
     *(_as_part(o, "vision") for o in TINY_VISION if o.startswith("train.")),
-    "parts.vision.image.aux.max_steps=2",
     "train.vae.max_steps=3",
     "train.vae.batch_size=8",
     "train.vae.scale_samples=16",

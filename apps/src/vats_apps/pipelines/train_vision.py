@@ -93,6 +93,7 @@ from vats_apps.pipelines.compiling import (
     stage_trainer_config,
 )
 from vats_apps.pipelines.sections import preset_fields, section
+from vats_core.config import is_int, is_number
 from vats_core.inference import compile_frozen
 from vats_core.training import Trainer, TrainerConfig
 from vats_vision.presets import vit2d_preset, vit3d_preset
@@ -143,6 +144,26 @@ def aux_labels(cfg: DictConfig, kind: str) -> tuple[str, ...]:
             f"train_vision train.{kind}.aux.labels={labels!r} is invalid: a label is repeated"
         )
     return tuple(labels)
+
+
+def aux_settings(cfg: DictConfig, kind: str) -> tuple[int, float, bool]:
+    """``train.<kind>.aux``'s ``(max_steps, weight, from_start)``: the steps of the phase
+    after the proof (0 = none), the aux losses' weight against the target's, and whether
+    the aux labels are also learned in the proof itself, from its first step."""
+    aux = _section(cfg, f"train.{kind}").get("aux") or {}
+    steps, weight = aux.get("max_steps", 0), aux.get("weight", 1.0)
+    from_start = aux.get("from_start", False)
+    if not (is_int(steps) and steps >= 0 and is_number(weight) and weight >= 0):
+        raise ValueError(
+            f"train_vision train.{kind}.aux: max_steps={steps!r}, weight={weight!r} is "
+            "invalid: expected max_steps an int >= 0 and weight a number >= 0"
+        )
+    if not isinstance(from_start, bool):
+        raise ValueError(
+            f"train_vision train.{kind}.aux.from_start={from_start!r} is invalid: expected "
+            "true or false"
+        )
+    return int(steps), float(weight), from_start
 
 
 def heads(cfg: DictConfig, task: str, world: ShapesConfig) -> list[tuple[str, int]]:
@@ -314,8 +335,9 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
     """``task``'s model: from the cache when an entry matches the config, else trained from
     scratch, scored on held-out samples and cached.
 
-    Training has up to two phases: the proof (the target alone, ``train.<kind>``), then,
-    when ``train.<kind>.aux`` names labels, the aux phase (the target plus those labels,
+    Training has up to two phases: the proof (``train.<kind>``: the target, plus the labels
+    ``train.<kind>.aux`` names when ``aux.from_start``, weighted by ``aux.weight``), then,
+    when ``aux.max_steps`` > 0, the aux phase (the target plus those labels,
     ``aux.max_steps`` more steps on samples the first phase never drew).
 
     Returns:
@@ -325,13 +347,8 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
     """
     model, draw, task_heads, section = _build(cfg, task)  # a bad config fails before any work
     kind = "image" if task == "image" else "video"
+    aux_steps, aux_weight, from_start = aux_settings(cfg, kind)
     aux = _section(cfg, f"train.{kind}").get("aux") or {}
-    aux_steps, aux_weight = int(aux.get("max_steps", 0)), float(aux.get("weight", 1.0))
-    if not aux_weight >= 0 or aux_steps < 0:
-        raise ValueError(
-            f"train_vision train.{kind}.aux: max_steps={aux_steps}, weight={aux_weight} is "
-            "invalid: expected max_steps >= 0 and weight >= 0"
-        )
     flags = check_compile_switches(cfg)
     path = Path(str(cfg.pipeline.cache_dir)).expanduser() / "train_vision" / task
     path = path / cache_key(cfg, task)
@@ -358,7 +375,8 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
         cfg, aux.get("trainer", {}), f"train.{kind}.aux.trainer", max(aux_steps, 1), out_dir / "aux"
     )
     start = time.perf_counter()
-    Trainer(model, config, data=batch_fn, loss_fn=_make_loss_fn(sizes, 0.0)).fit()
+    proof_loss = _make_loss_fn(sizes, aux_weight if from_start else 0.0)
+    Trainer(model, config, data=batch_fn, loss_fn=proof_loss).fit()
     seconds = time.perf_counter() - start
     k = task_heads[0][1]
     report: dict[str, Any] = {
@@ -435,7 +453,8 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         raise ValueError(f"pipeline.task={task!r} is invalid: expected one of {[*TASKS, 'all']}")
     check_compile_switches(cfg)  # bad switches fail before the first task trains
     for kind in {"image" if name == "image" else "video" for name in tasks}:
-        aux_labels(cfg, kind)  # and so do bad label lists
+        aux_labels(cfg, kind)  # and so do bad label lists and aux settings
+        aux_settings(cfg, kind)
     results = {}
     for name in tasks:
         print(f"train_vision: training {name} ...", flush=True)
