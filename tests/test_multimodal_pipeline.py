@@ -115,6 +115,10 @@ def test_bad_settings_fail_before_any_part_trains(tmp_path):
         ("train.projectors.video.stack=0", "stack"),
         ("train.encoder_layers.image=5", r"encoder_layers.image=5 .*\[1, 2\]"),
         ("train.questions=[image/smell]", "train.questions"),
+        ("+train.instruct.lr_scale={encoders: 0.1}", r"lr_scale=.*trainable groups"),
+        ("+train.align.lr_scale={projectors: 0}", r"train.align.lr_scale=.*numbers > 0"),
+        ("train.video_image_frames=5", r"video_image_frames=5 .*4 frames"),
+        ("train.video_image_frames=-1", r"video_image_frames=-1 .*int >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             run_pipeline(_cfg("train_multimodal", cache, tmp_path, override))

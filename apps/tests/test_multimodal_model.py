@@ -13,6 +13,7 @@ import torch
 
 from vats_apps.multimodal import MultimodalConfig, MultimodalLM, Projector, ProjectorConfig
 from vats_apps.multimodal.inputs import build_inputs
+from vats_apps.multimodal.model import frame_indices
 from vats_audio import LogMelConfig
 from vats_audio.presets import audio_preset
 from vats_text.corpus import load_corpus
@@ -153,6 +154,57 @@ def test_features_are_scattered_at_the_placeholders_in_order(model, tokenizer):
     # the second row's features are image 1's, computed alone
     alone = model.encode("image", [images[1]])
     torch.testing.assert_close(embeds[1][where[1]], alone, rtol=0, atol=1e-12)
+
+
+def test_frame_indices_are_the_middles_of_equal_spans():
+    assert frame_indices(4, 1) == [2] and frame_indices(5, 1) == [2]
+    assert frame_indices(4, 2) == [1, 3] and frame_indices(8, 4) == [1, 3, 5, 7]
+    assert frame_indices(3, 3) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def framed(model, tokenizer) -> MultimodalLM:
+    """The model with the image encoder also reading 2 frames of every clip."""
+    m = MultimodalLM(model.config.replace(video_image_frames=2)).double().eval()
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+def test_clip_frames_through_the_image_encoder_follow_the_clips_tokens(framed, model, tokenizer):
+    clips = [_clip(4, seed=11), _clip(6, seed=12)]
+    # 4 frames: 2 tubelets x 4 patches / stack 2 = 4 tokens, + 2 frames x (16 + 1) image tokens
+    counts = framed.media_token_counts(videos=clips)
+    assert counts == {"video": [4 + 2 * 17, 6 + 2 * 17]}
+    got = framed.encode("video", clips)
+    want = torch.cat([
+        model.encode("video", [clips[0]]),
+        model.encode("image", [clips[0][:, 1], clips[0][:, 3]]),  # frame_indices(4, 2)
+        model.encode("video", [clips[1]]),
+        model.encode("image", [clips[1][:, 1], clips[1][:, 4]]),  # frame_indices(6, 2)
+    ])  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # a batch with clips of different lengths, left-padded, equals each clip alone
+    prompts = ["<video> what moves?\n", "A clip: <video>\n"]
+    batch = build_inputs(framed, tokenizer, prompts, videos=clips, max_new_tokens=4)
+    together = framed.generate(
+        batch.input_ids, batch.attention_mask, max_new_tokens=4, **batch.media()
+    )
+    t = batch.input_ids.shape[1]
+    for i, (p, clip) in enumerate(zip(prompts, clips, strict=True)):
+        one = build_inputs(framed, tokenizer, [p], videos=[clip])
+        alone = framed.generate(one.input_ids, one.attention_mask, max_new_tokens=4, **one.media())
+        assert together[i, t:].tolist() == alone[0, one.input_ids.shape[1] :].tolist()
+
+
+def test_clip_frames_need_the_image_encoder_and_enough_frames(framed, tokenizer):
+    cfg = tiny_config(tokenizer.vocab_size)
+    with pytest.raises(ValueError, match=r"video_image_frames.*image_encoder"):
+        cfg.replace(image_encoder=None, image_projector=None, video_image_frames=1)
+    with pytest.raises(ValueError, match=r"video_image_frames"):
+        cfg.replace(video_image_frames=-1)
+    framed3 = MultimodalLM(cfg.replace(video_image_frames=3))
+    with pytest.raises(ValueError, match=r"video 0 has 2 frames.*video_image_frames=3"):
+        framed3.media_token_counts(videos=[_clip(2).float()])
 
 
 # ----------------------------------------------------------------------------- batching

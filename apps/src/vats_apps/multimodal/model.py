@@ -24,7 +24,8 @@ Token counts per medium (patch tokens only; class and register tokens are droppe
 
 * image ``(C, H, W)``: ``ceil(gh·gw / k)`` with ``gh = H / p``, ``gw = W / p``;
 * video ``(C, T, H, W)``: ``ceil(T/pT · gh·gw / k)``, frame-major (each tubelet's
-  patches row-major, then the next tubelet);
+  patches row-major, then the next tubelet); then, with ``video_image_frames = f``, the
+  image tokens of ``f`` evenly spaced frames (:func:`frame_indices`), each as an image;
 * audio ``(S,)`` samples: ``F = S // hop`` log-mel frames, ``ceil(F / 2)`` encoder frames
   (the stride-2 conv), then ``ceil(· / k)`` tokens.
 
@@ -177,6 +178,11 @@ class MultimodalConfig(Config):
     audio_features: LogMelConfig | None = None
     audio_encoder: AudioEncoderConfig | None = None
     audio_projector: ProjectorConfig | None = None
+    # Frames of each clip the image encoder also reads (evenly spaced, through the image
+    # projector; 0 = none): their tokens follow the clip's. The video encoder carries the
+    # motion, the image encoder what is moving (its shape, colour, size, background), as
+    # video LMs that encode frames with their image tower do.
+    video_image_frames: int = 0
     image_token_id: int = IMAGE_ID  # the vats tokenizer's <image>
     video_token_id: int = VIDEO_ID
     audio_token_id: int = AUDIO_ID
@@ -208,6 +214,16 @@ class MultimodalConfig(Config):
                 f"out_dim={self.lm.dim} (lm.dim)",
             )
         self._check_audio()
+        check(
+            self.video_image_frames >= 0
+            and (
+                self.video_image_frames == 0 or None not in (self.video_encoder, self.image_encoder)
+            ),
+            self,
+            "video_image_frames",
+            self.video_image_frames,
+            "an int >= 0, and 0 unless both video_encoder and image_encoder are set",
+        )
         ids = [self.token_id(kind) for kind in KINDS]
         for kind, token in zip(KINDS, ids, strict=True):
             ok = 0 <= token < self.lm.vocab_size and ids.count(token) == 1
@@ -260,6 +276,12 @@ class MultimodalConfig(Config):
     def kinds(self) -> tuple[str, ...]:
         """The media this model takes."""
         return tuple(k for k in KINDS if self.encoder(k) is not None)
+
+
+def frame_indices(frames: int, k: int) -> list[int]:
+    """``k`` evenly spaced frames of ``frames``: the middle of each of ``k`` equal spans
+    (``k = 1``: the middle frame)."""
+    return [(2 * j + 1) * frames // (2 * k) for j in range(k)]
 
 
 def _kind(kind: str) -> str:
@@ -397,7 +419,17 @@ class MultimodalLM(PretrainedMixin, nn.Module):
                 f"tubelet size {pt}"
             )
         n = (t // pt) * self._grid("video", i, cfg, h, w)
-        return self.video_projector.config.output_length(n)
+        tokens = self.video_projector.config.output_length(n)
+        k = self.config.video_image_frames
+        if k:
+            if k > t:
+                raise ValueError(
+                    f"video {i} has {t} frames; the image encoder reads "
+                    f"video_image_frames={k} of each clip"
+                )
+            frame = self._image_tokens(i, item[:, 0])  # every frame has the same shape
+            tokens += k * frame
+        return tokens
 
     def _audio_tokens(self, i: int, item: Tensor) -> int:
         features, cfg = self.config.audio_features, self.config.audio_encoder
@@ -433,6 +465,11 @@ class MultimodalLM(PretrainedMixin, nn.Module):
             features, lengths = getattr(self, f"_encode_{kind}")(items)  # (N, n, D), (N,)
         projected, lengths = getattr(self, f"{kind}_projector")(features, lengths)
         rows = [projected[i, :n] for i, n in enumerate(lengths.tolist())]
+        k = self.config.video_image_frames
+        if kind == "video" and k:  # each clip's frames through the image encoder, after it
+            frames = [item[:, t] for item in items for t in frame_indices(item.shape[1], k)]
+            per_frame = self.encode("image", frames).chunk(len(frames))
+            rows = [torch.cat([row, *per_frame[i * k : (i + 1) * k]]) for i, row in enumerate(rows)]
         return torch.cat(rows)  # (sum n', D_lm)
 
     def _encode_image(self, items: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -2,9 +2,11 @@
 video clips and sounds, through projectors from the project's own encoders.
 
 The parts come from the other pipelines' caches (each trained first when absent, under
-its own key): the tokenizer and MoE LM of ``text_generation``, the ViT-2D (shape x colour)
-and ViT-3D (direction of motion) of ``train_vision``, the audio encoder (pitch x timbre) of
-``train_audio``. Their settings are this config's ``parts.*`` sections, the same files the
+its own key): the tokenizer and MoE LM of ``text_generation``, the ViT-2D (shape x colour,
+with size, position and background as aux labels) and ViT-3D (direction of motion) of
+``train_vision``, the audio encoder (pitch x timbre) of ``train_audio``. A clip is read by
+both vision encoders (``train.video_image_frames``): the ViT-3D for the motion, the ViT-2D
+on its middle frame for what moves. Their settings are this config's ``parts.*`` sections, the same files the
 other pipelines read, so ``make demo`` trains each part once. They are assembled into a
 :class:`~vats_apps.multimodal.MultimodalLM` (the encoders' classifier heads dropped; the
 model reads their patch / frame features) and trained in two stages with the vats-core
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -66,7 +69,7 @@ from vats_apps.pipelines import text_generation, train_audio, train_vision
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, trainer_fields
 from vats_apps.pipelines.sections import part_pipeline, section
-from vats_core.config import is_int
+from vats_core.config import is_int, is_number
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.tokenizer import Tokenizer
 
@@ -202,6 +205,17 @@ def encoder_depth(cfg: DictConfig, kind: str, have: int) -> int:
     return int(layers)
 
 
+def video_image_frames(cfg: DictConfig) -> int:
+    """``train.video_image_frames``: frames of each clip the image encoder also reads."""
+    value = OmegaConf.select(cfg, "train.video_image_frames", default=0)
+    if not is_int(value) or value < 0:
+        raise ValueError(
+            f"train.video_image_frames={value!r} is invalid: expected an int >= 0 (frames of "
+            "each clip the image encoder also reads; 0 = none)"
+        )
+    return int(value)
+
+
 def multimodal_config(cfg: DictConfig, parts: Parts) -> MultimodalConfig:
     """The parts' configs (encoders without their heads) and the projectors."""
     lm = parts.lm.config
@@ -220,6 +234,7 @@ def multimodal_config(cfg: DictConfig, parts: Parts) -> MultimodalConfig:
         audio_features=parts.features,
         audio_encoder=enc["audio"],
         audio_projector=projector_config(cfg, "audio", enc["audio"].dim, lm.dim),
+        video_image_frames=video_image_frames(cfg),
     )
 
 
@@ -318,6 +333,30 @@ def trainable_parts(cfg: DictConfig, stage: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
+def lr_scales(cfg: DictConfig, stage: str) -> dict[str, float]:
+    """``train.<stage>.lr_scale``: ``{group: multiplier of the stage's lr}`` for trainable
+    groups of :data:`PART_GROUPS` (absent: every group at the stage's lr), as the module
+    prefixes the trainer takes (``{"encoders": 0.1}`` -> each ``<kind>_encoder`` at 0.1)."""
+    chosen = OmegaConf.select(cfg, f"train.{stage}.lr_scale")
+    if chosen is None:
+        return {}
+    scales = OmegaConf.to_container(chosen) if isinstance(chosen, DictConfig) else chosen
+    trainable = trainable_parts(cfg, stage)
+    if not isinstance(scales, dict) or any(
+        g not in trainable or not is_number(v) or not 0 < v < math.inf for g, v in scales.items()
+    ):
+        raise ValueError(
+            f"train.{stage}.lr_scale={scales!r} is invalid: expected a mapping from trainable "
+            f"groups of this stage {list(trainable)} to numbers > 0"
+        )
+    modules = {
+        "projectors": [f"{k}_projector" for k in KINDS],
+        "lm": ["lm"],
+        "encoders": [f"{k}_encoder" for k in KINDS],
+    }
+    return {m: float(v) for g, v in scales.items() for m in modules[g]}
+
+
 def _freeze(model: MultimodalLM, parts: tuple[str, ...]) -> None:
     """Only the modules of ``parts`` (projectors, lm, encoders) require grad."""
     for name, module in model.named_children():
@@ -400,6 +439,7 @@ def train_stage(
         data=batch_fn,
         loss_fn=_loss_fn,
         items_fn=lambda b: int(b["input_ids"].shape[0]),
+        lr_scales=lr_scales(cfg, stage),
     ).fit()
     model.eval()
     model.requires_grad_(False)
@@ -569,6 +609,7 @@ def check_config(cfg: DictConfig) -> None:
     for stage in STAGES:
         _count(cfg, f"train.{stage}.max_steps", 1)
         trainable_parts(cfg, stage)
+        lr_scales(cfg, stage)
         fields = section(cfg, f"train.{stage}", NAME)
         TrainerConfig(**trainer_fields(fields.get("trainer", {}), f"train.{stage}.trainer"))
     for kind in KINDS:
@@ -589,6 +630,12 @@ def check_config(cfg: DictConfig) -> None:
     }
     for kind, have in depth.items():
         encoder_depth(cfg, kind, have)
+    frames = train_vision.world_config(vision, "video").frames
+    if video_image_frames(cfg) > frames:
+        raise ValueError(
+            f"train.video_image_frames={video_image_frames(cfg)} is invalid: the clips have "
+            f"{frames} frames (parts.vision.video.data.frames)"
+        )
 
 
 def eval_settings(cfg: DictConfig) -> dict[str, Any]:
