@@ -6,11 +6,11 @@ its own key): the tokenizer and MoE LM of ``text_generation``, the ViT-2D (shape
 with size, position and background as aux labels) and ViT-3D (direction of motion) of
 ``train_vision``, the audio encoder (pitch x timbre) of ``train_audio``. A clip is read by
 both vision encoders (``train.video_image_frames``): the ViT-3D for the motion, the ViT-2D
-on its middle frame for what moves. Their settings are this config's ``parts.*`` sections, the same files the
-other pipelines read, so ``make demo`` trains each part once. They are assembled into a
-:class:`~vats_apps.multimodal.MultimodalLM` (the encoders' classifier heads dropped; the
-model reads their patch / frame features) and trained in two stages with the vats-core
-trainer (LLaVA's recipe):
+on its middle frame for what moves. Their settings are this config's ``parts.*`` sections,
+the same files the other pipelines read, so ``make demo`` trains each part once. They are
+assembled into a :class:`~vats_apps.multimodal.MultimodalLM` (the encoders' classifier
+heads dropped; the model reads their patch / frame features) and trained in two stages
+with the vats-core trainer (LLaVA's recipe):
 
 1. **align**: only the projectors learn; encoders and LM are frozen. Each sample is a
    "describe" question answered by the world's caption.
