@@ -39,7 +39,12 @@ demo: setup
 	$(RUN) vats pipeline=train_multimodal
 	$(RUN) vats pipeline=text_to_image
 
-test: setup lint $(addprefix test-,$(PACKAGES)) test-root
+# The suites run two at a time, each on one thread (TEST_ENV), so the 2 cores CI has are
+# both busy; the longest (root) starts first, and each suite's output is printed whole
+# when it ends.
+TEST_SUITES := test-root $(addprefix test-,$(PACKAGES))
+test: setup lint
+	$(MAKE) --no-print-directory -j2 --output-sync=target $(TEST_SUITES)
 
 lint: setup
 	$(RUN) ruff check .
