@@ -73,9 +73,9 @@ def _image(*hw: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(3, *hw, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _clip(frames: int, seed: int = 0) -> torch.Tensor:
+def _clip(frames: int, seed: int = 0, h: int = 16, w: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(3, frames, 16, 16, generator=g, dtype=torch.float64)
+    return torch.rand(3, frames, h, w, generator=g, dtype=torch.float64)
 
 
 def _wave(samples: int, seed: int = 0) -> torch.Tensor:
@@ -171,10 +171,11 @@ def framed(model, tokenizer) -> MultimodalLM:
 
 
 def test_clip_frames_through_the_image_encoder_follow_the_clips_tokens(framed, model, tokenizer):
-    clips = [_clip(4, seed=11), _clip(6, seed=12)]
-    # 4 frames: 2 tubelets x 4 patches / stack 2 = 4 tokens, + 2 frames x (16 + 1) image tokens
-    counts = framed.media_token_counts(videos=clips)
-    assert counts == {"video": [4 + 2 * 17, 6 + 2 * 17]}
+    # 4 frames of 16x16: 2 tubelets x 4 patches / stack 2 = 4 tokens, + 2 frames x (16 + 1)
+    # image tokens; 6 frames of 8x16: 3 x 2 / 2 = 3 tokens, + 2 frames x (8 + 1)
+    counts = framed.media_token_counts(videos=[_clip(4), _clip(6, h=8, w=16)])
+    assert counts == {"video": [4 + 2 * 17, 3 + 2 * 9]}
+    clips = [_clip(4, seed=11), _clip(6, seed=12)]  # ViT3D batches clips of one frame size
     got = framed.encode("video", clips)
     want = torch.cat([
         model.encode("video", [clips[0]]),

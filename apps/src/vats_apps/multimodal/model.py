@@ -382,13 +382,21 @@ class MultimodalLM(PretrainedMixin, nn.Module):
         if item.dtype != want:
             raise ValueError(f"{kind} {i} is {item.dtype} but the {kind} encoder takes {want}")
 
-    def _grid(self, kind: str, i: int, cfg: ViT2DConfig | ViT3DConfig, h: int, w: int) -> int:
+    def _grid(
+        self,
+        kind: str,
+        i: int,
+        cfg: ViT2DConfig | ViT3DConfig,
+        h: int,
+        w: int,
+        encoder: str | None = None,
+    ) -> int:
         p = cfg.patch_size
         if h < p or w < p or (not cfg.pad and (h % p or w % p)):
             need = "at least" if cfg.pad else "multiples of and at least"
             raise ValueError(
-                f"{kind} {i} is {h}x{w} pixels; the {kind} encoder needs sides {need} its "
-                f"patch size {p}"
+                f"{kind} {i} is {h}x{w} pixels; the {encoder or kind} encoder needs sides "
+                f"{need} its patch size {p}"
             )
         return math.ceil(h / p) * math.ceil(w / p)
 
@@ -427,9 +435,16 @@ class MultimodalLM(PretrainedMixin, nn.Module):
                     f"video {i} has {t} frames; the image encoder reads "
                     f"video_image_frames={k} of each clip"
                 )
-            frame = self._image_tokens(i, item[:, 0])  # every frame has the same shape
-            tokens += k * frame
+            tokens += k * self._frame_tokens(i, item)
         return tokens
+
+    def _frame_tokens(self, i: int, item: Tensor) -> int:
+        """Image tokens of one frame of clip ``i`` (``video_image_frames``): its frames are
+        encoded as images, so they must fit the image encoder too."""
+        cfg = self.config.image_encoder
+        assert cfg is not None and self.image_projector is not None
+        n = self._grid("video", i, cfg, item.shape[2], item.shape[3], encoder="image")
+        return self.image_projector.config.output_length(n)
 
     def _audio_tokens(self, i: int, item: Tensor) -> int:
         features, cfg = self.config.audio_features, self.config.audio_encoder
@@ -468,8 +483,9 @@ class MultimodalLM(PretrainedMixin, nn.Module):
         k = self.config.video_image_frames
         if kind == "video" and k:  # each clip's frames through the image encoder, after it
             frames = [item[:, t] for item in items for t in frame_indices(item.shape[1], k)]
-            per_frame = self.encode("image", frames).chunk(len(frames))
-            rows = [torch.cat([row, *per_frame[i * k : (i + 1) * k]]) for i, row in enumerate(rows)]
+            sizes = [k * self._frame_tokens(i, item) for i, item in enumerate(items)]
+            per_clip = self.encode("image", frames).split(sizes)  # clips may differ in size
+            rows = [torch.cat([row, own]) for row, own in zip(rows, per_clip, strict=True)]
         return torch.cat(rows)  # (sum n', D_lm)
 
     def _encode_image(self, items: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -159,10 +159,11 @@ def build_optimizer(
         hits = [prefix for prefix in scales if _under(name, prefix)]
         return float(scales[max(hits, key=len)]) if hits else 1.0
 
+    scale_by_name = {name: scale_of(name) for name, _ in named}
     # per scale, a decayed and an undecayed group (as without scales: [decay, no_decay])
     param_groups: list[dict[str, Any]] = []
-    for scale in sorted({scale_of(name) for name, _ in named}, reverse=True):
-        mine = [p for name, p in named if scale_of(name) == scale]
+    for scale in sorted(set(scale_by_name.values()), reverse=True):
+        mine = [p for name, p in named if scale_by_name[name] == scale]
         param_groups += [
             {"params": [p for p in mine if p.ndim >= 2], "weight_decay": config.weight_decay},
             {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0},
