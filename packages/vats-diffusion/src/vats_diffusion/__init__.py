@@ -6,6 +6,14 @@ schedulers lazily, and :func:`vats_diffusion.interop.from_diffusers` reads diffu
 models passed to it.
 """
 
+from vats_diffusion.audio_dit import (
+    AUDIO_DIT_PRESETS,
+    AudioDiT,
+    AudioDiTConfig,
+    AudioPosEmbed,
+    audio_dit_preset,
+    frames_for_seconds,
+)
 from vats_diffusion.dit import DIT_PRESETS, DiT, DiTConfig, DiTPosEmbed, dit_preset
 from vats_diffusion.dit_layers import AdaLNMode
 from vats_diffusion.ema import EMA
@@ -22,15 +30,27 @@ from vats_diffusion.sampling import (
     drop_condition,
 )
 from vats_diffusion.vae import VAE, VAE_PRESETS, DiagonalGaussian, VAEConfig, vae_preset
+from vats_diffusion.video_dit import (
+    VIDEO_DIT_PRESETS,
+    VideoDiT,
+    VideoDiTConfig,
+    VideoPosEmbed,
+    video_dit_preset,
+)
 
 __version__ = "0.1.0"
 
 __all__: list[str] = [
+    "AUDIO_DIT_PRESETS",
     "DIT_PRESETS",
     "EMA",
     "VAE",
     "VAE_PRESETS",
+    "VIDEO_DIT_PRESETS",
     "AdaLNMode",
+    "AudioDiT",
+    "AudioDiTConfig",
+    "AudioPosEmbed",
     "BetaSchedule",
     "DiT",
     "DiTConfig",
@@ -44,8 +64,14 @@ __all__: list[str] = [
     "TimestepSampling",
     "TimestepSpacing",
     "VAEConfig",
+    "VideoDiT",
+    "VideoDiTConfig",
+    "VideoPosEmbed",
+    "audio_dit_preset",
     "classifier_free_guidance",
     "dit_preset",
     "drop_condition",
+    "frames_for_seconds",
     "vae_preset",
+    "video_dit_preset",
 ]

@@ -67,21 +67,31 @@ from vats_core.config import (
     check_positive,
     check_probability,
 )
-from vats_core.mlp import Activation, GeluMLP, MLPConfig
+from vats_core.mlp import Activation
 from vats_core.rope import RopeConfig, RotaryEmbedding, grid_positions_2d
 from vats_diffusion.dit_layers import (
     AdaLNMode,
     ConditionMLP,
     DiTBlock,
     DiTBlockConfig,
-    modulate,
+    check_conditioning_fields,
+    check_text_inputs,
+    check_timestep,
+    context_width,
+    dit_attention_config,
+    dit_block_config,
+    embed_text,
+    embed_timestep,
+    final_layer,
+    final_modulation,
+    final_shift_scale,
+    init_dit_weights,
+    latent_size,
     sincos_pos_embed_2d,
-    timestep_embedding,
+    text_embedders,
 )
 
 __all__ = ["DIT_PRESETS", "AdaLNMode", "DiT", "DiTConfig", "DiTPosEmbed", "dit_preset"]
-
-_FINAL_NORM_EPS = 1e-6  # DiT's and PixArt's final LayerNorm
 
 
 class DiTPosEmbed(enum.StrEnum):
@@ -151,28 +161,7 @@ class DiTConfig(Config):
             self.class_dropout,
             "0 when num_classes=0 (no labels to drop)",
         )
-        check(
-            self.text_dropout == 0 or self.text_dim is not None,
-            self,
-            "text_dropout",
-            self.text_dropout,
-            "0 when text_dim is None (no text to drop)",
-        )
-        half = self.timestep_channels // 2
-        check(
-            self.timestep_channels >= 2 and self.timestep_channels % 2 == 0,
-            self,
-            "timestep_channels",
-            self.timestep_channels,
-            "an even int >= 2",
-        )
-        check(
-            half - self.timestep_freq_shift > 0,
-            self,
-            "timestep_freq_shift",
-            self.timestep_freq_shift,
-            f"a number < timestep_channels / 2 = {half}",
-        )
+        check_conditioning_fields(self)
         rope = self.pos_embed is DiTPosEmbed.ROPE2D
         check_head_fields(self, rope=rope)
         if rope:
@@ -191,14 +180,7 @@ class DiTConfig(Config):
     @property
     def latent_hw(self) -> tuple[int, int]:
         """``(h, w)`` of ``sample_size``."""
-        size = self.sample_size
-        if isinstance(size, tuple):
-            if len(size) != 2:
-                raise ValueError(
-                    f"DiTConfig.sample_size={size!r} is invalid: expected an int or (h, w)"
-                )
-            return size[0], size[1]
-        return size, size
+        return latent_size(self)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -214,46 +196,16 @@ class DiTConfig(Config):
     @property
     def context_dim(self) -> int | None:
         """Width of the states cross-attention reads: D if ``text_proj``, else Dt."""
-        if self.text_dim is None:
-            return None
-        return self.dim if self.text_proj else self.text_dim
+        return context_width(self)
 
     @property
     def attention_config(self) -> AttentionConfig:
-        return AttentionConfig(
-            dim=self.dim,
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads,
-            head_dim=self.head_dim,
-            qkv_bias=self.qkv_bias,
-            out_bias=self.out_bias,
-            qk_norm=self.qk_norm,
-            window=self.window,
-            backend=self.attention_backend,
-        )
+        return dit_attention_config(self)
 
     @property
     def block_config(self) -> DiTBlockConfig:
         """The block every layer is built from."""
-        attn = self.attention_config
-        cross = None
-        if self.context_dim is not None:
-            # The local backend serves sliding windows only: cross-attention then uses auto.
-            backend = attn.backend
-            if backend is AttentionBackend.LOCAL:
-                backend = AttentionBackend.AUTO
-            cross = attn.replace(window=None, context_dim=self.context_dim, backend=backend)
-        hidden = 4 * self.dim if self.mlp_hidden_dim is None else self.mlp_hidden_dim
-        mlp = MLPConfig(dim=self.dim, hidden_dim=hidden, activation=self.mlp_activation, bias=True)
-        return DiTBlockConfig(
-            attention=attn,
-            cross_attention=cross,
-            mlp=mlp,
-            adaln=self.adaln,
-            norm_eps=self.norm_eps,
-            mlp_norm_eps=self.mlp_norm_eps,
-            cross_attn_norm=self.cross_attn_norm,
-        )
+        return dit_block_config(self, self.adaln)
 
 
 class DiT(PretrainedMixin, nn.Module):
@@ -275,21 +227,7 @@ class DiT(PretrainedMixin, nn.Module):
         self.class_embed = (
             nn.Embedding(config.num_classes + 1, d) if config.num_classes > 0 else None
         )
-        self.text_proj: GeluMLP | None = None
-        self.pooled_text_embed: ConditionMLP | None = None
-        if config.text_dim is not None:
-            if config.text_proj:
-                self.text_proj = GeluMLP(
-                    MLPConfig(
-                        dim=config.text_dim,
-                        hidden_dim=d,
-                        out_dim=d,
-                        activation=Activation.GELU_TANH,
-                        bias=True,
-                    )
-                )
-            if config.pooled_text:
-                self.pooled_text_embed = ConditionMLP(config.context_dim, d)  # type: ignore[arg-type]
+        self.text_proj, self.pooled_text_embed = text_embedders(config)
         self.adaln_single = nn.Linear(d, 6 * d) if config.adaln is AdaLNMode.SINGLE else None
         self.rotary: RotaryEmbedding | None = None
         block = config.block_config
@@ -297,53 +235,31 @@ class DiT(PretrainedMixin, nn.Module):
             rope = RopeConfig(head_dim=block.attention.dh, theta=config.rope_theta, n_axes=2)
             self.rotary = RotaryEmbedding(rope)
         self.blocks = nn.ModuleList(DiTBlock(block) for _ in range(config.n_layers))
-        self.final_adaln: nn.Linear | None = None
-        self.final_scale_shift_table: nn.Parameter | None = None
-        if config.adaln is AdaLNMode.ZERO:
-            self.final_adaln = nn.Linear(d, 2 * d)
-        else:
-            self.final_scale_shift_table = nn.Parameter(torch.zeros(2, d))
+        self.final_adaln, self.final_scale_shift_table = final_modulation(d, config.adaln)
         self.proj_out = nn.Linear(d, p * p * config.out_channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """DiT's init: Xavier-uniform linears and patch conv, N(0, 0.02) embedders. adaLN-Zero
-        zeroes every modulation linear, so each block starts as the identity; adaLN-single
-        follows PixArt (N(0, 1/D) tables, zero cross-attention output projections). The
-        final projection is zero in both: a fresh model predicts exactly zero."""
-        d = self.config.dim
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(d, -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        embedders = [self.time_embed, self.text_proj, self.pooled_text_embed, self.adaln_single]
-        for embedder in embedders:
-            for module in [] if embedder is None else embedder.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=0.02)
-        if self.class_embed is not None:
-            nn.init.normal_(self.class_embed.weight, std=0.02)
-        for block in self.blocks:
-            assert isinstance(block, DiTBlock)
-            if block.adaln is not None:
-                nn.init.zeros_(block.adaln.weight)
-                nn.init.zeros_(block.adaln.bias)
-            if block.scale_shift_table is not None:
-                with torch.no_grad():
-                    block.scale_shift_table.normal_(std=d**-0.5)
-                if block.cross_attn is not None:
-                    nn.init.zeros_(block.cross_attn.o_proj.weight)
-        if self.final_adaln is not None:
-            nn.init.zeros_(self.final_adaln.weight)
-            nn.init.zeros_(self.final_adaln.bias)
-        if self.final_scale_shift_table is not None:
-            with torch.no_grad():
-                self.final_scale_shift_table.normal_(std=d**-0.5)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        """DiT's init (:func:`~vats_diffusion.dit_layers.init_dit_weights`): Xavier-uniform
+        linears and patch conv, N(0, 0.02) embedders. adaLN-Zero zeroes every modulation
+        linear, so each block starts as the identity; adaLN-single follows PixArt (N(0, 1/D)
+        tables, zero cross-attention output projections). The final projection is zero in
+        both: a fresh model predicts exactly zero."""
+        init_dit_weights(
+            self,
+            patch_embed=self.patch_embed,
+            embedders=[
+                self.time_embed,
+                self.text_proj,
+                self.pooled_text_embed,
+                self.adaln_single,
+                self.class_embed,
+            ],
+            blocks=self.blocks,
+            final_adaln=self.final_adaln,
+            final_scale_shift_table=self.final_scale_shift_table,
+            proj_out=self.proj_out,
+        )
 
     # ------------------------------------------------------------------ inputs
 
@@ -371,21 +287,7 @@ class DiT(PretrainedMixin, nn.Module):
                 f"DiT: x's latent size (h, w)=({h}, {w}) is invalid: expected positive "
                 f"multiples of patch_size={p}"
             )
-        if (
-            not isinstance(timestep, Tensor)
-            or timestep.ndim > 1
-            or (timestep.ndim == 1 and timestep.shape[0] != b)
-            or timestep.dtype == torch.bool
-            or timestep.is_complex()
-        ):
-            got = (
-                f"{timestep.dtype} {tuple(timestep.shape)}"
-                if isinstance(timestep, Tensor)
-                else type(timestep).__name__
-            )
-            raise ValueError(
-                f"DiT: timestep must be a real (B,) = ({b},) tensor or a scalar, got {got}"
-            )
+        check_timestep("DiT", timestep, b)
         self._check_labels(class_labels, b)
         self._check_text(text_states, text_mask, b)
 
@@ -417,38 +319,7 @@ class DiT(PretrainedMixin, nn.Module):
                 )
 
     def _check_text(self, states: Tensor | None, mask: Tensor | None, b: int) -> None:
-        dt = self.config.text_dim
-        if states is None:
-            if mask is not None:
-                raise ValueError("DiT: text_mask given without text_states")
-            return
-        if dt is None:
-            raise ValueError("DiT: text_states given, but the model has no text (text_dim=None)")
-        if (
-            not isinstance(states, Tensor)
-            or states.ndim != 3
-            or not states.is_floating_point()
-            or states.shape[0] != b
-            or states.shape[1] == 0
-            or states.shape[2] != dt
-        ):
-            got = tuple(states.shape) if isinstance(states, Tensor) else type(states).__name__
-            raise ValueError(
-                f"DiT: text_states must be a floating (B, S, text_dim) = ({b}, S >= 1, {dt}) "
-                f"tensor, got {got}"
-            )
-        if mask is None:
-            return
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(
-                f"DiT: text_mask must be a torch.bool tensor (True = real token), got {got}"
-            )
-        if tuple(mask.shape) != tuple(states.shape[:2]):
-            raise ValueError(
-                f"DiT: text_mask has shape {tuple(mask.shape)}, expected (B, S) = "
-                f"{tuple(states.shape[:2])} of text_states"
-            )
+        check_text_inputs("DiT", states, mask, b, self.config.text_dim)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -471,31 +342,14 @@ class DiT(PretrainedMixin, nn.Module):
             ``(context (B, S, Dc), context_mask (B, S) | None, gate (B, 1, 1) | None,
             pooled (B, D) | None)``: gate and pooled are 0 for rows with no real token.
         """
-        cfg = self.config
-        b = states.shape[0]
-        if self.training and cfg.text_dropout > 0:
-            keep = torch.rand(b, device=states.device) >= cfg.text_dropout  # (B,)
-            mask = keep[:, None] if mask is None else mask & keep[:, None]
-            mask = mask.expand(b, states.shape[1])
-        if mask is not None:
-            # Padding positions may hold anything (even NaN); zero them before any product.
-            states = torch.where(mask[..., None], states, 0.0)
-        context = self.text_proj(states) if self.text_proj is not None else states  # (B, S, Dc)
-        gate, pooled = None, None
-        if mask is not None:
-            has_text = mask.any(dim=1)  # (B,)
-            gate = has_text[:, None, None].to(context.dtype)
-        if self.pooled_text_embed is not None:
-            if mask is None:
-                mean = context.mean(dim=1)  # (B, Dc)
-            else:
-                weights = mask[..., None].to(context.dtype)  # (B, S, 1)
-                total = (context * weights).sum(dim=1)
-                mean = total / weights.sum(dim=1).clamp(min=1.0)
-            pooled = self.pooled_text_embed(mean)  # (B, D)
-            if gate is not None:
-                pooled = pooled * gate[:, :, 0]
-        return context, mask, gate, pooled
+        return embed_text(
+            states,
+            mask,
+            text_proj=self.text_proj,
+            pooled_text_embed=self.pooled_text_embed,
+            text_dropout=self.config.text_dropout,
+            training=self.training,
+        )
 
     def condition(
         self,
@@ -507,17 +361,9 @@ class DiT(PretrainedMixin, nn.Module):
         dtype: torch.dtype,
     ) -> Tensor:
         """The adaLN conditioning ``c (B, D)`` (module docstring)."""
-        cfg = self.config
-        t = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        freqs = timestep_embedding(
-            t,
-            cfg.timestep_channels,
-            flip_sin_to_cos=cfg.timestep_flip_sin_to_cos,
-            freq_shift=cfg.timestep_freq_shift,
-        )  # (B, timestep_channels) float32
-        c = self.time_embed(freqs.to(dtype))  # (B, D)
+        c = embed_timestep(self.config, self.time_embed, timestep, batch, dtype)  # (B, D)
         if self.class_embed is not None:
-            c = c + self.class_embed(self._labels(class_labels, batch, t.device))
+            c = c + self.class_embed(self._labels(class_labels, batch, timestep.device))
         if pooled_text is not None:
             c = c + pooled_text
         return c
@@ -545,13 +391,8 @@ class DiT(PretrainedMixin, nn.Module):
 
     def _final(self, x: Tensor, c: Tensor) -> Tensor:
         """Final adaLN LayerNorm and projection: ``(B, N, D) -> (B, N, p·p·C_out)``."""
-        if self.final_adaln is not None:
-            shift, scale = self.final_adaln(F.silu(c)).chunk(2, dim=-1)  # (B, D) each
-        else:
-            assert self.final_scale_shift_table is not None
-            shift, scale = (self.final_scale_shift_table + c[:, None]).unbind(1)  # (B, D) each
-        x = F.layer_norm(x, (self.config.dim,), eps=_FINAL_NORM_EPS)
-        return self.proj_out(modulate(x, shift, scale))
+        shift, scale = final_shift_scale(c, self.final_adaln, self.final_scale_shift_table)
+        return final_layer(x, shift, scale, self.proj_out)
 
     def forward(
         self,

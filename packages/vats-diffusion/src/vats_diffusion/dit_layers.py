@@ -33,24 +33,44 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vats_core.attention import Attention, AttentionConfig
+from vats_core.attention import Attention, AttentionBackend, AttentionConfig
 from vats_core.block import check_attention_pair
 from vats_core.config import Config, check, check_positive
-from vats_core.mlp import MLPConfig, build_mlp
+from vats_core.mlp import Activation, GeluMLP, MLPConfig, build_mlp
 
 __all__ = [
+    "FINAL_NORM_EPS",
     "AdaLNMode",
     "ConditionMLP",
     "DiTBlock",
     "DiTBlockConfig",
+    "check_conditioning_fields",
+    "check_mask",
+    "check_text_inputs",
+    "check_timestep",
+    "context_width",
+    "dit_attention_config",
+    "dit_block_config",
+    "embed_text",
+    "embed_timestep",
+    "final_layer",
+    "final_modulation",
+    "final_shift_scale",
     "gated_residual",
+    "init_dit_weights",
+    "latent_size",
     "modulate",
+    "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
+    "text_embedders",
+    "text_projection",
     "timestep_embedding",
 ]
 
@@ -246,6 +266,8 @@ class DiTBlock(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         context_gate: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        attn_len: int | None = None,
     ) -> Tensor:
         """Run the block.
 
@@ -257,6 +279,14 @@ class DiTBlock(nn.Module):
             context_mask: ``(B, S)`` bool, True = real text token.
             context_gate: ``(B, 1, 1)``, 0 for rows without any real text token (their
                 cross-attention then adds nothing, not its output bias), else 1.
+            key_padding_mask: ``(B, N)`` bool, True = real token: padding tokens are left
+                out of self-attention as keys, so they change no real token's output.
+            attn_len: self-attention runs within each run of ``attn_len`` consecutive
+                tokens, as ``N / attn_len`` independent sequences (a video's frames, or
+                one patch position's frames: :mod:`~vats_diffusion.video_dit`); ``rope``
+                then covers one run (``(1, 1, attn_len, Dh)``). None = over all N tokens.
+                Cross-attention, the MLP and the modulation act per token, so they need
+                no grouping.
 
         Returns:
             ``(B, N, D)``.
@@ -266,7 +296,7 @@ class DiTBlock(nn.Module):
             cond
         ).unbind(1)  # each (B, D)
         h = modulate(self._norm(x, cfg.norm_eps), shift_msa, scale_msa)
-        x = gated_residual(x, gate_msa, self.attn(h, rope=rope))
+        x = gated_residual(x, gate_msa, self._self_attention(h, rope, key_padding_mask, attn_len))
         if self.cross_attn is not None and context is not None:
             h = self._norm(x, cfg.norm_eps) if cfg.cross_attn_norm else x
             h = self.cross_attn(h, context=context, context_mask=context_mask)
@@ -274,6 +304,381 @@ class DiTBlock(nn.Module):
         h = modulate(self._norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)
         return gated_residual(x, gate_mlp, self.ffn(h))
 
+    def _self_attention(
+        self,
+        h: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        key_padding_mask: Tensor | None,
+        attn_len: int | None,
+    ) -> Tensor:
+        """``attn`` over all of ``h`` ``(B, N, D)``, or over each run of ``attn_len`` tokens."""
+        if attn_len is None:
+            return self.attn(h, rope=rope, key_padding_mask=key_padding_mask)
+        b, n, d = h.shape
+        mask = None if key_padding_mask is None else key_padding_mask.reshape(-1, attn_len)
+        out = self.attn(h.reshape(-1, attn_len, d), rope=rope, key_padding_mask=mask)
+        return out.view(b, n, d)  # from (B·N / attn_len, attn_len, D)
+
     def extra_repr(self) -> str:
         cfg = self.config
         return f"adaln={cfg.adaln.value}, cross_attn_norm={cfg.cross_attn_norm}"
+
+
+# ---------------------------------------------------------------------- shared by the DiTs
+# The image, video and audio DiTs (dit.py, video_dit.py, audio_dit.py) name their transformer and conditioning
+# fields alike (DiTConfig's names); the helpers below read those fields from any such
+# config, as vats-core's check_head_fields does, so the rules and the numerics live once.
+
+FINAL_NORM_EPS = 1e-6  # DiT's and PixArt's final LayerNorm
+
+
+def sincos_pos_embed_1d(
+    dim: int, length: int, *, device: torch.device | str | None = None
+) -> Tensor:
+    """Fixed 1D sin-cos positions of tokens ``0 .. length - 1``: ``[sin(pos·ω), cos(pos·ω)]``
+    with ``ω_k = 10000^(-k / (D/2))`` (one axis of :func:`sincos_pos_embed_2d`).
+
+    Returns:
+        ``(length, D)`` float64 (float32 on MPS, which has no float64).
+    """
+    if dim % 2 != 0:
+        raise ValueError(f"sincos_pos_embed_1d: dim={dim} is invalid: expected an even int")
+    pos = torch.arange(length, dtype=torch.float32, device=device)
+    wide = torch.float32 if pos.device.type == "mps" else torch.float64
+    return _sincos_1d(dim, pos.to(wide))
+
+
+def check_conditioning_fields(config: Any) -> None:
+    """The timestep and text rules of a DiT config (``timestep_channels``,
+    ``timestep_freq_shift``, ``text_dim``, ``text_dropout``): ValueError naming the field."""
+    check(
+        config.text_dropout == 0 or config.text_dim is not None,
+        config,
+        "text_dropout",
+        config.text_dropout,
+        "0 when text_dim is None (no text to drop)",
+    )
+    half = config.timestep_channels // 2
+    check(
+        config.timestep_channels >= 2 and config.timestep_channels % 2 == 0,
+        config,
+        "timestep_channels",
+        config.timestep_channels,
+        "an even int >= 2",
+    )
+    check(
+        half - config.timestep_freq_shift > 0,
+        config,
+        "timestep_freq_shift",
+        config.timestep_freq_shift,
+        f"a number < timestep_channels / 2 = {half}",
+    )
+
+
+def context_width(config: Any) -> int | None:
+    """Width of the states cross-attention reads: D if ``text_proj``, else ``text_dim``;
+    None without text."""
+    if config.text_dim is None:
+        return None
+    return config.dim if config.text_proj else config.text_dim
+
+
+def dit_attention_config(config: Any) -> AttentionConfig:
+    """The self-attention of a DiT config's blocks (its ``dim``, head, bias, ``qk_norm``,
+    ``window`` and ``attention_backend`` fields)."""
+    return AttentionConfig(
+        dim=config.dim,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        qkv_bias=config.qkv_bias,
+        out_bias=config.out_bias,
+        qk_norm=config.qk_norm,
+        window=config.window,
+        backend=config.attention_backend,
+    )
+
+
+def dit_block_config(config: Any, adaln: AdaLNMode) -> DiTBlockConfig:
+    """The block every layer of a DiT config is built from: its self-attention, a
+    cross-attention to the text (``text_dim`` set), the MLP (``mlp_hidden_dim``,
+    ``mlp_activation``) and the norms (``norm_eps``, ``mlp_norm_eps``, ``cross_attn_norm``)."""
+    attn = dit_attention_config(config)
+    context_dim = context_width(config)
+    cross = None
+    if context_dim is not None:
+        # The local backend serves sliding windows only: cross-attention then uses auto.
+        backend = attn.backend
+        if backend is AttentionBackend.LOCAL:
+            backend = AttentionBackend.AUTO
+        cross = attn.replace(window=None, context_dim=context_dim, backend=backend)
+    hidden = 4 * config.dim if config.mlp_hidden_dim is None else config.mlp_hidden_dim
+    mlp = MLPConfig(dim=config.dim, hidden_dim=hidden, activation=config.mlp_activation, bias=True)
+    return DiTBlockConfig(
+        attention=attn,
+        cross_attention=cross,
+        mlp=mlp,
+        adaln=adaln,
+        norm_eps=config.norm_eps,
+        mlp_norm_eps=config.mlp_norm_eps,
+        cross_attn_norm=config.cross_attn_norm,
+    )
+
+
+def text_projection(text_dim: int, dim: int) -> GeluMLP:
+    """PixArt's caption projection ``Dt -> D -> D`` (tanh GELU between)."""
+    return GeluMLP(
+        MLPConfig(
+            dim=text_dim, hidden_dim=dim, out_dim=dim, activation=Activation.GELU_TANH, bias=True
+        )
+    )
+
+
+def check_timestep(owner: str, timestep: Tensor, batch: int, *, name: str = "timestep") -> None:
+    """ValueError unless ``timestep`` is a real ``(B,)`` tensor or a scalar tensor (any
+    per-sample number: ``name`` is the argument the error names)."""
+    if (
+        not isinstance(timestep, Tensor)
+        or timestep.ndim > 1
+        or (timestep.ndim == 1 and timestep.shape[0] != batch)
+        or timestep.dtype == torch.bool
+        or timestep.is_complex()
+    ):
+        got = (
+            f"{timestep.dtype} {tuple(timestep.shape)}"
+            if isinstance(timestep, Tensor)
+            else type(timestep).__name__
+        )
+        raise ValueError(
+            f"{owner}: {name} must be a real (B,) = ({batch},) tensor or a scalar, got {got}"
+        )
+
+
+def check_text_inputs(
+    owner: str, states: Tensor | None, mask: Tensor | None, batch: int, text_dim: int | None
+) -> None:
+    """ValueError unless ``states`` is None (and ``mask`` too) or a floating
+    ``(B, S >= 1, text_dim)`` tensor with ``mask`` None or a bool ``(B, S)`` tensor."""
+    if states is None:
+        if mask is not None:
+            raise ValueError(f"{owner}: text_mask given without text_states")
+        return
+    if text_dim is None:
+        raise ValueError(f"{owner}: text_states given, but the model has no text (text_dim=None)")
+    if (
+        not isinstance(states, Tensor)
+        or states.ndim != 3
+        or not states.is_floating_point()
+        or states.shape[0] != batch
+        or states.shape[1] == 0
+        or states.shape[2] != text_dim
+    ):
+        got = tuple(states.shape) if isinstance(states, Tensor) else type(states).__name__
+        raise ValueError(
+            f"{owner}: text_states must be a floating (B, S, text_dim) = ({batch}, S >= 1, "
+            f"{text_dim}) tensor, got {got}"
+        )
+    if mask is not None:
+        check_mask(owner, "text_mask", mask, tuple(states.shape[:2]))
+
+
+def check_mask(
+    owner: str,
+    name: str,
+    mask: Tensor,
+    shape: tuple[int, ...],
+    *,
+    axes: str = "(B, S)",
+    real: str = "token",
+    of: str = "text_states",
+) -> None:
+    """ValueError unless ``mask`` is a torch.bool tensor of ``shape`` (the ``axes`` of
+    ``of``; True = real ``real``)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"{owner}: {name} must be a torch.bool tensor (True = real {real}), got {got}"
+        )
+    if tuple(mask.shape) != shape:
+        raise ValueError(
+            f"{owner}: {name} has shape {tuple(mask.shape)}, expected {axes} = {shape} of {of}"
+        )
+
+
+def embed_text(
+    states: Tensor,
+    mask: Tensor | None,
+    *,
+    text_proj: nn.Module | None,
+    pooled_text_embed: nn.Module | None,
+    text_dropout: float,
+    training: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Project and pool the text (the masked-text rules of :mod:`vats_diffusion.dit`).
+
+    Padding positions are zeroed before any product (they may hold anything, even NaN); in
+    training, ``text_dropout`` turns whole rows into the null text condition (no real token).
+
+    Args:
+        states: ``(B, S, Dt)``.
+        mask: ``(B, S)`` bool, True = real token; None = all real.
+        text_proj: ``Dt -> Dc``, or None to read the states as they are.
+        pooled_text_embed: ``Dc -> D`` of the masked mean, or None for no pooled text.
+        text_dropout: the probability a row is dropped, in training.
+        training: the model's mode.
+
+    Returns:
+        ``(context (B, S, Dc), context_mask (B, S) | None, gate (B, 1, 1) | None,
+        pooled (B, D) | None)``: gate and pooled are 0 for rows with no real token.
+    """
+    b = states.shape[0]
+    if training and text_dropout > 0:
+        keep = torch.rand(b, device=states.device) >= text_dropout  # (B,)
+        mask = keep[:, None] if mask is None else mask & keep[:, None]
+        mask = mask.expand(b, states.shape[1])
+    if mask is not None:
+        states = torch.where(mask[..., None], states, 0.0)
+    context = text_proj(states) if text_proj is not None else states  # (B, S, Dc)
+    gate, pooled = None, None
+    if mask is not None:
+        has_text = mask.any(dim=1)  # (B,)
+        gate = has_text[:, None, None].to(context.dtype)
+    if pooled_text_embed is not None:
+        if mask is None:
+            mean = context.mean(dim=1)  # (B, Dc)
+        else:
+            weights = mask[..., None].to(context.dtype)  # (B, S, 1)
+            total = (context * weights).sum(dim=1)
+            mean = total / weights.sum(dim=1).clamp(min=1.0)
+        pooled = pooled_text_embed(mean)  # (B, D)
+        if gate is not None:
+            pooled = pooled * gate[:, :, 0]
+    return context, mask, gate, pooled
+
+
+def embed_timestep(
+    config: Any, time_embed: nn.Module, timestep: Tensor, batch: int, dtype: torch.dtype
+) -> Tensor:
+    """``time_embed(sinusoid(t))`` ``(B, D)`` with the config's ``timestep_channels``,
+    ``timestep_flip_sin_to_cos`` and ``timestep_freq_shift``; a scalar ``t`` serves the
+    whole batch."""
+    t = timestep.expand(batch) if timestep.ndim == 0 else timestep
+    freqs = timestep_embedding(
+        t,
+        config.timestep_channels,
+        flip_sin_to_cos=config.timestep_flip_sin_to_cos,
+        freq_shift=config.timestep_freq_shift,
+    )  # (B, timestep_channels) float32
+    return time_embed(freqs.to(dtype))
+
+
+def final_layer(x: Tensor, shift: Tensor, scale: Tensor, proj_out: nn.Module) -> Tensor:
+    """DiT's final layer: a non-affine LayerNorm (eps 1e-6), adaLN modulation, the output
+    projection: ``(B, N, D) -> (B, N, proj_out's width)``."""
+    x = F.layer_norm(x, (x.shape[-1],), eps=FINAL_NORM_EPS)
+    return proj_out(modulate(x, shift, scale))
+
+
+def latent_size(config: Any) -> tuple[int, int]:
+    """``(h, w)`` of a config's ``sample_size``: an int S (square) or a pair ``(h, w)``."""
+    size = config.sample_size
+    if isinstance(size, tuple):
+        if len(size) != 2:
+            raise ValueError(
+                f"{type(config).__name__}.sample_size={size!r} is invalid: expected an int or "
+                "(h, w)"
+            )
+        return size[0], size[1]
+    return size, size
+
+
+def text_embedders(config: Any) -> tuple[GeluMLP | None, ConditionMLP | None]:
+    """``(text_proj, pooled_text_embed)`` of a DiT config: PixArt's caption projection
+    ``Dt -> D`` (``text_proj``) and the MLP of the masked-mean text into the conditioning
+    (``pooled_text``); each None where off, both without text (``text_dim`` None)."""
+    if config.text_dim is None:
+        return None, None
+    d = config.dim
+    proj = text_projection(config.text_dim, d) if config.text_proj else None
+    pooled = ConditionMLP(context_width(config), d) if config.pooled_text else None  # type: ignore[arg-type]
+    return proj, pooled
+
+
+def final_modulation(dim: int, adaln: AdaLNMode) -> tuple[nn.Linear | None, nn.Parameter | None]:
+    """``(final_adaln, final_scale_shift_table)``, the final layer's modulation: adaLN-Zero's
+    ``Linear(D, 2D)`` of ``silu(c)`` (and no table), or adaLN-single's ``(2, D)`` table
+    added to ``c`` (and no linear)."""
+    if adaln is AdaLNMode.ZERO:
+        return nn.Linear(dim, 2 * dim), None
+    return None, nn.Parameter(torch.zeros(2, dim))
+
+
+def final_shift_scale(
+    c: Tensor, final_adaln: nn.Module | None, final_scale_shift_table: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The final layer's ``(shift, scale)``, each ``(B, D)``, from the conditioning ``c``
+    ``(B, D)`` through :func:`final_modulation`'s pair (one of them None)."""
+    if final_adaln is not None:
+        shift, scale = final_adaln(F.silu(c)).chunk(2, dim=-1)
+        return shift, scale
+    assert final_scale_shift_table is not None
+    shift, scale = (final_scale_shift_table + c[:, None]).unbind(1)
+    return shift, scale
+
+
+def init_dit_weights(
+    model: nn.Module,
+    *,
+    patch_embed: nn.Module,
+    embedders: Sequence[nn.Module | None],
+    blocks: Iterable[nn.Module],
+    final_adaln: nn.Linear | None,
+    final_scale_shift_table: nn.Parameter | None,
+    proj_out: nn.Linear,
+) -> None:
+    """DiT's init, for every DiT-style model: Xavier-uniform linears (zero biases) and patch
+    embedding (its weight flattened per output channel), N(0, 0.02) embedders (the weights
+    of their linears and embedding tables). adaLN-Zero zeroes every block's modulation
+    linear and the final one, so each block starts as the identity; adaLN-single follows
+    PixArt (N(0, 1/D) tables, zero cross-attention output projections). The output
+    projection is zero in both: a fresh model predicts exactly zero.
+
+    Args:
+        model: every ``nn.Linear`` in it gets the Xavier init first.
+        patch_embed: the Conv1d / Conv2d / Conv3d patch embedding.
+        embedders: timestep, text, class ... embedders (None entries are skipped).
+        blocks: the model's :class:`DiTBlock` s.
+        final_adaln, final_scale_shift_table: the final layer's modulation (one is None).
+        proj_out: the output projection.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    weight = patch_embed.weight
+    assert isinstance(weight, Tensor) and isinstance(patch_embed.bias, Tensor)
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    nn.init.zeros_(patch_embed.bias)
+    for embedder in embedders:
+        for module in [] if embedder is None else embedder.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+    for block in blocks:
+        assert isinstance(block, DiTBlock)
+        if block.adaln is not None:
+            nn.init.zeros_(block.adaln.weight)
+            nn.init.zeros_(block.adaln.bias)
+        if block.scale_shift_table is not None:
+            with torch.no_grad():
+                block.scale_shift_table.normal_(std=block.dim**-0.5)
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.o_proj.weight)
+    if final_adaln is not None:
+        nn.init.zeros_(final_adaln.weight)
+        nn.init.zeros_(final_adaln.bias)
+    if final_scale_shift_table is not None:
+        with torch.no_grad():
+            final_scale_shift_table.normal_(std=final_scale_shift_table.shape[-1] ** -0.5)
+    nn.init.zeros_(proj_out.weight)
+    nn.init.zeros_(proj_out.bias)

@@ -34,6 +34,11 @@ ramps across the overlaps (weights normalised to sum to one everywhere), so unde
 size; only the output itself grows. Tiles are not exactly the untiled function: GroupNorm
 statistics and the mid-block attention see one tile, not the whole image.
 
+Video: :meth:`VAE.encode_frames` and :meth:`VAE.decode_frames` apply the image VAE to every
+frame of ``(B, C, T, H, W)`` clips, ``chunk`` frames a call, so that memory beyond the
+result stays flat in the clip length (the latents ``(B, Cz, T, h, w)`` a video diffusion
+transformer reads).
+
 Shapes: B batch, C image channels, H / W image height / width, f downsampling factor,
 h / w latent height / width (H / f, W / f), Cz latent channels, T = h·w mid-block tokens.
 """
@@ -48,6 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from vats_core.attention import Attention, AttentionBackend, AttentionConfig
@@ -535,6 +541,7 @@ class VAE(PretrainedMixin, nn.Module):
         latents = vae.encode_latents(images, generator=torch.Generator().manual_seed(0))
         recon = vae.decode_latents(latents)  # (B, 3, H, W)
         big = vae.decode(z, tile_size=256, tile_overlap=64)  # tiled, flat memory
+        clip_latents = vae.encode_frames(clips, chunk=8)  # (B, 3, T, H, W) -> (B, Cz, T, h, w)
     """
 
     config_class = VAEConfig
@@ -648,6 +655,95 @@ class VAE(PretrainedMixin, nn.Module):
         z = latents / self.config.scaling_factor + self.config.shift_factor
         return self.decode(z, tile_size=tile_size, tile_overlap=tile_overlap)
 
+    # ---- video: the image VAE frame by frame
+
+    def encode_frames(
+        self,
+        x: Tensor,
+        *,
+        chunk: int = 8,
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+    ) -> Tensor:
+        """Diffusion latents of clips, frame by frame: :meth:`encode_latents` of each frame.
+
+        The frames go through the encoder ``chunk`` at a time (``B·chunk`` images a call),
+        so under ``torch.no_grad`` the activations held at once are one chunk's, whatever
+        the clip length; only the result grows with T. The posterior's noise is drawn once
+        for the whole ``(B, Cz, T, h, w)`` result after the last chunk, so ``chunk`` changes
+        the memory, never the latents.
+
+        Args:
+            x: ``(B, C, T, H, W)`` frames (pixels); H and W multiples of f.
+            chunk: frames per encoder call (of each clip).
+            generator, sample: as :meth:`encode_latents`; ``sample=False`` gives exactly
+                the per-frame ``encode_latents(..., sample=False)``.
+            tile_size, tile_overlap: tile each frame, see :meth:`encode`.
+
+        Returns:
+            ``(B, Cz, T, H / f, W / f)``.
+        """
+        f = self.downsample_factor
+        self._check_input(x, "x", self.config.in_channels, "(B, C, T, H, W)", multiple=f, rank=5)
+        self._check_chunk(chunk)
+        b, t = x.shape[0], x.shape[2]
+        mean: Tensor | None = None
+        logvar: Tensor | None = None
+        for start in range(0, t, chunk):
+            frames = rearrange(x[:, :, start : start + chunk], "b c t h w -> (b t) c h w")
+            posterior = self.encode(frames, tile_size=tile_size, tile_overlap=tile_overlap)
+            part = [
+                rearrange(m, "(b t) c h w -> b c t h w", b=b)
+                for m in (posterior.mean, posterior.logvar)
+            ]  # each (B, Cz, chunk, h, w)
+            if mean is None or logvar is None:
+                mean = part[0].new_empty(*part[0].shape[:2], t, *part[0].shape[3:])
+                logvar = torch.empty_like(mean)
+            mean[:, :, start : start + chunk] = part[0]
+            logvar[:, :, start : start + chunk] = part[1]
+        assert mean is not None and logvar is not None
+        clip = DiagonalGaussian(mean, logvar)
+        z = clip.sample(generator) if sample else clip.mode()
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def decode_frames(
+        self,
+        latents: Tensor,
+        *,
+        chunk: int = 8,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+    ) -> Tensor:
+        """Frames for clips of diffusion latents: :meth:`decode_latents` of each frame,
+        ``chunk`` frames of each clip a decoder call, written into the preallocated result,
+        so under ``torch.no_grad`` memory beyond the result stays flat in the clip length.
+
+        Args:
+            latents: ``(B, Cz, T, h, w)``.
+            chunk: frames per decoder call (of each clip).
+            tile_size, tile_overlap: tile each frame, see :meth:`decode`.
+
+        Returns:
+            ``(B, C_out, T, h·f, w·f)``.
+        """
+        self._check_input(
+            latents, "latents", self.config.latent_channels, "(B, Cz, T, h, w)", multiple=1, rank=5
+        )
+        self._check_chunk(chunk)
+        b, t = latents.shape[0], latents.shape[2]
+        out: Tensor | None = None
+        for start in range(0, t, chunk):
+            z = rearrange(latents[:, :, start : start + chunk], "b c t h w -> (b t) c h w")
+            pixels = self.decode_latents(z, tile_size=tile_size, tile_overlap=tile_overlap)
+            part = rearrange(pixels, "(b t) c h w -> b c t h w", b=b)
+            if out is None:
+                out = part.new_empty(*part.shape[:2], t, *part.shape[3:])
+            out[:, :, start : start + chunk] = part
+        assert out is not None
+        return out
+
     def loss(
         self,
         x: Tensor,
@@ -709,12 +805,14 @@ class VAE(PretrainedMixin, nn.Module):
             )
         return tile, overlap
 
-    def _check_input(self, t: Any, name: str, channels: int, layout: str, *, multiple: int) -> None:
+    def _check_input(
+        self, t: Any, name: str, channels: int, layout: str, *, multiple: int, rank: int = 4
+    ) -> None:
         if not isinstance(t, Tensor):
             raise ValueError(f"VAE expects {name} as a tensor {layout}, got {type(t).__name__}")
-        if t.ndim != 4:
+        if t.ndim != rank:
             raise ValueError(
-                f"VAE expects {name} of rank 4 {layout}, got rank {t.ndim} with shape "
+                f"VAE expects {name} of rank {rank} {layout}, got rank {t.ndim} with shape "
                 f"{tuple(t.shape)}"
             )
         weight = self.encoder.conv_in.weight
@@ -734,6 +832,17 @@ class VAE(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"VAE expects {name} height and width that are positive multiples of the "
                 f"downsampling factor f={multiple}, got {h}x{w}"
+            )
+        if rank == 5 and t.shape[2] < 1:
+            raise ValueError(
+                f"VAE expects {name} with at least one frame (T, the 3rd axis of {layout})"
+            )
+
+    @staticmethod
+    def _check_chunk(chunk: Any) -> None:
+        if not (is_int(chunk) and chunk >= 1):
+            raise ValueError(
+                f"VAE chunk={chunk!r} is invalid: expected an int >= 1 (frames per call)"
             )
 
 

@@ -17,7 +17,8 @@ def from_diffusers(model: Any) -> nn.Module:
     """The vats model equal to a diffusers ``model``, with its weights.
 
     Accepts ``AutoencoderKL`` (-> :class:`vats_diffusion.VAE`), ``DiTTransformer2DModel``
-    and ``PixArtTransformer2DModel`` (-> :class:`vats_diffusion.DiT`). A config the vats
+    and ``PixArtTransformer2DModel`` (-> :class:`vats_diffusion.DiT`), and
+    ``LatteTransformer3DModel`` (-> :class:`vats_diffusion.VideoDiT`). A config the vats
     model cannot represent raises a ``ValueError`` naming the field.
     """
     name = type(model).__name__
@@ -33,7 +34,11 @@ def from_diffusers(model: Any) -> nn.Module:
         from vats_diffusion.interop.dit import from_pixart_transformer
 
         return from_pixart_transformer(model)
+    if name == "LatteTransformer3DModel":
+        from vats_diffusion.interop.latte import from_latte_transformer
+
+        return from_latte_transformer(model)
     raise ValueError(
         f"from_diffusers: {name} is not supported: expected AutoencoderKL, "
-        "DiTTransformer2DModel or PixArtTransformer2DModel"
+        "DiTTransformer2DModel, PixArtTransformer2DModel or LatteTransformer3DModel"
     )

@@ -49,7 +49,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vats_core.mlp import Activation
 from vats_diffusion.dit import DiT, DiTConfig, DiTPosEmbed
@@ -64,28 +64,38 @@ _ACTIVATIONS = {
 }
 
 
-def _unsupported(cls: str, field: str, value: object, why: str) -> ValueError:
-    return ValueError(f"{cls}: config {field}={value!r} cannot be represented by DiT: {why}")
+def _unsupported(
+    cls: str, field: str, value: object, why: str, *, target: str = "DiT"
+) -> ValueError:
+    return ValueError(f"{cls}: config {field}={value!r} cannot be represented by {target}: {why}")
 
 
 def _config(model: Any) -> dict[str, Any]:
     return dict(model.config)
 
 
-def _common(cls: str, cfg: Mapping[str, Any], norm_type: str) -> dict[str, Any]:
-    """The DiTConfig fields both classes set alike."""
+def _common(
+    cls: str, cfg: Mapping[str, Any], norm_type: str, *, target: str = "DiT"
+) -> dict[str, Any]:
+    """The config fields the diffusers DiT-style classes set alike (DiTConfig's names, which
+    ``target``'s config shares)."""
     if cfg.get("norm_type") != norm_type:
-        raise _unsupported(cls, "norm_type", cfg.get("norm_type"), f"expected {norm_type!r}")
+        raise _unsupported(
+            cls, "norm_type", cfg.get("norm_type"), f"expected {norm_type!r}", target=target
+        )
     if cfg.get("norm_elementwise_affine", False):
         raise _unsupported(
             cls,
             "norm_elementwise_affine",
             True,
-            "DiT's adaLN LayerNorms have no affine weights (the modulation is their affine)",
+            f"{target}'s adaLN LayerNorms have no affine weights (the modulation is their affine)",
+            target=target,
         )
     act = cfg.get("activation_fn", "gelu-approximate")
     if act not in _ACTIVATIONS:
-        raise _unsupported(cls, "activation_fn", act, f"expected one of {sorted(_ACTIVATIONS)}")
+        raise _unsupported(
+            cls, "activation_fn", act, f"expected one of {sorted(_ACTIVATIONS)}", target=target
+        )
     in_ch = cfg["in_channels"]
     out_ch = cfg.get("out_channels")
     if out_ch not in (None, in_ch, 2 * in_ch):
@@ -94,6 +104,7 @@ def _common(cls: str, cfg: Mapping[str, Any], norm_type: str) -> dict[str, Any]:
             "out_channels",
             out_ch,
             f"expected None, in_channels={in_ch} or 2 * in_channels={2 * in_ch} (learned sigma)",
+            target=target,
         )
     sample = cfg["sample_size"]
     if isinstance(sample, list | tuple):
@@ -172,15 +183,17 @@ class _Mapper:
             )
         self.linear(f"{src}.to_out.0", f"{dst}.o_proj")
 
-    def build(self, config: DiTConfig) -> DiT:
-        """The DiT with the collected weights; every source tensor must have been read."""
+    def build(self, config: Any, model_class: type[nn.Module] = DiT) -> Any:
+        """The ``model_class(config)`` (a DiT unless given) with the collected weights, in
+        eval mode; every source tensor must have been read."""
+        name = model_class.__name__
         left = sorted(set(self.source) - self.used)
         if left:
             shown = ", ".join(left[:5]) + (
                 f" ... and {len(left) - 5} more" if len(left) > 5 else ""
             )
-            raise ValueError(f"{self.cls}: weights DiT cannot represent: {shown}")
-        model = DiT(config)
+            raise ValueError(f"{self.cls}: weights {name} cannot represent: {shown}")
+        model = model_class(config)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(self.out))
         bad = [
@@ -190,7 +203,7 @@ class _Mapper:
         ]
         if missing or bad:
             raise ValueError(
-                f"{self.cls}: weights do not fit the DiT built from its config: missing "
+                f"{self.cls}: weights do not fit the {name} built from its config: missing "
                 f"{missing[:5]}, shape mismatches {bad[:5]}"
             )
         dtype = next(iter(self.out.values())).dtype
