@@ -1,5 +1,5 @@
-"""Prompt enrichment for text to image: reading prompts, terse training prompts, the LM's
-batches, the check of what it writes, and the image files."""
+"""Prompt enrichment for the generators (images, clips, sounds): reading prompts, terse
+training prompts, the LM's batches, the check of what it writes, and the image files."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vats_apps.data import ShapesConfig, ShapesWorld
+from vats_apps.data import ShapesConfig, ShapesWorld, SoundsConfig, SoundsWorld
 from vats_apps.generation import enrich as en
 from vats_apps.generation.images import grid, save_images, to_uint8
 
 WORLD = ShapesConfig(image_size=24)
+WORLDS = {"image": WORLD, "video": ShapesConfig(image_size=24, frames=4), "audio": SoundsConfig()}
 HELD_OUT_WORDS = {"create", "would", "like", "make", "me", "figure", "item", "located",
                   "placed", "against", "over", "backdrop"}  # fmt: skip
 
@@ -50,24 +51,58 @@ def test_a_value_the_world_lacks_is_refused_with_the_worlds_values():
     assert en.check_prompt("a red circle, gorgeous", WORLD) == {"color": "red", "shape": "circle"}
 
 
+def test_clip_and_sound_prompts_are_read_with_their_own_synonyms():
+    assert en.parse_prompt("a blue circle moving left", "video") == {
+        "color": "blue", "shape": "circle", "direction": "left",
+    }  # fmt: skip
+    assert en.parse_prompt("a big square going up and to the right, quick", "video") == {
+        "size": "large", "shape": "square", "direction": "up-right", "speed": "fast",
+    }  # fmt: skip
+    assert en.parse_prompt("a long low sine tone", "audio") == {
+        "duration": "long", "pitch": "low", "timbre": "sine",
+    }  # fmt: skip
+    # "lower" is a pitch word for sounds, a position word for images
+    assert en.parse_prompt("a deep brief saw tone, hissing", "audio") == {
+        "duration": "short", "pitch": "low", "timbre": "sawtooth", "background": "hiss",
+    }  # fmt: skip
+    assert en.parse_prompt("a quiet sine", "audio") == {"timbre": "sine", "background": "quiet"}
+    assert en.parse_prompt("a sine", "audio") == {"timbre": "sine"}  # quiet only when said
+    with pytest.raises(ValueError, match=r"timbre 'breathy'.*'plucked'\].*audio proof"):
+        en.check_prompt("a breathy tone", WORLDS["audio"], medium="audio")
+    with pytest.raises(ValueError, match=r"direction 'up-left'"):
+        en.check_prompt("a circle moving up-left", WORLDS["video"], medium="video")
+    with pytest.raises(ValueError, match="medium='smell'"):
+        en.parse_prompt("a red circle", "smell")
+    with pytest.raises(ValueError, match="needs a SoundsConfig"):
+        en.world_values(WORLD, "audio")
+
+
 def test_caption_is_the_worlds_caption():
     batch = ShapesWorld(WORLD).images(range(16), "train")
     for i in range(16):
         assert en.caption(batch.names(i)) == batch.captions[i]
+    clips = ShapesWorld(WORLDS["video"]).videos(range(16), "train")
+    sounds = SoundsWorld(WORLDS["audio"]).clips(range(16), "train")
+    for i in range(16):
+        assert en.caption(clips.names(i), "video") == clips.captions[i]
+        assert en.caption(sounds.names(i), "audio") == sounds.captions[i]
 
 
 # ---- terse prompts ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("medium", en.MEDIA)
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_terse_prompts_name_exactly_the_kept_attributes(split: str):
-    counts = dict.fromkeys(en.ATTRIBUTES, 0)
+def test_terse_prompts_name_exactly_the_kept_attributes(split: str, medium: str):
+    world = WORLDS[medium]
+    counts = dict.fromkeys(en.attributes(medium), 0)
     n = 2000
     for i in range(n):
-        e = en.example(WORLD, split, i)
-        assert en.parse_prompt(e.prompt) == e.kept, e.prompt
+        e = en.example(world, split, i, medium=medium)
+        assert en.parse_prompt(e.prompt, medium) == e.kept, e.prompt
         assert e.kept == {a: e.names[a] for a in e.kept}
-        assert en.parse_prompt(e.caption) == e.names  # the target names the whole scene
+        # the target names the whole sample, and is accepted as its enrichment
+        assert en.check_enrichment(e.prompt, e.kept, e.caption, world, medium).names == e.names
         for a in e.kept:
             counts[a] += 1
     for a, c in counts.items():  # each attribute kept about half the time
@@ -80,6 +115,16 @@ def test_held_out_phrasings_never_appear_in_training():
     assert not HELD_OUT_WORDS & set().union(*map(_words, train))
     assert all(_words(p) & HELD_OUT_WORDS for p in val)
     assert not set(train) & set(val)
+    lead = {"create", "would", "like", "make", "me"}
+    for medium, held_out in (
+        ("video", HELD_OUT_WORDS | {"travelling", "drifting", "pace"}),
+        ("audio", lead | {"beep", "signal", "against", "set"}),
+    ):
+        world = WORLDS[medium]
+        train = [en.example(world, "train", i, medium=medium).prompt for i in range(2000)]
+        val = [en.example(world, "val", i, medium=medium).prompt for i in range(500)]
+        assert not held_out & set().union(*map(_words, train))
+        assert all(_words(p) & held_out for p in val)
 
 
 def test_examples_are_pure_functions_of_their_arguments():
@@ -127,7 +172,12 @@ def test_lm_batch_scores_the_caption_and_eos_only():
         assert labels[i, : len(head)].eq(en.IGNORE).all()
         assert labels[i, len(head) : n].tolist() == tail
         assert labels[i, n:].eq(en.IGNORE).all()
-    assert en.lm_prompt("a  red\ncircle") == "Prompt: a red circle\nCaption:"
+    assert en.lm_prompt("a  red\ncircle") == "Image prompt: a red circle\nCaption:"
+    assert en.lm_prompt("a low tone", "audio") == "Sound prompt: a low tone\nCaption:"
+    mixed = en.lm_batch(tok, ["x", "x"], ["a b", "a b"], ["video", "audio"])
+    assert mixed["input_ids"][0].tolist() != mixed["input_ids"][1].tolist()
+    head = tok.encode(en.lm_prompt("x", "video"), add_bos=True)
+    assert mixed["input_ids"][0, : len(head)].tolist() == head
 
 
 # ---- checking what the LM wrote -----------------------------------------------------------
@@ -177,6 +227,28 @@ def test_images_are_written_at_their_size_enlarged_and_in_a_grid(tmp_path):
     sheet = grid(images, columns=3, gap=1)
     assert sheet.shape == (3, 24, 3 * 24 + 2)
     assert torch.equal(sheet[:, :, 25:49], images[1])
+
+
+@pytest.mark.parametrize(
+    ("written", "reason"),
+    [
+        ("a long low sine tone", None),
+        ("a long low sine tone over a soft hiss", None),
+        ("a short low sine tone", "contradicts the prompt: duration 'long' -> 'short'"),
+        ("a long sine tone", "drops the prompt's pitch"),
+        ("a long low tone", "does not parse as a caption: no timbre"),
+        ("a long low breathy tone", "the world does not have: timbre 'breathy'"),
+    ],
+)
+def test_sound_enrichment_is_checked_like_an_image_one(written: str, reason: str | None):
+    given = {"duration": "long", "pitch": "low"}
+    out = en.check_enrichment("a long low tone", given, written, WORLDS["audio"], "audio")
+    if reason is None:
+        assert out.accepted
+        assert out.names["background"] == ("hiss" if "hiss" in written else "quiet")
+    else:
+        assert not out.accepted and out.used == "a long low tone"
+        assert reason in out.reason
 
 
 def test_enrichment_naming_what_the_world_lacks_is_refused():
