@@ -26,11 +26,13 @@ from vats_text.tokenizer import Tokenizer
 
 __all__ = [
     "Sampling",
+    "TextConditioned",
     "TextToImage",
     "TokenAlignment",
     "denoising_loss",
     "encode_texts",
     "enrich_all",
+    "guided_sample",
     "read_images",
     "read_positions",
     "sample_images",
@@ -50,10 +52,11 @@ class Sampling:
     tries: int = 1  # enrichments sampled per prompt until one keeps its attributes
 
 
-class TextToImage(nn.Module):
-    """The text encoder and the DiT, trained together (one optimizer, one EMA)."""
+class TextConditioned(nn.Module):
+    """A text encoder and a diffusion transformer that reads its states (``text_states``,
+    ``text_mask``), trained together (one optimizer, one EMA)."""
 
-    def __init__(self, encoder: TextEncoder, dit: DiT) -> None:
+    def __init__(self, encoder: TextEncoder, dit: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.dit = dit
@@ -72,6 +75,12 @@ class TextToImage(nn.Module):
             "text_states": torch.zeros_like(states[:1]),
             "text_mask": torch.zeros_like(mask[:1]),
         }
+
+
+class TextToImage(TextConditioned):
+    """The text encoder and the image DiT."""
+
+    dit: DiT
 
 
 class TokenAlignment(nn.Module):
@@ -167,12 +176,32 @@ def sample_images(
     """Images ``(B, 3, S, S)`` in [-1, 1] for ``texts``: encode them, sample latents with
     guidance (initial noise from ``generator``), decode."""
     ids, mask = encode_texts(tokenizer, texts, model.encoder.config.max_seq_len)
-    cond = model.condition(ids, mask)
-    guided = sampling.guidance_scale > 1
     h, w = model.dit.config.latent_hw
-    latents = diffusion.sample(
+    shape = (len(texts), model.dit.config.in_channels, h, w)
+    latents = guided_sample(
+        model, diffusion, shape, model.condition(ids, mask), sampling, generator, progress=progress
+    )
+    return vae.decode_latents(latents).clamp(-1, 1)
+
+
+@torch.no_grad()
+def guided_sample(
+    model: TextConditioned,
+    diffusion: Diffusion,
+    shape: tuple[int, ...],
+    cond: dict[str, Tensor],
+    sampling: Sampling,
+    generator: torch.Generator,
+    *,
+    progress: bool = False,
+) -> Tensor:
+    """Samples of ``shape`` from ``model.dit`` conditioned on ``cond`` (the model's
+    ``condition``), with ``sampling``'s sampler, steps and classifier-free guidance against
+    the model's ``null_condition``; the initial noise from ``generator``."""
+    guided = sampling.guidance_scale > 1
+    return diffusion.sample(
         model.dit,
-        (len(texts), model.dit.config.in_channels, h, w),
+        shape,
         steps=sampling.steps,
         guidance_scale=sampling.guidance_scale,
         cond=cond,
@@ -181,7 +210,6 @@ def sample_images(
         scheduler=sampling.scheduler,
         progress=progress,
     )
-    return vae.decode_latents(latents).clamp(-1, 1)
 
 
 def enrich_all(
@@ -189,12 +217,13 @@ def enrich_all(
     tokenizer: Tokenizer,
     prompts: list[str],
     givens: list[dict[str, str]],
-    world: ShapesConfig,
+    world: en.World,
     sampling: Sampling,
     generator: torch.Generator,
+    medium: str = "image",
 ) -> list[en.Enrichment]:
-    """Each prompt enriched (sampled from ``generator``) and checked against the attributes
-    it names (``givens``).
+    """Each prompt of ``medium`` enriched (sampled from ``generator``) and checked against
+    the attributes it names (``givens``).
 
     A refused enrichment is sampled again, up to ``sampling.tries`` samples in all (only the
     refused rows, batched; greedy decoding, ``temperature`` 0, gets one try since it would
@@ -217,9 +246,10 @@ def enrich_all(
             temperature=sampling.temperature,
             min_p=sampling.min_p,
             max_new_tokens=sampling.max_new_tokens,
+            medium=medium,
         )
         for i, w in zip(todo, written, strict=True):
-            checked = en.check_enrichment(prompts[i], givens[i], w, world)
+            checked = en.check_enrichment(prompts[i], givens[i], w, world, medium)
             outs[i] = dataclasses.replace(checked, tries=attempt)
         todo = [i for i in todo if not outs[i].accepted]
     return [outs[i] for i in range(len(prompts))]

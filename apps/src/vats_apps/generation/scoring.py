@@ -42,7 +42,14 @@ from vats_diffusion import VAE, Diffusion
 from vats_text.model import MoELanguageModel
 from vats_text.tokenizer import Tokenizer
 
-__all__ = ["ADHERENCE_GOAL", "KEEP_GOAL", "TIME_GOAL", "evaluate", "print_table"]
+__all__ = [
+    "ADHERENCE_GOAL",
+    "KEEP_GOAL",
+    "TIME_GOAL",
+    "enrichment_scores",
+    "evaluate",
+    "print_table",
+]
 
 ADHERENCE_GOAL = 0.85  # the issue's: shape x colour of generated images
 KEEP_GOAL = 0.99  # enrichment keeps the prompt's attributes
@@ -60,6 +67,40 @@ def _share(hits: list[bool]) -> float | None:
 
 def _shape_color(seen: dict[str, str], names: dict[str, str]) -> bool:
     return seen["shape"] == names["shape"] and seen["color"] == names["color"]
+
+
+def enrichment_scores(
+    world: en.World,
+    medium: str,
+    n: int,
+    lm: MoELanguageModel,
+    tokenizer: Tokenizer,
+    sampling: Sampling,
+) -> dict[str, Any]:
+    """The enrichment's keep rate on ``n`` held-out prompts of ``medium`` naming any subset
+    of the attributes: held-out scenes in the training phrasings (the goal's figure), and in
+    the held-out phrasings (other words); with the first sample's rate and chance (a random
+    caption's)."""
+    values = en.world_values(world, medium)
+    out: dict[str, Any] = {
+        "goal": KEEP_GOAL,
+        "tries": sampling.tries if sampling.temperature > 0 else 1,
+    }
+    for name, phrasing in (("phrasings_seen", "train"), ("phrasings_held_out", None)):
+        pairs = [en.example(world, "val", i, phrasing=phrasing, medium=medium) for i in range(n)]
+        outs = enrich_all(
+            lm, tokenizer, [p.prompt for p in pairs], [p.kept for p in pairs], world,
+            sampling, torch.Generator().manual_seed(0), medium,
+        )  # fmt: skip
+        out[name] = {
+            "accuracy": _share([o.accepted for o in outs]),
+            "first_try": _share([o.accepted and o.tries == 1 for o in outs]),
+            "chance": sum(math.prod(1 / len(values[a]) for a in p.kept) for p in pairs) / n,
+            "prompts": n,
+            "failures": [{"prompt": o.prompt, "written": o.written, "reason": o.reason}
+                         for o in outs if not o.accepted][:5],
+        }  # fmt: skip
+    return out
 
 
 def evaluate(
@@ -83,27 +124,10 @@ def evaluate(
     """
     values = en.world_values(world)
     t0 = time.perf_counter()
-    # 1. Enrichment of prompts naming any subset of the attributes: held-out scenes in the
-    #    training phrasings (the goal's), and in the held-out phrasings (other words).
-    n = int(settings["enrich_prompts"])
-    enrichment: dict[str, Any] = {
-        "goal": KEEP_GOAL,
-        "tries": sampling.tries if sampling.temperature > 0 else 1,
-    }
-    for name, phrasing in (("phrasings_seen", "train"), ("phrasings_held_out", None)):
-        pairs = [en.example(world, "val", i, phrasing=phrasing) for i in range(n)]
-        outs = enrich_all(
-            lm, tokenizer, [p.prompt for p in pairs], [p.kept for p in pairs], world,
-            sampling, torch.Generator().manual_seed(0),
-        )  # fmt: skip
-        enrichment[name] = {
-            "accuracy": _share([o.accepted for o in outs]),
-            "first_try": _share([o.accepted and o.tries == 1 for o in outs]),
-            "chance": sum(math.prod(1 / len(values[a]) for a in p.kept) for p in pairs) / n,
-            "prompts": n,
-            "failures": [{"prompt": o.prompt, "written": o.written, "reason": o.reason}
-                         for o in outs if not o.accepted][:5],
-        }  # fmt: skip
+    # 1. Enrichment of prompts naming any subset of the attributes.
+    enrichment = enrichment_scores(
+        world, "image", int(settings["enrich_prompts"]), lm, tokenizer, sampling
+    )
     # 2. Images of held-out scenes' prompts naming a shape and a colour (and any of the
     #    rest), in the training phrasings, k seeds each.
     k = int(settings["seeds"])

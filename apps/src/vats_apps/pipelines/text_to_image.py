@@ -80,11 +80,11 @@ from vats_apps.generation.model import (
 )
 from vats_apps.generation.scoring import evaluate, print_table
 from vats_apps.pipelines import text_generation, train_vision
-from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
-from vats_apps.pipelines.compiling import compile_flags, stage_trainer_config
+from vats_apps.pipelines.cache import REPORT_NAME, staged_entry
+from vats_apps.pipelines.compiling import compile_flags
 from vats_apps.pipelines.sections import part_pipeline, preset_fields, section
-from vats_core.config import Config, is_int, is_number
-from vats_core.training import Trainer, TrainerConfig
+from vats_apps.pipelines.stages import Stage, StagedPipeline
+from vats_core.config import is_int
 from vats_diffusion import (
     EMA,
     VAE,
@@ -111,10 +111,6 @@ CODE = {
     "dit": ("vats_core", "vats_text", "vats_diffusion", "vats_apps"),
     "eval": ("vats_core", "vats_text", "vats_vision", "vats_diffusion", "vats_apps"),
 }
-_SCHEDULERS = {
-    False: ("ddpm", "ddim", "dpm_solver"),  # DDPM-family training (epsilon / v / sample)
-    True: ("flow_match_euler",),  # flow matching
-}
 # Fields the pipeline sets from the data and the other parts, not the config.
 _SET_BY_PIPELINE = {
     "model.dit": ("sample_size", "in_channels", "text_dim"),
@@ -125,48 +121,8 @@ _SET_BY_PIPELINE = {
 # ----------------------------------------------------------------------------- config
 
 
-def _fail(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{NAME}: {key}={value!r} is invalid: expected {allowed}")
-
-
-def _int(cfg: DictConfig, key: str, minimum: int) -> int:
-    value = OmegaConf.select(cfg, key)
-    if not is_int(value) or value < minimum:
-        raise _fail(key, value, f"an int >= {minimum}")
-    return int(value)
-
-
-def _number(cfg: DictConfig, key: str, low: float, high: float = math.inf) -> float:
-    value = OmegaConf.select(cfg, key)
-    if not is_number(value) or not low <= value <= high:
-        raise _fail(key, value, f"a number in [{low}, {high}]")
-    return float(value)
-
-
-def _flag(cfg: DictConfig, key: str) -> bool:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, bool):
-        raise _fail(key, value, "true or false")
-    return value
-
-
-def _built(
-    factory: Callable[..., Config], cls: type, where: str, preset: str | None, **fields: Any
-) -> Any:
-    """``factory(preset, **fields)`` (``factory(**fields)`` without a preset), with unknown
-    fields and invalid values reported under the config key ``where``."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(
-            f"{NAME}: {where}.{unknown[0]} is not a {cls.__name__} field: expected some of "
-            f"{sorted(known)}"
-        )
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    try:
-        return factory(**fields) if preset is None else factory(preset, **fields)
-    except ValueError as e:
-        raise ValueError(f"{NAME}: {where}: {e}") from None
+_P = StagedPipeline(NAME, CACHE_FORMAT, CODE)
+_fail, _int, _number, _flag, _built = _P.fail, _P.int, _P.number, _P.flag, _P.built
 
 
 def _preset_section(cfg: DictConfig, key: str) -> tuple[str, dict[str, Any]]:
@@ -272,56 +228,15 @@ class Generation:
 
 def generation_settings(cfg: DictConfig, scheduler: SchedulerConfig, dit: DiTConfig) -> Generation:
     """``generation.*``, checked against the trained noise process and the DiT."""
-    family = _SCHEDULERS[scheduler.is_flow]
-    name = OmegaConf.select(cfg, "generation.scheduler")
-    name = scheduler.name.value if name is None else name
-    if name not in family:
-        raise _fail(
-            "generation.scheduler",
-            name,
-            f"null (the training scheduler) or one of {list(family)}: the DiT is trained with "
-            f"train.dit.scheduler.name={scheduler.name.value!r}",
-        )
-    guidance = _number(cfg, "generation.guidance_scale", 1.0)
-    if guidance > 1 and dit.text_dropout == 0:
-        raise _fail(
-            "generation.guidance_scale",
-            guidance,
-            "1 with model.dit.text_dropout=0: guidance needs the null condition, which the "
-            "DiT learns only through text_dropout > 0",
-        )
-    min_p = OmegaConf.select(cfg, "enrichment.min_p")
-    if min_p is not None and (not is_number(min_p) or not 0 <= min_p <= 1):
-        raise _fail("enrichment.min_p", min_p, "null or a number in [0, 1]")
-    steps = _int(cfg, "generation.steps", 1)
-    if steps > scheduler.num_train_timesteps:
-        raise _fail("generation.steps", steps, f"<= {scheduler.num_train_timesteps}")
-    sampling = Sampling(
-        scheduler=name,
-        steps=steps,
-        guidance_scale=guidance,
-        temperature=_number(cfg, "enrichment.temperature", 0.0),
-        min_p=None if min_p is None else float(min_p),
-        max_new_tokens=_int(cfg, "enrichment.max_new_tokens", 1),
-        tries=_int(cfg, "enrichment.tries", 1),
-    )
     return Generation(
-        sampling=sampling,
+        sampling=_P.sampling(cfg, scheduler, dit.text_dropout, "model.dit.text_dropout"),
         num_images=_int(cfg, "generation.num_images", 1),
         seed=_int(cfg, "generation.seed", 0),
         upscale=_int(cfg, "generation.upscale", 1),
     )
 
 
-def _trainer(cfg: DictConfig, stage: str, steps: int, out_dir: Path) -> TrainerConfig:
-    return stage_trainer_config(
-        section(cfg, f"train.{stage}", NAME).get("trainer", {}),
-        f"{NAME}: train.{stage}.trainer",
-        steps=steps,
-        seed=int(cfg.pipeline.seed),
-        out_dir=out_dir,
-        progress=bool(cfg.pipeline.progress),
-    )
+_trainer = _P.trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,36 +352,7 @@ def load_classifier(cfg: DictConfig, parts: Parts) -> tuple[nn.Module, list[tupl
     return model.eval(), train_vision.heads(sub, "image", world_config(cfg))
 
 
-def _entry(cfg: DictConfig, stage: str, spec: dict[str, Any]) -> Path:
-    key = entry_key({"format": CACHE_FORMAT, "stage": stage, **spec}, CODE[stage])
-    return Path(str(cfg.pipeline.cache_dir)).expanduser() / NAME / stage / key
-
-
-def _cached(path: Path, cfg: DictConfig) -> bool:
-    return (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain
-
-
-def _fit(
-    cfg: DictConfig,
-    stage: str,
-    model: nn.Module,
-    batch_fn: Callable[[int, int], Any],
-    loss_fn: Callable[[nn.Module, Any], Any],
-    on_step: Callable[[int, nn.Module], None] | None = None,
-) -> tuple[float, list[dict[str, Any]]]:
-    """Train ``stage`` in place with the vats-core trainer: (seconds, logged rows)."""
-    steps = int(OmegaConf.select(cfg, f"train.{stage}.max_steps"))
-    out = Path(str(cfg.pipeline.out_dir)) / stage
-    config = _trainer(cfg, stage, steps, out)
-    start = time.perf_counter()
-    rows = Trainer(model, config, data=batch_fn, loss_fn=loss_fn, on_step=on_step).fit()
-    return time.perf_counter() - start, rows
-
-
-def _first(step: int, micro: int, cfg: DictConfig, stage: str) -> int:
-    """Index of the first sample of a micro-batch: no sample repeats within a stage."""
-    accum = int(section(cfg, f"train.{stage}", NAME).get("trainer", {}).get("grad_accum_steps", 1))
-    return (step * accum + micro) * int(OmegaConf.select(cfg, f"train.{stage}.batch_size"))
+_entry, _cached, _fit, _first, _load_report = _P.entry, _P.cached, _P.fit, _P.first, _P.load_report
 
 
 def _pixels(world: ShapesWorld, indices: range, split: str) -> Tensor:
@@ -523,21 +409,6 @@ def _reconstruction(vae: VAE, world: ShapesWorld, n: int) -> dict[str, float]:
     return {"val_mse": mse, "val_psnr": 10 * math.log10(4 / max(mse, 1e-12))}  # range 2
 
 
-@dataclasses.dataclass
-class Stage:
-    """A trained stage: its model, the report written when it was trained, its cache entry
-    name, and whether it came from the cache."""
-
-    model: Any
-    report: dict[str, Any]
-    key: str
-    cached: bool
-
-
-def _load_report(path: Path) -> dict[str, Any]:
-    return json.loads((path / REPORT_NAME).read_text())
-
-
 def load_or_train_vae(cfg: DictConfig, s: Settings) -> Stage:
     """Stage 1 (module docstring): the VAE with standardised latents."""
     path = _entry(cfg, "vae", vae_key_spec(cfg, s))
@@ -583,20 +454,6 @@ def load_or_train_vae(cfg: DictConfig, s: Settings) -> Stage:
 # ----------------------------------------------------------------------------- stage 2: LM
 
 
-def untied(lm: MoELanguageModel) -> MoELanguageModel:
-    """A copy of ``lm`` whose head is its own weight, initialised to the embedding.
-
-    Tied, the fine-tune pulls together the rows of words that fill the same slot of a
-    caption (the head must score "left" and "right" alike where the position is open) until
-    the input side cannot tell them apart: on the small LM, the cosine of "left" and
-    "right" went from 0.57 to 0.97 in 600 steps and "left" was copied as "right" half the
-    time. Untied, the head learns the slot and the embedding keeps the word.
-    """
-    out = MoELanguageModel(lm.config.replace(tie_embeddings=False))
-    out.load_state_dict(lm.state_dict())
-    return out.requires_grad_(True)
-
-
 def load_or_train_enricher(cfg: DictConfig, s: Settings, parts: Parts) -> Stage:
     """Stage 2: the LM fine-tuned to rewrite terse prompts into captions."""
     spec = {
@@ -611,24 +468,7 @@ def load_or_train_enricher(cfg: DictConfig, s: Settings, parts: Parts) -> Stage:
         model = MoELanguageModel.from_pretrained(path / "model")
         return Stage(model, _load_report(path), path.name, True)
     print(f"{NAME}: stage 2/3, enrich: the LM learns to write captions from prompts", flush=True)
-    model = untied(parts.lm)
-    b, tokenizer = int(cfg.train.enrich.batch_size), parts.tokenizer
-
-    def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
-        first = _first(step, micro, cfg, "enrich")
-        pairs = [en.example(s.world, "train", i) for i in range(first, first + b)]
-        return en.lm_batch(tokenizer, [p.prompt for p in pairs], [p.caption for p in pairs])
-
-    def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> Tensor:
-        return m(bt["input_ids"], attention_mask=bt["attention_mask"], labels=bt["labels"]).loss
-
-    seconds, rows = _fit(cfg, "enrich", model, batch_fn, loss_fn)
-    model.eval()
-    report = {"seconds": seconds, "final_loss": rows[-1]["loss"] if rows else None}
-    with staged_entry(path) as staging:
-        model.save_pretrained(staging / "model")
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    return Stage(model, report, path.name, False)
+    return _P.train_enricher(cfg, path, [("image", s.world)], parts.lm, parts.tokenizer)
 
 
 # ----------------------------------------------------------------------------- stage 3: DiT
@@ -785,9 +625,7 @@ def load_or_train_dit(
     path = _entry(cfg, "dit", spec)
     if _cached(path, cfg):
         print(f"{NAME}: loading the cached text encoder and DiT from {path}", flush=True)
-        model = TextToImage(
-            TextEncoder.from_pretrained(path / "encoder"), DiT.from_pretrained(path / "dit")
-        )
+        model = TextToImage(*_P.load_conditioned(path, DiT))
         return Stage(model.eval(), _load_report(path), path.name, True)
     print(f"{NAME}: stage 3/3, dit: the text encoder and the DiT learn the latents", flush=True)
     vae, world, diffusion = vae_stage.model, ShapesWorld(s.world), Diffusion(s.scheduler)
@@ -803,15 +641,8 @@ def load_or_train_dit(
         "denoising_loss_before": loss_before,
         "denoising_loss_after": denoising_loss(model, vae, diffusion, parts.tokenizer, world, 128),
         "losses": [r["loss"] for r in rows],
-        "parameters": {
-            "encoder": sum(p.numel() for p in model.encoder.parameters()),
-            "dit": sum(p.numel() for p in model.dit.parameters()),
-        },
     }
-    with staged_entry(path) as staging:
-        model.encoder.save_pretrained(staging / "encoder")
-        model.dit.save_pretrained(staging / "dit")
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    _P.save_conditioned(path, model, report)
     return Stage(model, report, path.name, False)
 
 

@@ -1,0 +1,492 @@
+"""What the generating pipelines (``text_to_image``, ``text_to_audio``, ``text_to_video``)
+share: reading and checking config fields under the pipeline's name, cache entries per
+training stage, the vats-core trainer run for a stage, the enrichment LM's fine-tune, and
+(at the end) the text part, the DiT's training texts, prompt errors and printed lines.
+
+A pipeline makes one :class:`StagedPipeline` with its name, cache format and the packages
+whose code trains each stage, and reads its settings through it, so that every error names
+the pipeline and the field::
+
+    P = StagedPipeline("text_to_audio", 1, {"dit": ("vats_core", "vats_apps")})
+    steps = P.int(cfg, "train.dit.max_steps", 1)   # ValueError naming the key otherwise
+    path = P.entry(cfg, "dit", spec)                # <cache_dir>/text_to_audio/dit/<key>
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from vats_apps.generation import enrich as en
+from vats_apps.generation.model import Sampling, TextConditioned, enrich_all
+from vats_apps.pipelines import text_generation
+from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
+from vats_apps.pipelines.compiling import stage_trainer_config
+from vats_apps.pipelines.sections import preset_fields, section
+from vats_core.checkpoint import PretrainedMixin
+from vats_core.config import Config, is_int, is_number
+from vats_core.training import Trainer, TrainerConfig
+from vats_diffusion import SchedulerConfig
+from vats_text.encoder import TextEncoder, TextEncoderConfig
+from vats_text.model import MoELanguageModel
+from vats_text.presets import encoder_preset
+from vats_text.tokenizer import Tokenizer
+
+__all__ = [
+    "FLOW_SAMPLERS",
+    "Parts",
+    "Stage",
+    "StagedPipeline",
+    "check_prompt_setting",
+    "check_prompt_tokens",
+    "enriched_copies",
+    "enrichment_line",
+    "load_or_score",
+    "load_or_train_enricher",
+    "load_text",
+    "model_section",
+    "prompt_too_long",
+    "scheduler_config",
+    "slug",
+    "terse_texts",
+    "text_encoder_config",
+    "untied",
+]
+
+# The samplers of each noise process's family: what generation.scheduler may name.
+FLOW_SAMPLERS = ("flow_match_euler",)
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+
+
+@dataclasses.dataclass
+class Stage:
+    """A trained stage: its model, the report written when it was trained, its cache entry
+    name, and whether it came from the cache."""
+
+    model: Any
+    report: dict[str, Any]
+    key: str
+    cached: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedPipeline:
+    """A pipeline's name, cache format and per-stage code (see the module docstring)."""
+
+    name: str
+    cache_format: int  # bump when what is cached changes meaning
+    code: Mapping[str, tuple[str, ...]]  # stage -> packages whose code trains its weights
+
+    # ---- config fields -------------------------------------------------------------------
+
+    def fail(self, key: str, value: Any, allowed: str) -> ValueError:
+        return ValueError(f"{self.name}: {key}={value!r} is invalid: expected {allowed}")
+
+    def int(self, cfg: DictConfig, key: str, minimum: int) -> int:
+        value = OmegaConf.select(cfg, key)
+        if not is_int(value) or value < minimum:
+            raise self.fail(key, value, f"an int >= {minimum}")
+        return int(value)
+
+    def number(self, cfg: DictConfig, key: str, low: float, high: float = math.inf) -> float:
+        value = OmegaConf.select(cfg, key)
+        if not is_number(value) or not low <= value <= high:
+            raise self.fail(key, value, f"a number in [{low}, {high}]")
+        return float(value)
+
+    def flag(self, cfg: DictConfig, key: str) -> bool:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            raise self.fail(key, value, "true or false")
+        return value
+
+    def built(
+        self,
+        factory: Callable[..., Config],
+        cls: type,
+        where: str,
+        preset: str | None,
+        **fields: Any,
+    ) -> Any:
+        """``factory(preset, **fields)`` (``factory(**fields)`` without a preset), with
+        unknown fields and invalid values reported under the config key ``where``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(
+                f"{self.name}: {where}.{unknown[0]} is not a {cls.__name__} field: expected "
+                f"some of {sorted(known)}"
+            )
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        try:
+            return factory(**fields) if preset is None else factory(preset, **fields)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {where}: {e}") from None
+
+    def sampling(
+        self, cfg: DictConfig, scheduler: SchedulerConfig, text_dropout: float, dropout_key: str
+    ) -> Sampling:
+        """``generation.{scheduler, steps, guidance_scale}`` and ``enrichment.*``, checked
+        against the trained noise process and the DiT's condition dropout
+        (``text_dropout``, the config key ``dropout_key``)."""
+        family = FLOW_SAMPLERS if scheduler.is_flow else DDPM_SAMPLERS
+        name = OmegaConf.select(cfg, "generation.scheduler")
+        name = scheduler.name.value if name is None else name
+        if name not in family:
+            raise self.fail(
+                "generation.scheduler",
+                name,
+                f"null (the training scheduler) or one of {list(family)}: the DiT is trained "
+                f"with train.dit.scheduler.name={scheduler.name.value!r}",
+            )
+        guidance = self.number(cfg, "generation.guidance_scale", 1.0)
+        if guidance > 1 and text_dropout == 0:
+            raise self.fail(
+                "generation.guidance_scale",
+                guidance,
+                f"1 with {dropout_key}=0: guidance needs the null condition, which the DiT "
+                "learns only through text_dropout > 0",
+            )
+        min_p = OmegaConf.select(cfg, "enrichment.min_p")
+        if min_p is not None and (not is_number(min_p) or not 0 <= min_p <= 1):
+            raise self.fail("enrichment.min_p", min_p, "null or a number in [0, 1]")
+        steps = self.int(cfg, "generation.steps", 1)
+        if steps > scheduler.num_train_timesteps:
+            raise self.fail("generation.steps", steps, f"<= {scheduler.num_train_timesteps}")
+        return Sampling(
+            scheduler=name,
+            steps=steps,
+            guidance_scale=guidance,
+            temperature=self.number(cfg, "enrichment.temperature", 0.0),
+            min_p=None if min_p is None else float(min_p),
+            max_new_tokens=self.int(cfg, "enrichment.max_new_tokens", 1),
+            tries=self.int(cfg, "enrichment.tries", 1),
+        )
+
+    # ---- cache entries -------------------------------------------------------------------
+
+    def entry(self, cfg: DictConfig, stage: str, spec: dict[str, Any]) -> Path:
+        """The cache directory of ``stage`` trained under ``spec`` (and the stage's code)."""
+        key = entry_key({"format": self.cache_format, "stage": stage, **spec}, self.code[stage])
+        return Path(str(cfg.pipeline.cache_dir)).expanduser() / self.name / stage / key
+
+    @staticmethod
+    def cached(path: Path, cfg: DictConfig) -> bool:
+        return (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain
+
+    @staticmethod
+    def load_report(path: Path) -> dict[str, Any]:
+        return json.loads((path / REPORT_NAME).read_text())
+
+    @staticmethod
+    def save_conditioned(path: Path, model: TextConditioned, report: dict[str, Any]) -> None:
+        """A text encoder + DiT stage's entry: ``encoder/``, ``dit/`` and the report,
+        written atomically."""
+        report = report | {
+            "parameters": {
+                "encoder": sum(p.numel() for p in model.encoder.parameters()),
+                "dit": sum(p.numel() for p in model.dit.parameters()),
+            }
+        }
+        with staged_entry(path) as staging:
+            model.encoder.save_pretrained(staging / "encoder")
+            model.dit.save_pretrained(staging / "dit")  # type: ignore[operator]
+            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+
+    @staticmethod
+    def load_conditioned(path: Path, dit_class: type[PretrainedMixin]) -> tuple[TextEncoder, Any]:
+        """The text encoder and DiT of an entry :meth:`save_conditioned` wrote."""
+        return TextEncoder.from_pretrained(path / "encoder"), dit_class.from_pretrained(
+            path / "dit"
+        )
+
+    # ---- training ------------------------------------------------------------------------
+
+    def trainer(self, cfg: DictConfig, stage: str, steps: int, out_dir: Path) -> TrainerConfig:
+        """``train.<stage>.trainer`` as the vats-core trainer's config."""
+        return stage_trainer_config(
+            section(cfg, f"train.{stage}", self.name).get("trainer", {}),
+            f"{self.name}: train.{stage}.trainer",
+            steps=steps,
+            seed=int(cfg.pipeline.seed),
+            out_dir=out_dir,
+            progress=bool(cfg.pipeline.progress),
+        )
+
+    def fit(
+        self,
+        cfg: DictConfig,
+        stage: str,
+        model: nn.Module,
+        batch_fn: Callable[[int, int], Any],
+        loss_fn: Callable[[nn.Module, Any], Any],
+        on_step: Callable[[int, nn.Module], None] | None = None,
+    ) -> tuple[float, list[dict[str, Any]]]:
+        """Train ``stage`` in place with the vats-core trainer: (seconds, logged rows)."""
+        steps = int(OmegaConf.select(cfg, f"train.{stage}.max_steps"))
+        out = Path(str(cfg.pipeline.out_dir)) / stage
+        config = self.trainer(cfg, stage, steps, out)
+        start = time.perf_counter()
+        rows = Trainer(model, config, data=batch_fn, loss_fn=loss_fn, on_step=on_step).fit()
+        return time.perf_counter() - start, rows
+
+    def first(self, step: int, micro: int, cfg: DictConfig, stage: str) -> int:
+        """Index of the first sample of a micro-batch: no sample repeats within a stage."""
+        train = section(cfg, f"train.{stage}", self.name)
+        accum = int(train.get("trainer", {}).get("grad_accum_steps", 1))
+        return (step * accum + micro) * int(train["batch_size"])
+
+    def train_enricher(
+        self,
+        cfg: DictConfig,
+        path: Path,
+        worlds: Sequence[tuple[str, en.World]],
+        lm: MoELanguageModel,
+        tokenizer: Tokenizer,
+        *,
+        stage: str = "enrich",
+    ) -> Stage:
+        """The LM fine-tuned (every weight, head untied) on terse prompt -> caption pairs of
+        ``worlds`` (``(medium, world)``, taken in turn, one medium per row), saved at
+        ``path``."""
+        model = untied(lm)
+        b = int(OmegaConf.select(cfg, f"train.{stage}.batch_size"))
+
+        def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
+            first = self.first(step, micro, cfg, stage)
+            media = [worlds[i % len(worlds)] for i in range(first, first + b)]
+            pairs = [
+                en.example(w, "train", i, medium=m)
+                for i, (m, w) in zip(range(first, first + b), media, strict=True)
+            ]
+            return en.lm_batch(
+                tokenizer,
+                [p.prompt for p in pairs],
+                [p.caption for p in pairs],
+                [m for m, _ in media],
+            )
+
+        def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> Tensor:
+            out = m(bt["input_ids"], attention_mask=bt["attention_mask"], labels=bt["labels"])
+            return out.loss
+
+        seconds, rows = self.fit(cfg, stage, model, batch_fn, loss_fn)
+        model.eval()
+        report = {"seconds": seconds, "final_loss": rows[-1]["loss"] if rows else None}
+        with staged_entry(path) as staging:
+            model.save_pretrained(staging / "model")
+            (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        return Stage(model, report, path.name, False)
+
+
+def untied(lm: MoELanguageModel) -> MoELanguageModel:
+    """A copy of ``lm`` whose head is its own weight, initialised to the embedding.
+
+    Tied, the fine-tune pulls together the rows of words that fill the same slot of a
+    caption (the head must score "left" and "right" alike where the position is open) until
+    the input side cannot tell them apart: on the small LM, the cosine of "left" and
+    "right" went from 0.57 to 0.97 in 600 steps and "left" was copied as "right" half the
+    time. Untied, the head learns the slot and the embedding keeps the word.
+    """
+    out = MoELanguageModel(lm.config.replace(tie_embeddings=False))
+    out.load_state_dict(lm.state_dict())
+    return out.requires_grad_(True)
+
+
+# ---- what the generating pipelines share besides the stages -------------------------------
+
+
+@dataclasses.dataclass
+class Parts:
+    """The text part (``text_generation``'s tokenizer and LM) and, as a pipeline loads
+    them, the other parts' cache entry names and reports."""
+
+    tokenizer: Tokenizer
+    lm: MoELanguageModel
+    keys: dict[str, str]  # part -> its cache entry name
+    reports: dict[str, dict[str, Any]]
+
+
+def load_text(sub: DictConfig) -> Parts:
+    """The tokenizer and LM of ``text_generation``'s cache for its config ``sub`` (trained
+    first when absent)."""
+    lm = text_generation.load_or_train(sub)
+    return Parts(
+        lm.tokenizer, lm.model, {"text": text_generation.cache_key(sub)}, {"text": lm.report}
+    )
+
+
+def prompt_too_long(name: str, prompt: str, n: int, limit: int, unit: str) -> ValueError:
+    """The error of a prompt of ``n`` ``unit`` (words or tokens) past the text encoder's
+    context of ``limit`` tokens."""
+    return ValueError(
+        f"{name}: prompt={prompt!r} is too long: {n} {unit}, more than the text encoder's "
+        f"context of {limit} tokens (train.dit.encoder.max_seq_len): shorten it"
+    )
+
+
+def slug(prompt: str) -> str:
+    """A folder name for a prompt: lower-case words joined by ``_``, at most 48 characters."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:48] or "prompt"
+
+
+def terse_texts(batch: Any, first: int, terse_prob: float, medium: str, tag: str) -> list[str]:
+    """A DiT's training texts: each sample's caption (``batch.captions``), or with
+    probability ``terse_prob`` a terse prompt of it naming each attribute of ``medium``
+    with probability 1/2; sample ``first + i``'s draw is seeded by ``"<tag>/<first + i>"``."""
+    texts = []
+    for i, text in enumerate(batch.captions):
+        rng = random.Random(f"{tag}/{first + i}")
+        if rng.random() < terse_prob:
+            keep = [a for a in en.attributes(medium) if rng.random() < 0.5]
+            text = en.terse_prompt(batch.names(i), keep, rng, "train", medium)
+        texts.append(text)
+    return texts
+
+
+def enrichment_line(noun: str, i: int, o: en.Enrichment, enrich: bool) -> str:
+    """The line generation prints for sample ``i`` (``noun``: image, clip, sound): the
+    enriched prompt it was made from, or why the enrichment was not used."""
+    if not enrich:
+        return f"  {noun} {i}: {o.used!r}"
+    if o.accepted:
+        again = f" (try {o.tries}: the earlier ones changed the prompt)" if o.tries > 1 else ""
+        return f"  {noun} {i}: enriched to {o.used!r}{again}"
+    samples = f"{o.tries} sample{'s' if o.tries > 1 else ''}"
+    return (
+        f"  {noun} {i}: the enrichment {o.written!r} is not used, {o.reason} ({samples}); "
+        "using the prompt"
+    )
+
+
+def model_section(
+    p: StagedPipeline, cfg: DictConfig, key: str, set_by_pipeline: Sequence[str] = ()
+) -> tuple[str, dict[str, Any]]:
+    """A model section's preset and overrides, refusing the fields the pipeline sets
+    (``set_by_pipeline``: from the data and the other parts)."""
+    preset, fields = preset_fields(cfg, key, p.name)
+    for name in set_by_pipeline:
+        if name in fields:
+            raise ValueError(f"{p.name}: {key}.{name} is set by the pipeline, not the config")
+    return preset, fields
+
+
+def text_encoder_config(p: StagedPipeline, cfg: DictConfig, vocab_size: int) -> TextEncoderConfig:
+    """``train.dit.encoder`` (a text-encoder preset and overrides) for the LM's tokenizer of
+    ``vocab_size`` pieces."""
+    preset, fields = model_section(p, cfg, "train.dit.encoder", ("vocab_size",))
+    return p.built(
+        encoder_preset,
+        TextEncoderConfig,
+        "train.dit.encoder",
+        preset,
+        vocab_size=vocab_size,
+        **fields,
+    )
+
+
+def scheduler_config(p: StagedPipeline, cfg: DictConfig) -> SchedulerConfig:
+    """``train.dit.scheduler``: the noise process the DiT learns (SchedulerConfig fields)."""
+    fields = section(cfg, "train.dit.scheduler", p.name)
+    return p.built(SchedulerConfig, SchedulerConfig, "train.dit.scheduler", None, **fields)
+
+
+def check_prompt_setting(
+    p: StagedPipeline, cfg: DictConfig, world: en.World, medium: str, limit: int
+) -> tuple[str | None, dict[str, str]]:
+    """``prompt``: null, or a non-empty string naming only values of ``world`` (read as
+    ``medium``) in at most ``limit`` words (the exact token count needs the tokenizer:
+    :func:`check_prompt_tokens`). Returns the prompt and the attributes it names."""
+    prompt = OmegaConf.select(cfg, "prompt")
+    if prompt is None:
+        return None, {}
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{p.name}: prompt={prompt!r} is invalid: expected a non-empty string")
+    given = en.check_prompt(prompt, world, medium=medium)
+    # A token never spans whitespace: more words than the context is surely too long.
+    if len(prompt.split()) > limit:
+        raise prompt_too_long(p.name, prompt, len(prompt.split()), limit, "words")
+    return prompt, given
+
+
+def check_prompt_tokens(p: StagedPipeline, prompt: str, tokenizer: Tokenizer, limit: int) -> None:
+    """The prompt fits the text encoder's context of ``limit`` tokens (it reads the prompt
+    when enrichment is off or falls back)."""
+    n = len(tokenizer.encode(prompt))
+    if n > limit:
+        raise prompt_too_long(p.name, prompt, n, limit, "tokens")
+
+
+def load_or_train_enricher(
+    p: StagedPipeline,
+    cfg: DictConfig,
+    parts: Parts,
+    world: en.World,
+    medium: str,
+    step: str,
+) -> Stage:
+    """The LM fine-tuned to rewrite terse prompts of ``medium`` into captions of ``world``
+    (the ``enrich`` stage, cached under ``train.enrich``; ``step`` as "2/3" in what it
+    prints when it trains)."""
+    spec = {
+        "text": parts.keys["text"],
+        "world": world.to_dict(),
+        "train": section(cfg, "train.enrich", p.name),
+        "seed": int(cfg.pipeline.seed),
+    }
+    path = p.entry(cfg, "enrich", spec)
+    if p.cached(path, cfg):
+        print(f"{p.name}: loading the cached enrichment LM from {path}", flush=True)
+        model = MoELanguageModel.from_pretrained(path / "model")
+        return Stage(model, p.load_report(path), path.name, True)
+    print(
+        f"{p.name}: stage {step}, enrich: the LM learns to write captions from prompts", flush=True
+    )
+    return p.train_enricher(cfg, path, [(medium, world)], parts.lm, parts.tokenizer)
+
+
+def enriched_copies(
+    lm: MoELanguageModel | None,
+    tokenizer: Tokenizer,
+    prompt: str,
+    given: dict[str, str],
+    n: int,
+    world: en.World,
+    sampling: Sampling,
+    seed: int,
+    medium: str,
+) -> list[en.Enrichment]:
+    """``n`` enrichments of one prompt (sampled from ``seed``), each checked against the
+    attributes it names; without an LM (``enrich=false``) the prompt itself ``n`` times."""
+    if lm is None:
+        return [en.Enrichment(prompt, "", prompt, dict(given), None)] * n
+    return enrich_all(
+        lm, tokenizer, [prompt] * n, [given] * n, world, sampling,
+        torch.Generator().manual_seed(seed), medium,
+    )  # fmt: skip
+
+
+def load_or_score(
+    p: StagedPipeline, cfg: DictConfig, spec: dict[str, Any], score: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], bool]:
+    """The scores cached under ``spec`` (the ``eval`` stage), or ``score()`` cached there:
+    ``(scores, cached)``."""
+    path = p.entry(cfg, "eval", spec)
+    if p.cached(path, cfg):
+        return p.load_report(path), True
+    print(f"{p.name}: scoring the held-out prompts", flush=True)
+    scores = score()
+    with staged_entry(path) as staging:
+        (staging / REPORT_NAME).write_text(json.dumps(scores, indent=2))
+    return scores, False
