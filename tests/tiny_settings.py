@@ -91,6 +91,60 @@ TINY_TEXT_TO_IMAGE = [
     "generation.num_images=2",
     "pipeline.progress=false",
 ]
+# Text to audio: the tiny text LM and audio classifier as parts, each stage a few steps.
+TINY_TEXT_TO_AUDIO = [
+    "model/text=tiny",
+    "model/audio=tiny",
+    "model/audio_dit=tiny",
+    *(_as_part(o, "text") for o in TINY_TEXT if o.startswith("train.")),
+    *(_as_part(o, "audio") for o in TINY_AUDIO if o.startswith("train.")),
+    "train.enrich.max_steps=3",
+    "train.enrich.batch_size=8",
+    "train.dit.max_steps=3",
+    "train.dit.batch_size=4",
+    "train.dit.scale_samples=8",
+    "train.eval.prompts=2",
+    "train.eval.seeds=2",
+    "train.eval.enrich_prompts=4",
+    "train.eval.real_sounds=8",
+    "enrichment.max_new_tokens=8",
+    "enrichment.tries=2",
+    "generation.steps=2",
+    "generation.num_sounds=2",
+    "generation.griffin_lim_iters=2",
+    "pipeline.progress=false",
+]
+# Text to video: the tiny text LM and both vision classifiers as parts, text_to_image's
+# tiny VAE (parts.image: the same settings as TINY_TEXT_TO_IMAGE's train.vae, so the two
+# share one cache entry), each stage a few steps.
+TINY_TEXT_TO_VIDEO = [
+    "model/text=tiny",
+    "model/vision2d=tiny",
+    "model/vision3d=tiny",
+    "model/vae=tiny",
+    "model/video_dit=tiny",
+    *(_as_part(o, "text") for o in TINY_TEXT if o.startswith("train.")),
+    *(_as_part(o, "vision") for o in TINY_VISION if o.startswith("train.")),
+    *(
+        f"parts.image.{o[len('train.') :]}"
+        for o in TINY_TEXT_TO_IMAGE
+        if o.startswith("train.vae.")
+    ),
+    "parts.image.eval.vae_images=8",
+    "train.enrich.max_steps=3",
+    "train.enrich.batch_size=8",
+    "train.dit.max_steps=3",
+    "train.dit.batch_size=4",
+    "train.eval.prompts=2",
+    "train.eval.seeds=2",
+    "train.eval.enrich_prompts=4",
+    "train.eval.real_clips=8",
+    "enrichment.max_new_tokens=8",
+    "enrichment.tries=2",
+    "generation.steps=2",
+    "generation.num_clips=2",
+    "pipeline.progress=false",
+]
 TINY: dict[str, list[str]] = {
     "info": [],
     "text_generation": TINY_TEXT,
@@ -99,4 +153,8 @@ TINY: dict[str, list[str]] = {
     "train_multimodal": TINY_MULTIMODAL,
     "chat": [*TINY_MULTIMODAL, "prompt=Describe the image."],
     "text_to_image": TINY_TEXT_TO_IMAGE,
+    "text_to_audio": TINY_TEXT_TO_AUDIO,
+    "text_to_video": TINY_TEXT_TO_VIDEO,
+    # No runs to read (the test moves out_dir into tmp_path): every pipeline "not run".
+    "report": ["pipeline.runs_dir=${pipeline.out_dir}/runs"],
 }
