@@ -14,6 +14,8 @@ import hydra
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
+from vats_apps.pipelines.results import write_result
+
 
 def config_dir() -> Path:
     """The config tree: shipped inside the wheel, or the repository's ``configs/``."""
@@ -26,12 +28,29 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"vats config tree not found (looked in {packaged} and {repo})")
 
 
+def pipeline_name(target: str) -> str:
+    """The pipeline's name from its ``_target_``: the module's last part
+    (``vats_apps.pipelines.text_to_image.run`` -> ``text_to_image``)."""
+    module = target.rpartition(".")[0]
+    return module.rpartition(".")[2] or target
+
+
 def run_pipeline(cfg: DictConfig) -> object:
-    """Call the pipeline named by ``cfg.pipeline._target_`` with the composed config."""
+    """Call the pipeline named by ``cfg.pipeline._target_`` with the composed config.
+
+    When the config has a ``pipeline.out_dir``, what the pipeline returns is also written
+    there as ``result.json`` (atomically; see :mod:`vats_apps.pipelines.results`), which
+    ``vats pipeline=report`` gathers into one page. A pipeline that raises writes none.
+    """
     target = cfg.pipeline.get("_target_")
     if not target:
         raise ValueError("the pipeline config has no _target_: choose one with pipeline=<name>")
-    return get_method(target)(cfg)
+    result = get_method(target)(cfg)
+    out_dir = cfg.pipeline.get("out_dir")
+    if out_dir is not None:
+        path = write_result(str(out_dir), pipeline_name(str(target)), result)
+        print(f"result: {path}")
+    return result
 
 
 def main() -> None:
