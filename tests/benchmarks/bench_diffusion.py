@@ -1,10 +1,11 @@
-"""DiT and VAE against diffusers' ``DiTTransformer2DModel`` and ``AutoencoderKL``.
+"""DiT, VAE, VideoDiT against diffusers; factorized video attention; AudioDiT throughput.
 
-Both peers are random-init (seeded) and ours are converted from them with
+The peers of (a)-(d), diffusers' ``DiTTransformer2DModel``, ``AutoencoderKL`` and
+``LatteTransformer3DModel``, are random-init (seeded) and ours are converted from them with
 :func:`vats_diffusion.interop.from_diffusers`, so both sides hold the same weights; the
-imported configs are checked to be the ``DiT-S/2`` and ``sd`` presets. fp32 on CPU, 2
-threads, ``torch.inference_mode``, both at their defaults (diffusers' attention processor is
-torch SDPA). Every contender's output is checked against the diffusers eager one before
+imported configs are checked to be the ``DiT-S/2``, ``sd`` and (Latte-S/2's fields over)
+``latte-tiny`` presets. fp32 on CPU, 2 threads, ``torch.inference_mode``, both at their
+defaults (diffusers' attention processor is torch SDPA). Every contender's output is checked against the diffusers eager one before
 anything is timed (the script exits non-zero otherwise; the max error is printed).
 
 (a) DiT: a DiT-S/2-shaped transformer (dim 384, 12 layers, 6 heads, patch 2, learned sigma,
@@ -30,27 +31,67 @@ anything is timed (the script exits non-zero otherwise; the max error is printed
     16 times the default's work, so about half an hour on 2 busy cores); the default is
     32×32×4 (256², 128-px tiles) and ``--quick`` 16×16×4, the same tile layout at 1/16 and
     1/64 of the work.
+(d) VideoDiT: a Latte-S/2-shaped transformer (Latte's S size, DiT-S's width and depth: dim
+    384, 12 layers of a spatial and a temporal block, 6 heads, patch 2; the layout of
+    Latte's released checkpoints: adaLN-single, no affine norms, tanh GELU, learned sigma,
+    4096-wide T5 captions projected to the width) on one clip of 16 frames of 16×16×4
+    latents (64 tokens per frame, 1024 in all; 16 is Latte's ``video_length``, the only
+    clip length besides one frame that diffusers' Latte runs), with 32 text positions of
+    which 20 are real. diffusers' Latte takes the text mask only as an additive bias
+    ``(B·T, 1, S)`` (see :mod:`vats_diffusion.interop.latte`), built once outside the timed
+    calls; vats takes the ``(B, S)`` bool mask. Contenders, checks, compile options and
+    floors as in (a). Goal: vats >= 1.2x diffusers, eager against eager and compiled
+    against compiled.
+(e) Factorized against joint space-time attention: (d)'s model, imported from a Latte of
+    ``video_length`` 32, on one clip of 8, 16 and 32 frames (512, 1024, 2048 tokens), text
+    as in (d): time (wall and CPU seconds), peak tensors and FLOPs of one VideoDiT forward
+    as built (spatial attention within each frame, temporal across the frames at each
+    position: ``O(T·N²)`` and ``O(N·T²)`` scores for N tokens per frame) against the same
+    model, weights shared, with joint attention over all ``T·N`` tokens in every block
+    (``O((T·N)²)``). VideoDiT
+    has no switch for joint attention, so the benchmark builds it: every block is wrapped so
+    that the ``attn_len`` VideoDiT's forward hands ``DiTBlock.forward`` is dropped and the
+    block attends over the whole sequence; the rest is VideoDiT's own forward (sin-cos
+    positions are added to the tokens, so their order does not matter to full attention).
+    Checked first: the two outputs differ (the switch took effect). Printed: a row per
+    frame count, then each one's growth per doubling of T (linear: 2x). Goal: factorized
+    linear in T. The FLOPs and peaks are exact and repeatable; the times are not, on cores
+    other jobs share (a single ``--quick`` round on 2 busy cores gave growths far from
+    either line). In that run both peaks were equal at every T, 2.0x per doubling: torch's
+    SDPA kernel on CPU works through the scores in blocks and never holds the
+    ``T·N × T·N`` matrix, so activations that grow with the token count set the peak of
+    both, and joint attention costs time, not memory, here.
+(f) AudioDiT forward throughput: the ``sounds`` preset (dim 128, 4 layers, 80 mels, patch
+    4) with ``max_frames`` and ``max_seconds`` raised to 30 s (3000 frames of 10 ms, 750
+    tokens), on 5 s and 30 s of mel frames at batch 1 and 8, with text (16 positions, rows
+    of different real lengths) and duration (start 0 s, total the clip's length)
+    conditioning: tokens, frames and seconds of sound per second, with the FLOPs and peak
+    tensors of a call. Eager, random init (checked for shape and finite values only: there
+    is no peer). No goal: the figure is reported.
 
 Memory: ``peak tensors``, the peak bytes held by CPU tensors allocated during a call
 (:func:`common.peak_cpu_memory`, torch profiler: exact and repeatable, every tensor either
 library allocates, not the weights, nor oneDNN's or glibc's own buffers), taken on each
-eager contender's checking call in (a) and (b) and on a first, profiled call in (c); and in
-(c) ``RSS``, how far the process's resident set rose above its level at the start of each
-timed call (the kernel's high-water mark, reset through ``/proc/self/clear_refs`` after
-``malloc_trim`` handed the heap's free pages back: everything the process touched, so also
-oneDNN's buffers, allocator caching and fragmentation). (c) also prints each call's CPU
-seconds, steadier than wall time when other jobs share the cores.
+eager contender's checking call in (a), (b) and (d) and on a first, profiled call (which
+also warms it up) in (c), (e) and (f); and in (c) ``RSS``, how far the process's resident
+set rose above its level at the start of each timed call (the kernel's high-water mark,
+reset through ``/proc/self/clear_refs`` after ``malloc_trim`` handed the heap's free pages
+back: everything the process touched, so also oneDNN's buffers, allocator caching and
+fragmentation). (c) and (e) also print each call's CPU seconds, steadier than wall time
+when other jobs share the cores.
 
-The floor of (a) and (b): the shared kernel floor (each matrix product, convolution and
+The floor of (a), (b) and (d): the shared kernel floor (each matrix product, convolution and
 attention kernel replayed alone, warm; :func:`common.kernel_floor`), and the FLOPs of the
 forward (``torch.utils.flop_counter``, SDPA included) over this machine's fp32 GEMM rate
 (a 2048² matmul, best of 3).
 
-Run: ``uv run python tests/benchmarks/bench_diffusion.py`` (8 minutes on 2 cores shared with
-other jobs, 14 at their busiest; the first compile pays inductor's start-up, 1.5-3.5
-minutes), ``--quick`` (one timed round, no compiled contenders, a 16×16×4 tiled latent:
-about 4 minutes), ``--full`` (the issue's 128×128×4 tiled latent), ``--repeat`` /
-``--warmup`` / ``--tiled-repeat`` to set the rounds, ``--parts`` to run a subset,
+Run: ``uv run python tests/benchmarks/bench_diffusion.py`` ((a)-(c): 8 minutes on 2 cores
+shared with other jobs, 14 at their busiest; the first compile pays inductor's start-up,
+1.5-3.5 minutes), ``--quick`` (one timed round, no compiled contenders, a 16×16×4 tiled
+latent: (a)-(c) about 4 minutes; ``--quick --parts video,spacetime,audio`` took 5 minutes
+of wall time, 2.5 of CPU, on 2 cores shared with other jobs), ``--full`` (the issue's
+128×128×4 tiled latent), ``--repeat`` / ``--warmup`` / ``--tiled-repeat`` to set the rounds,
+``--parts`` to run a subset (``dit,vae,tiled,video,spacetime,audio``: (a) to (f)),
 ``--compile-vae`` to add compiled decoders to (b) (each compile took 2-4 minutes on 2 busy
 cores, and the compiled vats decoder used 25 % more CPU time than the eager one).
 """
@@ -59,6 +100,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import math
 import statistics
 import sys
@@ -68,7 +110,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -86,7 +128,18 @@ from common import (
 )
 
 from vats_core.attention import resolve_backend
-from vats_diffusion import DiT, dit_preset, vae_preset
+from vats_diffusion import (
+    AudioDiT,
+    DiT,
+    VideoDiT,
+    VideoPosEmbed,
+    audio_dit_preset,
+    dit_preset,
+    frames_for_seconds,
+    vae_preset,
+    video_dit_preset,
+)
+from vats_diffusion.dit_layers import DiTBlock
 from vats_diffusion.interop import from_diffusers
 from vats_diffusion.vae import tile_spans
 
@@ -115,10 +168,31 @@ SD_VAE = dict(
     norm_num_groups=32,
     sample_size=512,
 )
+# Latte-S/2: Latte's S size is DiT-S/2's transformer (12 layers, 6 heads of 64, patch 2,
+# learned sigma), here with the layout of Latte's released checkpoints: adaLN-single, no
+# affine norms, tanh GELU, attention biases, T5-XXL's 4096-wide captions projected to the
+# width. video_length is set per part: diffusers' Latte runs clips of that length only.
+VIDEO_SIDE = 16  # latent frame side: 64 tokens per frame at patch 2
+LATTE_S2 = dict(
+    DIT_S2,
+    sample_size=VIDEO_SIDE,
+    cross_attention_dim=384,
+    caption_channels=4096,
+    attention_bias=True,
+    activation_fn="gelu-approximate",
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+)
+VIDEO_FRAMES, VIDEO_BATCH = 16, 1  # (d): Latte's default video_length
+TEXT_TOKENS, TEXT_REAL = 32, 20  # (d), (e): text positions, of which real (the rest padding)
+SPACETIME_FRAMES = (8, 16, 32)  # (e)
+AUDIO_SECONDS, AUDIO_BATCHES = (5.0, 30.0), (1, 8)  # (f)
+AUDIO_TEXT_TOKENS = 16
 # Inductor options of every compiled contender: freezing folds the weights into the graph as
 # constants (inference only), so inductor can prepack them for its GEMMs and convolutions.
 COMPILE_OPTIONS = {"freezing": True}
-PARTS = ("dit", "vae", "tiled")
+PARTS = ("dit", "vae", "tiled", "video", "spacetime", "audio")
 TOLERANCE = 1e-4  # relative error, Frobenius, against diffusers eager
 
 
@@ -214,6 +288,25 @@ def timed_rss(fn: Callable[[], object]) -> tuple[float, float, int | None]:
     return seconds, cpu, rise
 
 
+def time_alternating_rss(
+    fns: dict[str, Callable[[], object]], *, repeat: int
+) -> tuple[dict[str, float], dict[str, float], dict[str, int | None]]:
+    """:func:`common.time_alternating` (no warm-up) with :func:`timed_rss` on every call, each
+    under ``inference_mode``: the median wall and CPU seconds of each fn, and its largest
+    resident-set rise (None where the kernel cannot tell)."""
+    samples: dict[str, list[tuple[float, float, int | None]]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            samples[name].append(timed_rss(_infer(fn)))
+    wall = {name: statistics.median(s[0] for s in v) for name, v in samples.items()}
+    cpu = {name: statistics.median(s[1] for s in v) for name, v in samples.items()}
+    rise: dict[str, int | None] = {}
+    for name, v in samples.items():
+        rises = [r for _, _, r in v if r is not None]
+        rise[name] = max(rises) if rises else None
+    return wall, cpu, rise
+
+
 def _fmt_rss(n: int | None) -> str:
     return "n/a" if n is None else fmt_bytes(n)
 
@@ -241,11 +334,9 @@ def check_contenders(
     """
     notes: dict[str, str] = {}
     peaks: dict[str, int] = {}
-    outs: dict[str, tuple[Tensor, int]] = {}
+    outs: dict[str, Tensor] = {}
     with torch.inference_mode():
-        ref = contenders[reference]
-        peaks[reference] = peak_cpu_memory(lambda: outs.__setitem__(reference, count_flops(ref)))
-        want, flops = outs[reference]
+        want, flops, peaks[reference] = profiled_call(contenders[reference])
         for name, fn in contenders.items():
             if name == reference:
                 continue
@@ -263,6 +354,75 @@ def check_contenders(
             print(f"  {name:18s} vs {reference}: {_max_error(got, want)}")
             require(err < TOLERANCE, f"{name} differs from {reference}: relative error {err:.1e}")
     return notes, flops, peaks
+
+
+def profiled_call(fn: Callable[[], Tensor]) -> tuple[Tensor, int, int]:
+    """One ``fn()`` under ``inference_mode``: its output, its FLOPs (:func:`count_flops`) and
+    the peak bytes of the tensors it allocated (:func:`common.peak_cpu_memory`)."""
+    box: dict[str, tuple[Tensor, int]] = {}
+    with torch.inference_mode():
+        peak = peak_cpu_memory(lambda: box.__setitem__("out", count_flops(fn)))
+    out, flops = box["out"]
+    return out, flops, peak
+
+
+def compare_with_diffusers(
+    diffusers_fn: Callable[[], Tensor],
+    vats_fn: Callable[[], Tensor],
+    *,
+    what: str,
+    compiled: bool,
+    repeat: int,
+    warmup: int,
+    rate: float,
+    per_call: tuple[int, str] | None = None,
+    compiled_goal: str | None = ">= 1.2x",
+) -> None:
+    """The comparison of (a), (b) and (d): diffusers and vats eager, and with ``compiled``
+    both compiled (``COMPILE_OPTIONS``, the same on both sides), checked against diffusers
+    eager (:func:`check_contenders`), then timed in one alternation. Prints each contender's
+    time (with ``per_call = (items per call, their name)``, its rate too), the ratios against
+    their goals (eager >= 1.2x; compiled ``compiled_goal``), the kernel floors and the FLOP
+    floor.
+
+    Args:
+        what: the timed call's name in the printout ("forward", "decode").
+    """
+    contenders: dict[str, Callable[[], Tensor]] = {
+        "diffusers eager": diffusers_fn,
+        "vats eager": vats_fn,
+    }
+    if compiled:
+        contenders["diffusers compiled"] = torch.compile(diffusers_fn, options=COMPILE_OPTIONS)
+        contenders["vats compiled"] = torch.compile(vats_fn, options=COMPILE_OPTIONS)
+    notes, flops, peaks = check_contenders(contenders, "diffusers eager")
+    fns = {name: _infer(fn) for name, fn in contenders.items()}
+    watch = CompileWatch()
+    with watch():
+        times = time_alternating(fns, repeat=repeat, warmup=warmup)
+    print(f"{what} ({repeat} alternating rounds; graphs built while timed: {watch.graphs}):")
+    for name in fns:
+        rate_note = ""
+        if per_call is not None:
+            rate_note = f"  ({per_call[0] / times[name]:6.2f} {per_call[1]}/s)"
+        mem = f", peak tensors {fmt_bytes(peaks[name]):>10}" if name in peaks else ""
+        print(f"  {name:18s} {times[name] * 1e3:8.0f} ms{rate_note}{mem}{notes.get(name, '')}")
+    ratio("vats eager / diffusers eager", times["diffusers eager"] / times["vats eager"], ">= 1.2x")
+    if compiled:
+        ratio(
+            "vats compiled / diffusers compiled",
+            times["diffusers compiled"] / times["vats compiled"],
+            compiled_goal,
+        )
+        ratio("vats compiled / diffusers eager", times["diffusers eager"] / times["vats compiled"])
+        ratio(
+            "diffusers compiled / diffusers eager",
+            times["diffusers eager"] / times["diffusers compiled"],
+        )
+    eager = {"diffusers": times["diffusers eager"], "vats": times["vats eager"]}
+    floors = {"diffusers": kernel_floor(diffusers_fn), "vats": kernel_floor(vats_fn)}
+    print_floor("diffusers", eager, floors)
+    print_flop_floor(flops, rate, times)
 
 
 # ---------------------------------------------------------------------- (a) DiT
@@ -309,48 +469,22 @@ def bench_dit(*, repeat: int, warmup: int, compiled: bool, rate: float) -> None:
     def vats_fn() -> Tensor:
         return ours(x, t, class_labels=y)
 
-    contenders: dict[str, Callable[[], Tensor]] = {
-        "diffusers eager": diffusers_fn,
-        "vats eager": vats_fn,
-    }
-    if compiled:
-        contenders["diffusers compiled"] = torch.compile(diffusers_fn, options=COMPILE_OPTIONS)
-        contenders["vats compiled"] = torch.compile(vats_fn, options=COMPILE_OPTIONS)
     q = torch.zeros(DIT_BATCH, cfg.n_heads, 256, 64)
     print(
         f"vats attention backend: {resolve_backend(q, q, q).value}; diffusers attention "
         f"processor: {type(peer.transformer_blocks[0].attn1.processor).__name__}"
         + (f"; compiled with inductor options {COMPILE_OPTIONS}" if compiled else "")
     )
-    notes, flops, peaks = check_contenders(contenders, "diffusers eager")
-    fns = {name: _infer(fn) for name, fn in contenders.items()}
-    watch = CompileWatch()
-    with watch():
-        times = time_alternating(fns, repeat=repeat, warmup=warmup)
-    print(f"forward ({repeat} alternating rounds; graphs built while timed: {watch.graphs}):")
-    for name in fns:
-        ips = DIT_BATCH / times[name]
-        mem = f", peak tensors {fmt_bytes(peaks[name]):>10}" if name in peaks else ""
-        print(
-            f"  {name:18s} {times[name] * 1e3:8.0f} ms  ({ips:6.2f} latents/s){mem}"
-            f"{notes.get(name, '')}"
-        )
-    ratio("vats eager / diffusers eager", times["diffusers eager"] / times["vats eager"], ">= 1.2x")
-    if compiled:
-        ratio(
-            "vats compiled / diffusers compiled",
-            times["diffusers compiled"] / times["vats compiled"],
-            ">= 1.2x",
-        )
-        ratio("vats compiled / diffusers eager", times["diffusers eager"] / times["vats compiled"])
-        ratio(
-            "diffusers compiled / diffusers eager",
-            times["diffusers eager"] / times["diffusers compiled"],
-        )
-    eager = {"diffusers": times["diffusers eager"], "vats": times["vats eager"]}
-    floors = {"diffusers": kernel_floor(diffusers_fn), "vats": kernel_floor(vats_fn)}
-    print_floor("diffusers", eager, floors)
-    print_flop_floor(flops, rate, times)
+    compare_with_diffusers(
+        diffusers_fn,
+        vats_fn,
+        what="forward",
+        compiled=compiled,
+        repeat=repeat,
+        warmup=warmup,
+        rate=rate,
+        per_call=(DIT_BATCH, "latents"),
+    )
 
 
 # ---------------------------------------------------------------------- (b) VAE decode
@@ -382,33 +516,16 @@ def bench_vae_decode(peer, ours, *, repeat: int, warmup: int, compiled: bool, ra
     def vats_fn() -> Tensor:
         return ours.decode(z)
 
-    contenders: dict[str, Callable[[], Tensor]] = {
-        "diffusers eager": diffusers_fn,
-        "vats eager": vats_fn,
-    }
-    if compiled:
-        contenders["diffusers compiled"] = torch.compile(diffusers_fn, options=COMPILE_OPTIONS)
-        contenders["vats compiled"] = torch.compile(vats_fn, options=COMPILE_OPTIONS)
-    notes, flops, peaks = check_contenders(contenders, "diffusers eager")
-    fns = {name: _infer(fn) for name, fn in contenders.items()}
-    watch = CompileWatch()
-    with watch():
-        times = time_alternating(fns, repeat=repeat, warmup=warmup)
-    eager = ("diffusers eager", "vats eager")
-    print(f"decode ({repeat} alternating rounds; graphs built while timed: {watch.graphs}):")
-    for name in fns:
-        mem = f", peak tensors {fmt_bytes(peaks[name]):>10}" if name in peaks else ""
-        print(f"  {name:18s} {times[name] * 1e3:8.0f} ms{mem}{notes.get(name, '')}")
-    ratio("vats eager / diffusers eager", times["diffusers eager"] / times["vats eager"], ">= 1.2x")
-    if compiled:
-        ratio(
-            "vats compiled / diffusers compiled",
-            times["diffusers compiled"] / times["vats compiled"],
-        )
-        ratio("vats compiled / diffusers eager", times["diffusers eager"] / times["vats compiled"])
-    floors = {"diffusers": kernel_floor(diffusers_fn), "vats": kernel_floor(vats_fn)}
-    print_floor("diffusers", {"diffusers": times[eager[0]], "vats": times[eager[1]]}, floors)
-    print_flop_floor(flops, rate, times)
+    compare_with_diffusers(
+        diffusers_fn,
+        vats_fn,
+        what="decode",
+        compiled=compiled,
+        repeat=repeat,
+        warmup=warmup,
+        rate=rate,
+        compiled_goal=None,
+    )
 
 
 # ---------------------------------------------------------------------- (c) tiled decode
@@ -458,24 +575,17 @@ def bench_tiled(peer, ours, *, latent: int, repeat: int) -> None:
             peaks[name] = peak_cpu_memory(lambda name=name, fn=fn: outs.__setitem__(name, fn()))
     with torch.inference_mode():
         one_tile = peak_cpu_memory(lambda: ours.decode(z[..., :tile_latent, :tile_latent]))
-    samples: dict[str, list[tuple[float, float, int | None]]] = {n: [] for n in contenders}
-    for _ in range(repeat):  # alternating, as time_alternating, with the RSS rise per call
-        for name, fn in contenders.items():
-            samples[name].append(timed_rss(_infer(fn)))
-    times = {name: statistics.median(s[0] for s in v) for name, v in samples.items()}
-    cpu = {name: statistics.median(s[1] for s in v) for name, v in samples.items()}
+    times, cpu, rss = time_alternating_rss(contenders, repeat=repeat)
     print(
         "  decode, one latent (medians; RSS: the largest rise over the timed calls; error vs "
         "untiled: random weights, so the blend's, not image quality):"
     )
     want = outs["vats untiled"]
     for name in contenders:
-        rises = [r for _, _, r in samples[name] if r is not None]
-        rss = max(rises) if rises else None
         err = "" if name == "vats untiled" else f"; vs untiled: {_max_error(outs[name], want)}"
         print(
             f"  {name:16s} {times[name]:6.1f} s (CPU {cpu[name]:5.1f} s), peak tensors "
-            f"{fmt_bytes(peaks[name]):>10}, RSS +{_fmt_rss(rss):>10}{err}"
+            f"{fmt_bytes(peaks[name]):>10}, RSS +{_fmt_rss(rss[name]):>10}{err}"
         )
     area = latent * latent
     print(
@@ -489,6 +599,276 @@ def bench_tiled(peer, ours, *, latent: int, repeat: int) -> None:
     ratio("vats untiled / vats tiled", times["vats tiled"] / times["vats untiled"])
     ratio("peak tensors: diffusers / vats tiled", peaks["diffusers tiled"] / peaks["vats tiled"])
     ratio("peak tensors: untiled / vats tiled", peaks["vats untiled"] / peaks["vats tiled"])
+
+
+# ---------------------------------------------------------------------- (d) VideoDiT
+
+
+def build_latte(frames: int) -> tuple[torch.nn.Module, VideoDiT]:
+    """diffusers' Latte-S/2 for clips of ``frames`` frames (its ``video_length``; random
+    init) and ours imported from it."""
+    from diffusers import LatteTransformer3DModel
+
+    torch.manual_seed(0)
+    peer = LatteTransformer3DModel(**LATTE_S2, video_length=frames).eval()
+    ours = from_diffusers(peer).eval()
+    preset = video_dit_preset(
+        "latte-tiny",
+        sample_size=VIDEO_SIDE,
+        max_frames=frames,
+        dim=384,
+        n_layers=12,
+        n_heads=6,
+        head_dim=64,
+        mlp_hidden_dim=4 * 384,
+        text_dim=LATTE_S2["caption_channels"],
+    )
+    require(ours.config == preset, f"the imported config is not Latte-S/2: {ours.config}")
+    return peer, ours
+
+
+def video_inputs(batch: int, frames: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A clip ``(B, 4, T, side, side)``, timesteps ``(B,)``, text states ``(B, S, Dt)`` and
+    their mask ``(B, S)`` (``TEXT_REAL`` real tokens, the rest padding)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, 4, frames, VIDEO_SIDE, VIDEO_SIDE, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    text = torch.randn(batch, TEXT_TOKENS, LATTE_S2["caption_channels"], generator=g)
+    mask = (torch.arange(TEXT_TOKENS) < TEXT_REAL).expand(batch, TEXT_TOKENS)
+    return x, t, text, mask
+
+
+def vats_video_call(
+    model: VideoDiT, x: Tensor, t: Tensor, text: Tensor, mask: Tensor
+) -> Callable[[], Tensor]:
+    """``model``'s forward on these inputs, as a call of no arguments."""
+
+    def call() -> Tensor:
+        return model(x, t, text_states=text, text_mask=mask)
+
+    return call
+
+
+def bench_video(*, repeat: int, warmup: int, compiled: bool, rate: float) -> None:
+    from diffusers import __version__ as diffusers_version
+
+    peer, ours = build_latte(VIDEO_FRAMES)
+    cfg = ours.config
+    n_params = sum(p.numel() for p in ours.parameters())
+    per_frame = (VIDEO_SIDE // cfg.patch_size) ** 2
+    print(
+        f"\n-- (d) VideoDiT (Latte-S/2) vs diffusers {diffusers_version} LatteTransformer3DModel: "
+        f"dim {cfg.dim}, {cfg.n_layers} layers (a spatial and a temporal block each), "
+        f"{cfg.n_heads} heads, patch {cfg.patch_size}, {n_params / 1e6:.1f} M parameters; "
+        f"batch {VIDEO_BATCH} clip of {VIDEO_FRAMES} frames of {VIDEO_SIDE}x{VIDEO_SIDE}x4 "
+        f"latents ({per_frame} tokens per frame, {VIDEO_FRAMES * per_frame} in all), "
+        f"{TEXT_TOKENS} text positions of width {cfg.text_dim}, {TEXT_REAL} real"
+    )
+    x, t, text, mask = video_inputs(VIDEO_BATCH, VIDEO_FRAMES)
+    # diffusers' Latte takes the text mask only as an additive bias, one row per frame
+    # (interop/latte.py); built here once, outside the timed calls.
+    bias = ((1 - mask.float()) * -10000.0).repeat_interleave(VIDEO_FRAMES, 0)[:, None]
+
+    def diffusers_fn() -> Tensor:
+        return peer(
+            x,
+            timestep=t,
+            encoder_hidden_states=text,
+            encoder_attention_mask=bias,
+            return_dict=False,
+        )[0]
+
+    q = torch.zeros(VIDEO_BATCH * VIDEO_FRAMES, cfg.n_heads, per_frame, 64)
+    print(
+        f"vats attention backend (spatial): {resolve_backend(q, q, q).value}; diffusers "
+        f"attention processor: {type(peer.transformer_blocks[0].attn1.processor).__name__}"
+        + (f"; compiled with inductor options {COMPILE_OPTIONS}" if compiled else "")
+    )
+    compare_with_diffusers(
+        diffusers_fn,
+        vats_video_call(ours, x, t, text, mask),
+        what="forward",
+        compiled=compiled,
+        repeat=repeat,
+        warmup=warmup,
+        rate=rate,
+        per_call=(VIDEO_BATCH * VIDEO_FRAMES, "frames"),
+    )
+
+
+# ---------------------------------------------------------------------- (e) space-time
+
+
+class WholeClipBlock(nn.Module):
+    """A VideoDiT block whose self-attention runs over all of the clip's tokens: it drops the
+    ``attn_len`` VideoDiT passes (one frame's tokens, or one position's frames), so
+    :meth:`DiTBlock.forward` attends over the whole sequence. Everything else is the block's
+    own: weights, modulation, cross-attention, MLP."""
+
+    def __init__(self, block: DiTBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor, cond: Tensor, *, attn_len: int | None = None, **options) -> Tensor:
+        # A shim, not an API: every other keyword of DiTBlock.forward goes through unchanged.
+        del attn_len  # the whole clip
+        return self.block(x, cond, **options)
+
+
+def joint_attention(model: VideoDiT) -> VideoDiT:
+    """``model`` with joint space-time attention: the same parameter tensors (not copies) and
+    the same forward, every block wrapped in :class:`WholeClipBlock`. VideoDiT has no switch
+    for it; with sin-cos positions (added to the tokens) the order the forward puts the
+    tokens in does not change what full attention computes."""
+    require(
+        model.config.pos_embed is VideoPosEmbed.SINCOS,
+        "joint attention needs sin-cos positions (RoPE tables cover one frame or one line)",
+    )
+    with torch.device("meta"):
+        joint = VideoDiT(model.config)
+    joint.load_state_dict(model.state_dict(), assign=True)
+    joint.spatial_blocks = nn.ModuleList(WholeClipBlock(b) for b in joint.spatial_blocks)
+    joint.temporal_blocks = nn.ModuleList(WholeClipBlock(b) for b in joint.temporal_blocks)
+    held = [*joint.parameters(), *joint.buffers()]
+    require(not any(p.is_meta for p in held), "the joint model holds meta tensors")
+    return joint.eval()
+
+
+def _growth(values: list[float]) -> str:
+    return ", ".join(f"{b / a:.2f}x" for a, b in itertools.pairwise(values))
+
+
+def bench_spacetime(*, frames_list: tuple[int, ...], repeat: int) -> None:
+    _, factorized = build_latte(max(frames_list))
+    joint = joint_attention(factorized)
+    cfg = factorized.config
+    per_frame = (VIDEO_SIDE // cfg.patch_size) ** 2
+    print(
+        f"\n-- (e) factorized vs joint space-time attention: (d)'s Latte-S/2 imported at "
+        f"video_length {max(frames_list)}, batch 1, {VIDEO_SIDE}x{VIDEO_SIDE}x4 latents "
+        f"({per_frame} tokens per frame), text as (d); joint = the same weights and forward with "
+        f"every block's self-attention over all T*{per_frame} tokens (peak: peak tensors); "
+        f"forward only, "
+        f"{repeat} alternating round(s) per clip length"
+    )
+    print(
+        f"{'frames':>6} {'tokens':>6} | {'factorized':>10} {'joint':>9} {'joint/fact':>10} | "
+        f"{'fact CPU':>8} {'joint CPU':>9} | {'fact peak':>10} {'joint peak':>10} | "
+        f"{'fact work':>9} {'joint work':>10}"
+    )
+    rows: dict[str, dict[str, list[float]]] = {
+        name: {"time": [], "CPU time": [], "peak tensors": [], "work": []}
+        for name in ("factorized", "joint")
+    }
+    for frames in frames_list:
+        inputs = video_inputs(1, frames)
+        fns = {"factorized": vats_video_call(factorized, *inputs)}
+        fns["joint"] = vats_video_call(joint, *inputs)
+        outs: dict[str, Tensor] = {}
+        for name, fn in fns.items():  # the profiled call: output, work, peak; the warm-up
+            outs[name], flops, peak = profiled_call(fn)
+            rows[name]["work"].append(flops)
+            rows[name]["peak tensors"].append(peak)
+        diff = relative_error(outs["joint"], outs["factorized"])
+        require(diff > 1e-3, f"joint and factorized agree at {frames} frames ({diff:.1e})")
+        wall, cpu, _ = time_alternating_rss(fns, repeat=repeat)
+        for name in fns:
+            rows[name]["time"].append(wall[name])
+            rows[name]["CPU time"].append(cpu[name])
+        fact, jnt = rows["factorized"], rows["joint"]
+        print(
+            f"{frames:6d} {frames * per_frame:6d} | {wall['factorized'] * 1e3:8.0f}ms "
+            f"{wall['joint'] * 1e3:7.0f}ms {wall['joint'] / wall['factorized']:9.2f}x | "
+            f"{cpu['factorized']:7.1f}s {cpu['joint']:8.1f}s | "
+            f"{fmt_bytes(fact['peak tensors'][-1]):>10} {fmt_bytes(jnt['peak tensors'][-1]):>10} | "
+            f"{fact['work'][-1] / 1e9:6.1f} GF {jnt['work'][-1] / 1e9:7.1f} GF"
+        )
+    steps = " -> ".join(str(f) for f in frames_list)
+    print(f"  growth per doubling of the frames ({steps}; linear in T = 2.00x, quadratic = 4.00x):")
+    for name, row in rows.items():
+        growth = "; ".join(f"{what} {_growth(values)}" for what, values in row.items())
+        print(f"  {name:10s} {growth}")
+    print(
+        "  (CPU: the process's CPU seconds per call, all threads: steadier than wall time when "
+        "other jobs share the cores; work: FLOPs of matrix products and attention)"
+    )
+
+
+# ---------------------------------------------------------------------- (f) AudioDiT
+
+
+def bench_audio(*, repeat: int) -> None:
+    longest = max(AUDIO_SECONDS)
+    sounds = audio_dit_preset("sounds")
+    frames = frames_for_seconds(longest, sounds.sample_rate, sounds.hop_length, sounds.patch_size)
+    cfg = sounds.replace(max_frames=frames, max_seconds=longest)
+    torch.manual_seed(0)
+    model = AudioDiT(cfg).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    hop_ms = 1e3 * cfg.hop_length / cfg.sample_rate
+    print(
+        f"\n-- (f) AudioDiT forward: the 'sounds' preset (dim {cfg.dim}, {cfg.n_layers} layers, "
+        f"{cfg.n_heads} heads, {cfg.n_mels} mels, patch {cfg.patch_size} frames, "
+        f"{n_params / 1e6:.1f} M parameters) with max_frames {cfg.max_frames} and max_seconds "
+        f"{cfg.max_seconds:g}; frames of {hop_ms:g} ms; text ({AUDIO_TEXT_TOKENS} positions of "
+        f"width {cfg.text_dim}, rows with {AUDIO_TEXT_TOKENS} down to fewer real ones) and "
+        f"duration (start 0 s, total the clip's) conditioning; eager, {repeat} alternating "
+        f"round(s)"
+    )
+    g = torch.Generator().manual_seed(5)
+    calls: dict[str, Callable[[], Tensor]] = {}
+    shapes: dict[str, tuple[float, int, int]] = {}  # (seconds, batch, frames)
+    for seconds in AUDIO_SECONDS:
+        for batch in AUDIO_BATCHES:
+            n = cfg.frames_for(seconds)
+            x = torch.randn(batch, cfg.n_mels, n, generator=g)
+            t = torch.randint(0, 1000, (batch,), generator=g)
+            text = torch.randn(batch, AUDIO_TEXT_TOKENS, cfg.text_dim, generator=g)
+            real = AUDIO_TEXT_TOKENS - torch.arange(batch) % AUDIO_TEXT_TOKENS  # (B,)
+            mask = torch.arange(AUDIO_TEXT_TOKENS) < real[:, None]  # (B, S)
+            total = torch.full((batch,), seconds)
+
+            def call(x=x, t=t, text=text, mask=mask, total=total) -> Tensor:
+                return model(
+                    x,
+                    t,
+                    text_states=text,
+                    text_mask=mask,
+                    seconds_start=0.0,
+                    seconds_total=total,
+                )
+
+            name = f"{seconds:g} s x {batch}"
+            calls[name], shapes[name] = call, (seconds, batch, n)
+    peaks: dict[str, int] = {}
+    work: dict[str, int] = {}
+    for name, fn in calls.items():  # the profiled call: work, peak; the warm-up
+        out, work[name], peaks[name] = profiled_call(fn)
+        _, batch, n = shapes[name]
+        require(
+            out.shape == (batch, cfg.n_mels, n) and bool(torch.isfinite(out).all()),
+            f"AudioDiT's prediction for {name} is not finite or not {(batch, cfg.n_mels, n)}",
+        )
+    times = time_alternating(
+        {name: _infer(fn) for name, fn in calls.items()}, repeat=repeat, warmup=0
+    )
+    print(
+        f"{'audio':>6} {'batch':>5} {'frames':>6} {'tokens':>6} | {'forward':>9} "
+        f"{'tokens/s':>9} {'frames/s':>9} {'audio s/s':>9} | {'work':>8} {'peak tensors':>12}"
+    )
+    for name, elapsed in times.items():
+        seconds, batch, n = shapes[name]
+        tokens = n // cfg.patch_size
+        print(
+            f"{seconds:5g}s {batch:5d} {n:6d} {tokens:6d} | {elapsed * 1e3:7.0f}ms "
+            f"{batch * tokens / elapsed:9.0f} {batch * n / elapsed:9.0f} "
+            f"{batch * seconds / elapsed:9.1f} | {work[name] / 1e9:5.1f} GF "
+            f"{fmt_bytes(peaks[name]):>12}"
+        )
+    print(
+        "  (frames and tokens per clip; tokens/s, frames/s and audio s/s over the whole batch: "
+        "audio s/s = seconds of sound predicted per second of forward)"
+    )
 
 
 # ---------------------------------------------------------------------- main
@@ -506,8 +886,9 @@ def main() -> None:
     parser.add_argument(
         "--warmup",
         type=int,
-        help="untimed calls before the timed rounds, after the checking call every contender "
-        "makes first (default: 1 for the DiT, 0 for the VAE's seconds-long decodes)",
+        help="untimed calls before the timed rounds of (a), (b) and (d), after the checking call "
+        "every contender makes first (default: 1 for the DiT, 0 for the VAE's and the "
+        "VideoDiT's seconds-long calls)",
     )
     parser.add_argument("--tiled-latent", type=int, help="side of the tiled latent (multiple of 8)")
     parser.add_argument(
@@ -537,7 +918,10 @@ def main() -> None:
     import diffusers
 
     diffusers.logging.set_verbosity_error()
-    banner("bench_diffusion: vats DiT and VAE vs diffusers (same weights)")
+    banner(
+        "bench_diffusion: vats DiT, VAE and VideoDiT vs diffusers (same weights), factorized "
+        "video attention, AudioDiT throughput"
+    )
     print(f"peer: diffusers {version('diffusers')}")
     rate = gemm_rate()
     if "dit" in parts:
@@ -556,6 +940,13 @@ def main() -> None:
             )
         if "tiled" in parts:
             bench_tiled(peer, ours, latent=latent, repeat=args.tiled_repeat)
+    if "video" in parts:
+        warmup = 0 if args.warmup is None else args.warmup
+        bench_video(repeat=repeat, warmup=warmup, compiled=compiled, rate=rate)
+    if "spacetime" in parts:
+        bench_spacetime(frames_list=SPACETIME_FRAMES, repeat=repeat)
+    if "audio" in parts:
+        bench_audio(repeat=repeat)
 
 
 if __name__ == "__main__":
