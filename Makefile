@@ -31,13 +31,18 @@ setup: uv
 	$(UV) sync --locked --all-packages
 
 # The text model, then the vision and audio proofs, then the multimodal LM built on all
-# of them, then text to image; each trains once and is cached (~/.cache/vats).
+# of them, then text to image, audio and video; each trains once and is cached
+# (~/.cache/vats). Each writes runs/<pipeline>/result.json; the report gathers them into
+# runs/report/index.html.
 demo: setup
 	$(RUN) vats pipeline=text_generation
 	$(RUN) vats pipeline=train_vision
 	$(RUN) vats pipeline=train_audio
 	$(RUN) vats pipeline=train_multimodal
 	$(RUN) vats pipeline=text_to_image
+	$(RUN) vats pipeline=text_to_audio
+	$(RUN) vats pipeline=text_to_video
+	$(RUN) vats pipeline=report
 
 # The suites run two at a time, each on one thread (TEST_ENV), so the 2 cores CI has are
 # both busy; the longest (root) starts first, and each suite's output is printed whole
