@@ -364,9 +364,9 @@ def test_the_table_holds_every_pipelines_headline_figures(report):
     assert _row(page, "text_to_video", "without enrichment: direction adherence")[0] == "50.0 %"
     assert _row(page, "text_to_video", "readers on real held-out clips: direction")[0] == "98.0 %"
     assert _row(page, "text_to_video", "size")[4] == "10 read"
-    # its goal bounds each stage (its VAE is text_to_image's), the others' the sum
-    assert _row(page, "text_to_video", "training time, slowest stage")[:4] == [
-        "500 s", "—", "< 600 s", "met"
+    # its goal bounds its own stages' sum (its VAE is text_to_image's, counted there)
+    assert _row(page, "text_to_video", "training time, less the shared vae")[:4] == [
+        "545 s", "—", "< 600 s", "met"
     ]  # fmt: skip
     assert _row(page, "text_to_audio", "training time")[0] == "280 s"
 

@@ -259,10 +259,11 @@ def print_table(
         f"{_pct(classifiers['video'].get('accuracy')).strip()}, ViT-2D "
         f"{_pct(classifiers['image'].get('accuracy')).strip()} held out"
     )
-    slowest = max(seconds.values())
+    own = sum(v for k, v in seconds.items() if k != "vae")  # the VAE is text_to_image's
     print(
         "  training: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-        + f" = {sum(seconds.values()):.0f} s; goal < {TIME_GOAL:.0f} s a stage "
-        + ("met" if slowest < TIME_GOAL else "NOT met")
+        + f"; {own:.0f} s without the VAE (text_to_image's, counted there), goal < "
+        + f"{TIME_GOAL:.0f} s "
+        + ("met" if own < TIME_GOAL else "NOT met")
     )

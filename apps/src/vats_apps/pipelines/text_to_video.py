@@ -58,7 +58,8 @@ scenes, training phrasings) naming a shape, a colour and a direction and any of 
   the same prompts without enrichment;
 * the readers themselves, on real held-out clips and on their VAE round trips (how far
   their figures can be trusted, and what the VAE lets through);
-* the training time of each stage (goal: under 10 minutes each).
+* the training time of its own stages (goal: under 10 minutes in all; the VAE is
+  text_to_image's and counted there).
 
 Shapes: B clips, T frames, C latent channels, h / w latent side, S frame side.
 """
