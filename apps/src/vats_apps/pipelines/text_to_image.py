@@ -53,8 +53,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,16 +72,30 @@ from vats_apps.generation.model import (
     TokenAlignment,
     denoising_loss,
     encode_texts,
-    enrich_all,
     read_images,
     sample_images,
 )
 from vats_apps.generation.scoring import evaluate, print_table
-from vats_apps.pipelines import text_generation, train_vision
+from vats_apps.pipelines import stages as shared
+from vats_apps.pipelines import train_vision
 from vats_apps.pipelines.cache import REPORT_NAME, staged_entry
 from vats_apps.pipelines.compiling import compile_flags
 from vats_apps.pipelines.sections import part_pipeline, preset_fields, section
-from vats_apps.pipelines.stages import Stage, StagedPipeline
+from vats_apps.pipelines.stages import (
+    Parts,
+    Stage,
+    StagedPipeline,
+    check_prompt_setting,
+    check_prompt_tokens,
+    enriched_copies,
+    enrichment_line,
+    load_or_score,
+    load_or_train_enricher,
+    load_text,
+    slug,
+    terse_texts,
+    text_encoder_config,
+)
 from vats_core.config import is_int
 from vats_diffusion import (
     EMA,
@@ -98,8 +110,6 @@ from vats_diffusion import (
 )
 from vats_text.encoder import TextEncoder, TextEncoderConfig
 from vats_text.model import MoELanguageModel
-from vats_text.presets import encoder_preset
-from vats_text.tokenizer import Tokenizer
 
 NAME = "text_to_image"
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
@@ -178,15 +188,7 @@ def vae_config(cfg: DictConfig, world: ShapesConfig) -> VAEConfig:
 
 def encoder_config(cfg: DictConfig, vocab_size: int) -> TextEncoderConfig:
     """``train.dit.encoder`` (a text-encoder preset and overrides) for the LM's tokenizer."""
-    preset, fields = _preset_section(cfg, "train.dit.encoder")
-    return _built(
-        encoder_preset,
-        TextEncoderConfig,
-        "train.dit.encoder",
-        preset,
-        vocab_size=vocab_size,
-        **fields,
-    )
+    return text_encoder_config(_P, cfg, vocab_size)
 
 
 def dit_config(cfg: DictConfig, vae: VAEConfig, world: ShapesConfig, text_dim: int) -> DiTConfig:
@@ -212,8 +214,7 @@ def dit_config(cfg: DictConfig, vae: VAEConfig, world: ShapesConfig, text_dim: i
 
 def scheduler_config(cfg: DictConfig) -> SchedulerConfig:
     """``train.dit.scheduler``: the noise process the DiT learns (SchedulerConfig fields)."""
-    fields = section(cfg, "train.dit.scheduler", NAME)
-    return _built(SchedulerConfig, SchedulerConfig, "train.dit.scheduler", None, **fields)
+    return shared.scheduler_config(_P, cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,16 +288,7 @@ def check_config(cfg: DictConfig) -> Settings:
     for key in ("prompts", "seeds", "enrich_prompts", "vae_images"):
         _int(cfg, f"train.eval.{key}", 1)
     _flag(cfg, "train.eval.without_enrichment")
-    prompt = OmegaConf.select(cfg, "prompt")
-    given: dict[str, str] = {}
-    if prompt is not None:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{NAME}: prompt={prompt!r} is invalid: expected a non-empty string")
-        given = en.check_prompt(prompt, world)
-        # A token never spans whitespace: more words than the context is surely too long.
-        # The exact count needs the tokenizer (check_prompt_length, before any stage).
-        if len(prompt.split()) > encoder.max_seq_len:
-            raise _too_long(prompt, len(prompt.split()), encoder.max_seq_len, "words")
+    prompt, given = check_prompt_setting(_P, cfg, world, "image", encoder.max_seq_len)
     return Settings(
         world=world,
         vae=vae,
@@ -309,38 +301,7 @@ def check_config(cfg: DictConfig) -> Settings:
     )
 
 
-def _too_long(prompt: str, n: int, limit: int, unit: str) -> ValueError:
-    return ValueError(
-        f"{NAME}: prompt={prompt!r} is too long: {n} {unit}, more than the text encoder's "
-        f"context of {limit} tokens (train.dit.encoder.max_seq_len): shorten it"
-    )
-
-
-def check_prompt_length(prompt: str, tokenizer: Tokenizer, limit: int) -> None:
-    """The prompt fits the text encoder's context (it reads it when enrichment is off or
-    falls back)."""
-    n = len(tokenizer.encode(prompt))
-    if n > limit:
-        raise _too_long(prompt, n, limit, "tokens")
-
-
 # ----------------------------------------------------------------------------- parts
-
-
-@dataclasses.dataclass
-class Parts:
-    tokenizer: Tokenizer
-    lm: MoELanguageModel
-    keys: dict[str, str]  # part -> its cache entry name
-    reports: dict[str, dict[str, Any]]
-
-
-def load_text(cfg: DictConfig) -> Parts:
-    """The tokenizer and LM of ``text_generation``'s cache (trained first when absent)."""
-    sub = part_configs(cfg)["text"]
-    key = text_generation.cache_key(sub)
-    lm = text_generation.load_or_train(sub)
-    return Parts(lm.tokenizer, lm.model, {"text": key}, {"text": lm.report})
 
 
 def load_classifier(cfg: DictConfig, parts: Parts) -> tuple[nn.Module, list[tuple[str, int]]]:
@@ -454,37 +415,7 @@ def load_or_train_vae(cfg: DictConfig, s: Settings) -> Stage:
 # ----------------------------------------------------------------------------- stage 2: LM
 
 
-def load_or_train_enricher(cfg: DictConfig, s: Settings, parts: Parts) -> Stage:
-    """Stage 2: the LM fine-tuned to rewrite terse prompts into captions."""
-    spec = {
-        "text": parts.keys["text"],
-        "world": s.world.to_dict(),
-        "train": section(cfg, "train.enrich", NAME),
-        "seed": int(cfg.pipeline.seed),
-    }
-    path = _entry(cfg, "enrich", spec)
-    if _cached(path, cfg):
-        print(f"{NAME}: loading the cached enrichment LM from {path}", flush=True)
-        model = MoELanguageModel.from_pretrained(path / "model")
-        return Stage(model, _load_report(path), path.name, True)
-    print(f"{NAME}: stage 2/3, enrich: the LM learns to write captions from prompts", flush=True)
-    return _P.train_enricher(cfg, path, [("image", s.world)], parts.lm, parts.tokenizer)
-
-
 # ----------------------------------------------------------------------------- stage 3: DiT
-
-
-def _dit_texts(batch: Any, first: int, terse_prob: float) -> list[str]:
-    """Each image's caption, or with probability ``terse_prob`` a terse prompt of it."""
-    texts = []
-    for i, text in enumerate(batch.captions):
-        rng = random.Random(f"dit/{first + i}")
-        if rng.random() < terse_prob:
-            names = batch.names(i)
-            keep = [a for a in en.ATTRIBUTES if rng.random() < 0.5]
-            text = en.terse_prompt(names, keep, rng, "train")
-        texts.append(text)
-    return texts
 
 
 def weighted_diffusion_loss(
@@ -575,7 +506,7 @@ def dit_training(
             if alignment is not None:
                 out["teacher"] = teacher.forward_features(pixels)  # type: ignore[union-attr]
         out["input_ids"], out["mask"] = encode_texts(
-            tokenizer, _dit_texts(batch, first, terse_prob), limit
+            tokenizer, terse_texts(batch, first, terse_prob, "image", "dit"), limit
         )
         if shape_weight:  # the shape's coverage of each latent position, (B, 1, h, w)
             out["shape"] = F.avg_pool2d(batch.mask, s.vae.downsample_factor)
@@ -649,46 +580,7 @@ def load_or_train_dit(
 # ----------------------------------------------------------------------------- scoring
 
 
-def load_or_evaluate(
-    cfg: DictConfig,
-    s: Settings,
-    parts: Parts,
-    keys: dict[str, str],
-    models: tuple[VAE, MoELanguageModel, TextToImage],
-    classifier: tuple[nn.Module, list[tuple[str, int]]],
-) -> tuple[dict[str, Any], bool]:
-    """The scores, from the cache when the weights and the settings match."""
-    spec = {
-        "keys": keys | parts.keys,
-        "eval": section(cfg, "train.eval", NAME),
-        "sampling": dataclasses.asdict(s.generation.sampling),
-    }
-    path = _entry(cfg, "eval", spec)
-    if _cached(path, cfg):
-        return json.loads((path / REPORT_NAME).read_text()), True
-    print(f"{NAME}: scoring the held-out prompts", flush=True)
-    vae, lm, model = models
-    scores = evaluate(
-        s.world,
-        Diffusion(s.scheduler),
-        s.generation.sampling,
-        section(cfg, "train.eval", NAME),
-        parts.tokenizer,
-        vae,
-        lm,
-        model,
-        *classifier,
-    )
-    with staged_entry(path) as staging:
-        (staging / REPORT_NAME).write_text(json.dumps(scores, indent=2))
-    return scores, False
-
-
 # ----------------------------------------------------------------------------- generation
-
-
-def _slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:48] or "prompt"
 
 
 def generate_images(
@@ -704,14 +596,10 @@ def generate_images(
     assert s.prompt is not None
     gen, prompt = s.generation, s.prompt
     n = gen.num_images
-    if s.enrich:
-        assert lm is not None
-        outs = enrich_all(
-            lm, parts.tokenizer, [prompt] * n, [s.given] * n, s.world, gen.sampling,
-            torch.Generator().manual_seed(gen.seed),
-        )  # fmt: skip
-    else:
-        outs = [en.Enrichment(prompt, "", prompt, dict(s.given), None)] * n
+    outs = enriched_copies(
+        lm if s.enrich else None, parts.tokenizer, prompt, s.given, n, s.world, gen.sampling,
+        gen.seed, "image",
+    )  # fmt: skip
     images = sample_images(
         model,
         vae,
@@ -723,19 +611,12 @@ def generate_images(
         progress=bool(cfg.pipeline.progress),
     )
     seen = read_images(*classifier, s.world, images) if classifier else [None] * n
-    folder = Path(str(cfg.pipeline.out_dir)) / f"{_slug(prompt)}-seed{gen.seed}"
+    folder = Path(str(cfg.pipeline.out_dir)) / f"{slug(prompt)}-seed{gen.seed}"
     files = save_images(images, folder, scale=gen.upscale)
     records = []
     print(f"prompt: {prompt!r}" + ("" if s.enrich else " (enrich=false: used as it is)"))
     for i, (o, r) in enumerate(zip(outs, seen, strict=True)):
-        if not s.enrich:
-            line = f"  image {i}: {o.used!r}"
-        elif o.accepted:
-            again = f" (try {o.tries}: the earlier ones changed the prompt)" if o.tries > 1 else ""
-            line = f"  image {i}: enriched to {o.used!r}{again}"
-        else:
-            line = f"  image {i}: the enrichment {o.written!r} is not used, {o.reason} "
-            line += f"({o.tries} sample{'s' if o.tries > 1 else ''}); using the prompt"
+        line = enrichment_line("image", i, o, s.enrich)
         if r is not None:
             line += f" [read back: {en.caption(r) if len(r) == 5 else r}]"
         print(line)
@@ -758,15 +639,15 @@ def generate_images(
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Check everything, load the parts, train (or load) the stages, score, generate."""
     s = check_config(cfg)  # a bad setting or prompt fails here, before any work
-    parts = load_text(cfg)
+    parts = load_text(part_configs(cfg)["text"])
     limit = encoder_config(cfg, parts.tokenizer.vocab_size).max_seq_len
     if s.prompt is not None:
-        check_prompt_length(s.prompt, parts.tokenizer, limit)
+        check_prompt_tokens(_P, s.prompt, parts.tokenizer, limit)
     align = alignment_settings(cfg)[0] > 0
     classifier = load_classifier(cfg, parts) if s.evaluate or align else None
     done = {"vae": load_or_train_vae(cfg, s)}
     if s.enrich or s.evaluate:  # generating with enrich=false alone needs no LM
-        done["enrich"] = load_or_train_enricher(cfg, s, parts)
+        done["enrich"] = load_or_train_enricher(_P, cfg, parts, s.world, "image", "2/3")
     teacher = classifier[0] if classifier else None
     done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"], teacher)
     vae, model = done["vae"].model, done["dit"].model
@@ -781,8 +662,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if s.evaluate:
         assert lm is not None and classifier is not None
-        scores, result["scores_cached"] = load_or_evaluate(
-            cfg, s, parts, keys, (vae, lm, model), classifier
+        spec = {
+            "keys": keys | parts.keys,
+            "eval": section(cfg, "train.eval", NAME),
+            "sampling": dataclasses.asdict(s.generation.sampling),
+        }
+        settings = section(cfg, "train.eval", NAME)
+        scores, result["scores_cached"] = load_or_score(
+            _P,
+            cfg,
+            spec,
+            lambda: evaluate(
+                s.world,
+                Diffusion(s.scheduler),
+                s.generation.sampling,
+                settings,
+                parts.tokenizer,
+                vae,
+                lm,
+                model,
+                *classifier,
+            ),
         )
         result["scores"] = scores
         seconds = {k: r["seconds"] for k, r in stages.items()}
