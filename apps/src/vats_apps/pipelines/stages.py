@@ -477,6 +477,31 @@ def enriched_copies(
     )  # fmt: skip
 
 
+def stage_results(done: Mapping[str, Stage], parts: Parts) -> dict[str, Any]:
+    """What a generating pipeline returns about its stages: each one's report (as recorded
+    when it trained), cache entry name and whether it came from the cache, and the parts'
+    entry names."""
+    return {
+        "stages": {k: v.report for k, v in done.items()},
+        "keys": {k: v.key for k, v in done.items()},
+        "cached": {k: v.cached for k, v in done.items()},
+        "parts": parts.keys,
+    }
+
+
+def score_spec(
+    p: StagedPipeline, cfg: DictConfig, result: dict[str, Any], sampling: Sampling, **extra: Any
+) -> dict[str, Any]:
+    """The settings the cached scores depend on: every stage's and part's entry,
+    ``train.eval``, the sampling, and ``extra``."""
+    return {
+        "keys": result["keys"] | result["parts"],
+        "eval": section(cfg, "train.eval", p.name),
+        "sampling": dataclasses.asdict(sampling),
+        **extra,
+    }
+
+
 def load_or_score(
     p: StagedPipeline, cfg: DictConfig, spec: dict[str, Any], score: Callable[[], dict[str, Any]]
 ) -> tuple[dict[str, Any], bool]:

@@ -89,7 +89,9 @@ from vats_apps.pipelines.stages import (
     load_or_train_enricher,
     load_text,
     model_section,
+    score_spec,
     slug,
+    stage_results,
     terse_texts,
     text_encoder_config,
 )
@@ -738,22 +740,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, report = done["dit"].model, done["dit"].report
     maker = Maker(s, model, MelScale(report["mel_mean"], report["mel_std"]), parts.tokenizer)
     lm = done["enrich"].model if "enrich" in done else None
-    stages = {k: v.report for k, v in done.items()}
-    keys = {k: v.key for k, v in done.items()}
-    result: dict[str, Any] = {
-        "stages": stages,
-        "keys": keys,
-        "cached": {k: v.cached for k, v in done.items()},
-        "parts": parts.keys,
-    }
+    result = stage_results(done, parts)
+    stages = result["stages"]  # as recorded when each stage trained
     if s.evaluate:
         assert lm is not None and classifier is not None
-        spec = {
-            "keys": keys | parts.keys,
-            "eval": section(cfg, "train.eval", NAME),
-            "sampling": dataclasses.asdict(s.generation.sampling),
-            "griffin_lim_iters": s.generation.griffin_lim_iters,
-        }
+        spec = score_spec(
+            P, cfg, result, s.generation.sampling, griffin_lim_iters=s.generation.griffin_lim_iters
+        )
         settings = section(cfg, "train.eval", NAME)
         scores, result["scores_cached"] = load_or_score(
             P, cfg, spec, lambda: evaluate(s, settings, parts.tokenizer, lm, maker, classifier)

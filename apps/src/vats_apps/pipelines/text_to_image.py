@@ -92,7 +92,9 @@ from vats_apps.pipelines.stages import (
     load_or_score,
     load_or_train_enricher,
     load_text,
+    score_spec,
     slug,
+    stage_results,
     terse_texts,
     text_encoder_config,
 )
@@ -652,21 +654,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"], teacher)
     vae, model = done["vae"].model, done["dit"].model
     lm = done["enrich"].model if "enrich" in done else None
-    stages = {k: v.report for k, v in done.items()}  # as recorded when trained
-    keys = {k: v.key for k, v in done.items()}
-    result: dict[str, Any] = {
-        "stages": stages,
-        "keys": keys,
-        "cached": {k: v.cached for k, v in done.items()},
-        "parts": parts.keys,
-    }
+    result = stage_results(done, parts)
+    stages = result["stages"]  # as recorded when each stage trained
     if s.evaluate:
         assert lm is not None and classifier is not None
-        spec = {
-            "keys": keys | parts.keys,
-            "eval": section(cfg, "train.eval", NAME),
-            "sampling": dataclasses.asdict(s.generation.sampling),
-        }
+        spec = score_spec(_P, cfg, result, s.generation.sampling)
         settings = section(cfg, "train.eval", NAME)
         scores, result["scores_cached"] = load_or_score(
             _P,

@@ -101,7 +101,9 @@ from vats_apps.pipelines.stages import (
     load_text,
     model_section,
     scheduler_config,
+    score_spec,
     slug,
+    stage_results,
     terse_texts,
     text_encoder_config,
 )
@@ -579,21 +581,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     vae, model = done["vae"].model, done["dit"].model
     maker = Maker(s, model, vae, parts.tokenizer)
     lm = done["enrich"].model if "enrich" in done else None
-    stages = {k: v.report for k, v in done.items()}  # as recorded when trained
-    keys = {k: v.key for k, v in done.items()}
-    result: dict[str, Any] = {
-        "stages": stages,
-        "keys": keys,
-        "cached": {k: v.cached for k, v in done.items()},
-        "parts": parts.keys,
-    }
+    result = stage_results(done, parts)
+    stages = result["stages"]  # as recorded when each stage trained
     if s.evaluate:
         assert lm is not None and readers is not None
-        spec = {
-            "keys": keys | parts.keys,
-            "eval": section(cfg, "train.eval", NAME),
-            "sampling": dataclasses.asdict(s.generation.sampling),
-        }
+        spec = score_spec(P, cfg, result, s.generation.sampling)
         result["scores"], result["scores_cached"] = load_or_score(
             P, cfg, spec, lambda: evaluate(
                 s.world, section(cfg, "train.eval", NAME), s.generation.sampling,
