@@ -236,12 +236,20 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- pretrained models
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for a :class:`PretrainedMixin` model.
 
     Both files are written to temporary files first and renamed into place only when
     both are complete, so a failure leaves the previous save intact. Other files in the
     directory are left alone.
+
+    ``state_dict`` replaces ``model.state_dict()`` as the weights: the full tensors a
+    sharded (FSDP) model gathered, whose own state dict holds only this rank's shards.
 
     Returns:
         The directory, as a Path.
@@ -272,7 +280,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path
         atomic_replace(directory / CONFIG_NAME) as tmp_config,
     ):
         tmp_config.write_text(text, encoding="utf-8")
-        save_safetensors(model.state_dict(), tmp_weights)
+        save_safetensors(model.state_dict() if state_dict is None else state_dict, tmp_weights)
     return directory
 
 
@@ -313,12 +321,14 @@ def _tied_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Names in a module's ``state_dict(keep_vars=True)`` that are one tensor (tied weights).
 
     Real tensors are compared by memory (:func:`_storage_key`); meta tensors have none (every
-    meta tensor reports address 0), so there the very same Parameter object is the tie.
+    meta tensor reports address 0), and a sharded DTensor (FSDP) has no storage of its own,
+    so there the very same Parameter object is the tie.
     """
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, t in state.items():
         if t.numel() > 0:
-            key = ("meta", id(t)) if t.is_meta else _storage_key(t)
+            by_object = t.is_meta or hasattr(t, "to_local")  # meta, or a DTensor
+            key = ("object", id(t)) if by_object else _storage_key(t)
             groups.setdefault(key, []).append(name)
     return [names for names in groups.values() if len(names) > 1]
 
@@ -359,6 +369,15 @@ def _check_state(
             f"weights in {source} do not fit {type(model).__name__}: " + "; ".join(problems)
         )
     return expected
+
+
+def check_pretrained_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]
+) -> None:
+    """Raise the ValueError of :func:`load_pretrained_state` if ``tensors`` does not fit
+    ``model`` (keys, shapes), without loading: for a loader of its own (a sharded model's).
+    A tied weight the file stores under one name is filled in under its other names."""
+    _check_state(model, tensors, source)
 
 
 def load_pretrained_state(

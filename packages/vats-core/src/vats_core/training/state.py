@@ -144,12 +144,21 @@ def save_training_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step_<step>`` atomically, point ``latest`` at it, prune old ones.
 
     Step directories newer than ``step`` (left by an abandoned run that this one resumed
-    before) are removed, then all but the newest ``keep`` are.
+    before) are removed, then all but the newest ``keep`` are. ``model_state`` and
+    ``optimizer_state`` replace ``model.state_dict()`` and ``optimizer.state_dict()``: the
+    full state a data-parallel run gathered to the writing rank.
     """
+    if model_state is None:
+        model_state = model.state_dict()
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
@@ -158,10 +167,10 @@ def save_training_checkpoint(
     tmp.mkdir()
     try:
         if isinstance(model, PretrainedMixin):
-            save_pretrained(model, tmp)  # config.json + model.safetensors
+            save_pretrained(model, tmp, state_dict=model_state)  # config.json + weights
         else:
-            save_safetensors(model.state_dict(), tmp / MODEL_FILE)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            save_safetensors(model_state, tmp / MODEL_FILE)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save({"format_version": STATE_FORMAT_VERSION, **trainer_state}, tmp / STATE_FILE)
         _fsync_tree(tmp)
         if final.exists():  # same step from an abandoned timeline: replace it
@@ -195,6 +204,21 @@ def load_training_checkpoint(
         FileNotFoundError: a file of the checkpoint is missing.
         ValueError: a file is corrupt or truncated, or the weights do not fit the model.
     """
+    tensors, optim_state, state = read_training_checkpoint(path)
+    load_pretrained_state(model, tensors, path / MODEL_FILE)
+    optimizer.load_state_dict(optim_state)
+    return state
+
+
+def read_training_checkpoint(
+    path: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Read a step directory's weights, optimizer state and trainer state, all on CPU.
+
+    Raises:
+        FileNotFoundError: a file of the checkpoint is missing.
+        ValueError: a file is corrupt or truncated, or of a newer format.
+    """
     for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint file not found: {path / name}")
@@ -209,6 +233,4 @@ def load_training_checkpoint(
             f"{path / STATE_FILE} has format_version={state.get('format_version')}; this "
             f"vats_core reads <= {STATE_FORMAT_VERSION}"
         )
-    load_pretrained_state(model, tensors, path / MODEL_FILE)
-    optimizer.load_state_dict(optim_state)
-    return state
+    return tensors, optim_state, state
