@@ -28,6 +28,14 @@ again (a different last batch compiles once more). ``eval_fn`` stays eager. The 
 on CPU takes tens of seconds to compile; compiled numbers differ from eager ones at float
 rounding (fused kernels), so resume a compiled run compiled and an eager run eager.
 
+Under ``torchrun`` (an initialized default process group), pass the model that
+:func:`vats_core.parallel.parallelize` returned (DDP or FSDP2): every rank draws the same
+global micro-batches and keeps its share of the rows, gradients are averaged across ranks,
+the logged loss and metrics are global means, and only rank 0 prints, writes
+``metrics.jsonl`` and writes checkpoints (gathered, in the single-process format, so a run
+resumes on another world size). The rules are in :mod:`vats_core.parallel.runtime`.
+Without a process group nothing of this runs: the single-process path is unchanged.
+
 Example (classification; for language models pass ``items_fn=lambda b: b["ids"].numel()``
 and ``items_name="tokens"`` to see tokens/s)::
 
@@ -58,27 +66,33 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vats_core.checkpoint import atomic_write_text
+from vats_core.checkpoint import atomic_write_text, check_pretrained_state
 from vats_core.config import is_number
 from vats_core.moe import COMPILE_SETTINGS
 from vats_core.training.config import TrainerConfig
 from vats_core.training.data import BatchSource, FunctionBatches, default_batch_items
 from vats_core.training.schedule import lr_at
 from vats_core.training.state import (
+    MODEL_FILE,
     capture_rng_state,
     latest_checkpoint,
     list_step_dirs,
     load_training_checkpoint,
+    read_training_checkpoint,
     restore_rng_state,
     save_training_checkpoint,
     seed_everything,
+    step_dir_name,
 )
+
+if TYPE_CHECKING:
+    from vats_core.parallel.runtime import DataParallelRun
 
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]"]
 EvalFn = Callable[[nn.Module], Mapping[str, Any]]
@@ -206,14 +220,19 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _as_float(value: Any, what: str) -> float:
+def _check_scalar(value: Any, what: str) -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{what} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+    elif not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number or a scalar tensor, got {type(value).__name__}")
+
+
+def _as_float(value: Any, what: str) -> float:
+    _check_scalar(value, what)
+    if isinstance(value, torch.Tensor):
         return float(value.detach().float().item())
-    if isinstance(value, int | float):
-        return float(value)
-    raise ValueError(f"{what} must be a number or a scalar tensor, got {type(value).__name__}")
+    return float(value)
 
 
 def _compiled(loss_fn: LossFn) -> LossFn:
@@ -240,7 +259,8 @@ class Trainer:
 
     Args:
         model: any nn.Module, already on its device (batches are moved to the device of
-            its first parameter).
+            its first parameter); under torchrun, what
+            :func:`vats_core.parallel.parallelize` returned for it.
         config: optimization, schedule, checkpoint and logging settings.
         data: a :class:`BatchSource`, or ``batch_fn(step, micro) -> batch`` with the
             0-based step and micro-batch index.
@@ -249,13 +269,15 @@ class Trainer:
             averaged over micro-batches and logged.
         eval_fn: ``eval_fn(model) -> dict[str, float]``, called every ``eval_every``
             steps and at the last step, in eval mode under ``torch.no_grad``; logged with
-            an ``eval/`` prefix.
+            an ``eval/`` prefix. Under torchrun every rank calls it (an FSDP model's forward
+            gathers its shards) with the plain model (DDP's ``.module``); rank 0's figures
+            are logged.
         items_fn: counts the items in a batch for throughput (default: the leading size
             of its first tensor, i.e. samples); for language models count tokens.
         items_name: the unit of ``items_fn`` ("samples", "tokens"), shown in the
             progress bar and logged as ``throughput_unit``.
         on_step: ``on_step(step, model)``, called after every optimizer step with the
-            number of steps done (1, 2, ...) and the updated model, before that step's
+            number of steps done (1, 2, ...) and the updated (plain) model, before that step's
             logging, evaluation and checkpoint: e.g. an EMA of the weights
             (``ema.update(model)``). Whatever it keeps is its own state, not part of the
             trainer's checkpoints.
@@ -293,14 +315,19 @@ class Trainer:
                 "data must be a BatchSource (next_batch/state_dict/load_state_dict) or a "
                 f"callable batch_fn(step, micro), got {type(data).__name__}"
             )
+        # None: one process, the path as it always was. Else the rank's part of a
+        # data-parallel run (refuses a plain model on several ranks).
+        self._dp: DataParallelRun | None = _data_parallel_run(model)
         self.model = model
+        # the plain model: the optimizer's parameter names, checkpoints, eval_fn, on_step
+        self.module: nn.Module = model if self._dp is None else self._dp.module
         self.config = config
         self.loss_fn = loss_fn
         self.eval_fn = eval_fn
         self.items_fn = items_fn or default_batch_items
         self.items_name = items_name
         self.on_step = on_step
-        self.optimizer = build_optimizer(model, config, lr_scales)
+        self.optimizer = build_optimizer(self.module, config, lr_scales)
         self.device = next(model.parameters()).device
         self.out_dir = Path(config.out_dir)
         self.checkpoint_root = self.out_dir / CHECKPOINT_DIR
@@ -308,6 +335,7 @@ class Trainer:
         self.step = 0  # optimizer steps completed
         self._elapsed_before = 0.0  # training seconds of earlier sessions of this run
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._main = self._dp is None or self._dp.is_main  # prints and writes files
         self._amp: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         # The step's forward + loss: loss_fn itself, or wrapped once here (never per step);
         # dynamo reuses the graph it traced at the first step while its guards hold.
@@ -335,7 +363,8 @@ class Trainer:
         cfg = self.config
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"stop_after={stop_after} is invalid: expected None or an int >= 1")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self._main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self._start(resume)
         end = min(cfg.max_steps, stop_after if stop_after is not None else cfg.max_steps)
         self._amp = self._autocast()  # chosen once: the CPU note is printed once
@@ -347,7 +376,7 @@ class Trainer:
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self._main),
             desc="train",
             dynamic_ncols=True,
         )
@@ -356,7 +385,7 @@ class Trainer:
                 result = self._train_step()
                 self.step += 1
                 if self.on_step is not None:
-                    self.on_step(self.step, self.model)
+                    self.on_step(self.step, self.module)
                 window_items += result.items
                 bar.update(1)
                 elapsed = self._elapsed_before + time.perf_counter() - session_start
@@ -375,7 +404,8 @@ class Trainer:
                 if self._eval_due(last):
                     row.update(step=self.step, **self._evaluate())
                 if row:
-                    self._append_metrics(row)
+                    if self._main:
+                        self._append_metrics(row)
                     rows.append(row)
                 if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(elapsed)
@@ -388,7 +418,11 @@ class Trainer:
         return rows
 
     def save_checkpoint(self, elapsed: float | None = None) -> Path:
-        """Write a checkpoint of the current step; returns its directory."""
+        """Write a checkpoint of the current step; returns its directory.
+
+        Under torchrun every rank must call it (FSDP gathers the shards); rank 0 writes,
+        and every rank returns once the checkpoint is complete.
+        """
         state = {
             "step": self.step,
             "elapsed": self._elapsed_before if elapsed is None else elapsed,
@@ -398,14 +432,30 @@ class Trainer:
             "scheduler": {"step": self.step},
             "trainer_config": self.config.to_dict(),
         }
-        return save_training_checkpoint(
-            self.checkpoint_root,
-            self.step,
-            self.model,
-            self.optimizer,
-            state,
-            keep=self.config.keep_checkpoints,
-        )
+        if self._dp is None:
+            return save_training_checkpoint(
+                self.checkpoint_root,
+                self.step,
+                self.model,
+                self.optimizer,
+                state,
+                keep=self.config.keep_checkpoints,
+            )
+        model_state, optimizer_state = self._dp.gathered_state(self.optimizer)
+        path = self.checkpoint_root / step_dir_name(self.step)
+        if self._main:
+            path = save_training_checkpoint(
+                self.checkpoint_root,
+                self.step,
+                self.module,
+                self.optimizer,
+                state,
+                keep=self.config.keep_checkpoints,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
+            )
+        self._dp.barrier()  # no rank reads or resumes from a checkpoint still being written
+        return path
 
     def load_checkpoint(self, path: str | Path | None = None) -> int:
         """Restore model, optimizer, data position, RNG and step; returns the step.
@@ -416,7 +466,12 @@ class Trainer:
         path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_root)
         if path is None:
             raise FileNotFoundError(f"no checkpoint in {self.checkpoint_root}")
-        state = load_training_checkpoint(path, self.model, self.optimizer)
+        if self._dp is None:
+            state = load_training_checkpoint(path, self.model, self.optimizer)
+        else:
+            tensors, optimizer_state, state = read_training_checkpoint(path)
+            check_pretrained_state(self.module, tensors, path / MODEL_FILE)
+            self._dp.load_state(self.optimizer, tensors, optimizer_state)
         saved = state.get("trainer_config", {})
         current = self.config.to_dict()
         changed = sorted(
@@ -443,7 +498,8 @@ class Trainer:
             path = latest_checkpoint(self.checkpoint_root)
             if path is not None:
                 self.load_checkpoint(path)
-                self._truncate_metrics()
+                if self._main:
+                    self._truncate_metrics()
                 return
             warnings.warn(
                 f"resume=True but {self.checkpoint_root} holds no checkpoint: starting fresh",
@@ -457,7 +513,8 @@ class Trainer:
         seed_everything(self.config.seed)
         self.step = 0
         self._elapsed_before = 0.0
-        self.metrics_path.unlink(missing_ok=True)
+        if self._main:
+            self.metrics_path.unlink(missing_ok=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if not self.config.bf16_autocast:
@@ -493,24 +550,36 @@ class Trainer:
         loss_sum: torch.Tensor | float = 0.0
         extras_sum: dict[str, Any] = {}
         items = 0
-        for _ in range(accum):
+        for micro in range(accum):
             batch = self.data.next_batch()
-            items += self.items_fn(batch)
+            items += self.items_fn(batch)  # the global batch's: throughput of all ranks
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if self._dp is not None:
+                batch = self._dp.shard(batch)  # this rank's rows
+                sync = self._dp.gradient_sync(micro == accum - 1)
             batch = _to_device(batch, self.device)
-            with self._amp:
-                loss, extras = self._split_loss(self._forward_loss(self.model, batch))
-            # Mean over micro-batches: each contributes 1/accum of the gradient.
-            (loss / accum).backward()
+            with sync:
+                with self._amp:
+                    loss, extras = self._split_loss(self._forward_loss(self.model, batch))
+                # Mean over micro-batches: each contributes 1/accum of the gradient.
+                (loss / accum).backward()
             loss_sum = loss_sum + _wide(loss.detach())
             for k, v in extras.items():
                 value = _wide(v.detach()) if isinstance(v, torch.Tensor) else v
                 extras_sum[k] = extras_sum.get(k, 0.0) + value
+        if self._dp is not None:  # the global means, one all-reduce
+            for k, v in extras_sum.items():
+                _check_scalar(v, f"metric {k!r}")
+            loss_sum, *means = self._dp.mean([loss_sum, *extras_sum.values()])
+            extras_sum = dict(zip(extras_sum, means, strict=True))
         loss_value = float(loss_sum) / accum  # the one host sync per step
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self.step + 1, "loss", loss_value)
         grads = [p.grad for p in self._params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
+        if self._dp is not None:
+            norm = self._dp.full(norm)  # FSDP: the norm of all shards, as a plain tensor
         grad_norm = float(norm.item())
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -544,7 +613,7 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad(), self._amp:
-                result = self.eval_fn(self.model)
+                result = self.eval_fn(self.module)
         finally:
             self.model.train(was_training)
         if not isinstance(result, Mapping):
@@ -571,6 +640,17 @@ class Trainer:
             if isinstance(row, dict) and row.get("step", math.inf) <= self.step:
                 kept.append(line)
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def _data_parallel_run(model: nn.Module) -> DataParallelRun | None:
+    """The rank's part of a data-parallel run, or None without a process group (or with one
+    rank and a plain model): the single-process path, which imports nothing distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from vats_core.parallel.runtime import DataParallelRun
+
+    run = DataParallelRun(model)  # refuses a plain model on several ranks
+    return None if run.kind == "none" else run
 
 
 def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:

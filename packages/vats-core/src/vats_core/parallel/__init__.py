@@ -1,0 +1,25 @@
+"""Training on several ranks: parallelism applied to a model from outside, as torchtitan does.
+
+- :class:`ParallelConfig`, :class:`DataParallel`: what to apply (validated config);
+- :func:`parallelize`: per-block activation checkpointing, per-block ``torch.compile``,
+  then DDP or FSDP2 (``fully_shard`` on every transformer block and the root);
+- :func:`transformer_blocks`: the rule that finds a model's blocks;
+- :mod:`vats_core.parallel.runtime`: how the trainer splits batches, averages metrics and
+  writes checkpoints on a process group.
+
+Model files never import ``torch.distributed``; this package is where it is used. Run a
+script under ``torchrun --nproc-per-node N``::
+
+    torch.distributed.init_process_group("gloo")  # "nccl" on GPUs
+    torch.manual_seed(0)  # every rank builds the same initial weights
+    model = parallelize(MyModel(config), ParallelConfig(data_parallel="fsdp"))
+    Trainer(model, trainer_config, data=data, loss_fn=loss_fn).fit()
+
+Only ``vats_core.parallel.runtime`` and the FSDP/DDP paths import the heavier
+``torch.distributed`` submodules, when they are used.
+"""
+
+from vats_core.parallel.apply import parallelize, transformer_blocks
+from vats_core.parallel.config import DataParallel, ParallelConfig
+
+__all__ = ["DataParallel", "ParallelConfig", "parallelize", "transformer_blocks"]

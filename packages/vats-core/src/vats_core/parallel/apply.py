@@ -1,0 +1,238 @@
+"""``parallelize(model, config)``: parallelism applied from outside the model.
+
+The order is torchtitan's (``parallelize_llama``): activation checkpointing, then
+``torch.compile``, then data parallelism (DDP or FSDP2), each per transformer block. FSDP
+goes last so its hooks wrap the compiled, checkpointed block: it gathers a block's
+parameters before the block runs and frees them after, in the forward and again in the
+backward, where the recomputation runs. One difference from torchtitan: the checkpoint
+wraps the compiled block rather than being traced into its graph (the recomputation
+reruns the compiled graph), because dynamo's checkpoint operator fails on the MoE's
+data-dependent expert group sizes in torch 2.10 ("Node output referenced nonexistent
+value"); the numbers are the same.
+
+Model files know nothing of this: they never import ``torch.distributed``. What the rule
+below calls a transformer block is found from the module tree, so every vats model
+(``MoELanguageModel.layers``, the ViTs' and DiTs' ``blocks``, the video DiT's
+``spatial_blocks`` / ``temporal_blocks``) is handled without per-model code.
+
+Nothing here renames a parameter: checkpointing and compile replace a block's ``forward``
+on the instance and FSDP2 works in place, so ``state_dict`` keys, ``save_pretrained`` and
+``lr_scales`` prefixes are those of the plain model. Only DDP returns a wrapper (its
+``.module`` is the model).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vats_core.config import config_error
+from vats_core.moe import COMPILE_SETTINGS
+from vats_core.parallel.config import DataParallel, ParallelConfig
+
+# torch.compile backend of the blocks; tests swap in "aot_eager" (dynamo + AOTAutograd, no
+# code generation) to check the plumbing in seconds, as for the trainer's compiled step.
+_COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
+# Marks a block whose forward parallelize replaced, so a second call is refused.
+_WRAPPED = "_vats_parallel_forward"
+
+
+def _is_block_list(name: str) -> bool:
+    return name in ("layers", "blocks") or name.endswith("_blocks")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated units, in module order: the rule parallelize uses.
+
+    A transformer block is an element of an ``nn.ModuleList`` child named ``layers``,
+    ``blocks`` or ``*_blocks`` (``spatial_blocks``, ``down_blocks``), at any depth. Lists
+    inside a block are not searched (a block is one unit: its attention and MLP are
+    checkpointed, compiled and sharded together), but the lists of every sub-model are (a
+    multimodal model's encoder ``blocks`` and language-model ``layers``).
+
+    Returns:
+        The blocks; empty when the model has no such list.
+    """
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and _is_block_list(name):
+                found.extend(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
+def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
+    """Apply ``config`` to ``model``: the model to hand to the trainer comes back.
+
+    1. activation checkpointing of every transformer block (``config.activation_checkpointing``);
+    2. ``torch.compile`` of every block (``config.compile``);
+    3. data parallelism over the default process group: FSDP2 shards each block and then
+       the root (the parameters outside the blocks: embeddings, final norm, head) with
+       ``fully_shard``; DDP wraps the model in ``DistributedDataParallel``.
+
+    Steps 1-2 and FSDP change the model in place and keep its parameter names; DDP returns
+    a wrapper whose ``.module`` is the model. Build the optimizer after this call (FSDP
+    replaces the parameters with sharded DTensors), and copy the model (an EMA) before it.
+
+    Every rank must call it with the same model (same init: seed before building it) and
+    config. The model's parameters must all be on one device, the rank's own (CPU for gloo,
+    ``cuda:<local rank>`` for NCCL).
+
+    Raises:
+        ValueError: naming the ``ParallelConfig`` field, before anything is changed: DDP or
+            FSDP with no initialized process group; checkpointing or compile asked of a
+            model without transformer blocks; a model already parallelized or whose
+            parameters span several devices.
+    """
+    if not isinstance(config, ParallelConfig):
+        raise ValueError(f"config must be a ParallelConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    blocks = transformer_blocks(model)
+    device = _check(model, config, blocks)
+
+    step = _block_forward(config.activation_checkpointing, config.compile)
+    if step is not None:
+        for block in blocks:
+            # A method of the instance: a deep copy (an EMA made later) rebinds it to the copy.
+            block.forward = types.MethodType(step, block)  # type: ignore[method-assign]
+            setattr(block, _WRAPPED, True)
+    if config.data_parallel is DataParallel.FSDP:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        for i, block in enumerate(blocks):
+            # The last block's parameters are needed again at once by the backward: keep
+            # them gathered instead of freeing and re-gathering them (torchtitan does too).
+            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(model, mesh=mesh)
+        return model
+    if config.data_parallel is DataParallel.DDP:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def _check(model: nn.Module, config: ParallelConfig, blocks: list[nn.Module]) -> torch.device:
+    """Every refusal of :func:`parallelize`, before it changes anything; the model's device."""
+    dp = config.data_parallel
+    if dp is not DataParallel.NONE and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        raise config_error(
+            config,
+            "data_parallel",
+            dp.value,
+            "'none' when no default process group is initialized (launch with torchrun, or "
+            "call torch.distributed.init_process_group before parallelize)",
+        )
+    for field in ("activation_checkpointing", "compile"):
+        if getattr(config, field) and not blocks:
+            raise config_error(
+                config,
+                field,
+                True,
+                f"False for {type(model).__name__}, which has no transformer blocks (an "
+                "nn.ModuleList named layers, blocks or *_blocks)",
+            )
+    if (
+        config.compile
+        and _COMPILE_BACKEND == "inductor"
+        and not importlib.util.find_spec("setuptools")
+    ):
+        raise config_error(
+            config,
+            "compile",
+            True,
+            "False here: torch.compile's CPU code generation needs setuptools (pip install "
+            "setuptools)",
+        )
+    if _is_parallelized(model, blocks):
+        raise ValueError(
+            f"{type(model).__name__} was already parallelized: call parallelize once, on the "
+            "plain model"
+        )
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        raise ValueError(
+            f"{type(model).__name__} must have parameters on exactly one device to be "
+            f"parallelized, found {sorted(map(str, devices)) or 'no parameters'}"
+        )
+    (device,) = devices
+    if (
+        dp is not DataParallel.NONE
+        and device.type == "cuda"
+        and device.index != torch.cuda.current_device()
+    ):
+        raise ValueError(
+            f"{type(model).__name__} is on {device} but this rank's current CUDA device "
+            f"is cuda:{torch.cuda.current_device()}: call "
+            "torch.cuda.set_device(local_rank) and move the model there first"
+        )
+    return device
+
+
+def _is_parallelized(model: nn.Module, blocks: list[nn.Module]) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) or any(hasattr(b, _WRAPPED) for b in blocks):
+        return True
+    if "torch.distributed.fsdp" in sys.modules:  # never imported: nothing is sharded
+        from torch.distributed.fsdp import FSDPModule
+
+        return any(isinstance(m, FSDPModule) for m in model.modules())
+    return False
+
+
+def _block_forward(activation_checkpointing: bool, compile: bool) -> Callable[..., Any] | None:
+    """``step(block, *args, **kwargs)``: the block's own forward, checkpointed and/or compiled.
+
+    It calls ``type(block).forward``, the class's method, so it holds no reference to any
+    one block: one compiled function serves every block of a class (dynamo treats the
+    block's parameters as inputs, so blocks of the same shapes share one graph).
+    """
+    if not (activation_checkpointing or compile):
+        return None
+
+    def eager(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return type(block).forward(block, *args, **kwargs)
+
+    run = _compiled(eager) if compile else eager
+    if not activation_checkpointing:
+        return run
+
+    def step(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # Non-reentrant: keyword arguments, outputs of any structure (a MoE block's
+        # RouterStats) and inputs that need no gradient all work; the RNG state is
+        # restored for the recomputation, so dropout masks repeat exactly.
+        return checkpoint(run, block, *args, use_reentrant=False, **kwargs)
+
+    return step
+
+
+def _compiled(forward: Callable[..., Any]) -> Callable[..., Any]:
+    compiled = torch.compile(forward, backend=_COMPILE_BACKEND)
+
+    @functools.wraps(forward)
+    def run(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # (MoE expert groups: data-dependent sizes inside the graph, not a graph break)
+        with torch._dynamo.config.patch(**COMPILE_SETTINGS):
+            return compiled(block, *args, **kwargs)
+
+    return run

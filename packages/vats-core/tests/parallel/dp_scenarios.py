@@ -1,0 +1,189 @@
+"""Data-parallel scenarios run by ``test_data_parallel.py``: a tiny transformer, its data,
+and what one rank of a 2-rank gloo job does.
+
+Run as a script on every rank (the test starts two, with the environment torchrun would
+set: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), it initializes the process group, trains
+with DDP and FSDP2 through the vats Trainer and has rank 0 save what it saw to
+``<out>/results.pt``. The test imports the same model, data and loss to train the
+single-process reference in its own process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vats_core import AttentionConfig, BlockConfig, MLPConfig, MoEConfig, TransformerBlock
+from vats_core.training import Trainer, TrainerConfig
+
+DIM, TOKENS, ROWS = 16, 4, 8  # D, T, B (B global rows per micro-batch)
+
+
+class TinyTransformer(nn.Module):
+    """(B, T, D) features -> (B, T, 1): a dense block and a MoE block in ``layers``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        attention = AttentionConfig(dim=DIM, n_heads=4, n_kv_heads=2, causal=True)
+        self.proj_in = nn.Linear(DIM, DIM)
+        self.layers = nn.ModuleList(
+            [
+                TransformerBlock(
+                    BlockConfig(attention=attention, mlp=MLPConfig(dim=DIM, hidden_dim=32))
+                ),
+                TransformerBlock(
+                    BlockConfig(
+                        attention=attention,
+                        moe=MoEConfig(dim=DIM, hidden_dim=8, n_experts=4, top_k=2),
+                    )
+                ),
+            ]
+        )
+        self.head = nn.Linear(DIM, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)
+        for layer in self.layers:
+            h, _ = layer(h)
+        return self.head(h)
+
+
+def make_model() -> TinyTransformer:
+    torch.manual_seed(0)  # every rank and the reference start from the same weights
+    return TinyTransformer()
+
+
+def batch_fn(step: int, micro: int) -> dict[str, torch.Tensor]:
+    """The global micro-batch: a function of the position only, the same on every rank."""
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    x = torch.randn(ROWS, TOKENS, DIM, generator=g)
+    y = x.sum(-1, keepdim=True).tanh()
+    return {"x": x, "y": y}
+
+
+SEEN: list[torch.Tensor] = []  # the first feature of every row this process trained on
+
+
+def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    SEEN.append(batch["x"][:, 0, 0].clone())
+    pred = model(batch["x"])
+    return F.mse_loss(pred, batch["y"]), {"pred_mean": pred.mean()}
+
+
+def trainer_config(out_dir: Path, **overrides: Any) -> TrainerConfig:
+    fields: dict[str, Any] = dict(
+        max_steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        grad_accum_steps=2,
+        grad_clip=0.5,  # active: the norm of the first steps is above it
+        log_every=1,
+        out_dir=str(out_dir),
+        progress=False,
+    )
+    return TrainerConfig(**(fields | overrides))
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full value on CPU (FSDP's shards gathered: a collective)."""
+    out = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = full.detach().cpu().clone()
+    return out
+
+
+# what the job trains: name -> ParallelConfig fields
+RUNS = {
+    "ddp": {"data_parallel": "ddp"},
+    "fsdp": {"data_parallel": "fsdp"},
+    "fsdp+ac": {"data_parallel": "fsdp", "activation_checkpointing": True},
+}
+
+
+def _train(name: str, out_dir: Path) -> dict[str, Any]:
+    from vats_core.parallel import ParallelConfig, parallelize
+
+    model = parallelize(make_model(), ParallelConfig(**RUNS[name]))
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step(step: int, module: nn.Module) -> None:
+        seen[step] = full_params(module)
+
+    trainer = Trainer(
+        model, trainer_config(out_dir), data=batch_fn, loss_fn=loss_fn, on_step=on_step
+    )
+    rows = trainer.fit()
+    return {"params": seen, "rows": rows, "module_is_model": trainer.module is model}
+
+
+def _resume(kind: str, out_dir: Path) -> dict[str, Any]:
+    """Continue a run checkpointed at step 2 (by 1 or 2 ranks) to step 4."""
+    from vats_core.parallel import ParallelConfig, parallelize
+
+    model = parallelize(make_model(), ParallelConfig(data_parallel=kind))
+    trainer = Trainer(
+        model, trainer_config(out_dir, checkpoint_every=2), data=batch_fn, loss_fn=loss_fn
+    )
+    rows = trainer.fit(resume=True)
+    return {"params": full_params(trainer.module), "rows": rows}
+
+
+def _checkpoint(kind: str, out_dir: Path) -> None:
+    """Train 2 of 4 steps and checkpoint (the test resumes it on one process)."""
+    from vats_core.parallel import ParallelConfig, parallelize
+
+    model = parallelize(make_model(), ParallelConfig(data_parallel=kind))
+    config = trainer_config(out_dir, checkpoint_every=2)
+    Trainer(model, config, data=batch_fn, loss_fn=loss_fn).fit(stop_after=2)
+
+
+def _errors(out_dir: Path) -> dict[str, str]:
+    from vats_core.parallel import ParallelConfig, parallelize
+
+    errors = {}
+    try:
+        Trainer(make_model(), trainer_config(out_dir), data=batch_fn, loss_fn=loss_fn)
+    except ValueError as e:
+        errors["plain_model"] = str(e)
+
+    def odd_rows(step: int, micro: int) -> dict[str, torch.Tensor]:
+        batch = batch_fn(step, micro)
+        return {k: v[:3] for k, v in batch.items()}  # 3 rows cannot be split over 2 ranks
+
+    model = parallelize(make_model(), ParallelConfig(data_parallel="ddp"))
+    trainer = Trainer(model, trainer_config(out_dir / "odd"), data=odd_rows, loss_fn=loss_fn)
+    try:
+        trainer.fit()
+    except ValueError as e:
+        errors["odd_rows"] = str(e)
+    return errors
+
+
+def main(out: Path, resume_from_one: Path) -> None:
+    torch.distributed.init_process_group("gloo")
+    try:
+        rank = torch.distributed.get_rank()
+        results: dict[str, Any] = {"world_size": torch.distributed.get_world_size()}
+        for name in RUNS:
+            SEEN.clear()
+            results[name] = _train(name, out / name)
+            torch.save(SEEN, out / f"{name}-rows-rank{rank}.pt")  # every rank's own
+        for kind in ("ddp", "fsdp"):
+            _checkpoint(kind, out / f"{kind}-checkpoint")
+            # a single-process run's step-2 checkpoint (written by the test), continued here
+            results[f"{kind}-resumed"] = _resume(kind, resume_from_one / kind)
+        results["errors"] = _errors(out / "errors")
+        if rank == 0:
+            torch.save(results, out / "results.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

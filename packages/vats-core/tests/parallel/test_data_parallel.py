@@ -1,0 +1,200 @@
+"""The trainer on 2 CPU ranks over gloo (DDP and FSDP2) equals single-process training on
+the same global batch, resumes across world sizes, and refuses what would silently differ.
+
+One 2-rank job (``dp_scenarios.py``, with the environment torchrun gives its workers)
+runs every scenario, so the ranks start once; each test checks one property of its
+results against the single-process reference trained here.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from vats_core.training import Trainer, iter_metrics
+
+KINDS = ("ddp", "fsdp")  # checkpoint scenarios
+RUNS = ("ddp", "fsdp", "fsdp+ac")  # training scenarios (dp_scenarios.RUNS)
+TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _single_process(
+    sc: ModuleType, out_dir: Path, **overrides: Any
+) -> tuple[Trainer, dict, list[dict]]:
+    """The reference: the same model, data and config on one process."""
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step(step: int, module: torch.nn.Module) -> None:
+        seen[step] = sc.full_params(module)
+
+    trainer = Trainer(
+        sc.make_model(),
+        sc.trainer_config(out_dir, **overrides),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+        on_step=on_step,
+    )
+    rows = trainer.fit()
+    return trainer, seen, rows
+
+
+def _rank_main(sc: ModuleType, rank: int, port: int, out: Path, resume_from_one: Path) -> None:
+    """One rank, with the environment torchrun gives its workers."""
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        sc.main(out, resume_from_one)
+    except BaseException:
+        (out / f"rank{rank}.log").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def job(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run the 2-rank job once; its rank-0 results and where it wrote."""
+    out = tmp_path_factory.mktemp("dp")
+    resume_from_one = out / "from-one"
+    for kind in KINDS:  # a single-process run stopped at step 2, for the ranks to continue
+        config = sc.trainer_config(resume_from_one / kind, checkpoint_every=2)
+        Trainer(sc.make_model(), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(stop_after=2)
+    # Forked from this process, which has imported torch and FSDP already: the ranks start
+    # in a second instead of paying ~25 s of imports each on a loaded 2-core machine.
+    import torch.distributed.fsdp  # (imported once, here, for both ranks)
+
+    port = _free_port()
+    fork = multiprocessing.get_context("fork")
+    procs = [
+        fork.Process(target=_rank_main, args=(sc, rank, port, out, resume_from_one))
+        for rank in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for rank, p in enumerate(procs):
+        if p.is_alive():
+            p.kill()
+        log = out / f"rank{rank}.log"
+        assert p.exitcode == 0, f"rank {rank} failed:\n{log.read_text() if log.exists() else ''}"
+    results = torch.load(out / "results.pt", weights_only=False)
+    return {"out": out, "results": results, "from_one": resume_from_one}
+
+
+@pytest.fixture(scope="module")
+def reference(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    _, params, rows = _single_process(sc, tmp_path_factory.mktemp("single"))
+    return {"params": params, "rows": rows}
+
+
+def _assert_params_close(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=TOL, msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("kind", RUNS)
+def test_parameters_equal_single_process_after_one_and_four_steps(
+    sc: ModuleType, job: dict, reference: dict, kind: str
+) -> None:
+    got = job["results"][kind]
+    assert job["results"]["world_size"] == 2
+    assert sorted(got["params"]) == [1, 2, 3, 4]
+    for step in (1, 4):
+        # training moved the weights: equality is not that of two untouched copies
+        assert not torch.equal(
+            reference["params"][step]["head.weight"], sc.make_model().head.weight
+        )
+        _assert_params_close(got["params"][step], reference["params"][step], f"{kind} step {step}")
+
+
+@pytest.mark.parametrize("kind", RUNS)
+def test_each_rank_trains_on_its_half_of_every_global_batch(
+    sc: ModuleType, job: dict, kind: str
+) -> None:
+    ranks = [torch.load(job["out"] / f"{kind}-rows-rank{r}.pt") for r in range(2)]
+    # 4 steps x 2 micro-batches, in order; rank r took rows [4r, 4r + 4) of each
+    want = [sc.batch_fn(step, micro)["x"][:, 0, 0] for step in range(4) for micro in range(2)]
+    assert [len(rows) for rows in ranks] == [len(want)] * 2
+    for i, global_rows in enumerate(want):
+        assert all(rows[i].shape == (sc.ROWS // 2,) for rows in ranks)
+        torch.testing.assert_close(
+            torch.cat([ranks[0][i], ranks[1][i]]), global_rows, rtol=0, atol=0
+        )
+
+
+@pytest.mark.parametrize("kind", RUNS)
+def test_logged_loss_and_metrics_are_global_means(job: dict, reference: dict, kind: str) -> None:
+    got, want = job["results"][kind]["rows"], reference["rows"]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "grad_norm", "pred_mean", "lr"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (kind, g["step"], key)
+
+
+@pytest.mark.parametrize("kind", RUNS)
+def test_only_rank_zero_writes_metrics(job: dict, kind: str) -> None:
+    rows = list(iter_metrics(job["out"] / kind / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # once each: rank 1 wrote none
+    assert job["results"][kind]["module_is_model"] is (kind != "ddp")  # DDP's .module
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_rank_checkpoint_resumes_on_one_process(
+    sc: ModuleType, job: dict, reference: dict, kind: str, tmp_path: Path
+) -> None:
+    """Stopped at step 2 on 2 ranks, continued to step 4 on one process: the same weights
+    and losses as the uninterrupted single-process run."""
+    run = job["out"] / f"{kind}-checkpoint"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    trainer = Trainer(
+        sc.make_model(),
+        sc.trainer_config(run, checkpoint_every=2),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+        on_step=lambda step, m: seen.__setitem__(step, sc.full_params(m)),
+    )
+    rows = trainer.fit(resume=True)
+    assert [r["step"] for r in rows] == [3, 4]
+    _assert_params_close(seen[4], reference["params"][4], f"{kind} 2 -> 1")
+    for g, w in zip(rows, reference["rows"][2:], strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_process_checkpoint_resumes_on_two_ranks(job: dict, reference: dict, kind: str) -> None:
+    got = job["results"][f"{kind}-resumed"]
+    assert [r["step"] for r in got["rows"]] == [3, 4]
+    _assert_params_close(got["params"], reference["params"][4], f"{kind} 1 -> 2")
+    for g, w in zip(got["rows"], reference["rows"][2:], strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_plain_model_on_two_ranks_is_refused(job: dict) -> None:
+    message = job["results"]["errors"]["plain_model"]
+    assert "2 ranks" in message and "parallelize" in message
+
+
+def test_rows_not_divisible_by_world_size_are_refused(job: dict) -> None:
+    message = job["results"]["errors"]["odd_rows"]
+    assert "3 rows" in message and "multiple of the world size" in message
