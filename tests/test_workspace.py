@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import tomllib
 from pathlib import Path
 
@@ -46,3 +47,42 @@ def test_torch_is_pinned_in_the_lock_only():
     lock = (ROOT / "uv.lock").read_text()
     torch_block = lock.split('\nname = "torch"\n', 1)[1]
     assert torch_block.startswith('version = "2.10.')
+
+
+# Where torch.distributed may appear: parallelism is applied to models from outside them.
+DISTRIBUTED_HOMES = ("vats_core/parallel/", "vats_core/training/")
+
+
+def _uses_torch_distributed(tree: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(
+            a.name.startswith("torch.distributed") for a in node.names
+        ):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module is not None:
+            if node.module.startswith("torch.distributed"):
+                return True
+            if node.module == "torch" and any(a.name == "distributed" for a in node.names):
+                return True
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr == "distributed"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "torch"
+        ):
+            return True
+    return False
+
+
+def test_model_code_never_uses_torch_distributed():
+    sources = sorted((ROOT / "packages").glob("*/src/**/*.py"))
+    assert len(sources) > 20
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in sources
+        if not any(home in path.as_posix() for home in DISTRIBUTED_HOMES)
+        and _uses_torch_distributed(ast.parse(path.read_text(), filename=str(path)))
+    ]
+    assert offenders == [], "use vats_core.parallel from outside the model instead"
+    parallel = ROOT / "packages/vats-core/src/vats_core/parallel/apply.py"
+    assert _uses_torch_distributed(ast.parse(parallel.read_text()))  # the check sees uses
