@@ -13,6 +13,7 @@ from vats_core.block import BlockConfig
 from vats_core.config import Config, check, check_positive, is_int, is_number
 from vats_core.mlp import MLPConfig
 from vats_core.moe import MoEConfig
+from vats_core.parallel import ParallelConfig
 from vats_core.rope import RopeConfig
 from vats_core.testing import check_config, check_raises, config_classes, int_fields
 from vats_core.training import TrainerConfig
@@ -177,7 +178,14 @@ EXAMPLES = {
         BlockConfig(attention=_SELF, cross_attention=_CROSS, moe=_MOE, norm="layernorm"),
     ],
     RopeConfig: [RopeConfig(head_dim=12, n_axes=2, axes_dims=[8, 4], scaling="linear")],
-    TrainerConfig: [TrainerConfig(), TrainerConfig(betas=[0.8, 0.9], grad_clip=None)],
+    TrainerConfig: [
+        TrainerConfig(),
+        TrainerConfig(betas=[0.8, 0.9], grad_clip=None, sharded_checkpoints=True),
+    ],
+    ParallelConfig: [
+        ParallelConfig(),
+        ParallelConfig(data_parallel="fsdp", activation_checkpointing=True, compile=True),
+    ],
 }
 CASES = [config for configs in EXAMPLES.values() for config in configs]
 

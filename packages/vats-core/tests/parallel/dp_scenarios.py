@@ -10,6 +10,7 @@ single-process reference in its own process.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,32 +20,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from vats_core import AttentionConfig, BlockConfig, MLPConfig, MoEConfig, TransformerBlock
+from vats_core.checkpoint import PretrainedMixin
+from vats_core.config import Config
 from vats_core.training import Trainer, TrainerConfig
 
 DIM, TOKENS, ROWS = 16, 4, 8  # D, T, B (B global rows per micro-batch)
 
 
-class TinyTransformer(nn.Module):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TinyConfig(Config):
+    dim: int = DIM  # D; another value makes a model whose checkpoints do not fit
+
+
+class TinyTransformer(PretrainedMixin, nn.Module):
     """(B, T, D) features -> (B, T, 1): a dense block and a MoE block in ``layers``."""
 
-    def __init__(self) -> None:
+    config_class = TinyConfig
+
+    def __init__(self, config: TinyConfig) -> None:
         super().__init__()
-        attention = AttentionConfig(dim=DIM, n_heads=4, n_kv_heads=2, causal=True)
-        self.proj_in = nn.Linear(DIM, DIM)
+        self.config = config
+        dim = config.dim
+        attention = AttentionConfig(dim=dim, n_heads=4, n_kv_heads=2, causal=True)
+        self.proj_in = nn.Linear(DIM, dim)
         self.layers = nn.ModuleList(
             [
                 TransformerBlock(
-                    BlockConfig(attention=attention, mlp=MLPConfig(dim=DIM, hidden_dim=32))
+                    BlockConfig(attention=attention, mlp=MLPConfig(dim=dim, hidden_dim=32))
                 ),
                 TransformerBlock(
                     BlockConfig(
                         attention=attention,
-                        moe=MoEConfig(dim=DIM, hidden_dim=8, n_experts=4, top_k=2),
+                        moe=MoEConfig(dim=dim, hidden_dim=8, n_experts=4, top_k=2),
                     )
                 ),
             ]
         )
-        self.head = nn.Linear(DIM, 1)
+        self.head = nn.Linear(dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj_in(x)
@@ -53,9 +65,9 @@ class TinyTransformer(nn.Module):
         return self.head(h)
 
 
-def make_model() -> TinyTransformer:
+def make_model(dim: int = DIM) -> TinyTransformer:
     torch.manual_seed(0)  # every rank and the reference start from the same weights
-    return TinyTransformer()
+    return TinyTransformer(TinyConfig(dim=dim))
 
 
 def batch_fn(step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -122,24 +134,35 @@ def _train(name: str, out_dir: Path) -> dict[str, Any]:
     return {"params": seen, "rows": rows, "module_is_model": trainer.module is model}
 
 
-def _resume(kind: str, out_dir: Path) -> dict[str, Any]:
+# the checkpoint scenarios: name -> (data_parallel, sharded_checkpoints)
+CHECKPOINTS = {
+    "ddp": ("ddp", False),
+    "fsdp": ("fsdp", False),
+    "ddp-sharded": ("ddp", True),
+    "fsdp-sharded": ("fsdp", True),
+}
+
+
+def checkpoint_config(name: str, out_dir: Path) -> TrainerConfig:
+    return trainer_config(out_dir, checkpoint_every=2, sharded_checkpoints=CHECKPOINTS[name][1])
+
+
+def _resume(name: str, out_dir: Path) -> dict[str, Any]:
     """Continue a run checkpointed at step 2 (by 1 or 2 ranks) to step 4."""
     from vats_core.parallel import ParallelConfig, parallelize
 
-    model = parallelize(make_model(), ParallelConfig(data_parallel=kind))
-    trainer = Trainer(
-        model, trainer_config(out_dir, checkpoint_every=2), data=batch_fn, loss_fn=loss_fn
-    )
+    model = parallelize(make_model(), ParallelConfig(data_parallel=CHECKPOINTS[name][0]))
+    trainer = Trainer(model, checkpoint_config(name, out_dir), data=batch_fn, loss_fn=loss_fn)
     rows = trainer.fit(resume=True)
     return {"params": full_params(trainer.module), "rows": rows}
 
 
-def _checkpoint(kind: str, out_dir: Path) -> None:
+def _checkpoint(name: str, out_dir: Path) -> None:
     """Train 2 of 4 steps and checkpoint (the test resumes it on one process)."""
     from vats_core.parallel import ParallelConfig, parallelize
 
-    model = parallelize(make_model(), ParallelConfig(data_parallel=kind))
-    config = trainer_config(out_dir, checkpoint_every=2)
+    model = parallelize(make_model(), ParallelConfig(data_parallel=CHECKPOINTS[name][0]))
+    config = checkpoint_config(name, out_dir)
     Trainer(model, config, data=batch_fn, loss_fn=loss_fn).fit(stop_after=2)
 
 
@@ -174,10 +197,10 @@ def main(out: Path, resume_from_one: Path) -> None:
             SEEN.clear()
             results[name] = _train(name, out / name)
             torch.save(SEEN, out / f"{name}-rows-rank{rank}.pt")  # every rank's own
-        for kind in ("ddp", "fsdp"):
-            _checkpoint(kind, out / f"{kind}-checkpoint")
+        for name in CHECKPOINTS:
+            _checkpoint(name, out / f"{name}-checkpoint")
             # a single-process run's step-2 checkpoint (written by the test), continued here
-            results[f"{kind}-resumed"] = _resume(kind, resume_from_one / kind)
+            results[f"{name}-resumed"] = _resume(name, resume_from_one / name)
         results["errors"] = _errors(out / "errors")
         if rank == 0:
             torch.save(results, out / "results.pt")

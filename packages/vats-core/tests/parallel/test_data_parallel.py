@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import torch
 
+from vats_core.parallel.sharded import export_pretrained
 from vats_core.training import Trainer, iter_metrics
 
-KINDS = ("ddp", "fsdp")  # checkpoint scenarios
+CHECKPOINTS = ("ddp", "fsdp", "ddp-sharded", "fsdp-sharded")  # dp_scenarios.CHECKPOINTS
 RUNS = ("ddp", "fsdp", "fsdp+ac")  # training scenarios (dp_scenarios.RUNS)
 TOL = 1e-5
 
@@ -74,8 +75,8 @@ def job(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     """Run the 2-rank job once; its rank-0 results and where it wrote."""
     out = tmp_path_factory.mktemp("dp")
     resume_from_one = out / "from-one"
-    for kind in KINDS:  # a single-process run stopped at step 2, for the ranks to continue
-        config = sc.trainer_config(resume_from_one / kind, checkpoint_every=2)
+    for name in CHECKPOINTS:  # a single-process run stopped at step 2, for the ranks to resume
+        config = sc.checkpoint_config(name, resume_from_one / name)
         Trainer(sc.make_model(), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(stop_after=2)
     # Forked from this process, which has imported torch and FSDP already: the ranks start
     # in a second instead of paying ~25 s of imports each on a loaded 2-core machine.
@@ -158,7 +159,7 @@ def test_only_rank_zero_writes_metrics(job: dict, kind: str) -> None:
     assert job["results"][kind]["module_is_model"] is (kind != "ddp")  # DDP's .module
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CHECKPOINTS)
 def test_two_rank_checkpoint_resumes_on_one_process(
     sc: ModuleType, job: dict, reference: dict, kind: str, tmp_path: Path
 ) -> None:
@@ -169,7 +170,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(
     seen: dict[int, dict[str, torch.Tensor]] = {}
     trainer = Trainer(
         sc.make_model(),
-        sc.trainer_config(run, checkpoint_every=2),
+        sc.checkpoint_config(kind, run),
         data=sc.batch_fn,
         loss_fn=sc.loss_fn,
         on_step=lambda step, m: seen.__setitem__(step, sc.full_params(m)),
@@ -181,7 +182,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CHECKPOINTS)
 def test_one_process_checkpoint_resumes_on_two_ranks(job: dict, reference: dict, kind: str) -> None:
     got = job["results"][f"{kind}-resumed"]
     assert [r["step"] for r in got["rows"]] == [3, 4]
@@ -198,3 +199,27 @@ def test_plain_model_on_two_ranks_is_refused(job: dict) -> None:
 def test_rows_not_divisible_by_world_size_are_refused(job: dict) -> None:
     message = job["results"]["errors"]["odd_rows"]
     assert "3 rows" in message and "multiple of the world size" in message
+
+
+def test_sharded_checkpoints_hold_each_ranks_shards_and_nothing_gathered(job: dict) -> None:
+    for name, files in [
+        ("fsdp-sharded", {"__0_0.distcp", "__1_0.distcp", ".metadata"}),
+        ("ddp-sharded", {".metadata"}),  # replicated: DCP writes each tensor once
+    ]:
+        step = job["out"] / f"{name}-checkpoint" / "checkpoints" / "step_00000002"
+        assert files <= {p.name for p in (step / "sharded").iterdir()}, name
+        assert not (step / "model.safetensors").exists() and (step / "trainer_state.pt").is_file()
+    gathered = job["out"] / "fsdp-checkpoint" / "checkpoints" / "step_00000002"
+    assert {"model.safetensors", "config.json", "optimizer.pt"} <= {
+        p.name for p in gathered.iterdir()
+    }
+
+
+@pytest.mark.parametrize("name", ["fsdp", "fsdp-sharded"])
+def test_a_two_rank_checkpoint_exports_to_save_pretrained(
+    sc: ModuleType, job: dict, reference: dict, name: str, tmp_path: Path
+) -> None:
+    step = job["out"] / f"{name}-checkpoint" / "checkpoints" / "step_00000002"
+    export_pretrained(step, sc.make_model(), tmp_path / "export")
+    loaded = sc.TinyTransformer.from_pretrained(tmp_path / "export")
+    _assert_params_close(sc.full_params(loaded), reference["params"][2], f"{name} export")

@@ -25,6 +25,10 @@ class TrainerConfig(Config):
     grad_accum_steps: int = 1  # micro-batches per optimizer step; loss scaled by 1/accum
     checkpoint_every: int = 0  # steps between checkpoints; 0 turns checkpointing off
     keep_checkpoints: int = 3  # newest step checkpoints kept on disk
+    # torch.distributed.checkpoint: every rank writes its own shards, nothing is gathered
+    # on one rank (FSDP models larger than a host); else one safetensors file of the full
+    # weights. Both resume on any world size; a run resumes from either.
+    sharded_checkpoints: bool = False
     log_every: int = 10  # steps between metrics.jsonl rows (and the last step)
     eval_every: int = 0  # steps between eval_fn calls; 0 turns evaluation off
     out_dir: str = "runs/default"  # checkpoints/ and metrics.jsonl go here

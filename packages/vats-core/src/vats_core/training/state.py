@@ -12,7 +12,9 @@ Layout under ``out_dir/checkpoints``::
 
 A step directory is written in full under a temporary name, fsynced and renamed into
 place; only then is ``latest`` replaced (atomically). A crash at any moment leaves
-``latest`` naming a complete checkpoint.
+``latest`` naming a complete checkpoint. With ``TrainerConfig.sharded_checkpoints`` the
+weights and optimizer state are a ``sharded/`` directory instead, every rank writing its
+own shards (:mod:`vats_core.parallel.sharded`), under the same temporary-then-rename rule.
 """
 
 from __future__ import annotations
@@ -42,11 +44,17 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint's files (vats_core.parallel.sharded)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def is_sharded(step_dir: str | os.PathLike[str]) -> bool:
+    """The step directory holds a sharded (DCP) checkpoint, else the single-file format."""
+    return (Path(step_dir) / SHARDED_DIR / ".metadata").is_file()
 
 
 # --------------------------------------------------------------------------- RNG
@@ -131,46 +139,43 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
+    for path in directory.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
 
 
-def save_training_checkpoint(
-    root: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
-    keep: int,
-    *,
-    model_state: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``root/step_<step>`` atomically, point ``latest`` at it, prune old ones.
+def temporary_step_dir(root: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is renamed into place."""
+    return root / f".tmp-{step_dir_name(step)}"
 
-    Step directories newer than ``step`` (left by an abandoned run that this one resumed
-    before) are removed, then all but the newest ``keep`` are. ``model_state`` and
-    ``optimizer_state`` replace ``model.state_dict()`` and ``optimizer.state_dict()``: the
-    full state a data-parallel run gathered to the writing rank.
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """Create the empty temporary directory a checkpoint of ``step`` is written into.
+
+    Its name is a function of the step, so every rank of a sharded save writes into the
+    same one; :func:`finish_checkpoint` renames it into place.
     """
-    if model_state is None:
-        model_state = model.state_dict()
-    if optimizer_state is None:
-        optimizer_state = optimizer.state_dict()
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
+    tmp = temporary_step_dir(root, step)
     if tmp.exists():  # debris of a crash during an earlier write of this step
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(
+    root: Path, step: int, tmp: Path, trainer_state: dict[str, Any], keep: int
+) -> Path:
+    """Add the trainer state to ``tmp``, fsync it, rename it to ``root/step_<step>``, point
+    ``latest`` at it and prune: step directories newer than ``step`` (left by an abandoned
+    run that this one resumed before), then all but the newest ``keep``.
+
+    Until the rename nothing of the previous checkpoints changes, so a crash leaves
+    ``latest`` naming a complete one.
+    """
+    final = root / step_dir_name(step)
     try:
-        if isinstance(model, PretrainedMixin):
-            save_pretrained(model, tmp, state_dict=model_state)  # config.json + weights
-        else:
-            save_safetensors(model_state, tmp / MODEL_FILE)
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save({"format_version": STATE_FORMAT_VERSION, **trainer_state}, tmp / STATE_FILE)
         _fsync_tree(tmp)
         if final.exists():  # same step from an abandoned timeline: replace it
@@ -190,6 +195,40 @@ def save_training_checkpoint(
     for _, path in kept[: max(0, len(kept) - keep)]:
         shutil.rmtree(path)
     return final
+
+
+def save_training_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``root/step_<step>`` atomically, point ``latest`` at it, prune old ones.
+
+    See :func:`finish_checkpoint` for the pruning. ``model_state`` and ``optimizer_state``
+    replace ``model.state_dict()`` and ``optimizer.state_dict()``: the full state a
+    data-parallel run gathered to the writing rank.
+    """
+    if model_state is None:
+        model_state = model.state_dict()
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
+    tmp = begin_checkpoint(root, step)
+    try:
+        if isinstance(model, PretrainedMixin):
+            save_pretrained(model, tmp, state_dict=model_state)  # config.json + weights
+        else:
+            save_safetensors(model_state, tmp / MODEL_FILE)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_checkpoint(root, step, tmp, trainer_state, keep)
 
 
 def load_training_checkpoint(
@@ -223,14 +262,25 @@ def read_training_checkpoint(
         if not (path / name).is_file():
             raise FileNotFoundError(f"checkpoint file not found: {path / name}")
     tensors = load_safetensors(path / MODEL_FILE)
-    try:
-        optim_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # bad archives
-        raise ValueError(f"checkpoint in {path} is corrupt or truncated ({e})") from e
+    optim_state = _torch_load(path / OPTIMIZER_FILE)
+    return tensors, optim_state, read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A step directory's ``trainer_state.pt``: step, elapsed, data position, RNG, config."""
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path / STATE_FILE}")
+    state = _torch_load(path / STATE_FILE)
     if state.get("format_version", 0) > STATE_FORMAT_VERSION:
         raise ValueError(
             f"{path / STATE_FILE} has format_version={state.get('format_version')}; this "
             f"vats_core reads <= {STATE_FORMAT_VERSION}"
         )
-    return tensors, optim_state, state
+    return state
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # bad archives
+        raise ValueError(f"checkpoint in {path.parent} is corrupt or truncated ({e})") from e

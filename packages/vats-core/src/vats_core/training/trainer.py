@@ -62,6 +62,7 @@ import functools
 import importlib.util
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -80,15 +81,20 @@ from vats_core.training.data import BatchSource, FunctionBatches, default_batch_
 from vats_core.training.schedule import lr_at
 from vats_core.training.state import (
     MODEL_FILE,
+    begin_checkpoint,
     capture_rng_state,
+    finish_checkpoint,
+    is_sharded,
     latest_checkpoint,
     list_step_dirs,
     load_training_checkpoint,
+    read_trainer_state,
     read_training_checkpoint,
     restore_rng_state,
     save_training_checkpoint,
     seed_everything,
     step_dir_name,
+    temporary_step_dir,
 )
 
 if TYPE_CHECKING:
@@ -109,6 +115,7 @@ _HARMLESS_CHANGES = {
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "sharded_checkpoints",  # the format: a run resumes from either
 }
 CHECKPOINT_DIR = "checkpoints"
 
@@ -432,6 +439,8 @@ class Trainer:
             "scheduler": {"step": self.step},
             "trainer_config": self.config.to_dict(),
         }
+        if self.config.sharded_checkpoints:
+            return self._save_sharded(state)
         if self._dp is None:
             return save_training_checkpoint(
                 self.checkpoint_root,
@@ -454,8 +463,34 @@ class Trainer:
                 model_state=model_state,
                 optimizer_state=optimizer_state,
             )
-        self._dp.barrier()  # no rank reads or resumes from a checkpoint still being written
+        self._barrier()  # no rank reads or resumes from a checkpoint still being written
         return path
+
+    def _save_sharded(self, state: dict[str, Any]) -> Path:
+        """Every rank writes its shards into the temporary step directory rank 0 made; rank 0
+        adds the trainer state and renames it into place once DCP has all shards on disk."""
+        from vats_core.parallel.sharded import save_sharded
+
+        root, step = self.checkpoint_root, self.step
+        tmp = temporary_step_dir(root, step)
+        if self._main:
+            begin_checkpoint(root, step)
+        self._barrier()
+        try:
+            save_sharded(tmp, self.model, self.optimizer)  # returns when every rank's is written
+        except BaseException:
+            if self._main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        path = root / step_dir_name(step)
+        if self._main:
+            path = finish_checkpoint(root, step, tmp, state, self.config.keep_checkpoints)
+        self._barrier()
+        return path
+
+    def _barrier(self) -> None:
+        if self._dp is not None:
+            self._dp.barrier()
 
     def load_checkpoint(self, path: str | Path | None = None) -> int:
         """Restore model, optimizer, data position, RNG and step; returns the step.
@@ -466,7 +501,12 @@ class Trainer:
         path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_root)
         if path is None:
             raise FileNotFoundError(f"no checkpoint in {self.checkpoint_root}")
-        if self._dp is None:
+        if is_sharded(path):
+            from vats_core.parallel.sharded import load_sharded
+
+            state = read_trainer_state(path)
+            load_sharded(path, self.model, self.optimizer)
+        elif self._dp is None:
             state = load_training_checkpoint(path, self.model, self.optimizer)
         else:
             tensors, optimizer_state, state = read_training_checkpoint(path)
