@@ -3,8 +3,8 @@ and what one rank of a 2-rank gloo job does.
 
 Run as a script on every rank (the test starts two, with the environment torchrun would
 set: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), it initializes the process group, trains
-with DDP and FSDP2 through the vats Trainer and has rank 0 save what it saw to
-``<out>/results.pt``. The test imports the same model, data and loss to train the
+with DDP and FSDP2 through the vats Trainer and saves what each rank saw to
+``<out>/results-rank<r>.pt``. The test imports the same model, data and loss to train the
 single-process reference in its own process.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 from vats_core import AttentionConfig, BlockConfig, MLPConfig, MoEConfig, TransformerBlock
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config
-from vats_core.training import Trainer, TrainerConfig
+from vats_core.training import NonFiniteLossError, Trainer, TrainerConfig
 
 DIM, TOKENS, ROWS = 16, 4, 8  # D, T, B (B global rows per micro-batch)
 
@@ -185,6 +185,24 @@ def _errors(out_dir: Path) -> dict[str, str]:
         trainer.fit()
     except ValueError as e:
         errors["odd_rows"] = str(e)
+
+    calls = [0]
+
+    def nan_on_rank_one_at_step_three(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, metrics = loss_fn(model, batch)
+        calls[0] += 1  # 2 micro-batches per step: call 5 is step 3's first
+        if calls[0] == 5 and rank == 1:
+            loss = loss * float("nan")
+        return loss, metrics
+
+    rank = torch.distributed.get_rank()
+    model = parallelize(make_model(), ParallelConfig(data_parallel="fsdp"))
+    config = trainer_config(out_dir / "nan", checkpoint_every=1, sharded_checkpoints=True)
+    trainer = Trainer(model, config, data=batch_fn, loss_fn=nan_on_rank_one_at_step_three)
+    try:
+        trainer.fit()  # every rank must stop, none may wait for the others forever
+    except NonFiniteLossError as e:
+        errors[f"nan_rank{rank}"] = f"step {e.step}: {e}"
     return errors
 
 
@@ -202,8 +220,7 @@ def main(out: Path, resume_from_one: Path) -> None:
             # a single-process run's step-2 checkpoint (written by the test), continued here
             results[f"{name}-resumed"] = _resume(name, resume_from_one / name)
         results["errors"] = _errors(out / "errors")
-        if rank == 0:
-            torch.save(results, out / "results.pt")
+        torch.save(results, out / f"results-rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 

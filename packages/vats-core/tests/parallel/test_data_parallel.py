@@ -97,7 +97,8 @@ def job(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
             p.kill()
         log = out / f"rank{rank}.log"
         assert p.exitcode == 0, f"rank {rank} failed:\n{log.read_text() if log.exists() else ''}"
-    results = torch.load(out / "results.pt", weights_only=False)
+    results = torch.load(out / "results-rank0.pt", weights_only=False)
+    results["rank1"] = torch.load(out / "results-rank1.pt", weights_only=False)
     return {"out": out, "results": results, "from_one": resume_from_one}
 
 
@@ -223,3 +224,11 @@ def test_a_two_rank_checkpoint_exports_to_save_pretrained(
     export_pretrained(step, sc.make_model(), tmp_path / "export")
     loaded = sc.TinyTransformer.from_pretrained(tmp_path / "export")
     _assert_params_close(sc.full_params(loaded), reference["params"][2], f"{name} export")
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(job: dict) -> None:
+    # rank 1 alone saw the NaN; the loss all-reduce carried it to rank 0
+    assert job["results"]["errors"]["nan_rank0"].startswith("step 3: non-finite loss")
+    assert job["results"]["rank1"]["errors"]["nan_rank1"].startswith("step 3: non-finite loss")
+    root = job["out"] / "errors" / "nan" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"  # the last good step

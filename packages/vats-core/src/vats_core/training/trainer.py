@@ -517,7 +517,7 @@ class Trainer:
         changed = sorted(
             k for k in current.keys() - _HARMLESS_CHANGES if saved.get(k, current[k]) != current[k]
         )
-        if changed:
+        if changed and self._main:  # once per run, not once per rank
             warnings.warn(
                 f"resuming {path} with changed TrainerConfig fields {changed}: the run "
                 "will not match an uninterrupted one",
@@ -541,10 +541,11 @@ class Trainer:
                 if self._main:
                     self._truncate_metrics()
                 return
-            warnings.warn(
-                f"resume=True but {self.checkpoint_root} holds no checkpoint: starting fresh",
-                stacklevel=3,
-            )
+            if self._main:
+                warnings.warn(
+                    f"resume=True but {self.checkpoint_root} holds no checkpoint: starting fresh",
+                    stacklevel=3,
+                )
         elif has_checkpoints:
             raise ValueError(
                 f"{self.checkpoint_root} already holds checkpoints: pass resume=True to "
