@@ -4,6 +4,7 @@ one-rank process group (the plain trainer's numbers)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import socket
 from collections.abc import Iterator
@@ -196,19 +197,25 @@ def test_compiled_checkpointed_blocks_keep_the_numbers_and_compile_once(
 # ----------------------------------------------------------------------------- one rank
 
 
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    """A default process group of one gloo rank, in this process, for one test."""
+@contextlib.contextmanager
+def _one_rank_group(backend: str) -> Iterator[None]:
+    """A default process group of one rank, in this process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
     )
     try:
         yield
     finally:
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def one_rank() -> Iterator[None]:
+    with _one_rank_group("gloo"):
+        yield
 
 
 @pytest.mark.parametrize(
@@ -240,3 +247,21 @@ def test_one_rank_data_parallel_equals_the_plain_trainer(
     assert saved.keys() == saved_plain.keys()
     for name in saved:
         torch.testing.assert_close(saved[name], saved_plain[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_rank_fsdp_over_nccl_equals_the_plain_trainer(sc: ModuleType, tmp_path: Path) -> None:
+    """The CUDA path: NCCL, a CUDA device mesh, the metrics all-reduce on the GPU."""
+    torch.cuda.set_device(0)
+    want, want_rows = _train(sc, sc.make_model().cuda(), tmp_path / "plain", checkpoint_every=2)
+    with _one_rank_group("nccl"):
+        options = ParallelConfig(data_parallel="fsdp", activation_checkpointing=True)
+        model = parallelize(sc.make_model().cuda(), options)
+        got, rows = _train(
+            sc, model, tmp_path / "fsdp", checkpoint_every=2, sharded_checkpoints=True
+        )
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+    for g, w in zip(rows, want_rows, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
