@@ -85,17 +85,18 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
 
     Steps 1-2 and FSDP change the model in place and keep its parameter names; DDP returns
     a wrapper whose ``.module`` is the model. Build the optimizer after this call (FSDP
-    replaces the parameters with sharded DTensors), and copy the model (an EMA) before it.
+    replaces the parameters with sharded DTensors). A deep copy made after steps 1-2 runs
+    its own weights; copy a model (an EMA) before DDP or FSDP, which a copy cannot carry.
 
     Every rank must call it with the same model (same init: seed before building it) and
     config. The model's parameters must all be on one device, the rank's own (CPU for gloo,
     ``cuda:<local rank>`` for NCCL).
 
     Raises:
-        ValueError: naming the ``ParallelConfig`` field, before anything is changed: DDP or
-            FSDP with no initialized process group; checkpointing or compile asked of a
-            model without transformer blocks; a model already parallelized or whose
-            parameters span several devices.
+        ValueError: before anything is changed, naming the ``ParallelConfig`` field for DDP
+            or FSDP with no initialized process group and for checkpointing or compile
+            asked of a model without transformer blocks; also for a model already
+            parallelized or whose parameters span several devices.
     """
     if not isinstance(config, ParallelConfig):
         raise ValueError(f"config must be a ParallelConfig, got {type(config).__name__}")
