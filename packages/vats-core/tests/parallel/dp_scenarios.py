@@ -11,6 +11,8 @@ single-process reference in its own process.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -204,6 +206,26 @@ def _errors(out_dir: Path) -> dict[str, str]:
     except NonFiniteLossError as e:
         errors[f"nan_rank{rank}"] = f"step {e.step}: {e}"
     return errors
+
+
+def killed_run(out_dir: Path) -> None:
+    """FSDP, a sharded checkpoint every step; rank 0 is killed with SIGKILL in the middle of
+    the step-3 checkpoint: every rank's shards and DCP's metadata are on disk, the trainer
+    state and the rename into place are not."""
+    from vats_core.parallel import ParallelConfig, parallelize
+    from vats_core.training import trainer as trainer_module
+
+    finish = trainer_module.finish_checkpoint
+
+    def die_at_step_three(root: Path, step: int, *args: Any) -> Path:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return finish(root, step, *args)
+
+    trainer_module.finish_checkpoint = die_at_step_three  # this process only (rank 0 calls it)
+    model = parallelize(make_model(), ParallelConfig(data_parallel="fsdp"))
+    config = trainer_config(out_dir, checkpoint_every=1, sharded_checkpoints=True)
+    Trainer(model, config, data=batch_fn, loss_fn=loss_fn).fit()
 
 
 def main(out: Path, resume_from_one: Path) -> None:

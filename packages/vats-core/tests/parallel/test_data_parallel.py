@@ -8,8 +8,11 @@ results against the single-process reference trained here.
 
 from __future__ import annotations
 
+import datetime
+import importlib
 import multiprocessing
 import os
+import signal
 import socket
 import traceback
 from pathlib import Path
@@ -53,8 +56,8 @@ def _single_process(
     return trainer, seen, rows
 
 
-def _rank_main(sc: ModuleType, rank: int, port: int, out: Path, resume_from_one: Path) -> None:
-    """One rank, with the environment torchrun gives its workers."""
+def _rank_env(rank: int, port: int) -> None:
+    """The environment torchrun gives its workers (init_process_group reads it)."""
     torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
     os.environ.update(
         RANK=str(rank),
@@ -63,11 +66,69 @@ def _rank_main(sc: ModuleType, rank: int, port: int, out: Path, resume_from_one:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _rank_main(rank: int, port: int, sc: ModuleType, out: Path, resume_from_one: Path) -> None:
+    """One rank of the job."""
+    _rank_env(rank, port)
     try:
         sc.main(out, resume_from_one)
     except BaseException:
         (out / f"rank{rank}.log").write_text(traceback.format_exc())
         raise
+
+
+def _start_ranks(target: Any, *args: Any) -> list[Any]:
+    """Two ranks forked from this process, which has imported torch and FSDP already: they
+    start in a second instead of paying ~25 s of imports each on a loaded 2-core machine."""
+    importlib.import_module("torch.distributed.fsdp")  # imported once, here, for both ranks
+    importlib.import_module("torch.distributed.checkpoint")
+
+    port = _free_port()
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=target, args=(rank, port, *args)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return procs
+
+
+def _killed_rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
+    _rank_env(rank, port)
+    # a short collective timeout: rank 0 must give up on its dead peer soon
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    try:
+        sc.killed_run(out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_rank_zero_killed_mid_checkpoint_leaves_the_last_complete_one_to_resume_from(
+    sc: ModuleType, reference: dict, tmp_path: Path
+) -> None:
+    procs = _start_ranks(_killed_rank_main, sc, tmp_path)
+    assert procs[0].exitcode == -signal.SIGKILL
+    assert procs[1].exitcode not in (0, None)  # it gave up on its peer: no hang, no success
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert not (root / "step_00000003").exists()
+    # the write it interrupted: both ranks' shards and the metadata, never renamed into place
+    assert (root / ".tmp-step_00000003" / "sharded" / ".metadata").is_file()
+    # a restart (here on one process) resumes from step 2 and reaches the uninterrupted run
+    trainer = Trainer(
+        sc.make_model(),
+        sc.trainer_config(tmp_path, checkpoint_every=1, sharded_checkpoints=True),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+    )
+    rows = trainer.fit(resume=True)
+    assert [r["step"] for r in rows] == [3, 4]
+    _assert_params_close(sc.full_params(trainer.model), reference["params"][4], "killed")
+    assert not (root / ".tmp-step_00000003").exists()  # the debris went with the new write
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +139,8 @@ def job(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     for name in CHECKPOINTS:  # a single-process run stopped at step 2, for the ranks to resume
         config = sc.checkpoint_config(name, resume_from_one / name)
         Trainer(sc.make_model(), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(stop_after=2)
-    # Forked from this process, which has imported torch and FSDP already: the ranks start
-    # in a second instead of paying ~25 s of imports each on a loaded 2-core machine.
-    import torch.distributed.fsdp  # (imported once, here, for both ranks)
-
-    port = _free_port()
-    fork = multiprocessing.get_context("fork")
-    procs = [
-        fork.Process(target=_rank_main, args=(sc, rank, port, out, resume_from_one))
-        for rank in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
+    procs = _start_ranks(_rank_main, sc, out, resume_from_one)
     for rank, p in enumerate(procs):
-        if p.is_alive():
-            p.kill()
         log = out / f"rank{rank}.log"
         assert p.exitcode == 0, f"rank {rank} failed:\n{log.read_text() if log.exists() else ''}"
     results = torch.load(out / "results-rank0.pt", weights_only=False)
