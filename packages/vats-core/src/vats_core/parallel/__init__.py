@@ -5,7 +5,9 @@
   then DDP or FSDP2 (``fully_shard`` on every transformer block and the root);
 - :func:`transformer_blocks`: the rule that finds a model's blocks;
 - :mod:`vats_core.parallel.runtime`: how the trainer splits batches, averages metrics and
-  writes checkpoints on a process group.
+  writes checkpoints on a process group;
+- :mod:`vats_core.parallel.sharded`: sharded checkpoints (``torch.distributed.checkpoint``)
+  and :func:`~vats_core.parallel.sharded.export_pretrained`.
 
 Model files never import ``torch.distributed``; this package is where it is used. Run a
 script under ``torchrun --nproc-per-node N``::
@@ -15,8 +17,8 @@ script under ``torchrun --nproc-per-node N``::
     model = parallelize(MyModel(config), ParallelConfig(data_parallel="fsdp"))
     Trainer(model, trainer_config, data=data, loss_fn=loss_fn).fit()
 
-Only ``vats_core.parallel.runtime`` and the FSDP/DDP paths import the heavier
-``torch.distributed`` submodules, when they are used.
+The heavier ``torch.distributed`` submodules (FSDP, DCP) are imported when they are used,
+so a single-process run pays nothing for them.
 """
 
 from vats_core.parallel.apply import parallelize, transformer_blocks

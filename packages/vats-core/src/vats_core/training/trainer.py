@@ -31,10 +31,12 @@ rounding (fused kernels), so resume a compiled run compiled and an eager run eag
 Under ``torchrun`` (an initialized default process group), pass the model that
 :func:`vats_core.parallel.parallelize` returned (DDP or FSDP2): every rank draws the same
 global micro-batches and keeps its share of the rows, gradients are averaged across ranks,
-the logged loss and metrics are global means, and only rank 0 prints, writes
-``metrics.jsonl`` and writes checkpoints (gathered, in the single-process format, so a run
-resumes on another world size). The rules are in :mod:`vats_core.parallel.runtime`.
-Without a process group nothing of this runs: the single-process path is unchanged.
+the logged loss and metrics are global means, and only rank 0 prints and writes
+``metrics.jsonl``. Checkpoints are gathered to rank 0 in the single-process format, or,
+with ``TrainerConfig.sharded_checkpoints``, written by every rank as its own shards
+(:mod:`vats_core.parallel.sharded`); either resumes on another world size. The rules are
+in :mod:`vats_core.parallel.runtime`. Without a process group nothing of this runs: the
+single-process path is unchanged.
 
 Example (classification; for language models pass ``items_fn=lambda b: b["ids"].numel()``
 and ``items_name="tokens"`` to see tokens/s)::
