@@ -23,10 +23,11 @@ Metrics. The loss and ``loss_fn``'s extra metrics are averaged over ranks (one a
 per step), so what rank 0 logs is the global mean; throughput counts the whole global
 batch. Only rank 0 prints, writes ``metrics.jsonl`` and writes checkpoints.
 
-Checkpoints. Gathered in the single-process format (model weights and an optimizer state
-keyed by parameter position), so they resume on any world size and load into a plain
-model. FSDP gathers the shards to rank 0 (CPU) with ``torch.distributed.checkpoint``'s
-state-dict helpers; a model too large for one host needs sharded checkpoints instead.
+Checkpoints. By default gathered in the single-process format (model weights and an
+optimizer state keyed by parameter position), so they resume on any world size and load
+into a plain model. FSDP gathers the shards to rank 0 (CPU) with
+``torch.distributed.checkpoint``'s state-dict helpers; a model too large for one host
+wants ``TrainerConfig.sharded_checkpoints`` (:mod:`vats_core.parallel.sharded`) instead.
 """
 
 from __future__ import annotations
