@@ -43,6 +43,8 @@ def _optimum(diffusion: Diffusion, c: torch.Tensor):
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x64 = x.double()
         view = (-1,) + (1,) * (x.ndim - 1)
+        if cfg.prediction_type is PredictionType.SAMPLE:
+            return c64.expand_as(x64).to(x.dtype)
         if cfg.is_flow:  # x_t = (1 − σ)c + σε: the velocity ε − c
             sigma = (t.double() / n).view(view)
             return ((x64 - c64) / sigma).to(x.dtype)
@@ -74,6 +76,7 @@ CASES = [
     ({"name": "flow_match_euler"}, None, IMAGE),
     ({"name": "flow_match_euler", "shift": 3.0}, None, CLIP),
     ({"name": "flow_match_euler", "shift": 0.5}, None, MEL),
+    ({"name": "flow_match_euler", "prediction_type": "sample", "shift": 3.0}, None, MEL),
     # trained with DDPM, sampled with the others; cosine and scaled-linear betas
     ({"name": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", IMAGE),
     ({"name": "ddpm", "prediction_type": "v_prediction"}, "dpm_solver", MEL),
@@ -102,11 +105,19 @@ def test_exact_optimum_reaches_the_data_point(overrides, sampler, shape) -> None
     torch.testing.assert_close(x, c.expand(shape), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample", "flow"])
-def test_exact_optimum_has_zero_training_loss(prediction: str) -> None:
+@pytest.mark.parametrize(
+    ("prediction", "name"),
+    [
+        ("epsilon", "ddpm"),
+        ("v_prediction", "ddpm"),
+        ("sample", "ddpm"),
+        ("flow", "flow_match_euler"),
+        ("sample", "flow_match_euler"),
+    ],
+)
+def test_exact_optimum_has_zero_training_loss(prediction: str, name: str) -> None:
     """loss / add_noise / target agree with the sampler's conventions: the model that
     samples the data point exactly is also the minimiser (loss 0) of the training loss."""
-    name = "flow_match_euler" if prediction == "flow" else "ddpm"
     diffusion = Diffusion(SchedulerConfig(name=name, prediction_type=prediction, shift=1.0))
     c = torch.randn(3, 4, 4, generator=_gen(1))
     x0 = c.expand(64, 3, 4, 4)
@@ -194,6 +205,30 @@ def test_sample_equals_the_diffusers_loop(config: SchedulerConfig, peer) -> None
     kwargs = {"eta": config.eta} if config.name == "ddim" else {}
     want = _diffusers_loop(peer(), _smooth_model, noise, 7, generator=g, **kwargs)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_flow_sample_prediction_samples_as_its_velocity_model() -> None:
+    """An x0-predicting flow model samples what the velocity model it implies samples,
+    guided or not: x0 = x_t − σ·v, so the sampler's (x_t − x0)/σ gives v back."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return _smooth_model(x, t) * (1 + c.view(-1, *[1] * (x.ndim - 1)))
+
+    def x0_model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sigma = (t.float() / 1000).view(-1, *[1] * (x.ndim - 1))
+        return x - sigma * velocity(x, t, c)
+
+    cond, null = {"c": torch.ones(2, 1)}, {"c": torch.zeros(1, 1)}
+    flow = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0 = Diffusion(SchedulerConfig(name="flow_match_euler", prediction_type="sample"))
+    for scale in (1.0, 3.0):
+        kw = dict(steps=7, cond=cond, null_cond=null, guidance_scale=scale)
+        got = x0.sample(x0_model, (2, 3, 4, 4), generator=_gen(3), **kw)
+        want = flow.sample(velocity, (2, 3, 4, 4), generator=_gen(3), **kw)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # read as a velocity, the same model samples something else
+        other = flow.sample(x0_model, (2, 3, 4, 4), generator=_gen(3), **kw)
+        assert (other - want).abs().max() > 0.1
 
 
 def test_scheduler_state_never_leaks_between_calls() -> None:
@@ -417,7 +452,7 @@ def test_config_contract_and_defaults() -> None:
         ({"prediction_type": "x0"}, r"prediction_type='x0' is invalid: expected one of"),
         (
             {"name": "flow_match_euler", "prediction_type": "epsilon"},
-            r"prediction_type='epsilon' is invalid: expected one of \['flow'\]",
+            r"prediction_type='epsilon' is invalid: expected one of \['flow', 'sample'\]",
         ),
         (
             {"name": "ddim", "prediction_type": "flow"},

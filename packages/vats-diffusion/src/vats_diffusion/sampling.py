@@ -26,7 +26,12 @@ Conventions (diffusers'):
   diffusers' ``get_velocity``) or ``sample`` (x0). Any of the three schedulers samples a
   model trained with any of them (``sample(..., scheduler="dpm_solver")``).
 * Flow matching (``flow_match_euler``): ``t = σ·N`` is a float32 in ``[0, N]``,
-  ``x_t = (1 − σ)·x0 + σ·ε``, and the model predicts the velocity ``flow`` = ε − x0.
+  ``x_t = (1 − σ)·x0 + σ·ε``, and the model predicts the velocity ``flow`` = ε − x0, or
+  ``sample`` (x0, trained against x0; the sampler turns it into the velocity
+  ``(x_t − x0)/σ``). Predict x0 where a token holds more numbers than the model's width
+  (80 mel bins × 4 frames into a width of 128): ε and the velocity are full of noise that
+  such a model cannot carry through its narrower stream, x0 is not (Li & He, 2025, "Back
+  to Basics: Let Denoising Generative Models Denoise", arXiv:2511.13720).
 
 A sampling call builds a fresh diffusers scheduler from the config, so no scheduler state
 (DPM-Solver's history of model outputs, step indices) ever leaks from one call into the
@@ -113,6 +118,7 @@ class DpmAlgorithm(enum.StrEnum):
 _FLOW_SCHEDULERS = (SchedulerName.FLOW_MATCH_EULER,)
 _DDPM_SCHEDULERS = (SchedulerName.DDPM, SchedulerName.DDIM, SchedulerName.DPM_SOLVER)
 _DDPM_PREDICTIONS = (PredictionType.EPSILON, PredictionType.V_PREDICTION, PredictionType.SAMPLE)
+_FLOW_PREDICTIONS = (PredictionType.FLOW, PredictionType.SAMPLE)
 
 
 def _plain(value: Any) -> Any:
@@ -132,7 +138,8 @@ class SchedulerConfig(Config):
     """
 
     name: SchedulerName = SchedulerName.DDPM
-    # What the model predicts; None: epsilon for the DDPM family, flow for flow matching.
+    # What the model predicts; None: epsilon for the DDPM family, flow for flow matching
+    # (which also takes sample: x0).
     prediction_type: PredictionType | None = None
     num_train_timesteps: int = 1000  # N
     # DDPM family: the β schedule (diffusers' names and defaults).
@@ -160,7 +167,7 @@ class SchedulerConfig(Config):
         if self.prediction_type is None:
             default = PredictionType.FLOW if flow else PredictionType.EPSILON
             object.__setattr__(self, "prediction_type", default)
-        allowed = (PredictionType.FLOW,) if flow else _DDPM_PREDICTIONS
+        allowed = _FLOW_PREDICTIONS if flow else _DDPM_PREDICTIONS
         check(
             self.prediction_type in allowed,
             self,
@@ -509,6 +516,10 @@ class Diffusion:
                 pred = classifier_free_guidance(pred_cond, pred_null, guidance_scale)
             else:
                 pred = _call(model, x_in, t.expand(batch), model_cond).float()
+            if cfg.is_flow and cfg.prediction_type is PredictionType.SAMPLE:
+                # x0 -> the velocity the Euler step takes; every sampled σ is > 0 (the
+                # schedule's terminal 0 is only stepped to)
+                pred = (x - pred) / (t.float() / cfg.num_train_timesteps)
             x = sched.step(pred, t, x, **step_kwargs).prev_sample
         return x
 
