@@ -1,0 +1,134 @@
+"""Expert parallelism: a MoE layer's routed experts sharded over ranks, tokens sent to them.
+
+GShard (Lepikhin et al. 2020) and DeepSpeed-MoE / torchtitan's expert parallelism: with an
+EP degree P, the ranks form groups of P consecutive ranks, and rank p of a group holds
+experts [p·E/P, (p+1)·E/P) of every MoE layer (the same slice in every group). Each rank
+routes its own tokens with the layer's router, exactly as the single-process
+:class:`~vats_core.moe.MoE` does (the same plan: expert-sorted assignments, padding and
+over-capacity ones dropped), then:
+
+1. sends each assignment's token to the rank holding its expert (one all-to-all; the
+   single-process order, sorted by global expert, is already grouped by destination);
+2. the receiver regroups what came from its P peers by local expert and runs its experts
+   (:meth:`~vats_core.moe.GroupedExperts.run_groups`, the single-process code);
+3. sends the outputs back (the reverse all-to-all), where they are weighted and added
+   onto their tokens as in one process.
+
+So a rank's output is the single-process MoE's on the same tokens, and the gradient that
+reaches an expert's weights is the sum over every rank's tokens routed to it: the backward
+of an all-to-all is the reverse all-to-all (``torch.distributed.nn.functional``).
+
+:func:`shard_experts` swaps each ``MoE.experts`` for a :class:`ShardedExperts` holding the
+rank's slice under the same parameter names (``experts.gate_up_proj`` / ``down_proj``, now
+(E/P, 2H, D) and (E/P, D, H)), so the model's code and the MoE's forward are unchanged.
+:func:`~vats_core.parallel.parallelize` calls it for ``ParallelConfig.expert_parallel``.
+
+Shape legend: N tokens, D model dim, E experts of the layer, L = E/P experts of this rank,
+P ranks of the expert-parallel group, S assignments this rank sends, R assignments it
+receives, H expert hidden dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.nn.functional import all_to_all_single
+
+from vats_core.moe import GroupedExperts, MoE
+
+
+class ShardedExperts(GroupedExperts):
+    """This rank's slice of a :class:`~vats_core.moe.GroupedExperts`, fed by all-to-all.
+
+    Args:
+        experts: the layer's full experts (every rank holds the same initial weights).
+        group: the expert-parallel process group (P ranks).
+    """
+
+    def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup) -> None:
+        nn.Module.__init__(self)  # not GroupedExperts.__init__: it would allocate all E
+        self.config = experts.config
+        self.group = group
+        self.ranks = dist.get_world_size(group)  # P
+        self.rank = dist.get_rank(group)  # p
+        self.local = experts.config.n_experts // self.ranks  # L
+        mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[mine].clone())
+        self.down_proj = nn.Parameter(experts.down_proj.detach()[mine].clone())
+
+    def forward(
+        self,
+        x_ND: Tensor,
+        token_S: Tensor,
+        weight_S: Tensor,
+        group_sizes_E: Tensor,
+        *,
+        grouped: bool,
+    ) -> Tensor:
+        """:meth:`GroupedExperts.forward`'s contract: assignments sorted by global expert
+        (``group_sizes_E`` counts all E), output (N, D) for this rank's tokens."""
+        P, L = self.ranks, self.local
+        x_SD = x_ND.index_select(0, token_S)
+
+        # 1. Counts: what I send to each rank, per its local expert; what each sends me.
+        send_PL = group_sizes_E.reshape(P, L)
+        recv_PL = torch.empty_like(send_PL)
+        dist.all_to_all_single(recv_PL, send_PL.contiguous(), group=self.group)
+        send_sizes, recv_sizes = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+
+        # 2. Tokens to the experts' ranks; arrived by source rank, then by local expert.
+        x_RD = _exchange(x_SD, recv_sizes, send_sizes, self.group)
+        # Regroup by local expert (stable: source rank order within an expert).
+        expert_R = (
+            torch.arange(L, device=x_RD.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
+        )
+        order_R = torch.sort(expert_R, stable=True).indices
+        out_RD = self.run_groups(x_RD.index_select(0, order_R), recv_PL.sum(0), grouped=grouped)
+        out_RD = out_RD.index_select(0, torch.argsort(order_R))  # back to arrival order
+
+        # 3. Outputs back to the tokens' ranks, weighted and summed per token.
+        out_SD = _exchange(out_RD, send_sizes, recv_sizes, self.group)
+        out_SD = out_SD * weight_S.to(out_SD.dtype)[:, None]
+        return torch.zeros_like(x_ND).index_add(0, token_S, out_SD)
+
+
+def _exchange(
+    x: Tensor, out_sizes: list[int], in_sizes: list[int], group: dist.ProcessGroup
+) -> Tensor:
+    """All-to-all of rows (differentiable): ``in_sizes[p]`` rows of ``x`` go to rank p,
+    ``out_sizes[p]`` rows come from it. (sum(in_sizes), D) -> (sum(out_sizes), D)."""
+    out = x.new_empty((sum(out_sizes), *x.shape[1:]))
+    return all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every :class:`~vats_core.moe.MoE` in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def expert_groups(degree: int) -> dist.ProcessGroup:
+    """This rank's expert-parallel group: ranks [g·P, (g+1)·P) for P = ``degree``. Every
+    rank creates every group (``new_group`` is collective), in the same order."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for start in range(0, world, degree):
+        group = dist.new_group(list(range(start, start + degree)))
+        if start <= rank < start + degree:
+            mine = group
+    assert mine is not None
+    return mine
+
+
+def shard_experts(model: nn.Module, degree: int) -> list[ShardedExperts]:
+    """Replace every MoE layer's experts by this rank's :class:`ShardedExperts` slice.
+
+    The caller (:func:`~vats_core.parallel.parallelize`) has checked that ``degree``
+    divides the world size and every layer's ``n_experts``. In place; returns the shards.
+    """
+    group = expert_groups(degree)
+    shards = []
+    for moe in moe_layers(model):
+        moe.experts = ShardedExperts(moe.experts, group)
+        shards.append(moe.experts)
+    return shards
