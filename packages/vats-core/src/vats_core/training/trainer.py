@@ -499,6 +499,10 @@ class Trainer:
 
         Args:
             path: a step directory; default: the one ``checkpoints/latest`` names.
+
+        Raises:
+            ValueError: the checkpoint was written with another global batch
+                (``grad_accum_steps``, or the data source's batch size), before any step.
         """
         path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_root)
         if path is None:
@@ -516,6 +520,14 @@ class Trainer:
             self._dp.load_state(self.optimizer, tensors, optimizer_state)
         saved = state.get("trainer_config", {})
         current = self.config.to_dict()
+        accum = saved.get("grad_accum_steps", current["grad_accum_steps"])
+        if accum != current["grad_accum_steps"]:
+            raise ValueError(
+                f"TrainerConfig.grad_accum_steps={current['grad_accum_steps']} is invalid for "
+                f"resuming {path}: it was written with grad_accum_steps={accum}, and a changed "
+                "global batch would not continue that run (the number of ranks may change; "
+                "the global batch may not)"
+            )
         changed = sorted(
             k for k in current.keys() - _HARMLESS_CHANGES if saved.get(k, current[k]) != current[k]
         )
