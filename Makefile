@@ -21,7 +21,7 @@ PKG_DIR_diffusion := packages/vats-diffusion
 PKG_DIR_apps := apps
 PACKAGES := core text vision audio diffusion apps
 
-.PHONY: setup uv sync demo test lint test-root bench build clean $(addprefix test-,$(PACKAGES))
+.PHONY: setup uv sync demo test lint test-root bench build clean train-distributed $(addprefix test-,$(PACKAGES))
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
@@ -43,6 +43,18 @@ demo: setup
 	$(RUN) vats pipeline=text_to_audio
 	$(RUN) vats pipeline=text_to_video
 	$(RUN) vats pipeline=report
+
+# The text pipeline trained by 2 ranks under torchrun (gloo on CPU, NCCL with CUDA), FSDP2
+# over a global batch of 16 rows, tiny and short; rank 0 prints and writes
+# runs/train-distributed/result.json. DP=ddp or DP=fsdp; it trains anew each time.
+DP ?= fsdp
+train-distributed: setup
+	OMP_NUM_THREADS=1 VATS_CACHE_DIR=$(CURDIR)/outputs/train-distributed-cache \
+		$(RUN) torchrun --nproc-per-node 2 -m vats_apps pipeline=text_generation \
+		train.parallel=$(DP) pipeline.retrain=true pipeline.out_dir=runs/train-distributed \
+		model/text=tiny train.max_steps=40 train.max_files=40 train.vocab_size=512 \
+		train.seq_len=64 train.batch_size=16 train.trainer.warmup_steps=5 \
+		train.trainer.eval_every=20 train.trainer.log_every=10 generation.max_new_tokens=24
 
 # The suites run two at a time, each on one thread (TEST_ENV), so the 2 cores CI has are
 # both busy; the longest (root) starts first, and each suite's output is printed whole

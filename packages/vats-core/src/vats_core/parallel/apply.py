@@ -140,6 +140,18 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
     return model
 
 
+def check_parallelizable(model: nn.Module, config: ParallelConfig) -> None:
+    """Raise what :func:`parallelize` would refuse, changing nothing.
+
+    A model built on the meta device (no memory, no init) is enough, so a pipeline can
+    check ``config`` against the world and the model's shape before any expensive work.
+
+    Raises:
+        ValueError: as :func:`parallelize`.
+    """
+    _check(model, config, transformer_blocks(model))
+
+
 def _check(model: nn.Module, config: ParallelConfig, blocks: list[nn.Module]) -> torch.device:
     """Every refusal of :func:`parallelize`, before it changes anything; the model's device."""
     dp = config.data_parallel

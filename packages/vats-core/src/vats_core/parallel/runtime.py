@@ -129,16 +129,15 @@ class DataParallelRun:
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model and optimizer state dicts in the single-process format; every rank must
         call it (FSDP gathers), only rank 0's are complete (others may be empty)."""
+        model_state = gathered_model_state(self.model)
         if self.kind != "fsdp":
-            return self.module.state_dict(), optimizer.state_dict()
+            return model_state, optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
-            get_model_state_dict,
             get_optimizer_state_dict,
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.model, options=options)
         optim_state = get_optimizer_state_dict(self.model, optimizer, options=options)
         return model_state, _by_position(optim_state, _names(self.module, optimizer))
 
@@ -172,6 +171,22 @@ class DataParallelRun:
             if backend == "nccl"
             else (torch.device("cpu"))
         )
+
+
+def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The single-process state dict of a parallelized model (what ``parallelize``
+    returned), to load into a plain copy of it: every rank must call it (FSDP gathers its
+    shards, to rank 0's CPU); only rank 0's is sure to be complete (FSDP's other ranks get
+    an empty dict)."""
+    kind = _kind(model)
+    if kind == "ddp":
+        return model.module.state_dict()
+    if kind == "none":
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def _kind(model: nn.Module) -> str:
