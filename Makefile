@@ -21,7 +21,7 @@ PKG_DIR_diffusion := packages/vats-diffusion
 PKG_DIR_apps := apps
 PACKAGES := core text vision audio diffusion apps
 
-.PHONY: setup uv sync demo test lint test-root bench build clean train-distributed $(addprefix test-,$(PACKAGES))
+.PHONY: setup uv sync demo test lint test-root bench build clean train-distributed test-gpu $(addprefix test-,$(PACKAGES))
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
@@ -78,6 +78,12 @@ $(addprefix test-,$(PACKAGES)): test-%: uv
 
 test-root: setup
 	$(TEST_ENV) $(RUN) pytest -c pyproject.toml -q tests --ignore=tests/benchmarks $(PYTEST_ARGS)
+
+# On a CUDA machine: every test marked gpu, then tests/benchmarks/bench_gpu.py (device,
+# versions, peaks; attention TFLOP/s; LM tokens/s and MFU; decode tokens/s). Without CUDA
+# it prints why it skipped and exits 0.
+test-gpu: setup
+	$(RUN) python tools/test_gpu.py $(PYTEST_ARGS)
 
 bench: setup
 	@for f in tests/benchmarks/bench_*.py; do $(RUN) python $$f; done

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import banner, fmt_bytes
+from common import banner, fmt_bytes, lm_flops_per_token
 
 from vats_core.parallel import ParallelConfig, parallelize, transformer_blocks
 from vats_core.training import Trainer, TrainerConfig
@@ -158,17 +158,9 @@ def two_ranks(steps: int, out: Path) -> dict[str, Any]:
     return torch.load(out / "rank0.pt")
 
 
-def flops_per_token(model: MoELanguageModel) -> float:
-    """Training FLOPs per token: 6 per active weight (forward 2, backward 4) plus PaLM's
-    attention term 12·L·D·T (scores and values, forward and backward; causal masking and
-    the sliding windows not discounted)."""
-    cfg = model.config
-    return 6 * model.num_parameters(active=True) + 12 * cfg.n_layers * cfg.dim * SEQ
-
-
 def paper(model: MoELanguageModel, one: float, comm: dict[str, float], step_2: dict) -> None:
     total = model.num_parameters()
-    per_token = flops_per_token(model)
+    per_token = lm_flops_per_token(model.config, SEQ)
     cpu_rate = per_token * one
     tokens = BATCH * SEQ
     print(
