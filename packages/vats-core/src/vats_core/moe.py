@@ -323,15 +323,21 @@ class GroupedExperts(nn.Module):
         """
         # index_select, not x_ND[token_S]: its backward is an index_add, not an index_put.
         x_SD = x_ND.index_select(0, token_S)
-        out_SD = self.run_groups(x_SD, group_sizes_E, grouped=grouped)
+        out_SD = self.expert_outputs(x_SD, group_sizes_E, grouped=grouped)
         out_SD = out_SD * weight_S.to(out_SD.dtype)[:, None]
         return torch.zeros_like(x_ND).index_add(0, token_S, out_SD)
 
-    def run_groups(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
-        """The experts on rows already grouped by expert, unweighted.
+    def expert_outputs(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
+        """expert(x) for rows grouped by expert, unweighted: (S, D) -> (S, D).
 
-        The step that expert parallelism moves to the rank holding the experts
-        (:mod:`vats_core.parallel.expert`), hence a method of its own.
+        Here the experts are this module's own (:meth:`run_groups`); expert parallelism
+        (:mod:`vats_core.parallel.expert`) overrides this step to send the rows to the rank
+        holding their expert and bring the outputs back.
+        """
+        return self.run_groups(x_SD, group_sizes_E, grouped=grouped)
+
+    def run_groups(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
+        """This module's experts on rows already grouped by expert, unweighted.
 
         Args:
             x_SD: (S, D) rows in the compute dtype; expert e's are rows

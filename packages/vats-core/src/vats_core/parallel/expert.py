@@ -14,6 +14,10 @@ over-capacity ones dropped), then:
 3. sends the outputs back (the reverse all-to-all), where they are weighted and added
    onto their tokens as in one process.
 
+Only the middle step of :class:`~vats_core.moe.GroupedExperts` changes
+(:meth:`~vats_core.moe.GroupedExperts.expert_outputs`); gathering the rows, weighting and
+summing them per token are the single-process code.
+
 So a rank's output is the single-process MoE's on the same tokens, and the gradient that
 reaches an expert's weights is the sum over every rank's tokens routed to it: the backward
 of an all-to-all is the reverse all-to-all (``torch.distributed.nn.functional``).
@@ -57,19 +61,18 @@ class ShardedExperts(GroupedExperts):
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[mine].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[mine].clone())
 
-    def forward(
-        self,
-        x_ND: Tensor,
-        token_S: Tensor,
-        weight_S: Tensor,
-        group_sizes_E: Tensor,
-        *,
-        grouped: bool,
-    ) -> Tensor:
-        """:meth:`GroupedExperts.forward`'s contract: assignments sorted by global expert
-        (``group_sizes_E`` counts all E), output (N, D) for this rank's tokens."""
+    def expert_outputs(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
+        """expert(x) for this rank's rows, computed where the experts live.
+
+        Args:
+            x_SD: (S, D) rows sorted by global expert.
+            group_sizes_E: (E,) rows per expert of the whole layer (all ranks' experts).
+            grouped: as :meth:`GroupedExperts.run_groups`.
+
+        Returns:
+            (S, D), in ``x_SD``'s row order.
+        """
         P, L = self.ranks, self.local
-        x_SD = x_ND.index_select(0, token_S)
 
         # 1. Counts: what I send to each rank, per its local expert; what each sends me.
         send_PL = group_sizes_E.reshape(P, L)
@@ -77,7 +80,7 @@ class ShardedExperts(GroupedExperts):
         dist.all_to_all_single(recv_PL, send_PL.contiguous(), group=self.group)
         send_sizes, recv_sizes = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
 
-        # 2. Tokens to the experts' ranks; arrived by source rank, then by local expert.
+        # 2. Rows to the experts' ranks; they arrive by source rank, then by local expert.
         x_RD = _exchange(x_SD, recv_sizes, send_sizes, self.group)
         # Regroup by local expert (stable: source rank order within an expert).
         expert_R = (
@@ -87,10 +90,8 @@ class ShardedExperts(GroupedExperts):
         out_RD = self.run_groups(x_RD.index_select(0, order_R), recv_PL.sum(0), grouped=grouped)
         out_RD = out_RD.index_select(0, torch.argsort(order_R))  # back to arrival order
 
-        # 3. Outputs back to the tokens' ranks, weighted and summed per token.
-        out_SD = _exchange(out_RD, send_sizes, recv_sizes, self.group)
-        out_SD = out_SD * weight_S.to(out_SD.dtype)[:, None]
-        return torch.zeros_like(x_ND).index_add(0, token_S, out_SD)
+        # 3. Outputs back to the rows' ranks, in the order they were sent.
+        return _exchange(out_RD, send_sizes, recv_sizes, self.group)
 
 
 def _exchange(
