@@ -45,13 +45,15 @@ demo: setup
 	$(RUN) vats pipeline=report
 
 # The text pipeline trained by 2 ranks under torchrun (gloo on CPU, NCCL with CUDA), FSDP2
-# over a global batch of 16 rows, tiny and short; rank 0 prints and writes
-# runs/train-distributed/result.json. DP=ddp or DP=fsdp; it trains anew each time.
+# by default, over a global batch of 16 rows, tiny and short; rank 0 prints and writes
+# runs/train-distributed/result.json. DP=ddp or DP=fsdp; EP=2 with DP=ddp also splits the
+# MoE experts over the 2 ranks (expert parallelism); it trains anew each time.
 DP ?= fsdp
+EP ?= 1
 train-distributed: setup
 	OMP_NUM_THREADS=1 VATS_CACHE_DIR=$(CURDIR)/outputs/train-distributed-cache \
 		$(RUN) torchrun --nproc-per-node 2 -m vats_apps pipeline=text_generation \
-		train.parallel=$(DP) pipeline.retrain=true pipeline.out_dir=runs/train-distributed \
+		train.parallel.data_parallel=$(DP) train.parallel.expert_parallel=$(EP) pipeline.retrain=true pipeline.out_dir=runs/train-distributed \
 		model/text=tiny train.max_steps=40 train.max_files=40 train.vocab_size=512 \
 		train.seq_len=64 train.batch_size=16 train.trainer.warmup_steps=5 \
 		train.trainer.eval_every=20 train.trainer.log_every=10 generation.max_new_tokens=24

@@ -19,6 +19,8 @@ from torch import nn
 
 from vats_core.moe import MoE, MoEConfig
 from vats_core.parallel import ParallelConfig, parallelize
+from vats_core.parallel.runtime import gathered_model_state
+from vats_core.training import Trainer
 
 TOL = 1e-5
 D, B, T = 8, 3, 5
@@ -82,9 +84,9 @@ def _errors() -> dict[str, str]:
             ParallelConfig(expert_parallel=2),
         ),
         (
-            "ddp",
+            "fsdp",
             make_moe(CASES["dropless"]),
-            ParallelConfig(expert_parallel=2, data_parallel="ddp"),
+            ParallelConfig(expert_parallel=2, data_parallel="fsdp"),
         ),
         ("no_moe", nn.Sequential(nn.Linear(D, D)), ParallelConfig(expert_parallel=2)),
     ]:
@@ -101,6 +103,33 @@ def _errors() -> dict[str, str]:
     return errors
 
 
+def _train(sc: ModuleType, out: Path) -> dict[str, Any]:
+    """dp_scenarios' tiny transformer (a dense and a MoE block) trained by the Trainer with
+    DDP + expert parallelism: the parameters after every step, the logged rows, the
+    gathered weights, and the refusal of checkpoints."""
+    model = parallelize(sc.make_model(), ParallelConfig(data_parallel="ddp", expert_parallel=2))
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    trainer = Trainer(
+        model,
+        sc.trainer_config(out),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+        on_step=lambda step, m: seen.__setitem__(step, sc.full_params(m)),
+    )
+    rows = trainer.fit()
+    result = {"params": seen, "rows": rows, "gathered": gathered_model_state(model)}
+    try:
+        Trainer(
+            parallelize(sc.make_model(), ParallelConfig(data_parallel="ddp", expert_parallel=2)),
+            sc.trainer_config(out / "ckpt", checkpoint_every=2),
+            data=sc.batch_fn,
+            loss_fn=sc.loss_fn,
+        )
+    except ValueError as e:
+        result["checkpoint_error"] = str(e)
+    return result
+
+
 def _rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
     sc.rank_env(rank, port)
     try:
@@ -111,6 +140,7 @@ def _rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
             results[name] = _forward_backward(moe, rank)
             results[name]["expert_shape"] = tuple(moe.experts.gate_up_proj.shape)
         results["errors"] = _errors()
+        results["ddp"] = _train(sc, out / f"train-{rank}")
         torch.save(results, out / f"ep-rank{rank}.pt")
         torch.distributed.destroy_process_group()
     except BaseException:
@@ -181,7 +211,7 @@ def test_each_rank_holds_its_experts_and_their_gradient_sums_both_ranks_tokens(
     [
         ("world", ["ParallelConfig.expert_parallel=3", "world size 2"]),
         ("experts", ["ParallelConfig.expert_parallel=2", "n_experts=3"]),
-        ("ddp", ["ParallelConfig.expert_parallel=2", "data_parallel='ddp'"]),  # not built yet
+        ("fsdp", ["ParallelConfig.expert_parallel=2", "data_parallel='fsdp'"]),  # not built yet
         ("no_moe", ["ParallelConfig.expert_parallel=2", "no MoE layer"]),
     ],
 )
@@ -190,6 +220,46 @@ def test_degrees_and_models_that_do_not_fit_are_refused_naming_the_field(
 ) -> None:
     message = job[0]["errors"][case]
     assert all(part in message for part in says), message
+
+
+def test_ddp_with_expert_parallel_trains_the_single_process_parameters(
+    sc: ModuleType, job: list[dict], tmp_path: Path
+) -> None:
+    """Four steps (2 micro-batches each, clipping active) on 2 ranks, each holding 2 of the
+    MoE block's 4 experts: every parameter, the loss and the gradient norm equal the
+    single-process run's; the gathered weights are the whole model's."""
+    want: dict[int, dict[str, torch.Tensor]] = {}
+    rows = Trainer(
+        sc.make_model(),
+        sc.trainer_config(tmp_path),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+        on_step=lambda step, m: want.__setitem__(step, sc.full_params(m)),
+    ).fit()
+    expert = "layers.1.ffn.experts."
+    for rank in range(2):
+        got = job[rank]["ddp"]
+        for step in (1, 4):
+            assert got["params"][step].keys() == want[step].keys()
+            for name, value in want[step].items():
+                if name.startswith(expert):
+                    value = value[2 * rank : 2 * rank + 2]  # this rank's experts
+                _close(got["params"][step][name], value, f"rank {rank} step {step} {name}")
+        for g, w in zip(got["rows"], rows, strict=True):
+            for key in ("loss", "grad_norm"):
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (rank, g["step"], key)
+        for name, value in want[4].items():
+            _close(got["gathered"][name], value, f"rank {rank} gathered {name}")
+    assert not torch.equal(
+        want[4][expert + "down_proj"], sc.make_model().state_dict()[expert + "down_proj"]
+    )
+
+
+def test_checkpoints_of_expert_parallel_training_are_refused_before_any_step(
+    job: list[dict],
+) -> None:
+    message = job[0]["ddp"]["checkpoint_error"]
+    assert "TrainerConfig.checkpoint_every=2" in message and "expert_parallel" in message
 
 
 def test_expert_parallel_needs_a_process_group() -> None:

@@ -81,7 +81,8 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
     2. ``torch.compile`` of every block (``config.compile``);
     3. expert parallelism (``config.expert_parallel`` > 1): every MoE layer keeps this
        rank's slice of its experts and exchanges tokens by all-to-all
-       (:mod:`vats_core.parallel.expert`); not combined with DDP or FSDP yet;
+       (:mod:`vats_core.parallel.expert`); with DDP (not FSDP yet), which leaves the
+       sharded expert weights to the expert-parallel gradient averaging;
     4. data parallelism over the default process group: FSDP2 shards each block and then
        the root (the parameters outside the blocks: embeddings, final norm, head) with
        ``fully_shard``; DDP wraps the model in ``DistributedDataParallel``.
@@ -135,6 +136,16 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
     if config.data_parallel is DataParallel.DDP:
         from torch.nn.parallel import DistributedDataParallel
 
+        if config.expert_parallel > 1:
+            from vats_core.parallel.expert import average_expert_gradients, expert_parameter_names
+
+            # DDP must neither broadcast rank 0's experts over the others' nor average
+            # gradients of different experts: it skips the sharded weights, whose gradients
+            # the hooks average over their replicas instead. (torch's documented way to
+            # exclude parameters from DDP.)
+            names = expert_parameter_names(model)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+            average_expert_gradients(model)
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     return model
@@ -241,13 +252,13 @@ def _check_expert_parallel(model: nn.Module, config: ParallelConfig) -> None:
             raise config_error(
                 config, "expert_parallel", ep, f"a divisor of {name}'s n_experts={n}"
             )
-    if config.data_parallel is not DataParallel.NONE:
+    if config.data_parallel is DataParallel.FSDP:
         raise config_error(
             config,
             "expert_parallel",
             ep,
-            f"1 with data_parallel={config.data_parallel.value!r}: expert-parallel layers "
-            "are not combined with DDP or FSDP yet (their expert weights differ per rank)",
+            "1 with data_parallel='fsdp': expert-parallel layers are combined with DDP "
+            "(data_parallel='ddp') or none, not with FSDP yet",
         )
 
 

@@ -40,7 +40,9 @@ class ParallelConfig(Config):
     # Expert parallelism degree P: every MoE layer's routed experts are split over groups of
     # P ranks (rank p holds experts [p*E/P, (p+1)*E/P)) and tokens travel to their expert by
     # all-to-all (vats_core.parallel.expert). 1 = every rank holds every expert. P must
-    # divide the world size and every MoE layer's n_experts.
+    # divide the world size and every MoE layer's n_experts; combines with data_parallel
+    # 'ddp' (or 'none' for a hand-written loop), not 'fsdp' yet; the trainer does not
+    # checkpoint such a run yet (refused before the first step).
     expert_parallel: int = 1
 
     def __post_init__(self) -> None:

@@ -27,12 +27,19 @@ rank's slice under the same parameter names (``experts.gate_up_proj`` / ``down_p
 (E/P, 2H, D) and (E/P, D, H)), so the model's code and the MoE's forward are unchanged.
 :func:`~vats_core.parallel.parallelize` calls it for ``ParallelConfig.expert_parallel``.
 
+Training with DDP: DDP leaves the sharded weights alone (they differ per rank), and
+:func:`average_expert_gradients` makes their gradients the data-parallel mean; the
+trainer's gradient norm counts each expert once (:func:`expert_norm_squared`), and
+:func:`gather_experts` rebuilds whole weights for a plain copy of the model.
+
 Shape legend: N tokens, D model dim, E experts of the layer, L = E/P experts of this rank,
 P ranks of the expert-parallel group, S assignments this rank sends, R assignments it
 receives, H expert hidden dim.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -58,6 +65,8 @@ class ShardedExperts(GroupedExperts):
         self.rank = dist.get_rank(group)  # p
         self.local = experts.config.n_experts // self.ranks  # L
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        # the ranks holding the same experts in the other EP groups (set by shard_experts)
+        self.replicas: dist.ProcessGroup | None = None
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[mine].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[mine].clone())
 
@@ -108,17 +117,22 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def expert_groups(degree: int) -> dist.ProcessGroup:
-    """This rank's expert-parallel group: ranks [g·P, (g+1)·P) for P = ``degree``. Every
-    rank creates every group (``new_group`` is collective), in the same order."""
+def expert_groups(degree: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """This rank's two groups for P = ``degree``: its expert-parallel group, ranks
+    [g·P, (g+1)·P), and its replica group, the ranks holding the same experts (p, p + P,
+    p + 2P, ...). Every rank creates every group (``new_group`` is collective), in the same
+    order."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    mine = None
+    mine: dict[str, dist.ProcessGroup] = {}
     for start in range(0, world, degree):
         group = dist.new_group(list(range(start, start + degree)))
         if start <= rank < start + degree:
-            mine = group
-    assert mine is not None
-    return mine
+            mine["experts"] = group
+    for p in range(degree):
+        group = dist.new_group(list(range(p, world, degree)))
+        if rank % degree == p:
+            mine["replicas"] = group
+    return mine["experts"], mine["replicas"]
 
 
 def shard_experts(model: nn.Module, degree: int) -> list[ShardedExperts]:
@@ -127,9 +141,89 @@ def shard_experts(model: nn.Module, degree: int) -> list[ShardedExperts]:
     The caller (:func:`~vats_core.parallel.parallelize`) has checked that ``degree``
     divides the world size and every layer's ``n_experts``. In place; returns the shards.
     """
-    group = expert_groups(degree)
+    group, replicas = expert_groups(degree)
     shards = []
     for moe in moe_layers(model):
         moe.experts = ShardedExperts(moe.experts, group)
+        moe.experts.replicas = replicas
         shards.append(moe.experts)
     return shards
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """The names of every sharded expert weight in ``model`` (their values differ per rank)."""
+    return [
+        f"{name}.{param}" if name else param
+        for name, module in model.named_modules()
+        if isinstance(module, ShardedExperts)
+        for param, _ in module.named_parameters(recurse=False)
+    ]
+
+
+def average_expert_gradients(model: nn.Module) -> None:
+    """Make the sharded expert weights' gradients those of a data-parallel run.
+
+    Data parallelism trains on the mean of the ranks' losses, so every gradient must be
+    (1/W)·Σ over ranks. DDP averages the replicated weights; an expert's gradient on its
+    rank already sums its EP group's tokens (the backward all-to-all brought them), so it
+    is summed over the replica group (the other EP groups' copies of the same experts) and
+    divided by W. A hook on each expert weight does it as each gradient is computed (every
+    micro-batch: linear, so accumulation is unaffected).
+    """
+    world = dist.get_world_size()
+    for module in model.modules():
+        if not isinstance(module, ShardedExperts):
+            continue
+        for param in module.parameters(recurse=False):
+            param.register_hook(_averaging_hook(module.replicas, world))
+
+
+def _averaging_hook(replicas: dist.ProcessGroup | None, world: int) -> Callable[[Tensor], Tensor]:
+    several = replicas is not None and dist.get_world_size(replicas) > 1
+
+    def hook(grad: Tensor) -> Tensor:
+        if several:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=replicas)
+        return grad / world
+
+    return hook
+
+
+def expert_norm_squared(grads: list[Tensor], model: nn.Module) -> tuple[list[Tensor], Tensor]:
+    """Split a rank's gradients into the replicated ones and the experts' (sharded); return
+    the former and Σ over ranks of the experts' squared norm, counted once per expert
+    (every replica group holds the same averaged gradients)."""
+    expert_ids = {
+        id(p.grad)
+        for m in model.modules()
+        if isinstance(m, ShardedExperts)
+        for p in m.parameters(recurse=False)
+        if p.grad is not None
+    }
+    dense = [g for g in grads if id(g) not in expert_ids]
+    experts = [g for g in grads if id(g) in expert_ids]
+    squared = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for g in experts:
+        squared = squared + g.double().square().sum()
+    dist.all_reduce(squared)  # every rank takes part, with or without expert gradients
+    copies = dist.get_world_size() // next(
+        m.ranks for m in model.modules() if isinstance(m, ShardedExperts)
+    )
+    return dense, squared / copies
+
+
+def gather_experts(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (the model's state dict on this rank) with every sharded expert weight
+    replaced by the whole layer's (E, ...) weight, gathered over the EP group: what loads
+    into a plain copy of the model. Every rank must call it."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, ShardedExperts):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            key = f"{name}.{param_name}" if name else param_name
+            parts = [torch.empty_like(param) for _ in range(module.ranks)]
+            dist.all_gather(parts, param.detach().contiguous(), group=module.group)
+            out[key] = torch.cat(parts)
+    return out

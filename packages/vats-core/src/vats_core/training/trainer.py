@@ -327,6 +327,8 @@ class Trainer:
         # None: one process, the path as it always was. Else the rank's part of a
         # data-parallel run (refuses a plain model on several ranks).
         self._dp: DataParallelRun | None = _data_parallel_run(model)
+        if self._dp is not None:
+            self._dp.check(config.checkpoint_every, config.sharded_checkpoints)
         self.model = model
         # the plain model: the optimizer's parameter names, checkpoints, eval_fn, on_step
         self.module: nn.Module = model if self._dp is None else self._dp.module
@@ -632,9 +634,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self.step + 1, "loss", loss_value)
         grads = [p.grad for p in self._params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if self._dp is not None:
-            norm = self._dp.full(norm)  # FSDP: the norm of all shards, as a plain tensor
+        if self._dp is not None:  # FSDP's and expert-parallel shards: the global norm
+            norm = self._dp.grad_norm(grads)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
         grad_norm = float(norm.item())
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
