@@ -288,5 +288,30 @@ def main(out: Path, resume_from_one: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
+def launched_fsdp(backend: str, out: Path) -> None:
+    """One rank of a job torchrun starts (the 2-GPU check, over NCCL, each rank on
+    cuda:LOCAL_RANK; gloo runs it on CPU): FSDP2 through the Trainer for 4 steps; rank 0
+    saves the full parameters and the logged rows to ``<out>/launched.pt``."""
+    from vats_core.parallel import ParallelConfig, parallelize
+
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend)
+    try:
+        model = parallelize(make_model().to(device), ParallelConfig(data_parallel="fsdp"))
+        trainer = Trainer(model, trainer_config(out / "run"), data=batch_fn, loss_fn=loss_fn)
+        rows = trainer.fit()
+        params = full_params(trainer.module)  # every rank gathers
+        if torch.distributed.get_rank() == 0:
+            torch.save({"params": params, "rows": rows}, out / "launched.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "launched":  # dp_scenarios.py launched <backend> <out>
+        launched_fsdp(sys.argv[2], Path(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

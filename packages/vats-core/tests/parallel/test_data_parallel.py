@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import signal
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -237,3 +239,33 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(job: dict) 
     assert job["results"]["rank1"]["errors"]["nan_rank1"].startswith("step 3: non-finite loss")
     root = job["out"] / "errors" / "nan" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000002"  # the last good step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpu_fsdp_over_nccl_equals_the_single_gpu_trainer(
+    sc: ModuleType, tmp_path: Path
+) -> None:
+    """FSDP2 over NCCL on 2 GPUs, launched by torchrun (CUDA cannot be forked), after 4
+    steps: the parameters and losses of the plain trainer on one GPU."""
+    script = Path(sc.__file__)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*command, str(script), "launched", "nccl", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = torch.load(tmp_path / "launched.pt", weights_only=False)
+    torch.cuda.set_device(0)
+    trainer = Trainer(
+        sc.make_model().cuda(),
+        sc.trainer_config(tmp_path / "one"),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+    )
+    rows = trainer.fit()
+    _assert_params_close(got["params"], sc.full_params(trainer.model), "2-GPU FSDP")
+    for g, w in zip(got["rows"], rows, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6)
