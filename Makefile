@@ -21,7 +21,7 @@ PKG_DIR_diffusion := packages/vats-diffusion
 PKG_DIR_apps := apps
 PACKAGES := core text vision audio diffusion apps
 
-.PHONY: setup uv sync demo test lint test-root bench build clean $(addprefix test-,$(PACKAGES))
+.PHONY: setup uv sync demo test lint test-root bench build clean train-distributed test-gpu $(addprefix test-,$(PACKAGES))
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
@@ -43,6 +43,20 @@ demo: setup
 	$(RUN) vats pipeline=text_to_audio
 	$(RUN) vats pipeline=text_to_video
 	$(RUN) vats pipeline=report
+
+# The text pipeline trained by 2 ranks under torchrun (gloo on CPU, NCCL with CUDA), FSDP2
+# by default, over a global batch of 16 rows, tiny and short; rank 0 prints and writes
+# runs/train-distributed/result.json. DP=ddp or DP=fsdp; EP=2 with DP=ddp also splits the
+# MoE experts over the 2 ranks (expert parallelism); it trains anew each time.
+DP ?= fsdp
+EP ?= 1
+train-distributed: setup
+	OMP_NUM_THREADS=1 VATS_CACHE_DIR=$(CURDIR)/outputs/train-distributed-cache \
+		$(RUN) torchrun --nproc-per-node 2 -m vats_apps pipeline=text_generation \
+		train.parallel.data_parallel=$(DP) train.parallel.expert_parallel=$(EP) pipeline.retrain=true pipeline.out_dir=runs/train-distributed \
+		model/text=tiny train.max_steps=40 train.max_files=40 train.vocab_size=512 \
+		train.seq_len=64 train.batch_size=16 train.trainer.warmup_steps=5 \
+		train.trainer.eval_every=20 train.trainer.log_every=10 generation.max_new_tokens=24
 
 # The suites run two at a time, each on one thread (TEST_ENV), so the 2 cores CI has are
 # both busy; the longest (root) starts first, and each suite's output is printed whole
@@ -66,6 +80,12 @@ $(addprefix test-,$(PACKAGES)): test-%: uv
 
 test-root: setup
 	$(TEST_ENV) $(RUN) pytest -c pyproject.toml -q tests --ignore=tests/benchmarks $(PYTEST_ARGS)
+
+# On a CUDA machine: every test marked gpu, then tests/benchmarks/bench_gpu.py (device,
+# versions, peaks; attention TFLOP/s; LM tokens/s and MFU; decode tokens/s). Without CUDA
+# it prints why it skipped and exits 0.
+test-gpu: setup
+	$(RUN) python tools/test_gpu.py $(PYTEST_ARGS)
 
 bench: setup
 	@for f in tests/benchmarks/bench_*.py; do $(RUN) python $$f; done

@@ -70,6 +70,18 @@ def _last_level_cache() -> str:
     return f"L{level} {size}"
 
 
+def lm_flops_per_token(config: object, seq_len: int) -> float:
+    """Training FLOPs per token of a ``MoELMConfig`` LM at ``seq_len``: 6 per active weight
+    (forward 2, backward 4) plus PaLM's attention term 12·L·D·T (scores and values, forward
+    and backward; causal masking and sliding windows not discounted), the count MFU
+    figures are usually quoted against."""
+    from vats_text.model import MoELanguageModel
+
+    with torch.device("meta"):
+        active = MoELanguageModel(config).num_parameters(active=True)  # type: ignore[arg-type]
+    return 6 * active + 12 * config.n_layers * config.dim * seq_len  # type: ignore[attr-defined]
+
+
 def require(ok: bool, message: str) -> None:
     """Stop the script with a non-zero exit status when a fairness check fails (not an
     ``assert``: ``python -O`` would skip it)."""

@@ -4,6 +4,10 @@
 chosen ``configs/pipeline/<name>.yaml`` and calls the function the pipeline's
 ``_target_`` names with the whole composed config. Models never see Hydra: each
 pipeline turns its config section into the model's dataclass config.
+
+Under ``torchrun`` (``python -m vats_apps`` is this command) every rank runs the pipeline;
+rank 0 alone prints and writes ``result.json`` (see
+:mod:`vats_apps.pipelines.distributed`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hydra
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
+from vats_apps.pipelines.distributed import launched_rank, quiet_other_ranks
 from vats_apps.pipelines.results import write_result
 
 
@@ -47,13 +52,14 @@ def run_pipeline(cfg: DictConfig) -> object:
         raise ValueError("the pipeline config has no _target_: choose one with pipeline=<name>")
     result = get_method(target)(cfg)
     out_dir = cfg.pipeline.get("out_dir")
-    if out_dir is not None:
+    if out_dir is not None and launched_rank().is_main:  # under torchrun, rank 0 reports
         path = write_result(str(out_dir), pipeline_name(str(target)), result)
         print(f"result: {path}")
     return result
 
 
 def main() -> None:
+    quiet_other_ranks()  # under torchrun: rank 0 prints, the others train silently
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(
         run_pipeline
     )()

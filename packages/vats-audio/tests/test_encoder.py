@@ -18,6 +18,7 @@ from vats_audio.encoder import (
 from vats_audio.presets import AUDIO_PRESETS, audio_preset
 from vats_core.attention import attention_backend, backend_unavailable_reason
 from vats_core.testing import (
+    check_autocast_training,
     check_backward,
     check_dtype_device_moves,
     check_forward,
@@ -354,3 +355,12 @@ def test_aot_compiled_equals_eager(overrides: dict) -> None:
     assert grads.keys() == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_audio_encoder_trains_under_bf16_autocast_on_cuda() -> None:
+    """Mixed-precision training as the trainer runs it on a GPU (bf16 autocast)."""
+    torch.manual_seed(0)
+    x, lengths = torch.randn(2, M, 37), torch.tensor([37, 27])
+    check_autocast_training(AudioEncoder(audio_preset("tiny")), (x, lengths), "cuda")

@@ -14,6 +14,7 @@ from vats_core.mlp import Activation, MLPConfig
 from vats_core.moe import MoEConfig, RouterStats
 from vats_core.norms import LayerNorm, NormType, RMSNorm
 from vats_core.rope import RopeConfig, RotaryEmbedding
+from vats_core.testing import check_autocast_training
 
 F64 = torch.float64
 SELF = AttentionConfig(dim=16, n_heads=4, n_kv_heads=2, causal=True)
@@ -276,3 +277,14 @@ def test_factorized_block_input_errors() -> None:
         block(x, context=torch.randn(2, 1, 12, dtype=F64))
     with pytest.raises(ValueError, match="context"):
         _factorized(cross=True)(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_block_trains_under_bf16_autocast_on_cuda() -> None:
+    """Mixed-precision training as the trainer runs it on a GPU (bf16 autocast)."""
+    torch.manual_seed(0)
+    attention = AttentionConfig(dim=32, n_heads=4, n_kv_heads=2, causal=True)
+    moe = MoEConfig(dim=32, hidden_dim=16, n_experts=4, top_k=2)
+    block = TransformerBlock(BlockConfig(attention=attention, moe=moe))
+    check_autocast_training(block, torch.randn(2, 8, 32), "cuda")

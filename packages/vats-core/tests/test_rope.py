@@ -191,6 +191,7 @@ def test_inv_freq_cache_keyed_by_device_and_dtype() -> None:
     assert not list(rope.state_dict())  # nothing persisted: frequencies derive from config
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_inv_freq_cache_per_device_cuda() -> None:
     rope = RotaryEmbedding(RopeConfig(head_dim=8))

@@ -12,6 +12,7 @@ from torch import nn
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config
 from vats_core.testing import (
+    check_autocast_training,
     check_backward,
     check_dtype_device_moves,
     check_forward,
@@ -70,6 +71,27 @@ class DetachedNet(Net):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.hidden(x)
         return nn.functional.linear(h, self.head.weight.detach(), self.head.bias)
+
+
+class AutocastDetachedNet(Net):
+    """Correct in float32; under autocast its head's weight is cut from the graph (a
+    hand-made low-precision copy), so it would never train in mixed precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        if torch.is_autocast_enabled(x.device.type):
+            weight = self.head.weight.detach().to(torch.get_autocast_dtype(x.device.type))
+            return nn.functional.linear(h.to(weight.dtype), weight, None) + self.head.bias
+        return self.head(h)
+
+
+class BadLowPrecisionNet(Net):
+    """Under autocast it computes another function: its low-precision path skips the norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return self.head(torch.tanh(self.proj(x)) + self.shift)
+        return super().forward(x)
 
 
 class InfGradNet(Net):
@@ -231,6 +253,14 @@ def test_check_raises_fails_when_it_should() -> None:
         check_raises(lambda: {}["k"], ValueError)
     with pytest.raises(AssertionError, match="does not match 'negative'"):
         check_raises(bad, ValueError, "negative")
+
+
+def test_autocast_training_check_passes_a_correct_model_and_catches_broken_ones() -> None:
+    check_autocast_training(build(), X, "cpu")  # bf16 autocast runs on CPU too
+    with pytest.raises(AssertionError, match=r"no finite gradient .*\['head.weight'\]"):
+        check_autocast_training(build(AutocastDetachedNet), X, "cpu")
+    with pytest.raises(AssertionError, match="relative error"):
+        check_autocast_training(build(BadLowPrecisionNet), X, "cpu")
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from vats_core.kv_cache import RollingKVCache, StaticKVCache
 from vats_core.moe import MoE
 from vats_core.testing import (
+    check_autocast_training,
     check_backward,
     check_dtype_device_moves,
     check_forward,
@@ -322,3 +323,10 @@ def test_loss_on_the_last_positions_only_equals_the_full_loss():
     torch.testing.assert_close(kept.loss, full.loss)
     check_raises(lambda: model(ids, labels=labels, logits_to_keep=4), ValueError, "must be -100")
     check_raises(lambda: model(ids, labels=labels, logits_to_keep=21), ValueError, "exceeds")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lm_trains_under_bf16_autocast_on_cuda() -> None:
+    """Mixed-precision training as the trainer runs it on a GPU (bf16 autocast)."""
+    check_autocast_training(_model(), _ids(), "cuda", output_fn=_logits)

@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 
 from vats_core.testing import (
+    check_autocast_training,
     check_backward,
     check_dtype_device_moves,
     check_forward,
@@ -478,3 +479,13 @@ def test_inductor_compiled_equals_eager() -> None:
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled.forward_features(x), model.forward_features(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vit2d_trains_under_bf16_autocast_on_cuda() -> None:
+    """Mixed-precision training as the trainer runs it on a GPU (bf16 autocast)."""
+    torch.manual_seed(0)
+    config = vit2d_preset("tiny")
+    x = torch.randn(2, config.in_channels, *config.image_hw)
+    check_autocast_training(ViT2D(config), x, "cuda")

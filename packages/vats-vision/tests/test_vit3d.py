@@ -13,6 +13,7 @@ from einops import rearrange
 
 from vats_core.rope import rope_axes_dims
 from vats_core.testing import (
+    check_autocast_training,
     check_backward,
     check_dtype_device_moves,
     check_forward,
@@ -379,3 +380,13 @@ def test_aot_compiled_equals_eager(pos_embed: VideoPosEmbed) -> None:
     assert grads.keys() == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vit3d_trains_under_bf16_autocast_on_cuda() -> None:
+    """Mixed-precision training as the trainer runs it on a GPU (bf16 autocast)."""
+    torch.manual_seed(0)
+    config = vit3d_preset("tiny")
+    x = torch.randn(2, config.in_channels, config.num_frames, *config.image_hw)
+    check_autocast_training(ViT3D(config), x, "cuda")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
+from vats_apps.pipelines.distributed import (
+    Ranks,
+    check_batch,
+    check_model,
+    parallel_config,
+    parallel_model,
+    process_group,
+)
 from vats_core.inference import compile_frozen
+from vats_core.parallel import ParallelConfig
+from vats_core.parallel.runtime import gathered_model_state
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.corpus import load_corpus
 from vats_text.data import (
@@ -103,7 +114,20 @@ def trainer_config(cfg: DictConfig, out_dir: str) -> TrainerConfig:
 
 
 def load_or_train(cfg: DictConfig) -> TrainedLM:
-    """The cached tokenizer and model for this config, training them if needed."""
+    """The cached tokenizer and model for this config, training them if needed: what the
+    pipelines that use the text model as a part call, on one process."""
+    lm = load_or_train_ranks(cfg)
+    if lm is None:
+        raise ValueError(
+            "the text model is trained under train.parallel by pipeline=text_generation "
+            "alone: run it (under torchrun) first, then this pipeline on one process"
+        )
+    return lm
+
+
+def load_or_train_ranks(cfg: DictConfig) -> TrainedLM | None:
+    """:func:`load_or_train` on every rank of a ``train.parallel`` run: rank 0 gets the
+    trained (or cached) model, the other ranks None once they have trained."""
     path = Path(cfg.pipeline.cache_dir).expanduser() / "text_generation" / cache_key(cfg)
     if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
         print(f"loading the cached model from {path}")
@@ -114,12 +138,26 @@ def load_or_train(cfg: DictConfig) -> TrainedLM:
     return _train(cfg, path)
 
 
-def _train(cfg: DictConfig, path: Path) -> TrainedLM:
+def _train(cfg: DictConfig, path: Path) -> TrainedLM | None:
+    """Train under ``train.parallel`` (see :mod:`vats_apps.pipelines.distributed`): the
+    trained model on rank 0, None on the other ranks."""
     train_cfg = cfg.train
-    # A bad model, trainer or compile setting fails before any work.
+    # A bad model, trainer, compile or parallel setting fails before any work.
     model_config(cfg, train_cfg.vocab_size)
     trainer_config(cfg, out_dir=str(path / "run"))
     check_compile_switches(cfg)
+    parallel = parallel_config(cfg)
+    check_batch(train_cfg.batch_size)
+    with process_group(parallel) as ranks:
+        with torch.device("meta"):  # the model's shape, for the checks: no memory, no init
+            check_model(parallel, MoELanguageModel(model_config(cfg, train_cfg.vocab_size)))
+        return _train_ranks(cfg, path, parallel, ranks)
+
+
+def _train_ranks(
+    cfg: DictConfig, path: Path, parallel: ParallelConfig, ranks: Ranks
+) -> TrainedLM | None:
+    train_cfg = cfg.train
     torch.manual_seed(cfg.pipeline.seed)
     print("no cached model for this config: training one (tokenizer, then the MoE LM)")
     train_docs = load_corpus("train", max_files=train_cfg.max_files)
@@ -143,9 +181,12 @@ def _train(cfg: DictConfig, path: Path) -> TrainedLM:
         f"({model.num_parameters(active=True) / 1e6:.2f} M active per token)"
     )
     # Built in a temporary sibling, then renamed: an interrupted run leaves no half cache.
-    with staged_entry(path) as staging:
+    # Rank 0 alone writes it; the others' trainers write nothing to their scratch out_dir.
+    staged = staged_entry(path) if ranks.is_main else tempfile.TemporaryDirectory()
+    with staged as staging_dir:
+        staging = Path(staging_dir)
         trainer = Trainer(
-            model,
+            parallel_model(model, parallel),
             trainer_config(cfg, out_dir=str(staging / "run")),
             data=PackedBatches(train_rows, train_cfg.batch_size, seed=cfg.pipeline.seed),
             loss_fn=lm_loss_fn,
@@ -156,6 +197,12 @@ def _train(cfg: DictConfig, path: Path) -> TrainedLM:
         t0 = time.perf_counter()
         trainer.fit()
         train_seconds = time.perf_counter() - t0
+        if parallel != ParallelConfig():  # one plain model, on rank 0, from the ranks' shards
+            state = gathered_model_state(trainer.model)  # every rank takes part
+            if not ranks.is_main:
+                return None
+            model = MoELanguageModel(model.config)
+            model.load_state_dict(state)
         model.eval()
         # The weights are final here: score them on the frozen compiled model if asked.
         scorer = compile_frozen(model) if compile_flags(cfg).evaluation else model
@@ -184,7 +231,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if gen.max_new_tokens < 0:
         raise ValueError(f"generation.max_new_tokens={gen.max_new_tokens} must be >= 0")
     flags = check_compile_switches(cfg)
-    lm = load_or_train(cfg)
+    lm = load_or_train_ranks(cfg)
+    if lm is None:  # a rank other than 0 of a parallel training: rank 0 reports
+        return {}
     r = lm.report
     print(
         f"validation cross-entropy {r['val_ce']:.3f} nats (perplexity {r['val_ppl']:.1f}) vs "

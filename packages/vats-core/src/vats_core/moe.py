@@ -321,20 +321,42 @@ class GroupedExperts(nn.Module):
             (N, D): Σ over a token's assignments of weight · expert(x); zero for tokens
             with none.
         """
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if w_gate_up.dtype != x_ND.dtype:  # autocast: grouped_mm does not cast for itself
-            w_gate_up, w_down = w_gate_up.to(x_ND.dtype), w_down.to(x_ND.dtype)
         # index_select, not x_ND[token_S]: its backward is an index_add, not an index_put.
         x_SD = x_ND.index_select(0, token_S)
-        if grouped and token_S.shape[0] > 0:
+        out_SD = self.expert_outputs(x_SD, group_sizes_E, grouped=grouped)
+        out_SD = out_SD * weight_S.to(out_SD.dtype)[:, None]
+        return torch.zeros_like(x_ND).index_add(0, token_S, out_SD)
+
+    def expert_outputs(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
+        """expert(x) for rows grouped by expert, unweighted: (S, D) -> (S, D).
+
+        Here the experts are this module's own (:meth:`run_groups`); expert parallelism
+        (:mod:`vats_core.parallel.expert`) overrides this step to send the rows to the rank
+        holding their expert and bring the outputs back.
+        """
+        return self.run_groups(x_SD, group_sizes_E, grouped=grouped)
+
+    def run_groups(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
+        """This module's experts on rows already grouped by expert, unweighted.
+
+        Args:
+            x_SD: (S, D) rows in the compute dtype; expert e's are rows
+                [start_e, start_e + group_sizes_E[e]).
+            group_sizes_E: (E,) long, rows per expert of this module (S = its sum).
+            grouped: one ``grouped_mm`` per projection, or the loop over experts.
+
+        Returns:
+            (S, D): expert(x) for each row, in ``x_SD``'s order.
+        """
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if w_gate_up.dtype != x_SD.dtype:  # autocast: grouped_mm does not cast for itself
+            w_gate_up, w_down = w_gate_up.to(x_SD.dtype), w_down.to(x_SD.dtype)
+        if grouped and x_SD.shape[0] > 0:
             # int32 end offsets; the transposed weights are views, no copy.
             offsets_E = group_sizes_E.cumsum(0).to(torch.int32)
             gate_up_S2H = _grouped_mm(x_SD, w_gate_up.transpose(-2, -1), offsets_E)
-            out_SD = _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
-        else:
-            out_SD = _experts_loop(x_SD, group_sizes_E, w_gate_up, w_down)
-        out_SD = out_SD * weight_S.to(out_SD.dtype)[:, None]
-        return torch.zeros_like(x_ND).index_add(0, token_S, out_SD)
+            return _grouped_mm(_swiglu(gate_up_S2H), w_down.transpose(-2, -1), offsets_E)
+        return _experts_loop(x_SD, group_sizes_E, w_gate_up, w_down)
 
 
 def _swiglu(gate_up: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config
 
 __all__ = [
+    "check_autocast_training",
     "check_backward",
     "check_config",
     "check_dtype_device_moves",
@@ -335,6 +336,65 @@ def check_dtype_device_moves(
             atol=0,
             msg=lambda m: f"{_model_name(model)} output changed after a round trip: {m}",
         )
+
+
+def check_autocast_training(
+    model: nn.Module,
+    inputs: Inputs,
+    device: str | torch.device,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    output_fn: OutputFn | None = None,
+    max_relative_error: float = 5e-2,
+) -> None:
+    """The model trains under ``torch.autocast(device, dtype)`` as the trainer runs it.
+
+    On a copy moved to ``device`` (inputs too): in eval mode the autocast output is close
+    to the float32 one (relative Frobenius error at most ``max_relative_error``: bf16
+    keeps 8 bits of mantissa, so a few percent after a deep stack, not exactness); in train
+    mode one forward, backward and AdamW step under autocast gives a finite loss, every
+    trainable parameter a finite float32 gradient, and float32 weights that moved (mixed
+    precision keeps master weights in float32; a module that casts its own parameters or
+    detaches under autocast fails here).
+    """
+    device = torch.device(device)
+    moved = copy.deepcopy(model).to(device)
+    moved_inputs = _map_tensors(inputs, lambda t: t.to(device))
+    amp = torch.autocast(device.type, dtype=dtype)
+    moved.eval()
+    with torch.no_grad():
+        full = _output(moved, moved_inputs, output_fn).float()
+        with amp:
+            low = _output(moved, moved_inputs, output_fn).float()
+    error = ((low - full).double().norm() / full.double().norm().clamp_min(1e-12)).item()
+    assert error <= max_relative_error, (
+        f"{_model_name(model)} under autocast({dtype}) on {device}: relative error {error:.3g} "
+        f"against float32, more than {max_relative_error}"
+    )
+    moved.train()
+    before = {name: p.detach().clone() for name, p in moved.named_parameters()}
+    optimizer = torch.optim.AdamW(moved.parameters(), lr=1e-3)
+    with amp:
+        out = _output(moved, moved_inputs, output_fn)
+    loss = out.float().square().mean()
+    assert torch.isfinite(loss), f"{_model_name(model)}: non-finite loss under autocast"
+    loss.backward()
+    bad = [
+        name
+        for name, p in moved.named_parameters()
+        if p.requires_grad
+        and (p.grad is None or p.grad.dtype != p.dtype or not torch.isfinite(p.grad).all())
+    ]
+    assert not bad, (
+        f"{_model_name(model)}: under autocast, no finite gradient of the parameter's own "
+        f"dtype for {bad}"
+    )
+    optimizer.step()
+    low_weights = [n for n, p in moved.named_parameters() if p.dtype != before[n].dtype]
+    assert not low_weights, f"{_model_name(model)}: weights changed dtype: {low_weights}"
+    assert any(not torch.equal(p, before[n]) for n, p in moved.named_parameters()), (
+        f"{_model_name(model)}: an AdamW step under autocast moved no weight"
+    )
 
 
 def check_raises(

@@ -63,6 +63,7 @@ def test_bad_arguments_raise_value_error(args, kwargs, message):
         attention(*args, **kwargs)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_mixed_devices_raise():
     with pytest.raises(ValueError, match="one device"):

@@ -9,11 +9,9 @@ results against the single-process reference trained here.
 from __future__ import annotations
 
 import datetime
-import importlib
-import multiprocessing
-import os
 import signal
-import socket
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -28,12 +26,6 @@ from vats_core.training import Trainer, iter_metrics
 CHECKPOINTS = ("ddp", "fsdp", "ddp-sharded", "fsdp-sharded")  # dp_scenarios.CHECKPOINTS
 RUNS = ("ddp", "fsdp", "fsdp+ac")  # training scenarios (dp_scenarios.RUNS)
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _single_process(
@@ -56,21 +48,9 @@ def _single_process(
     return trainer, seen, rows
 
 
-def _rank_env(rank: int, port: int) -> None:
-    """The environment torchrun gives its workers (init_process_group reads it)."""
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-
-
 def _rank_main(rank: int, port: int, sc: ModuleType, out: Path, resume_from_one: Path) -> None:
     """One rank of the job."""
-    _rank_env(rank, port)
+    sc.rank_env(rank, port)
     try:
         sc.main(out, resume_from_one)
     except BaseException:
@@ -78,27 +58,8 @@ def _rank_main(rank: int, port: int, sc: ModuleType, out: Path, resume_from_one:
         raise
 
 
-def _start_ranks(target: Any, *args: Any) -> list[Any]:
-    """Two ranks forked from this process, which has imported torch and FSDP already: they
-    start in a second instead of paying ~25 s of imports each on a loaded 2-core machine."""
-    importlib.import_module("torch.distributed.fsdp")  # imported once, here, for both ranks
-    importlib.import_module("torch.distributed.checkpoint")
-
-    port = _free_port()
-    fork = multiprocessing.get_context("fork")
-    procs = [fork.Process(target=target, args=(rank, port, *args)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return procs
-
-
 def _killed_rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
-    _rank_env(rank, port)
+    sc.rank_env(rank, port)
     # a short collective timeout: rank 0 must give up on its dead peer soon
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     try:
@@ -110,7 +71,7 @@ def _killed_rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
 def test_rank_zero_killed_mid_checkpoint_leaves_the_last_complete_one_to_resume_from(
     sc: ModuleType, reference: dict, tmp_path: Path
 ) -> None:
-    procs = _start_ranks(_killed_rank_main, sc, tmp_path)
+    procs = sc.start_ranks(_killed_rank_main, sc, tmp_path)
     assert procs[0].exitcode == -signal.SIGKILL
     assert procs[1].exitcode not in (0, None)  # it gave up on its peer: no hang, no success
     root = tmp_path / "checkpoints"
@@ -139,7 +100,7 @@ def job(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     for name in CHECKPOINTS:  # a single-process run stopped at step 2, for the ranks to resume
         config = sc.checkpoint_config(name, resume_from_one / name)
         Trainer(sc.make_model(), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(stop_after=2)
-    procs = _start_ranks(_rank_main, sc, out, resume_from_one)
+    procs = sc.start_ranks(_rank_main, sc, out, resume_from_one)
     for rank, p in enumerate(procs):
         log = out / f"rank{rank}.log"
         assert p.exitcode == 0, f"rank {rank} failed:\n{log.read_text() if log.exists() else ''}"
@@ -278,3 +239,33 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(job: dict) 
     assert job["results"]["rank1"]["errors"]["nan_rank1"].startswith("step 3: non-finite loss")
     root = job["out"] / "errors" / "nan" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000002"  # the last good step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpu_fsdp_over_nccl_equals_the_single_gpu_trainer(
+    sc: ModuleType, tmp_path: Path
+) -> None:
+    """FSDP2 over NCCL on 2 GPUs, launched by torchrun (CUDA cannot be forked), after 4
+    steps: the parameters and losses of the plain trainer on one GPU."""
+    script = Path(sc.__file__)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*command, str(script), "launched", "nccl", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = torch.load(tmp_path / "launched.pt", weights_only=False)
+    torch.cuda.set_device(0)
+    trainer = Trainer(
+        sc.make_model().cuda(),
+        sc.trainer_config(tmp_path / "one"),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+    )
+    rows = trainer.fit()
+    _assert_params_close(got["params"], sc.full_params(trainer.model), "2-GPU FSDP")
+    for g, w in zip(got["rows"], rows, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-6)

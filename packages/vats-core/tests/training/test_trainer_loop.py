@@ -326,6 +326,33 @@ def test_tensor_batches_resume_in_the_middle_of_an_epoch() -> None:
     assert torch.equal(batch["x"].squeeze(-1).long(), batch["y"])  # rows stay aligned
 
 
+def test_a_resume_that_changes_the_global_batch_is_refused_before_any_step(
+    tmp_path: Path,
+) -> None:
+    data = {"x": torch.randn(40, 6), "y": torch.randn(40, 1)}
+    cfg = config(tmp_path, max_steps=2, warmup_steps=1, checkpoint_every=2)
+    Trainer(make_model(0), cfg, data=TensorBatches(data, batch_size=4), loss_fn=mse_loss).fit()
+    longer = config(tmp_path, max_steps=4, warmup_steps=1, checkpoint_every=2)
+    for source, changed, message in [
+        (TensorBatches(data, batch_size=8), cfg, r"batch_size=8 .*written with batch_size=4"),
+        (
+            TensorBatches(data, batch_size=4),
+            cfg.replace(grad_accum_steps=4),
+            r"TrainerConfig.grad_accum_steps=4 .*written with grad_accum_steps=2",
+        ),
+    ]:
+        trainer = Trainer(make_model(0), changed, data=source, loss_fn=mse_loss)
+        with pytest.raises(ValueError, match=message):
+            trainer.fit(resume=True)
+        assert trainer.step == 0
+    # the same global batch resumes
+    trainer = Trainer(
+        make_model(0), longer, data=TensorBatches(data, batch_size=4), loss_fn=mse_loss
+    )
+    with pytest.warns(UserWarning, match=r"\['max_steps'\]"):
+        assert [r["step"] for r in trainer.fit(resume=True)] == [3, 4]
+
+
 def test_weight_decay_only_on_matrices(tmp_path: Path) -> None:
     model = make_model(0)
     opt = build_optimizer(model, config(tmp_path))

@@ -3,7 +3,11 @@
 - :class:`ParallelConfig`, :class:`DataParallel`: what to apply (validated config);
 - :func:`parallelize`: per-block activation checkpointing, per-block ``torch.compile``,
   then DDP or FSDP2 (``fully_shard`` on every transformer block and the root);
+- :func:`check_parallelizable`: parallelize's refusals alone (a model on the meta device
+  is enough), to fail before expensive work;
 - :func:`transformer_blocks`: the rule that finds a model's blocks;
+- :func:`~vats_core.parallel.runtime.gathered_model_state`: a parallelized model's
+  weights as one state dict;
 - :mod:`vats_core.parallel.runtime`: how the trainer splits batches, averages metrics and
   writes checkpoints on a process group;
 - :mod:`vats_core.parallel.sharded`: sharded checkpoints (``torch.distributed.checkpoint``)
@@ -21,7 +25,13 @@ The heavier ``torch.distributed`` submodules (FSDP, DCP) are imported when they 
 so a single-process run pays nothing for them.
 """
 
-from vats_core.parallel.apply import parallelize, transformer_blocks
+from vats_core.parallel.apply import check_parallelizable, parallelize, transformer_blocks
 from vats_core.parallel.config import DataParallel, ParallelConfig
 
-__all__ = ["DataParallel", "ParallelConfig", "parallelize", "transformer_blocks"]
+__all__ = [
+    "DataParallel",
+    "ParallelConfig",
+    "check_parallelizable",
+    "parallelize",
+    "transformer_blocks",
+]

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vats_core.config import config_error
-from vats_core.moe import COMPILE_SETTINGS
+from vats_core.moe import COMPILE_SETTINGS, MoE
 from vats_core.parallel.config import DataParallel, ParallelConfig
 
 # torch.compile backend of the blocks; tests swap in "aot_eager" (dynamo + AOTAutograd, no
@@ -79,11 +79,16 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
 
     1. activation checkpointing of every transformer block (``config.activation_checkpointing``);
     2. ``torch.compile`` of every block (``config.compile``);
-    3. data parallelism over the default process group: FSDP2 shards each block and then
+    3. expert parallelism (``config.expert_parallel`` > 1): every MoE layer keeps this
+       rank's slice of its experts and exchanges tokens by all-to-all
+       (:mod:`vats_core.parallel.expert`); with DDP (not FSDP yet), which leaves the
+       sharded expert weights to the expert-parallel gradient averaging;
+    4. data parallelism over the default process group: FSDP2 shards each block and then
        the root (the parameters outside the blocks: embeddings, final norm, head) with
        ``fully_shard``; DDP wraps the model in ``DistributedDataParallel``.
 
-    Steps 1-2 and FSDP change the model in place and keep its parameter names; DDP returns
+    Steps 1-3 and FSDP change the model in place and keep its parameter names (expert
+    parallelism shrinks the expert weights to this rank's (E/P, ...) slice); DDP returns
     a wrapper whose ``.module`` is the model. Build the optimizer after this call (FSDP
     replaces the parameters with sharded DTensors). A deep copy made after steps 1-2 runs
     its own weights; copy a model (an EMA) before DDP or FSDP, which a copy cannot carry.
@@ -94,8 +99,10 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
 
     Raises:
         ValueError: before anything is changed, naming the ``ParallelConfig`` field for DDP
-            or FSDP with no initialized process group and for checkpointing or compile
-            asked of a model without transformer blocks; also for a model already
+            or FSDP with no initialized process group, for checkpointing or compile
+            asked of a model without transformer blocks, and for an ``expert_parallel``
+            degree that does not divide the world size or a MoE layer's ``n_experts``
+            (or a model without MoE layers); also for a model already
             parallelized or whose parameters span several devices.
     """
     if not isinstance(config, ParallelConfig):
@@ -111,6 +118,10 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
             # A method of the instance: a deep copy (an EMA made later) rebinds it to the copy.
             block.forward = types.MethodType(step, block)  # type: ignore[method-assign]
             setattr(block, _WRAPPED, True)
+    if config.expert_parallel > 1:
+        from vats_core.parallel.expert import shard_experts
+
+        shard_experts(model, config.expert_parallel)
     if config.data_parallel is DataParallel.FSDP:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -125,9 +136,31 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
     if config.data_parallel is DataParallel.DDP:
         from torch.nn.parallel import DistributedDataParallel
 
+        if config.expert_parallel > 1:
+            from vats_core.parallel.expert import average_expert_gradients, expert_parameter_names
+
+            # DDP must neither broadcast rank 0's experts over the others' nor average
+            # gradients of different experts: it skips the sharded weights, whose gradients
+            # the hooks average over their replicas instead. (torch's documented way to
+            # exclude parameters from DDP.)
+            names = expert_parameter_names(model)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+            average_expert_gradients(model)
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     return model
+
+
+def check_parallelizable(model: nn.Module, config: ParallelConfig) -> None:
+    """Raise what :func:`parallelize` would refuse, changing nothing.
+
+    A model built on the meta device (no memory, no init) is enough, so a pipeline can
+    check ``config`` against the world and the model's shape before any expensive work.
+
+    Raises:
+        ValueError: as :func:`parallelize`.
+    """
+    _check(model, config, transformer_blocks(model))
 
 
 def _check(model: nn.Module, config: ParallelConfig, blocks: list[nn.Module]) -> torch.device:
@@ -143,6 +176,7 @@ def _check(model: nn.Module, config: ParallelConfig, blocks: list[nn.Module]) ->
             "'none' when no default process group is initialized (launch with torchrun, or "
             "call torch.distributed.init_process_group before parallelize)",
         )
+    _check_expert_parallel(model, config)
     for field in ("activation_checkpointing", "compile"):
         if getattr(config, field) and not blocks:
             raise config_error(
@@ -189,11 +223,55 @@ def _check(model: nn.Module, config: ParallelConfig, blocks: list[nn.Module]) ->
     return device
 
 
+def _check_expert_parallel(model: nn.Module, config: ParallelConfig) -> None:
+    """The refusals of ``expert_parallel``: a degree that does not divide the world or a
+    MoE layer's experts, no MoE layer, no process group, or a combination not built yet."""
+    ep = config.expert_parallel
+    if ep == 1:
+        return
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise config_error(
+            config,
+            "expert_parallel",
+            ep,
+            "1 when no default process group is initialized (launch with torchrun)",
+        )
+    world = torch.distributed.get_world_size()
+    if world % ep:
+        raise config_error(
+            config, "expert_parallel", ep, f"a divisor of the world size {world} ({world} ranks)"
+        )
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if not layers:
+        raise config_error(
+            config, "expert_parallel", ep, f"1 for {type(model).__name__}, which has no MoE layer"
+        )
+    for name, moe in layers:
+        n = moe.config.n_experts
+        if n % ep:
+            raise config_error(
+                config, "expert_parallel", ep, f"a divisor of {name}'s n_experts={n}"
+            )
+    if config.data_parallel is DataParallel.FSDP:
+        raise config_error(
+            config,
+            "expert_parallel",
+            ep,
+            "1 with data_parallel='fsdp': expert-parallel layers are combined with DDP "
+            "(data_parallel='ddp') or none, not with FSDP yet",
+        )
+
+
 def _is_parallelized(model: nn.Module, blocks: list[nn.Module]) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel) or any(hasattr(b, _WRAPPED) for b in blocks):
         return True
+    if "vats_core.parallel.expert" in sys.modules:  # never imported: no expert is sharded
+        from vats_core.parallel.expert import ShardedExperts
+
+        if any(isinstance(m, ShardedExperts) for m in model.modules()):
+            return True
     if "torch.distributed.fsdp" in sys.modules:  # never imported: nothing is sharded
         from torch.distributed.fsdp import FSDPModule
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from vats_core.config import Config
+from vats_core.config import Config, check
 
 
 class DataParallel(enum.StrEnum):
@@ -37,3 +37,14 @@ class ParallelConfig(Config):
     # traced and reused). The loss and anything outside the blocks stay eager; to compile
     # the whole forward + loss on one process use TrainerConfig.compile instead.
     compile: bool = False
+    # Expert parallelism degree P: every MoE layer's routed experts are split over groups of
+    # P ranks (rank p holds experts [p*E/P, (p+1)*E/P)) and tokens travel to their expert by
+    # all-to-all (vats_core.parallel.expert). 1 = every rank holds every expert. P must
+    # divide the world size and every MoE layer's n_experts; combines with data_parallel
+    # 'ddp' (or 'none' for a hand-written loop), not 'fsdp' yet; the trainer does not
+    # checkpoint such a run yet (refused before the first step).
+    expert_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        ep = self.expert_parallel
+        check(ep >= 1, self, "expert_parallel", ep, "an int >= 1 (1 = no expert parallelism)")

@@ -23,6 +23,11 @@ Metrics. The loss and ``loss_fn``'s extra metrics are averaged over ranks (one a
 per step), so what rank 0 logs is the global mean; throughput counts the whole global
 batch. Only rank 0 prints, writes ``metrics.jsonl`` and writes checkpoints.
 
+Expert parallelism (with DDP): the sharded experts' gradients are averaged by their own
+hooks (:mod:`vats_core.parallel.expert`), the gradient norm counts each expert once
+(:meth:`DataParallelRun.grad_norm`), and :func:`gathered_model_state` gathers the experts
+whole; checkpoints of such a run are refused before the first step (not written yet).
+
 Checkpoints. By default gathered in the single-process format (model weights and an
 optimizer state keyed by parameter position), so they resume on any world size and load
 into a plain model. FSDP gathers the shards to rank 0 (CPU) with
@@ -33,6 +38,7 @@ wants ``TrainerConfig.sharded_checkpoints`` (:mod:`vats_core.parallel.sharded`) 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -66,6 +72,29 @@ class DataParallelRun:
             )
         # the model itself, for the optimizer, checkpoints, eval_fn and on_step
         self.module: nn.Module = model.module if self.kind == "ddp" else model
+        self.expert_parallel = _has_sharded_experts(self.module)
+
+    def check(self, checkpoint_every: int, sharded_checkpoints: bool) -> None:
+        """Refuse, before any step, what this run cannot do yet: checkpoints of a model
+        with expert-parallel layers (their optimizer state is sharded like the experts)."""
+        if self.expert_parallel and (checkpoint_every or sharded_checkpoints):
+            raise ValueError(
+                f"TrainerConfig.checkpoint_every={checkpoint_every} (sharded_checkpoints="
+                f"{sharded_checkpoints}) is invalid with ParallelConfig.expert_parallel > 1: "
+                "checkpoints of expert-parallel training are not written yet; set "
+                "checkpoint_every=0, or train with expert_parallel=1"
+            )
+
+    def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The global L2 norm of the model's gradients, the same on every rank: FSDP's
+        shards and the expert-parallel shards counted once each."""
+        if not self.expert_parallel:
+            return self.full(torch.nn.utils.get_total_norm(grads))
+        from vats_core.parallel.expert import expert_norm_squared
+
+        dense, experts_squared = expert_norm_squared(grads, self.module)
+        dense_norm = torch.nn.utils.get_total_norm(dense).double()
+        return (dense_norm.square() + experts_squared.to(dense_norm.device)).sqrt().float()
 
     @property
     def is_main(self) -> bool:
@@ -129,16 +158,17 @@ class DataParallelRun:
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model and optimizer state dicts in the single-process format; every rank must
         call it (FSDP gathers), only rank 0's are complete (others may be empty)."""
+        if self.expert_parallel:  # refused before the first step by check()
+            raise ValueError("checkpoints of expert-parallel training are not written yet")
+        model_state = gathered_model_state(self.model)
         if self.kind != "fsdp":
-            return self.module.state_dict(), optimizer.state_dict()
+            return model_state, optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
-            get_model_state_dict,
             get_optimizer_state_dict,
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.model, options=options)
         optim_state = get_optimizer_state_dict(self.model, optimizer, options=options)
         return model_state, _by_position(optim_state, _names(self.module, optimizer))
 
@@ -172,6 +202,34 @@ class DataParallelRun:
             if backend == "nccl"
             else (torch.device("cpu"))
         )
+
+
+def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The single-process state dict of a parallelized model (what ``parallelize``
+    returned), to load into a plain copy of it: every rank must call it (FSDP gathers its
+    shards, to rank 0's CPU); only rank 0's is sure to be complete (FSDP's other ranks get
+    an empty dict)."""
+    kind = _kind(model)
+    if kind != "fsdp":
+        module = model.module if kind == "ddp" else model
+        state = module.state_dict()
+        if _has_sharded_experts(module):
+            from vats_core.parallel.expert import gather_experts
+
+            state = gather_experts(module, state)  # every rank gets the whole experts
+        return state
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def _has_sharded_experts(module: nn.Module) -> bool:
+    if "vats_core.parallel.expert" not in sys.modules:  # never imported: nothing is sharded
+        return False
+    from vats_core.parallel.expert import ShardedExperts
+
+    return any(isinstance(m, ShardedExperts) for m in module.modules())
 
 
 def _kind(model: nn.Module) -> str:

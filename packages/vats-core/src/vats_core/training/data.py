@@ -143,9 +143,30 @@ class TensorBatches:
         return batch[""] if self._single else batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue at a saved position.
+
+        Raises:
+            ValueError: the position was saved with another ``batch_size`` (the global
+                batch would change: other batches, another gradient noise, a run that no
+                longer matches the one resumed). Positions saved before the batch size was
+                recorded are taken as they are.
+        """
+        saved = state.get("batch_size", self.batch_size)
+        if saved != self.batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is invalid for this resume: the checkpoint's "
+                f"data position was written with batch_size={saved}, and a changed global "
+                "batch would not continue that run. Resume with the same batch_size (the "
+                "number of ranks may change; the global batch may not)"
+            )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])

@@ -327,6 +327,8 @@ class Trainer:
         # None: one process, the path as it always was. Else the rank's part of a
         # data-parallel run (refuses a plain model on several ranks).
         self._dp: DataParallelRun | None = _data_parallel_run(model)
+        if self._dp is not None:
+            self._dp.check(config.checkpoint_every, config.sharded_checkpoints)
         self.model = model
         # the plain model: the optimizer's parameter names, checkpoints, eval_fn, on_step
         self.module: nn.Module = model if self._dp is None else self._dp.module
@@ -499,6 +501,10 @@ class Trainer:
 
         Args:
             path: a step directory; default: the one ``checkpoints/latest`` names.
+
+        Raises:
+            ValueError: the checkpoint was written with another global batch
+                (``grad_accum_steps``, or the data source's batch size), before any step.
         """
         path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_root)
         if path is None:
@@ -516,6 +522,14 @@ class Trainer:
             self._dp.load_state(self.optimizer, tensors, optimizer_state)
         saved = state.get("trainer_config", {})
         current = self.config.to_dict()
+        accum = saved.get("grad_accum_steps", current["grad_accum_steps"])
+        if accum != current["grad_accum_steps"]:
+            raise ValueError(
+                f"TrainerConfig.grad_accum_steps={current['grad_accum_steps']} is invalid for "
+                f"resuming {path}: it was written with grad_accum_steps={accum}, and a changed "
+                "global batch would not continue that run (the number of ranks may change; "
+                "the global batch may not)"
+            )
         changed = sorted(
             k for k in current.keys() - _HARMLESS_CHANGES if saved.get(k, current[k]) != current[k]
         )
@@ -620,9 +634,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self.step + 1, "loss", loss_value)
         grads = [p.grad for p in self._params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if self._dp is not None:
-            norm = self._dp.full(norm)  # FSDP: the norm of all shards, as a plain tensor
+        if self._dp is not None:  # FSDP's and expert-parallel shards: the global norm
+            norm = self._dp.grad_norm(grads)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
         grad_norm = float(norm.item())
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)

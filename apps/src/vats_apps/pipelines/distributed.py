@@ -1,0 +1,164 @@
+"""``train.parallel``: a pipeline's training on several ranks (``torchrun``).
+
+``uv run torchrun --nproc-per-node 2 -m vats_apps pipeline=text_generation
+train.parallel=fsdp`` runs the pipeline once per rank. Each rank builds the same model
+from the same seed, :func:`vats_core.parallel.parallelize` applies the section (the
+fields of :class:`~vats_core.parallel.ParallelConfig`; a plain string is the
+``data_parallel`` shorthand), and the vats-core trainer splits every global batch over
+the ranks. Rank 0 alone prints (:func:`quiet_other_ranks`), writes the cache and
+generates; the other ranks train and stop.
+
+The process group is gloo on CPU and NCCL when CUDA is present (each rank on
+``cuda:<LOCAL_RANK>``). ``data_parallel`` other than ``none`` on one process (no
+torchrun) makes a one-rank group, which equals the plain trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vats_core.parallel import DataParallel, ParallelConfig, check_parallelizable, parallelize
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands: its rank among ``world`` ranks."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_rank() -> Ranks:
+    """The rank and world torchrun gave this process (its environment); (0, 1) without."""
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def quiet_other_ranks() -> None:
+    """Send this process's stdout to /dev/null unless it is rank 0: one rank speaks."""
+    if not launched_rank().is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
+def parallel_config(cfg: DictConfig, key: str = "train.parallel") -> ParallelConfig:
+    """``train.parallel`` as a :class:`ParallelConfig` (absent: the default, one process).
+
+    Raises:
+        ValueError: an unknown field or a bad value, naming ``train.parallel.<field>``.
+    """
+    section = OmegaConf.select(cfg, key, default=None)
+    if section is None:
+        return ParallelConfig()
+    if isinstance(section, str):  # train.parallel=fsdp
+        section = {"data_parallel": section}
+    elif isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    else:
+        raise ValueError(
+            f"{key}={section!r} is invalid: expected none, ddp, fsdp or a mapping of "
+            "ParallelConfig fields"
+        )
+    try:
+        return ParallelConfig.from_dict(section)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def process_group(config: ParallelConfig, key: str = "train.parallel") -> Iterator[Ranks]:
+    """The default process group this config needs, for the life of the block.
+
+    None when neither torchrun started several ranks nor the config asks for data or
+    expert parallelism; a one-rank group (local TCP store) for ``fsdp`` or ``ddp`` without
+    torchrun.
+
+    Raises:
+        ValueError: several ranks with ``data_parallel='none'`` (each would train its own
+            model), naming ``<key>.data_parallel``.
+    """
+    launched = launched_rank()
+    wants_group = config.data_parallel is not DataParallel.NONE or config.expert_parallel > 1
+    if launched.world > 1 and config.data_parallel is DataParallel.NONE:
+        raise ValueError(
+            f"{key}.data_parallel='none' with {launched.world} ranks: each rank would train "
+            f"its own model. Set {key}=ddp or {key}=fsdp, or run one process"
+        )
+    if not wants_group or dist.is_initialized():
+        yield Ranks(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else launched
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(minutes=10)
+    if "MASTER_ADDR" in os.environ:  # torchrun
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend, init_method=init, rank=0, world_size=1, timeout=timeout)
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    """The device a rank's model lives on: its CUDA device under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_batch(batch_size: int, key: str = "train.batch_size") -> None:
+    """Refuse a global batch the launched ranks cannot share equally (before the process
+    group exists: a refused rank must not leave its peers waiting on it).
+
+    Raises:
+        ValueError: naming ``key``.
+    """
+    world = launched_rank().world
+    if batch_size % world:
+        raise ValueError(
+            f"{key}={batch_size} is invalid with {world} ranks: expected a multiple of {world} "
+            "(the global batch is split equally over the ranks)"
+        )
+
+
+def check_model(config: ParallelConfig, meta_model: nn.Module, key: str = "train.parallel") -> None:
+    """``parallelize``'s refusals of ``config`` for this model and world, checked on the
+    model built on the meta device, before any work.
+
+    Raises:
+        ValueError: prefixed with ``key``.
+    """
+    try:
+        check_parallelizable(meta_model, config)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def parallel_model(model: nn.Module, config: ParallelConfig) -> nn.Module:
+    """``model`` moved to this rank's device and parallelized (a no-op config: as is)."""
+    if config == ParallelConfig():
+        return model
+    return parallelize(model.to(device()), config)

@@ -1,0 +1,229 @@
+"""Expert parallelism: a MoE layer's routed experts sharded over ranks, tokens sent to them.
+
+GShard (Lepikhin et al. 2020) and DeepSpeed-MoE / torchtitan's expert parallelism: with an
+EP degree P, the ranks form groups of P consecutive ranks, and rank p of a group holds
+experts [p·E/P, (p+1)·E/P) of every MoE layer (the same slice in every group). Each rank
+routes its own tokens with the layer's router, exactly as the single-process
+:class:`~vats_core.moe.MoE` does (the same plan: expert-sorted assignments, padding and
+over-capacity ones dropped), then:
+
+1. sends each assignment's token to the rank holding its expert (one all-to-all; the
+   single-process order, sorted by global expert, is already grouped by destination);
+2. the receiver regroups what came from its P peers by local expert and runs its experts
+   (:meth:`~vats_core.moe.GroupedExperts.run_groups`, the single-process code);
+3. sends the outputs back (the reverse all-to-all), where they are weighted and added
+   onto their tokens as in one process.
+
+Only the middle step of :class:`~vats_core.moe.GroupedExperts` changes
+(:meth:`~vats_core.moe.GroupedExperts.expert_outputs`); gathering the rows, weighting and
+summing them per token are the single-process code.
+
+So a rank's output is the single-process MoE's on the same tokens, and the gradient that
+reaches an expert's weights is the sum over every rank's tokens routed to it: the backward
+of an all-to-all is the reverse all-to-all (``torch.distributed.nn.functional``).
+
+:func:`shard_experts` swaps each ``MoE.experts`` for a :class:`ShardedExperts` holding the
+rank's slice under the same parameter names (``experts.gate_up_proj`` / ``down_proj``, now
+(E/P, 2H, D) and (E/P, D, H)), so the model's code and the MoE's forward are unchanged.
+:func:`~vats_core.parallel.parallelize` calls it for ``ParallelConfig.expert_parallel``.
+
+Training with DDP: DDP leaves the sharded weights alone (they differ per rank), and
+:func:`average_expert_gradients` makes their gradients the data-parallel mean; the
+trainer's gradient norm counts each expert once (:func:`expert_norm_squared`), and
+:func:`gather_experts` rebuilds whole weights for a plain copy of the model.
+
+Shape legend: N tokens, D model dim, E experts of the layer, L = E/P experts of this rank,
+P ranks of the expert-parallel group, S assignments this rank sends, R assignments it
+receives, H expert hidden dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.nn.functional import all_to_all_single
+
+from vats_core.moe import GroupedExperts, MoE
+
+
+class ShardedExperts(GroupedExperts):
+    """This rank's slice of a :class:`~vats_core.moe.GroupedExperts`, fed by all-to-all.
+
+    Args:
+        experts: the layer's full experts (every rank holds the same initial weights).
+        group: the expert-parallel process group (P ranks).
+    """
+
+    def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup) -> None:
+        nn.Module.__init__(self)  # not GroupedExperts.__init__: it would allocate all E
+        self.config = experts.config
+        self.group = group
+        self.ranks = dist.get_world_size(group)  # P
+        self.rank = dist.get_rank(group)  # p
+        self.local = experts.config.n_experts // self.ranks  # L
+        mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        # the ranks holding the same experts in the other EP groups (set by shard_experts)
+        self.replicas: dist.ProcessGroup | None = None
+        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[mine].clone())
+        self.down_proj = nn.Parameter(experts.down_proj.detach()[mine].clone())
+
+    def expert_outputs(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
+        """expert(x) for this rank's rows, computed where the experts live.
+
+        Args:
+            x_SD: (S, D) rows sorted by global expert.
+            group_sizes_E: (E,) rows per expert of the whole layer (all ranks' experts).
+            grouped: as :meth:`GroupedExperts.run_groups`.
+
+        Returns:
+            (S, D), in ``x_SD``'s row order.
+        """
+        P, L = self.ranks, self.local
+
+        # 1. Counts: what I send to each rank, per its local expert; what each sends me.
+        send_PL = group_sizes_E.reshape(P, L)
+        recv_PL = torch.empty_like(send_PL)
+        dist.all_to_all_single(recv_PL, send_PL.contiguous(), group=self.group)
+        send_sizes, recv_sizes = send_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+
+        # 2. Rows to the experts' ranks; they arrive by source rank, then by local expert.
+        x_RD = _exchange(x_SD, recv_sizes, send_sizes, self.group)
+        # Regroup by local expert (stable: source rank order within an expert).
+        expert_R = (
+            torch.arange(L, device=x_RD.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
+        )
+        order_R = torch.sort(expert_R, stable=True).indices
+        out_RD = self.run_groups(x_RD.index_select(0, order_R), recv_PL.sum(0), grouped=grouped)
+        out_RD = out_RD.index_select(0, torch.argsort(order_R))  # back to arrival order
+
+        # 3. Outputs back to the rows' ranks, in the order they were sent.
+        return _exchange(out_RD, send_sizes, recv_sizes, self.group)
+
+
+def _exchange(
+    x: Tensor, out_sizes: list[int], in_sizes: list[int], group: dist.ProcessGroup
+) -> Tensor:
+    """All-to-all of rows (differentiable): ``in_sizes[p]`` rows of ``x`` go to rank p,
+    ``out_sizes[p]`` rows come from it. (sum(in_sizes), D) -> (sum(out_sizes), D)."""
+    out = x.new_empty((sum(out_sizes), *x.shape[1:]))
+    return all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every :class:`~vats_core.moe.MoE` in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def expert_groups(degree: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """This rank's two groups for P = ``degree``: its expert-parallel group, ranks
+    [g·P, (g+1)·P), and its replica group, the ranks holding the same experts (p, p + P,
+    p + 2P, ...). Every rank creates every group (``new_group`` is collective), in the same
+    order."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine: dict[str, dist.ProcessGroup] = {}
+    for start in range(0, world, degree):
+        group = dist.new_group(list(range(start, start + degree)))
+        if start <= rank < start + degree:
+            mine["experts"] = group
+    for p in range(degree):
+        group = dist.new_group(list(range(p, world, degree)))
+        if rank % degree == p:
+            mine["replicas"] = group
+    return mine["experts"], mine["replicas"]
+
+
+def shard_experts(model: nn.Module, degree: int) -> list[ShardedExperts]:
+    """Replace every MoE layer's experts by this rank's :class:`ShardedExperts` slice.
+
+    The caller (:func:`~vats_core.parallel.parallelize`) has checked that ``degree``
+    divides the world size and every layer's ``n_experts``. In place; returns the shards.
+    """
+    group, replicas = expert_groups(degree)
+    shards = []
+    for moe in moe_layers(model):
+        moe.experts = ShardedExperts(moe.experts, group)
+        moe.experts.replicas = replicas
+        shards.append(moe.experts)
+    return shards
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """The names of every sharded expert weight in ``model`` (their values differ per rank)."""
+    return [
+        f"{name}.{param}" if name else param
+        for name, module in model.named_modules()
+        if isinstance(module, ShardedExperts)
+        for param, _ in module.named_parameters(recurse=False)
+    ]
+
+
+def average_expert_gradients(model: nn.Module) -> None:
+    """Make the sharded expert weights' gradients those of a data-parallel run.
+
+    Data parallelism trains on the mean of the ranks' losses, so every gradient must be
+    (1/W)·Σ over ranks. DDP averages the replicated weights; an expert's gradient on its
+    rank already sums its EP group's tokens (the backward all-to-all brought them), so it
+    is summed over the replica group (the other EP groups' copies of the same experts) and
+    divided by W. A hook on each expert weight does it as each gradient is computed (every
+    micro-batch: linear, so accumulation is unaffected).
+    """
+    world = dist.get_world_size()
+    for module in model.modules():
+        if not isinstance(module, ShardedExperts):
+            continue
+        for param in module.parameters(recurse=False):
+            param.register_hook(_averaging_hook(module.replicas, world))
+
+
+def _averaging_hook(replicas: dist.ProcessGroup | None, world: int) -> Callable[[Tensor], Tensor]:
+    several = replicas is not None and dist.get_world_size(replicas) > 1
+
+    def hook(grad: Tensor) -> Tensor:
+        if several:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=replicas)
+        return grad / world
+
+    return hook
+
+
+def expert_norm_squared(grads: list[Tensor], model: nn.Module) -> tuple[list[Tensor], Tensor]:
+    """Split a rank's gradients into the replicated ones and the experts' (sharded); return
+    the former and Σ over ranks of the experts' squared norm, counted once per expert
+    (every replica group holds the same averaged gradients)."""
+    expert_ids = {
+        id(p.grad)
+        for m in model.modules()
+        if isinstance(m, ShardedExperts)
+        for p in m.parameters(recurse=False)
+        if p.grad is not None
+    }
+    dense = [g for g in grads if id(g) not in expert_ids]
+    experts = [g for g in grads if id(g) in expert_ids]
+    squared = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for g in experts:
+        squared = squared + g.double().square().sum()
+    dist.all_reduce(squared)  # every rank takes part, with or without expert gradients
+    copies = dist.get_world_size() // next(
+        m.ranks for m in model.modules() if isinstance(m, ShardedExperts)
+    )
+    return dense, squared / copies
+
+
+def gather_experts(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (the model's state dict on this rank) with every sharded expert weight
+    replaced by the whole layer's (E, ...) weight, gathered over the EP group: what loads
+    into a plain copy of the model. Every rank must call it."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, ShardedExperts):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            key = f"{name}.{param_name}" if name else param_name
+            parts = [torch.empty_like(param) for _ in range(module.ranks)]
+            dist.all_gather(parts, param.detach().contiguous(), group=module.group)
+            out[key] = torch.cat(parts)
+    return out
