@@ -123,6 +123,7 @@ def test_duration_classes_follow_the_world():
         ("+model.audio_dit.depth=3", r"model.audio_dit.depth is not a AudioDiTConfig field"),
         ("model.audio_dit.max_frames=200", r"model.audio_dit.max_frames=200.*>= 300"),
         ("train.dit.max_steps=0", r"train.dit.max_steps=0"),
+        ("train.dit.encoder_lr_scale=0", r"train.dit.encoder_lr_scale=0 is invalid.*\(0, 1\]"),
         ("train.eval.real_sounds=0", r"train.eval.real_sounds=0"),
         ("enrichment.tries=0", r"enrichment.tries=0"),
     ],

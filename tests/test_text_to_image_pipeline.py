@@ -143,6 +143,7 @@ def test_enrich_false_sends_the_prompt_as_it_is(trained, capsys):
         ("+model.dit.depth=3", r"model.dit.depth is not a DiTConfig field"),
         ("model.dit.learned_sigma=true", r"model.dit.learned_sigma"),
         ("train.dit.max_steps=0", r"train.dit.max_steps=0"),
+        ("train.dit.encoder_lr_scale=1.5", r"train.dit.encoder_lr_scale=1.5 is invalid"),
         ("+train.dit.trainer.compile=true", r"set train.compile instead"),
         ("prompt=a red star", r"shape 'star'.*\['circle', 'square', 'triangle', 'cross'\]"),
         ("prompt=" + " ".join(["red"] * 65), r"too long: 65 words.*64 tokens"),

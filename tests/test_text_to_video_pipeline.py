@@ -162,6 +162,7 @@ def test_clips_of_another_length_without_enrichment(trained, capsys):
         ("+model.video_dit.depth=3", r"model.video_dit.depth is not a VideoDiTConfig field"),
         ("model.video_dit.learned_sigma=true", r"model.video_dit.learned_sigma"),
         ("train.dit.max_steps=0", r"train.dit.max_steps=0"),
+        ("train.dit.encoder_lr_scale=fast", r"train.dit.encoder_lr_scale='fast' is invalid"),
         ("parts.image.vae.max_steps=0", r"parts.image.vae.max_steps=0"),
         ("train.eval.real_clips=0", r"train.eval.real_clips=0"),
         ("enrichment.tries=0", r"enrichment.tries=0"),

@@ -149,3 +149,54 @@ def test_positions_are_read_from_the_pixels_of_real_images():
     assert read_positions(image) == ["top left"]
     assert read_positions(image.flip(-1).flip(-2)) == ["bottom right"]
     assert read_positions(torch.zeros(2, 3, 24, 24)) == [None, None]
+
+
+def test_stage_fit_trains_the_encoder_at_its_lr_scale(tmp_path):
+    """``StagedPipeline.fit`` hands ``lr_scales`` to the trainer: after one AdamW step (the
+    first moves every weight by about lr, whatever its gradient) the encoder's weights moved
+    a tenth of the DiT's."""
+    from omegaconf import OmegaConf
+
+    from vats_apps.pipelines.stages import StagedPipeline, encoder_lr_scale
+
+    p = StagedPipeline("test", 1, {})
+    cfg = OmegaConf.create(
+        {
+            "pipeline": {"seed": 0, "out_dir": str(tmp_path), "progress": False},
+            "train": {
+                "dit": {
+                    "max_steps": 1,
+                    "batch_size": 2,
+                    "encoder_lr_scale": 0.1,
+                    "trainer": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0},
+                }
+            },
+        }
+    )
+    model = _model().train()
+    with torch.no_grad():  # no zero-initialised layer: every weight gets a gradient at once
+        for q in model.parameters():
+            q.normal_(0.0, 0.05)
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    ids, mask = torch.randint(7, 64, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+
+    def loss_fn(m, batch):
+        return m.dit(x, t, **m.condition(ids, mask)).square().mean()
+
+    def moved(prefix: str) -> float:
+        steps = [
+            (q.detach() - before[n]).abs().max()
+            for n, q in model.named_parameters()
+            if n.startswith(prefix) and q.ndim >= 2
+        ]
+        return float(torch.stack(steps).max())
+
+    p.fit(cfg, "dit", model, lambda step, micro: {}, loss_fn,
+          lr_scales={"encoder": encoder_lr_scale(p, cfg)})  # fmt: skip
+    assert moved("dit.") == pytest.approx(1e-2, rel=0.05)
+    assert moved("encoder.") == pytest.approx(1e-3, rel=0.05)
+    for bad in (0, 1.5, "fast"):
+        cfg.train.dit.encoder_lr_scale = bad
+        with pytest.raises(ValueError, match=r"train.dit.encoder_lr_scale=.* is invalid"):
+            encoder_lr_scale(p, cfg)

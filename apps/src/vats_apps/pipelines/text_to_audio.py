@@ -294,6 +294,7 @@ def check_config(cfg: DictConfig) -> Settings:
         P.int(cfg, f"train.{stage}.batch_size", 1)
         P.trainer(cfg, stage, steps, Path("unused"))
     P.number(cfg, "train.dit.terse_prob", 0.0, 1.0)
+    stages.encoder_lr_scale(P, cfg)
     P.int(cfg, "train.dit.scale_samples", 2)
     P.number(cfg, "train.dit.ema.decay", 0.0, 0.999999)
     P.flag(cfg, "train.dit.ema.warmup")
@@ -425,7 +426,10 @@ def load_or_train_dit(cfg: DictConfig, s: Settings, parts: Parts) -> Stage:
     ema = EMA(model, float(train["ema"]["decay"]), warmup=bool(train["ema"]["warmup"]))
     prep = time.perf_counter() - t0
     before = denoising_loss(model, frames, scale, diffusion, tokenizer, 64)
-    seconds, rows = P.fit(cfg, "dit", model, batch_fn, loss_fn, lambda _, m: ema.update(m))
+    seconds, rows = P.fit(
+        cfg, "dit", model, batch_fn, loss_fn, lambda _, m: ema.update(m),
+        lr_scales={"encoder": stages.encoder_lr_scale(P, cfg)},
+    )  # fmt: skip
     ema.copy_to(model)
     model.eval()
     report = {

@@ -87,6 +87,7 @@ from vats_apps.pipelines.stages import (
     StagedPipeline,
     check_prompt_setting,
     check_prompt_tokens,
+    encoder_lr_scale,
     enriched_copies,
     enrichment_line,
     load_or_score,
@@ -284,6 +285,7 @@ def check_config(cfg: DictConfig) -> Settings:
     _number(cfg, "train.vae.shape_weight", 0.0)
     _int(cfg, "train.vae.scale_samples", 2)
     _number(cfg, "train.dit.terse_prob", 0.0, 1.0)
+    encoder_lr_scale(_P, cfg)
     _number(cfg, "train.dit.shape_weight", 0.0)
     _number(cfg, "train.dit.ema.decay", 0.0, 0.999999)
     _flag(cfg, "train.dit.ema.warmup")
@@ -564,7 +566,10 @@ def load_or_train_dit(
     vae, world, diffusion = vae_stage.model, ShapesWorld(s.world), Diffusion(s.scheduler)
     t = dit_training(cfg, s, parts, vae, teacher)
     loss_before = denoising_loss(t.model, vae, diffusion, parts.tokenizer, world, 128)
-    seconds, rows = _fit(cfg, "dit", t.trained, t.batch_fn, t.loss_fn, lambda _, m: t.ema.update(m))
+    seconds, rows = _fit(
+        cfg, "dit", t.trained, t.batch_fn, t.loss_fn, lambda _, m: t.ema.update(m),
+        lr_scales={"model.encoder": encoder_lr_scale(_P, cfg)},
+    )  # fmt: skip
     t.ema.copy_to(t.trained)  # the averaged weights are the ones sampled and saved
     if t.alignment is not None:
         t.alignment.remove()

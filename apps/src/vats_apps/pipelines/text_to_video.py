@@ -94,6 +94,7 @@ from vats_apps.pipelines.stages import (
     StagedPipeline,
     check_prompt_setting,
     check_prompt_tokens,
+    encoder_lr_scale,
     enriched_copies,
     enrichment_line,
     load_or_score,
@@ -350,6 +351,7 @@ def check_config(cfg: DictConfig) -> Settings:
         P.int(cfg, f"train.{stage}.batch_size", 1)
         P.trainer(cfg, stage, steps, Path("unused"))
     P.number(cfg, "train.dit.terse_prob", 0.0, 1.0)
+    encoder_lr_scale(P, cfg)
     P.number(cfg, "train.dit.ema.decay", 0.0, 0.999999)
     P.flag(cfg, "train.dit.ema.warmup")
     for key in ("prompts", "seeds", "enrich_prompts", "real_clips"):
@@ -471,7 +473,10 @@ def load_or_train_dit(cfg: DictConfig, s: Settings, parts: Parts, vae_stage: Sta
 
     ema = EMA(model, float(train["ema"]["decay"]), warmup=bool(train["ema"]["warmup"]))
     before = denoising_loss(model, clips, diffusion, tokenizer, 64)
-    seconds, rows = P.fit(cfg, "dit", model, batch_fn, loss_fn, lambda _, m: ema.update(m))
+    seconds, rows = P.fit(
+        cfg, "dit", model, batch_fn, loss_fn, lambda _, m: ema.update(m),
+        lr_scales={"encoder": encoder_lr_scale(P, cfg)},
+    )  # fmt: skip
     ema.copy_to(model)  # the averaged weights are the ones sampled and saved
     model.eval()
     report = {
