@@ -411,8 +411,9 @@ def encoder_lr_scale(p: StagedPipeline, cfg: DictConfig) -> float:
     only a few bins or pixels (a pitch, a position) then stops mattering. In 400 steps of
     the AudioDiT, a tone followed its pitch word 38 % of the time with the encoder at the
     full rate (two-word captions), 94 % at 0.1, and 97 % with the encoder frozen at its
-    random init. On full captions, 0.1 gave 62 % and the frozen encoder 91 %, so the
-    demos use 0.01: the words stay apart, and the encoder still learns."""
+    random init. On full captions, 0.1 gave 62 % and the frozen encoder 91 %, so text to
+    audio uses 0.01: the words stay apart, and the encoder still learns. The image DiT
+    did not gain from it (configs/train/text_to_image.yaml)."""
     value = OmegaConf.select(cfg, "train.dit.encoder_lr_scale")
     if not is_number(value) or not 0 < value <= 1:
         raise p.fail("train.dit.encoder_lr_scale", value, "a number in (0, 1]")
