@@ -526,6 +526,7 @@ def test_model_dtype_and_default_device() -> None:
     assert seen == [torch.bfloat16] * 3 and x.dtype == torch.float32 and x.isfinite().all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_sample_with_a_cpu_generator_matches_cpu() -> None:
     d = Diffusion(SchedulerConfig(name="ddpm", prediction_type="v_prediction"))
