@@ -73,10 +73,15 @@ lint: setup
 # One isolated venv per package under .venvs/<short>: `uv sync --package` installs the
 # package, its declared dependencies and its own dev group (pytest, hypothesis), nothing
 # else; check_isolation proves the other vats packages are absent before the tests run.
+# tests/parallel runs in a process of its own: its 2-rank jobs fork the test process, and
+# torch refuses to fork once earlier tests have started autograd's worker threads.
 $(addprefix test-,$(PACKAGES)): test-%: uv
 	UV_PROJECT_ENVIRONMENT=.venvs/$* $(UV) sync --locked --package vats-$* --quiet
 	.venvs/$*/bin/python tools/check_isolation.py $(PKG_DIR_$*)
-	$(TEST_ENV) .venvs/$*/bin/python -m pytest -c pyproject.toml -q $(PKG_DIR_$*)/tests $(PYTEST_ARGS)
+	$(TEST_ENV) .venvs/$*/bin/python -m pytest -c pyproject.toml -q $(PKG_DIR_$*)/tests \
+		--ignore=$(PKG_DIR_$*)/tests/parallel $(PYTEST_ARGS)
+	if [ -d $(PKG_DIR_$*)/tests/parallel ]; then $(TEST_ENV) .venvs/$*/bin/python -m pytest \
+		-c pyproject.toml -q $(PKG_DIR_$*)/tests/parallel $(PYTEST_ARGS); fi
 
 test-root: setup
 	$(TEST_ENV) $(RUN) pytest -c pyproject.toml -q tests --ignore=tests/benchmarks $(PYTEST_ARGS)
