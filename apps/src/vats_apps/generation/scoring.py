@@ -48,6 +48,8 @@ __all__ = [
     "TIME_GOAL",
     "enrichment_scores",
     "evaluate",
+    "goal_note",
+    "pct",
     "print_table",
 ]
 
@@ -215,11 +217,13 @@ def evaluate(
 # ----------------------------------------------------------------------------- the table
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
+    """A share for the generators' tables: six characters, ``n/a`` when unmeasured."""
     return "   n/a" if value is None else f"{value:6.1%}"
 
 
-def _goal(value: float | None, goal: float) -> str:
+def goal_note(value: float | None, goal: float) -> str:
+    """``, goal >= 85% met`` (or ``NOT met``) after a figure of the generators' tables."""
     met = value is not None and value >= goal
     return f", goal >= {goal:.0%} " + ("met" if met else "NOT met")
 
@@ -237,29 +241,29 @@ def print_table(
     real = scores["real_images"]
     print(f"{name} results:")
     print(
-        f"  shape x colour adherence {_pct(a['accuracy'])} vs chance {a['chance']:5.1%} "
+        f"  shape x colour adherence {pct(a['accuracy'])} vs chance {a['chance']:5.1%} "
         f"({a['images']} images of {a['prompts']} held-out prompts, read by the vision "
-        f"classifier){_goal(a['accuracy'], a['goal'])}"
+        f"classifier){goal_note(a['accuracy'], a['goal'])}"
     )
     for label, r in scores["attributes"].items():
         print(
-            f"  {label:24s} {_pct(r['accuracy'])} vs chance {r['chance']:5.1%} "
-            f"({r['images']} images; read right on {_pct(real.get(label)).strip()} of real "
+            f"  {label:24s} {pct(r['accuracy'])} vs chance {r['chance']:5.1%} "
+            f"({r['images']} images; read right on {pct(real.get(label)).strip()} of real "
             f"held-out images, by {'the pixels' if label == 'position' else 'the classifier'})"
         )
     if "plain" in scores:
         p = scores["plain"]
         print(
-            f"  without enrichment       {_pct(p['accuracy'])} vs chance {p['chance']:5.1%} "
+            f"  without enrichment       {pct(p['accuracy'])} vs chance {p['chance']:5.1%} "
             "(shape x colour, the same prompts straight to the text encoder)"
         )
     seen, other = e["phrasings_seen"], e["phrasings_held_out"]
     print(
-        f"  enrichment keeps prompts {_pct(seen['accuracy'])} vs chance {seen['chance']:5.1%} "
+        f"  enrichment keeps prompts {pct(seen['accuracy'])} vs chance {seen['chance']:5.1%} "
         f"(a random caption; {seen['prompts']} held-out scenes, up to {e['tries']} samples "
-        f"each; {_pct(seen['first_try']).strip()} at the first)"
-        f"{_goal(seen['accuracy'], e['goal'])}; in held-out phrasings "
-        f"{_pct(other['accuracy']).strip()}"
+        f"each; {pct(seen['first_try']).strip()} at the first)"
+        f"{goal_note(seen['accuracy'], e['goal'])}; in held-out phrasings "
+        f"{pct(other['accuracy']).strip()}"
     )
     images = "n/a" if d["images"] is None else f"{d['images']:.2f}"
     print(
@@ -273,6 +277,6 @@ def print_table(
         "  training: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
         + f" = {total:.0f} s, goal < {TIME_GOAL:.0f} s {verdict}; the classifier reads shape x "
-        f"colour on {_pct(classifier.get('accuracy')).strip()} of real held-out images, "
-        f"{_pct(scores['vae_round_trip']).strip()} of their VAE round trips"
+        f"colour on {pct(classifier.get('accuracy')).strip()} of real held-out images, "
+        f"{pct(scores['vae_round_trip']).strip()} of their VAE round trips"
     )

@@ -38,7 +38,7 @@ from vats_apps.data import ShapesConfig, ShapesWorld
 from vats_apps.generation import enrich as en
 from vats_apps.generation.clips import ClipReading, clip_pixels
 from vats_apps.generation.model import Sampling, enrich_all
-from vats_apps.generation.scoring import TIME_GOAL, enrichment_scores
+from vats_apps.generation.scoring import TIME_GOAL, enrichment_scores, goal_note, pct
 from vats_diffusion import VAE
 from vats_text.model import MoELanguageModel
 from vats_text.tokenizer import Tokenizer
@@ -187,15 +187,6 @@ def evaluate(
 # ----------------------------------------------------------------------------- the table
 
 
-def _pct(value: float | None) -> str:
-    return "   n/a" if value is None else f"{value:6.1%}"
-
-
-def _goal(value: float | None, goal: float) -> str:
-    met = value is not None and value >= goal
-    return f", goal >= {goal:.0%} " + ("met" if met else "NOT met")
-
-
 def print_table(
     name: str,
     scores: dict[str, Any],
@@ -212,38 +203,38 @@ def print_table(
     real, back = scores["real_clips"], scores["round_trip"]
     print(f"{name} results:")
     print(
-        f"  direction adherence      {_pct(d['accuracy'])} vs chance {d['chance']:5.1%} "
+        f"  direction adherence      {pct(d['accuracy'])} vs chance {d['chance']:5.1%} "
         f"({d['clips']} clips of {d['prompts']} held-out prompts, read by the ViT-3D)"
-        f"{_goal(d['accuracy'], d['goal'])}"
+        f"{goal_note(d['accuracy'], d['goal'])}"
     )
     print(
-        f"  shape x colour adherence {_pct(a['accuracy'])} vs chance {a['chance']:5.1%} "
+        f"  shape x colour adherence {pct(a['accuracy'])} vs chance {a['chance']:5.1%} "
         f"(the ViT-2D's commonest reading over each clip's frames; per frame "
-        f"{_pct(a['frames']).strip()}){_goal(a['accuracy'], a['goal'])}"
+        f"{pct(a['frames']).strip()}){goal_note(a['accuracy'], a['goal'])}"
     )
     print(
-        f"  temporal consistency     {_pct(c['share'])} of the clips read as one shape x colour "
-        f"in every frame (real held-out clips {_pct(real['consistency']).strip()})"
-        f"{_goal(c['share'], c['goal'])}"
+        f"  temporal consistency     {pct(c['share'])} of the clips read as one shape x colour "
+        f"in every frame (real held-out clips {pct(real['consistency']).strip()})"
+        f"{goal_note(c['share'], c['goal'])}"
     )
     for label, r in scores["attributes"].items():
         print(
-            f"  {label:24s} {_pct(r['accuracy'])} vs chance {r['chance']:5.1%} "
+            f"  {label:24s} {pct(r['accuracy'])} vs chance {r['chance']:5.1%} "
             f"({r['clips']} clips whose caption names it, read by the ViT-2D)"
         )
     if "plain" in scores:
         p = scores["plain"]
         print(
-            f"  without enrichment       direction {_pct(p['direction']).strip()}, shape x colour "
-            f"{_pct(p['shape_color']).strip()} (the same prompts straight to the text encoder)"
+            f"  without enrichment       direction {pct(p['direction']).strip()}, shape x colour "
+            f"{pct(p['shape_color']).strip()} (the same prompts straight to the text encoder)"
         )
     e = scores["enrichment"]
     seen, other = e["phrasings_seen"], e["phrasings_held_out"]
     print(
-        f"  enrichment keeps prompts {_pct(seen['accuracy'])} vs chance {seen['chance']:5.1%} "
+        f"  enrichment keeps prompts {pct(seen['accuracy'])} vs chance {seen['chance']:5.1%} "
         f"({seen['prompts']} held-out clips, up to {e['tries']} samples each; "
-        f"{_pct(seen['first_try']).strip()} at the first){_goal(seen['accuracy'], e['goal'])}; "
-        f"in held-out phrasings {_pct(other['accuracy']).strip()}"
+        f"{pct(seen['first_try']).strip()} at the first){goal_note(seen['accuracy'], e['goal'])}; "
+        f"in held-out phrasings {pct(other['accuracy']).strip()}"
     )
     div = scores["diversity"]
     print(
@@ -252,12 +243,12 @@ def print_table(
         f"{div['uniform'] or 0:.2f}, a fixed choice 1; {div['open']} open attributes)"
     )
     print(
-        f"  the readers on real held-out clips: direction {_pct(real['direction']).strip()}, "
-        f"shape x colour {_pct(real['shape_color']).strip()}; on their VAE round trips "
-        f"{_pct(back['direction']).strip()}, {_pct(back['shape_color']).strip()} (consistency "
-        f"{_pct(back['consistency']).strip()}); as trained: ViT-3D "
-        f"{_pct(classifiers['video'].get('accuracy')).strip()}, ViT-2D "
-        f"{_pct(classifiers['image'].get('accuracy')).strip()} held out"
+        f"  the readers on real held-out clips: direction {pct(real['direction']).strip()}, "
+        f"shape x colour {pct(real['shape_color']).strip()}; on their VAE round trips "
+        f"{pct(back['direction']).strip()}, {pct(back['shape_color']).strip()} (consistency "
+        f"{pct(back['consistency']).strip()}); as trained: ViT-3D "
+        f"{pct(classifiers['video'].get('accuracy')).strip()}, ViT-2D "
+        f"{pct(classifiers['image'].get('accuracy')).strip()} held out"
     )
     own = sum(v for k, v in seconds.items() if k != "vae")  # the VAE is text_to_image's
     print(

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from vats_apps.data import DURATIONS, SoundsConfig, SoundsWorld
 from vats_apps.generation import enrich as en
 from vats_apps.generation.model import Sampling, encode_texts, enrich_all
-from vats_apps.generation.scoring import TIME_GOAL, enrichment_scores
+from vats_apps.generation.scoring import TIME_GOAL, enrichment_scores, goal_note, pct
 from vats_apps.generation.sounds import (
     MelScale,
     TextToAudio,
@@ -624,41 +624,33 @@ def evaluate(
     return scores
 
 
-def _pct(value: float | None) -> str:
-    return "   n/a" if value is None else f"{value:6.1%}"
-
-
-def _goal(value: float | None, goal: float) -> str:
-    return f", goal >= {goal:.0%} " + ("met" if value is not None and value >= goal else "NOT met")
-
-
 def print_table(scores: dict[str, Any], seconds: dict[str, float], audio: dict[str, Any]) -> None:
     a, length, e, d = (scores[k] for k in ("adherence", "length", "enrichment", "diversity"))
     print(f"{NAME} results:")
     print(
-        f"  pitch x timbre adherence {_pct(a['accuracy'])} vs chance {a['chance']:5.1%} "
+        f"  pitch x timbre adherence {pct(a['accuracy'])} vs chance {a['chance']:5.1%} "
         f"({a['sounds']} sounds of {a['prompts']} held-out prompts, read by the audio "
-        f"classifier after the vocoder){_goal(a['accuracy'], a['goal'])}; pitch "
-        f"{_pct(a['pitch']).strip()}, timbre {_pct(a['timbre']).strip()}"
+        f"classifier after the vocoder){goal_note(a['accuracy'], a['goal'])}; pitch "
+        f"{pct(a['pitch']).strip()}, timbre {pct(a['timbre']).strip()}"
     )
     print(
-        f"  length within {length['tolerance']:.0%}     {_pct(length['within'])} of the sounds "
+        f"  length within {length['tolerance']:.0%}     {pct(length['within'])} of the sounds "
         f"fall silent within 10 % of the requested length (mean error "
-        f"{length['mean_abs_error_s']:.2f} s; read right on {_pct(scores['real_lengths']).strip()} "
-        f"of real held-out sounds){_goal(length['within'], length['goal'])}"
+        f"{length['mean_abs_error_s']:.2f} s; read right on {pct(scores['real_lengths']).strip()} "
+        f"of real held-out sounds){goal_note(length['within'], length['goal'])}"
     )
     if "plain" in scores:
         p = scores["plain"]
         print(
-            f"  without enrichment       {_pct(p['accuracy'])} vs chance {p['chance']:5.1%} "
+            f"  without enrichment       {pct(p['accuracy'])} vs chance {p['chance']:5.1%} "
             "(pitch x timbre, the same prompts straight to the text encoder)"
         )
     seen, other = e["phrasings_seen"], e["phrasings_held_out"]
     print(
-        f"  enrichment keeps prompts {_pct(seen['accuracy'])} vs chance {seen['chance']:5.1%} "
+        f"  enrichment keeps prompts {pct(seen['accuracy'])} vs chance {seen['chance']:5.1%} "
         f"({seen['prompts']} held-out sounds, up to {e['tries']} samples each; "
-        f"{_pct(seen['first_try']).strip()} at the first){_goal(seen['accuracy'], e['goal'])}; "
-        f"in held-out phrasings {_pct(other['accuracy']).strip()}"
+        f"{pct(seen['first_try']).strip()} at the first){goal_note(seen['accuracy'], e['goal'])}; "
+        f"in held-out phrasings {pct(other['accuracy']).strip()}"
     )
     print(
         f"  diversity: an attribute the prompt leaves open takes {d['captions'] or 0:.2f} "
@@ -671,8 +663,8 @@ def print_table(scores: dict[str, Any], seconds: dict[str, float], audio: dict[s
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
         + f" = {total:.0f} s, goal < {TIME_GOAL:.0f} s "
         + ("met" if total < TIME_GOAL else "NOT met")
-        + f"; the classifier reads pitch x timbre on {_pct(audio.get('accuracy')).strip()} of "
-        f"real held-out sounds, {_pct(audio.get('vocoder_accuracy')).strip()} after the vocoder"
+        + f"; the classifier reads pitch x timbre on {pct(audio.get('accuracy')).strip()} of "
+        f"real held-out sounds, {pct(audio.get('vocoder_accuracy')).strip()} after the vocoder"
     )
 
 
