@@ -44,18 +44,31 @@ def unavailable_reason(call: AttentionCall) -> str | None:
 
 
 def mask_mod_for(
-    q_len: int, k_len: int, *, causal: bool, window: int | None, key_padding_mask: Tensor | None
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    window: int | None,
+    key_padding_mask: Tensor | None,
+    device: torch.device,
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """The ``masks`` visibility rule as a flex ``mask_mod(b, h, q_idx, kv_idx) -> bool``."""
-    offset = k_len - q_len
+    """The ``masks`` visibility rule as a flex ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+
+    The offset and the window are captured as 0-d tensors, not ints: the compiled kernel
+    then takes them as inputs. Captured ints change between calls, so torch.compile turns
+    them into symbols, which torch 2.11's flex lowering cannot take (an InductorError
+    seen on an H200 for a second window size).
+    """
+    offset = torch.tensor(k_len - q_len, device=device)
+    window_t = None if window is None else torch.tensor(window, device=device)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         dist = q_idx + offset - kv_idx  # how far the key lies before the query
         visible = kv_idx >= 0  # all True; the rules below narrow it
         if causal:
             visible = visible & (dist >= 0)
-        if window is not None:
-            visible = visible & (dist < window) & (dist > -window)
+        if window_t is not None:
+            visible = visible & (dist < window_t) & (dist > -window_t)
         if key_padding_mask is not None:
             visible = visible & key_padding_mask[b, kv_idx]
         return visible
@@ -79,7 +92,7 @@ def block_mask_for(
     from torch.nn.attention.flex_attention import create_block_mask
 
     mask_mod = mask_mod_for(
-        q_len, k_len, causal=causal, window=window, key_padding_mask=key_padding_mask
+        q_len, k_len, causal=causal, window=window, key_padding_mask=key_padding_mask, device=device
     )
     batch = key_padding_mask.shape[0]
     return create_block_mask(
@@ -93,7 +106,14 @@ def _cached_block_mask(
 ):  # -> BlockMask
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mask_mod = mask_mod_for(q_len, k_len, causal=causal, window=window, key_padding_mask=None)
+    mask_mod = mask_mod_for(
+        q_len,
+        k_len,
+        causal=causal,
+        window=window,
+        key_padding_mask=None,
+        device=torch.device(device),
+    )
     return create_block_mask(
         mask_mod, None, None, q_len, k_len, device=torch.device(device), BLOCK_SIZE=block_size
     )

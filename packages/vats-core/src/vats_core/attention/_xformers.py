@@ -38,12 +38,78 @@ def unavailable_reason(call: AttentionCall) -> str | None:
         return f"xformers runs on CUDA tensors only, got device {call.device}"
     if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"xformers needs float16, bfloat16 or float32, got {call.dtype}"
+    return _operator_reason(call)
+
+
+# Verdicts of xformers' dispatcher by call signature, filled by eager calls. Under
+# torch.compile the dispatcher is not traced: a compiled call uses xformers only where an
+# eager call of the same signature found a kernel (else SDPA or the next backend serves it).
+_VERDICTS: dict[tuple, str | None] = {}
+_NOT_PROBED = "not probed in eager mode, so not used under torch.compile"
+
+
+def _operator_reason(call: AttentionCall) -> str | None:
+    """Why no xformers kernel takes this call, in xformers' words, or None if one does.
+
+    xformers installs without its CUDA kernels when its build does not match torch (or
+    leaves out kernels for a head dim or dtype); it then imports fine and fails inside
+    ``memory_efficient_attention``. Its dispatcher is asked first, with the call's
+    layout and the bias kind it would get (a dense bias by a stride-0 stand-in).
+    """
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    key = (
+        tuple(call.q.shape),
+        tuple(call.k.shape),
+        call.dtype,
+        str(call.device),
+        call.causal,
+        call.window,
+        call.key_padding_mask is None,
+        grad,
+    )
+    if torch.compiler.is_compiling():
+        return _VERDICTS.get(key, _NOT_PROBED)
+    if key not in _VERDICTS:
+        if len(_VERDICTS) > 4096:
+            _VERDICTS.clear()
+        _VERDICTS[key] = _ask_dispatcher(call, grad)
+    return _VERDICTS[key]
+
+
+def _ask_dispatcher(call: AttentionCall, grad: bool) -> str | None:
+    try:
+        from xformers.ops import fmha
+        from xformers.ops.fmha.dispatch import _dispatch_bw, _dispatch_fw
+    except ImportError as err:  # a broken install, or the dispatcher moved
+        return f"xformers cannot be imported or probed ({err}); {INSTALL_HINT}"
+    q, k, v = _layout(call)
+    bias = _bias(call, fmha, dense=_proxy_dense_bias)[0]
+    inp = fmha.Inputs(query=q, key=k, value=v, attn_bias=bias, scale=call.scale)
+    try:
+        inp.validate_inputs()
+        inp.normalize_bmhk()
+        _dispatch_fw(inp, grad)
+        if grad:
+            _dispatch_bw(inp, varlen_lse_packed=None)
+    except (NotImplementedError, ValueError) as err:
+        return f"no xformers kernel serves this call ({_short_reasons(str(err))})"
     return None
 
 
-def forward(call: AttentionCall) -> Tensor:
-    from xformers.ops import fmha
+def _short_reasons(message: str) -> str:
+    """xformers' "`op` is not supported because:" blocks, each on one line."""
+    out, op = [], None
+    for line in message.splitlines():
+        if line.rstrip().endswith("is not supported because:"):
+            op = line.strip().split("`")[1] if "`" in line else line.strip()
+            out.append(f"{op}: ")
+        elif op is not None and line.startswith(" "):
+            out[-1] += ("" if out[-1].endswith(": ") else ", ") + line.strip()
+    return "; ".join(out) if out else message.strip().splitlines()[0]
 
+
+def _layout(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K, V as xformers takes them (views, no copies)."""
     b, hkv, g = call.batch, call.kv_heads, call.groups
     tq, tk, dh = call.q_len, call.k_len, call.head_dim
     # (B, Hq, Tq, Dh) -> (B, Tq, Hkv, G, Dh); K/V (B, Hkv, Tk, Dh) -> (B, Tk, Hkv, G, Dh)
@@ -52,7 +118,12 @@ def forward(call: AttentionCall) -> Tensor:
     v = call.v.permute(0, 2, 1, 3)[:, :, :, None].expand(b, tk, hkv, g, dh)
     if g == 1:  # plain multi-head: the 4-D layout every xformers kernel takes
         q, k, v = q[:, :, :, 0], k[:, :, :, 0], v[:, :, :, 0]
+    return q, k, v
 
+
+def _bias(call: AttentionCall, fmha, *, dense) -> tuple[object, Tensor | None]:
+    """xformers' bias for the call, and the rows that see a key (dense bias only)."""
+    tq, tk = call.q_len, call.k_len
     structured = call.key_padding_mask is None and tq <= tk
     has_key = None
     if call.position_free and call.key_padding_mask is None:
@@ -67,8 +138,16 @@ def forward(call: AttentionCall) -> Tensor:
             window_left=call.window - 1, window_right=call.window - 1
         )
     else:
-        bias, has_key = _dense_bias(call)
+        bias, has_key = dense(call)
+    return bias, has_key
 
+
+def forward(call: AttentionCall) -> Tensor:
+    from xformers.ops import fmha
+
+    b, hkv, g, tq, dh = call.batch, call.kv_heads, call.groups, call.q_len, call.head_dim
+    q, k, v = _layout(call)
+    bias, has_key = _bias(call, fmha, dense=_dense_bias)
     out = fmha.memory_efficient_attention(q, k, v, attn_bias=bias, scale=call.scale)
     if g == 1:
         out = out[:, :, :, None]
@@ -76,6 +155,16 @@ def forward(call: AttentionCall) -> Tensor:
     if has_key is not None:
         out = out * has_key[:, None, :, None]
     return out
+
+
+def _proxy_dense_bias(call: AttentionCall) -> tuple[Tensor, None]:
+    """A stand-in with the dense bias's shape, dtype and row alignment, one row in memory."""
+    aligned = -(-call.k_len // 8) * 8
+    row = torch.zeros(aligned, dtype=call.dtype, device=call.device)[: call.k_len]
+    shape = (call.batch, call.kv_heads, call.q_len, call.k_len)
+    if call.groups > 1:
+        shape = (call.batch, call.kv_heads, call.groups, call.q_len, call.k_len)
+    return row.expand(shape), None
 
 
 def _dense_bias(call: AttentionCall) -> tuple[Tensor, Tensor]:
