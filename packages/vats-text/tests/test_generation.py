@@ -430,3 +430,12 @@ def test_windowed_model_has_no_length_limit_but_global_one_does():
         ValueError,
         "max_seq_len=8",
     )
+
+
+def test_generate_under_autocast_caches_in_the_autocast_dtype():
+    """Keys and values come out bf16 under autocast: the caches take that dtype (an fp32
+    cache refused them, seen on an H200), and decoding still equals the naive loop."""
+    model, ids = _model(), _ids(2, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, ids, max_new_tokens=4)
+        assert torch.equal(out, _naive_greedy(model, ids, 4))

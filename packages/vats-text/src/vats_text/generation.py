@@ -523,10 +523,15 @@ def _decode_step(model: MoELanguageModel, token_B1: Tensor, caches: KVCaches) ->
 
 
 @functools.cache
-def _compiled_decode_step(backend: str) -> Callable[[MoELanguageModel, Tensor, KVCaches], Tensor]:
-    # One compiled wrapper per backend for the whole process: dynamo caches the traced graphs
-    # on the function's code, so later generate() calls reuse them.
-    options = {"cpp_wrapper": True} if backend == "inductor" else None
+def _compiled_decode_step(
+    backend: str, device_type: str
+) -> Callable[[MoELanguageModel, Tensor, KVCaches], Tensor]:
+    # One compiled wrapper per (backend, device type) for the whole process: dynamo caches the
+    # traced graphs on the function's code, so later generate() calls reuse them. Inductor's
+    # C++ wrapper saves the per-step Python overhead on the CPU; on CUDA it failed to build
+    # (CppCompileError, torch 2.11 on an H200), so the default Python wrapper serves there.
+    cpp = backend == "inductor" and device_type == "cpu"
+    options = {"cpp_wrapper": True} if cpp else None
     return torch.compile(_decode_step, backend=backend, options=options)
 
 
@@ -549,8 +554,11 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
     vocab = model.config.vocab_size
     sampling = plan.sampling
     with torch.no_grad():
+        kind = torch.device(plan.device).type
+        # Under autocast the keys and values come out in the autocast dtype, not the weights'.
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         caches = model.setup_caches(
-            b, t + plan.max_new_tokens, device=plan.device, fixed_shape=plan.compile
+            b, t + plan.max_new_tokens, device=plan.device, dtype=dtype, fixed_shape=plan.compile
         )
         seen_BV = None
         if sampling.repetition_penalty != 1.0:
@@ -567,7 +575,7 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
             plan.stops.tails = []
         step = _decode_step
         if plan.compile:
-            step = _compiled_decode_step(_COMPILE_BACKEND)
+            step = _compiled_decode_step(_COMPILE_BACKEND, torch.device(plan.device).type)
             _mark_capacity_dynamic(caches)
 
         if plan.inputs_embeds is None:
