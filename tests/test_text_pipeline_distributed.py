@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from test_text_pipeline import compose_text
 from tiny_settings import TINY_TEXT
-from two_ranks import torchrun_pipeline
+from two_ranks import assert_refused_before_any_work, torchrun_pipeline
 
 from vats_apps.cli import run_pipeline
 from vats_apps.pipelines.distributed import parallel_config
@@ -62,11 +62,6 @@ def test_parallel_accepts_the_shorthand_and_the_fields() -> None:
     ],
 )
 def test_settings_that_do_not_fit_the_world_fail_before_any_work(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides, env, message
+    tmp_path: Path, overrides: list[str], env: dict[str, str], message: str
 ) -> None:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    cfg = compose_text(tmp_path, *overrides)
-    with pytest.raises(ValueError, match=message):
-        run_pipeline(cfg)
-    assert not any(tmp_path.iterdir()), "nothing may be written before the error"
+    assert_refused_before_any_work(compose_text(tmp_path, *overrides), tmp_path, env, message)

@@ -8,12 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from tiny_settings import TINY_VISION
-from two_ranks import assert_same_weights, torchrun_pipeline
+from two_ranks import (
+    REFUSALS,
+    assert_refused_before_any_work,
+    assert_same_weights,
+    batch_refusal,
+    compose_tiny,
+    torchrun_pipeline,
+)
 
-from vats_apps.cli import config_dir, run_pipeline
+from vats_apps.cli import run_pipeline
 from vats_apps.pipelines.train_vision import cache_key
 
 # The image task's aux labels in a phase after the proof: the weights are gathered twice.
@@ -21,11 +27,7 @@ AUX_PHASE = ["train.image.aux.from_start=false", "train.image.aux.max_steps=2"]
 
 
 def compose_vision(tmp_path: Path, *extra: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["pipeline=train_vision", *TINY_VISION, *extra])
-    cfg.pipeline.cache_dir = str(tmp_path / "cache")
-    cfg.pipeline.out_dir = str(tmp_path / "runs")
-    return cfg
+    return compose_tiny("train_vision", tmp_path, *extra)
 
 
 @pytest.mark.slow  # two ranks start under torchrun: ~20-30 s on 2 busy cores
@@ -73,32 +75,16 @@ def test_fsdp_on_one_process_is_the_plain_trainer_and_the_default_keeps_the_key(
 @pytest.mark.parametrize(
     ("overrides", "env", "message"),
     [
-        (["train.parallel=zero3"], {}, r"train.parallel: ParallelConfig.data_parallel='zero3'"),
-        (["+train.parallel.tensor_parallel=2"], {}, r"train.parallel: .*no field"),
+        *REFUSALS,
         (
             ["train.parallel.data_parallel=fsdp", "train.parallel.activation_checkpointing=yes"],
             {},
             r"train.parallel: ParallelConfig.activation_checkpointing",
         ),
-        (
-            ["train.parallel.data_parallel=ddp", "train.parallel.expert_parallel=2"],
-            {},
-            r"train.parallel: ParallelConfig.expert_parallel=2 .*divisor of the world size 1",
-        ),
-        ([], {"WORLD_SIZE": "2"}, r"train.parallel.data_parallel='none' with 2 ranks"),
-        (
-            ["train.parallel=ddp", "train.video.batch_size=5"],
-            {"WORLD_SIZE": "2"},
-            r"train.video.batch_size=5 .*multiple of 2",
-        ),
+        batch_refusal("train.video.batch_size", 5),
     ],
 )
 def test_settings_that_do_not_fit_the_world_fail_before_any_work(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides, env, message
+    tmp_path: Path, overrides: list[str], env: dict[str, str], message: str
 ) -> None:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    cfg = compose_vision(tmp_path, *overrides)
-    with pytest.raises(ValueError, match=message):
-        run_pipeline(cfg)
-    assert not any(tmp_path.iterdir()), "nothing may be written before the error"
+    assert_refused_before_any_work(compose_vision(tmp_path, *overrides), tmp_path, env, message)
