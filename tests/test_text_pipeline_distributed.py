@@ -4,50 +4,29 @@ refused naming the key, before any work."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 from test_text_pipeline import compose_text
 from tiny_settings import TINY_TEXT
+from two_ranks import assert_refused_before_any_work, torchrun_pipeline
 
 from vats_apps.cli import run_pipeline
 from vats_apps.pipelines.distributed import parallel_config
 from vats_core.parallel import ParallelConfig
 
 STEPS = ["train.max_steps=6", "generation.max_new_tokens=4"]  # after TINY_TEXT: override it
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow  # two ranks start under torchrun: ~35-50 s on 2 busy cores
 def test_two_ranks_under_torchrun_train_the_one_process_model(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    env = {**os.environ, "VATS_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "vats_apps",
-        "pipeline=text_generation",
-        "train.parallel=fsdp",
-        *TINY_TEXT,
-        *STEPS,
-        f"pipeline.out_dir={runs}",
-        f"hydra.run.dir={tmp_path / 'hydra'}",
-    ]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stdout, two = torchrun_pipeline(
+        tmp_path, "pipeline=text_generation", "train.parallel=fsdp", *TINY_TEXT, *STEPS
+    )
     # rank 0 alone prints and reports
-    assert done.stdout.count("validation cross-entropy") == 1, done.stdout
-    assert done.stdout.count("no cached model") == 1
-    two = json.loads((runs / "result.json").read_text())["result"]
+    assert stdout.count("validation cross-entropy") == 1, stdout
+    assert stdout.count("no cached model") == 1
     assert two["trained_now"] is True and len(two["samples"]) == 3
 
     one = run_pipeline(compose_text(tmp_path / "one", *STEPS))
@@ -83,11 +62,6 @@ def test_parallel_accepts_the_shorthand_and_the_fields() -> None:
     ],
 )
 def test_settings_that_do_not_fit_the_world_fail_before_any_work(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides, env, message
+    tmp_path: Path, overrides: list[str], env: dict[str, str], message: str
 ) -> None:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    cfg = compose_text(tmp_path, *overrides)
-    with pytest.raises(ValueError, match=message):
-        run_pipeline(cfg)
-    assert not any(tmp_path.iterdir()), "nothing may be written before the error"
+    assert_refused_before_any_work(compose_text(tmp_path, *overrides), tmp_path, env, message)

@@ -1,12 +1,24 @@
 """``train.parallel``: a pipeline's training on several ranks (``torchrun``).
 
 ``uv run torchrun --nproc-per-node 2 -m vats_apps pipeline=text_generation
-train.parallel=fsdp`` runs the pipeline once per rank. Each rank builds the same model
-from the same seed, :func:`vats_core.parallel.parallelize` applies the section (the
-fields of :class:`~vats_core.parallel.ParallelConfig`; a plain string is the
-``data_parallel`` shorthand), and the vats-core trainer splits every global batch over
-the ranks. Rank 0 alone prints (:func:`quiet_other_ranks`), writes the cache and
-generates; the other ranks train and stop.
+train.parallel=fsdp`` (or ``pipeline=train_vision``, ``pipeline=train_audio``) runs the
+pipeline once per rank. Each rank builds the same model from the same seed,
+:func:`vats_core.parallel.parallelize` applies the section (the fields of
+:class:`~vats_core.parallel.ParallelConfig`; a plain string is the ``data_parallel``
+shorthand), and the vats-core trainer splits every global batch over the ranks. Rank 0
+alone prints (:func:`quiet_other_ranks`), writes the cache and scores or generates; the
+other ranks train and stop.
+
+A pipeline's training reads as::
+
+    with parallel_training(cfg, {"train.batch_size": b}, meta_models) as (parallel, ranks):
+        model = build()  # the same seed on every rank
+        trainer = Trainer(parallel_model(model, parallel), ...)
+        trainer.fit()
+        model = gathered_model(trainer.model, model, parallel)  # None on ranks other than 0
+
+and its cache key takes :func:`parallel_key`, which is empty for the default section, so
+the keys of one-process runs are those they had before the section existed.
 
 The process group is gloo on CPU and NCCL when CUDA is present (each rank on
 ``cuda:<LOCAL_RANK>``). ``data_parallel`` other than ``none`` on one process (no
@@ -20,8 +32,9 @@ import datetime
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vats_core.parallel import DataParallel, ParallelConfig, check_parallelizable, parallelize
+from vats_core.parallel.runtime import gathered_model_state
 
 
 @dataclass(frozen=True)
@@ -162,3 +176,66 @@ def parallel_model(model: nn.Module, config: ParallelConfig) -> nn.Module:
     if config == ParallelConfig():
         return model
     return parallelize(model.to(device()), config)
+
+
+def parallel_key(cfg: DictConfig, key: str = "train.parallel") -> dict[str, Any]:
+    """What ``train.parallel`` adds to a cache key's settings: nothing for the default
+    section (one process: the key it had before the section existed), else the resolved
+    :class:`ParallelConfig` (split sums round differently from one process's).
+
+    Raises:
+        ValueError: as :func:`parallel_config`.
+    """
+    config = parallel_config(cfg, key)
+    return {} if config == ParallelConfig() else {"parallel": config.to_dict()}
+
+
+@contextlib.contextmanager
+def parallel_training(
+    cfg: DictConfig,
+    batch_sizes: Mapping[str, int],
+    meta_models: Callable[[], Iterable[nn.Module]],
+    key: str = "train.parallel",
+) -> Iterator[tuple[ParallelConfig, Ranks]]:
+    """``train.parallel`` read and checked against the world, then its process group for
+    the life of the block: what a pipeline wraps its training in.
+
+    In order, before any work: the section (:func:`parallel_config`), each global batch
+    (``{config key: size}``, :func:`check_batch`), the process group
+    (:func:`process_group`), and the models ``meta_models()`` builds, on the meta device
+    (:func:`check_model`).
+
+    Yields:
+        ``(config, ranks)``.
+
+    Raises:
+        ValueError: naming the key of the field that does not fit.
+    """
+    parallel = parallel_config(cfg, key)
+    for batch_key, size in batch_sizes.items():
+        check_batch(size, batch_key)
+    with process_group(parallel, key) as ranks:
+        with torch.device("meta"):  # the models' shapes, for the checks: no memory, no init
+            for model in meta_models():
+                check_model(parallel, model, key)
+        yield parallel, ranks
+
+
+def gathered_model(
+    trained: nn.Module, model: nn.Module, config: ParallelConfig
+) -> nn.Module | None:
+    """After training: one plain model holding the weights the ranks trained.
+
+    ``trained`` is what :func:`parallel_model` made of ``model`` (the trainer's model).
+    With the default config it is ``model``, returned as is. Else every rank must call
+    this (FSDP gathers the shards); rank 0 gets a fresh ``type(model)(model.config)``
+    with the gathered weights, on the CPU, and the other ranks None.
+    """
+    if config == ParallelConfig():
+        return model
+    state = gathered_model_state(trained)
+    if dist.get_rank() != 0:
+        return None
+    plain = type(model)(model.config)  # type: ignore[operator]
+    plain.load_state_dict(state)
+    return plain

@@ -35,15 +35,12 @@ from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
 from vats_apps.pipelines.distributed import (
     Ranks,
-    check_batch,
-    check_model,
-    parallel_config,
+    gathered_model,
     parallel_model,
-    process_group,
+    parallel_training,
 )
 from vats_core.inference import compile_frozen
 from vats_core.parallel import ParallelConfig
-from vats_core.parallel.runtime import gathered_model_state
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.corpus import load_corpus
 from vats_text.data import (
@@ -146,11 +143,11 @@ def _train(cfg: DictConfig, path: Path) -> TrainedLM | None:
     model_config(cfg, train_cfg.vocab_size)
     trainer_config(cfg, out_dir=str(path / "run"))
     check_compile_switches(cfg)
-    parallel = parallel_config(cfg)
-    check_batch(train_cfg.batch_size)
-    with process_group(parallel) as ranks:
-        with torch.device("meta"):  # the model's shape, for the checks: no memory, no init
-            check_model(parallel, MoELanguageModel(model_config(cfg, train_cfg.vocab_size)))
+    with parallel_training(
+        cfg,
+        {"train.batch_size": train_cfg.batch_size},
+        lambda: [MoELanguageModel(model_config(cfg, train_cfg.vocab_size))],
+    ) as (parallel, ranks):
         return _train_ranks(cfg, path, parallel, ranks)
 
 
@@ -197,13 +194,10 @@ def _train_ranks(
         t0 = time.perf_counter()
         trainer.fit()
         train_seconds = time.perf_counter() - t0
-        if parallel != ParallelConfig():  # one plain model, on rank 0, from the ranks' shards
-            state = gathered_model_state(trainer.model)  # every rank takes part
-            if not ranks.is_main:
-                return None
-            model = MoELanguageModel(model.config)
-            model.load_state_dict(state)
-        model.eval()
+        gathered = gathered_model(trainer.model, model, parallel)  # every rank takes part
+        if gathered is None:  # a rank other than 0: rank 0 scores and caches
+            return None
+        model = gathered.eval()  # type: ignore[assignment]
         # The weights are final here: score them on the frozen compiled model if asked.
         scorer = compile_frozen(model) if compile_flags(cfg).evaluation else model
         val = evaluate_lm(scorer, val_rows)  # type: ignore[arg-type]

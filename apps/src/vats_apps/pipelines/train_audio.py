@@ -39,11 +39,18 @@ training steps through ``torch.compile`` (batches then padded to the world's lon
 clip, so one graph serves every step); ``pipeline.compile`` scores on the model compiled
 with inductor's freezing.
 
+``train.parallel`` trains on the ranks ``torchrun`` starts (``uv run torchrun
+--nproc-per-node 2 -m vats_apps pipeline=train_audio train.parallel=fsdp``), as
+:mod:`vats_apps.pipelines.distributed` describes: ``train.batch_size`` stays the global
+batch (each rank keeps its rows of it, padded to the global batch's longest clip, which
+changes nothing), and rank 0 alone scores, classifies, prints and writes.
+
 Shapes: B batch, S samples, M mel bins, T feature frames, K classes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -59,6 +66,14 @@ from torch import Tensor, nn
 from vats_apps.data import SoundsConfig, SoundsWorld
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
+from vats_apps.pipelines.distributed import (
+    Ranks,
+    gathered_model,
+    launched_rank,
+    parallel_key,
+    parallel_model,
+    parallel_training,
+)
 from vats_apps.pipelines.sections import preset_fields, section
 from vats_audio import AudioEncoder, AudioEncoderConfig, GriffinLimVocoder, LogMel, LogMelConfig
 from vats_audio import load as load_audio
@@ -66,6 +81,7 @@ from vats_audio import save as save_audio
 from vats_audio.presets import audio_preset
 from vats_core.config import is_int
 from vats_core.inference import compile_frozen
+from vats_core.parallel import ParallelConfig
 from vats_core.training import Trainer, TrainerConfig
 
 GOAL = 0.95  # the issue's held-out pitch x timbre accuracy goal
@@ -235,9 +251,14 @@ def cache_key(cfg: DictConfig) -> str:
         "model": model_config(cfg, world, features).to_dict(),
         "world": world.to_dict(),
         "features": features.to_dict(),
-        "train": {k: v for k, v in train.items() if k not in ("eval_size", "vocoder", "compile")},
+        "train": {
+            k: v
+            for k, v in train.items()
+            if k not in ("eval_size", "vocoder", "compile", "parallel")
+        },
         "compile": compile_flags(cfg).training,
         "seed": int(cfg.pipeline.seed),
+        **parallel_key(cfg),
     }
     return entry_key(spec, CODE)
 
@@ -313,9 +334,42 @@ def _write_examples(
     return written
 
 
+def _parallel_training(
+    cfg: DictConfig,
+) -> contextlib.AbstractContextManager[tuple[ParallelConfig, Ranks]]:
+    """:func:`~vats_apps.pipelines.distributed.parallel_training` for the encoder: its
+    batch and model checked against ``train.parallel`` and the world."""
+    world = world_config(cfg)
+    config = model_config(cfg, world, features_config(cfg, world))
+    batch = {"train.batch_size": _count(cfg, "train.batch_size", minimum=1)}
+    return parallel_training(cfg, batch, lambda: [AudioEncoder(config)])
+
+
 def load_or_train(cfg: DictConfig) -> tuple[AudioEncoder, dict[str, Any], bool, Path]:
     """The audio encoder: from the cache when an entry matches the config, else trained
-    from scratch, scored on held-out clips (and after the vocoder round trip) and cached.
+    from scratch (under ``train.parallel``), scored on held-out clips (and after the
+    vocoder round trip) and cached: what the pipelines that use the encoder as a part
+    call, on one process.
+
+    Returns:
+        As :func:`load_or_train_ranks`.
+    """
+    with _parallel_training(cfg) as (parallel, _):
+        loaded = load_or_train_ranks(cfg, parallel)
+    if loaded is None:
+        raise ValueError(
+            "the audio encoder is trained under train.parallel by pipeline=train_audio "
+            "alone: run it (under torchrun) first, then this pipeline on one process"
+        )
+    return loaded
+
+
+def load_or_train_ranks(
+    cfg: DictConfig, parallel: ParallelConfig
+) -> tuple[AudioEncoder, dict[str, Any], bool, Path] | None:
+    """:func:`load_or_train` on every rank of a ``train.parallel`` run, inside its
+    :func:`~vats_apps.pipelines.distributed.parallel_training`: rank 0 gets the model, the
+    other ranks None (once they have trained it).
 
     Returns:
         ``(model, report, cached, path)``: the model in eval mode; the report written when
@@ -335,6 +389,8 @@ def load_or_train(cfg: DictConfig) -> tuple[AudioEncoder, dict[str, Any], bool, 
     fields = trainer_fields(train_section.get("trainer", {}), "train.trainer")
     path = Path(str(cfg.pipeline.cache_dir)).expanduser() / NAME / cache_key(cfg)
     if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
+        if not launched_rank().is_main:  # rank 0 loads and scores it
+            return None
         print(f"{NAME}: loading the cached model from {path}", flush=True)
         model = AudioEncoder.from_pretrained(path / "model")
         return model, json.loads((path / REPORT_NAME).read_text()), True, path
@@ -363,16 +419,23 @@ def load_or_train(cfg: DictConfig) -> tuple[AudioEncoder, dict[str, Any], bool, 
         progress=bool(cfg.pipeline.progress),
         compile=flags.training,
     )
+    parameters = sum(p.numel() for p in model.parameters())  # (before FSDP shards them)
+    trained = parallel_model(model, parallel)  # the trainer's model (model itself on one process)
     start = time.perf_counter()
-    Trainer(model, trainer_config, data=batch_fn, loss_fn=_loss_fn).fit()
+    Trainer(trained, trainer_config, data=batch_fn, loss_fn=_loss_fn).fit()
+    seconds = time.perf_counter() - start
+    gathered = gathered_model(trained, model, parallel)  # every rank takes part
+    if gathered is None:  # a rank other than 0: rank 0 scores and caches
+        return None
+    model = gathered  # type: ignore[assignment]
     report = {
         "task": "audio",
         "chance": 1.0 / world_cfg.num_classes,
         "classes": world_cfg.num_classes,
         "steps": steps,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
         "goal": GOAL,
         "vocoder_goal": VOCODER_GOAL,
     }
@@ -387,8 +450,9 @@ def load_or_train(cfg: DictConfig) -> tuple[AudioEncoder, dict[str, Any], bool, 
     return model.eval(), report, False, path
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train the audio encoder from scratch (or load it from the cache) and score it.
+def train(cfg: DictConfig) -> dict[str, Any] | None:
+    """Train the audio encoder from scratch (or load it from the cache) and score it; on
+    every rank of a ``train.parallel`` run (None on ranks but 0).
 
     Returns:
         ``{"task", "accuracy", "pitch_accuracy", "timbre_accuracy", "vocoder_accuracy",
@@ -411,7 +475,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer_fields(section(cfg, "train", NAME).get("trainer", {}), "train.trainer")
     files = {path: load_audio(path, sample_rate=world_cfg.sample_rate)[0] for path in _files(cfg)}
 
-    model, report, cached, path = load_or_train(cfg)
+    with _parallel_training(cfg) as (parallel, _):  # and train.parallel, against the world
+        loaded = load_or_train_ranks(cfg, parallel)
+    if loaded is None:  # a rank other than 0: rank 0 reports
+        return None
+    model, report, cached, path = loaded
     world, logmel = SoundsWorld(world_cfg), LogMel(features)
     draw = make_drawer(world, logmel)
     vocoder = GriffinLimVocoder(features, n_iter=n_iter)
@@ -466,6 +534,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     classify ``pipeline.classify``'s files."""
     print(f"{NAME}: training the audio encoder on the sounds world ...", flush=True)
     result = train(cfg)
+    if result is None:  # a rank other than 0 of a train.parallel run
+        return {}
     print(f"{NAME} results:")
     print("  " + _line(result))
     print("  " + _vocoder_line(result))

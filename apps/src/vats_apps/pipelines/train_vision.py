@@ -69,11 +69,17 @@ training time recorded when they were trained (``pipeline.retrain=true`` trains 
 compiled with inductor's freezing (:func:`vats_core.inference.compile_frozen`). On CPU
 each compiles for tens of seconds first.
 
+``train.parallel`` trains every task on the ranks ``torchrun`` starts (``uv run torchrun
+--nproc-per-node 2 -m vats_apps pipeline=train_vision train.parallel=fsdp``), as
+:mod:`vats_apps.pipelines.distributed` describes: ``train.<kind>.batch_size`` stays the
+global batch, and rank 0 alone scores, prints and writes the cache.
+
 Shapes: B batch, T frames, C channels, S image side, K classes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -92,9 +98,18 @@ from vats_apps.pipelines.compiling import (
     compile_flags,
     stage_trainer_config,
 )
+from vats_apps.pipelines.distributed import (
+    Ranks,
+    gathered_model,
+    launched_rank,
+    parallel_key,
+    parallel_model,
+    parallel_training,
+)
 from vats_apps.pipelines.sections import preset_fields, section
 from vats_core.config import is_int, is_number
 from vats_core.inference import compile_frozen
+from vats_core.parallel import ParallelConfig
 from vats_core.training import Trainer, TrainerConfig
 from vats_vision.presets import vit2d_preset, vit3d_preset
 from vats_vision.vit2d import ViT2D, ViT2DConfig
@@ -287,8 +302,16 @@ def cache_key(cfg: DictConfig, task: str) -> str:
         "train": {k: v for k, v in _section(cfg, f"train.{kind}").items() if k != "eval_size"},
         "compile": compile_flags(cfg).training,
         "seed": int(cfg.pipeline.seed),
+        **parallel_key(cfg),
     }
     return entry_key(spec, CODE)
+
+
+def _model(cfg: DictConfig, task: str) -> ViT2D | ViT3D:
+    """``task``'s model, initialized from the global RNG (on the default device)."""
+    if task == "image":
+        return ViT2D(image_model_config(cfg, world_config(cfg, "image")))
+    return ViT3D(video_model_config(cfg, world_config(cfg, "video"), temporal=task == "video"))
 
 
 def _build(
@@ -302,12 +325,19 @@ def _build(
     task_heads = heads(cfg, task, world_cfg)
     draw = _drawer(ShapesWorld(world_cfg), kind, [label for label, _ in task_heads])
     torch.manual_seed(int(cfg.pipeline.seed))
-    model: nn.Module
-    if kind == "image":
-        model = ViT2D(image_model_config(cfg, world_cfg))
-    else:
-        model = ViT3D(video_model_config(cfg, world_cfg, temporal=task == "video"))
-    return model, draw, task_heads, _section(cfg, f"train.{kind}")
+    return _model(cfg, task), draw, task_heads, _section(cfg, f"train.{kind}")
+
+
+def _parallel_training(
+    cfg: DictConfig, tasks: tuple[str, ...]
+) -> contextlib.AbstractContextManager[tuple[ParallelConfig, Ranks]]:
+    """:func:`~vats_apps.pipelines.distributed.parallel_training` for ``tasks``: their
+    batches and models checked against ``train.parallel`` and the world."""
+    kinds = sorted({"image" if task == "image" else "video" for task in tasks})
+    batches = {
+        f"train.{k}.batch_size": int(_section(cfg, f"train.{k}")["batch_size"]) for k in kinds
+    }
+    return parallel_training(cfg, batches, lambda: [_model(cfg, task) for task in tasks])
 
 
 def _scores(report: dict[str, Any], accuracies: dict[str, float]) -> dict[str, Any]:
@@ -333,7 +363,28 @@ def _trainer_config(
 
 def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any], bool, Path]:
     """``task``'s model: from the cache when an entry matches the config, else trained from
-    scratch, scored on held-out samples and cached.
+    scratch (under ``train.parallel``), scored on held-out samples and cached: what the
+    pipelines that use a vision model as a part call, on one process.
+
+    Returns:
+        As :func:`load_or_train_ranks`.
+    """
+    with _parallel_training(cfg, (task,)) as (parallel, _):
+        loaded = load_or_train_ranks(cfg, task, parallel)
+    if loaded is None:
+        raise ValueError(
+            "the vision models are trained under train.parallel by pipeline=train_vision "
+            "alone: run it (under torchrun) first, then this pipeline on one process"
+        )
+    return loaded
+
+
+def load_or_train_ranks(
+    cfg: DictConfig, task: str, parallel: ParallelConfig
+) -> tuple[nn.Module, dict[str, Any], bool, Path] | None:
+    """:func:`load_or_train` on every rank of a ``train.parallel`` run, inside its
+    :func:`~vats_apps.pipelines.distributed.parallel_training`: rank 0 gets the model, the
+    other ranks None (once they have trained it).
 
     Training has up to two phases: the proof (``train.<kind>``: the target, plus the labels
     ``train.<kind>.aux`` names when ``aux.from_start``, weighted by ``aux.weight``), then,
@@ -353,6 +404,8 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
     path = Path(str(cfg.pipeline.cache_dir)).expanduser() / "train_vision" / task
     path = path / cache_key(cfg, task)
     if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
+        if not launched_rank().is_main:  # rank 0 loads and scores it
+            return None
         print(f"train_vision: loading the cached {task} model from {path}", flush=True)
         model = type(model).from_pretrained(path / "model")
         return model, json.loads((path / REPORT_NAME).read_text()), True, path
@@ -374,9 +427,11 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
     aux_config = _trainer_config(
         cfg, aux.get("trainer", {}), f"train.{kind}.aux.trainer", max(aux_steps, 1), out_dir / "aux"
     )
+    parameters = sum(p.numel() for p in model.parameters())  # (before FSDP shards them)
+    trained = parallel_model(model, parallel)  # the trainers' model (model itself on one process)
     start = time.perf_counter()
     proof_loss = _make_loss_fn(sizes, aux_weight if from_start else 0.0)
-    Trainer(model, config, data=batch_fn, loss_fn=proof_loss).fit()
+    Trainer(trained, config, data=batch_fn, loss_fn=proof_loss).fit()
     seconds = time.perf_counter() - start
     k = task_heads[0][1]
     report: dict[str, Any] = {
@@ -386,15 +441,22 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
         "steps": steps,
         "seconds": seconds,
         "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
     }
     if len(task_heads) > 1 and aux_steps > 0:
-        proof = held_out_accuracy(model, draw, eval_size, task_heads)
-        report["accuracy_before_aux"] = proof["target"]
+        proof_model = gathered_model(trained, model, parallel)  # every rank takes part
+        if proof_model is not None:
+            proof = held_out_accuracy(proof_model, draw, eval_size, task_heads)
+            report["accuracy_before_aux"] = proof["target"]
         offset = steps * accum * batch_size
         start = time.perf_counter()
-        Trainer(model, aux_config, data=batch_fn, loss_fn=_make_loss_fn(sizes, aux_weight)).fit()
+        aux_loss = _make_loss_fn(sizes, aux_weight)
+        Trainer(trained, aux_config, data=batch_fn, loss_fn=aux_loss).fit()
         report["aux_steps"], report["aux_seconds"] = aux_steps, time.perf_counter() - start
+    gathered = gathered_model(trained, model, parallel)  # every rank takes part
+    if gathered is None:  # a rank other than 0: rank 0 scores and caches
+        return None
+    model = gathered
     accuracies = held_out_accuracy(model, draw, eval_size, task_heads, compile=flags.evaluation)
     report = _scores(report, accuracies)
     if task in GOALS:
@@ -405,16 +467,19 @@ def load_or_train(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any]
     return model.eval(), report, False, path
 
 
-def train_task(cfg: DictConfig, task: str) -> dict[str, Any]:
+def train_task(cfg: DictConfig, task: str, parallel: ParallelConfig) -> dict[str, Any] | None:
     """Train one task's model from scratch (or load it from the cache) and score it on
-    held-out samples.
+    held-out samples; on every rank of a ``train.parallel`` run (None on ranks but 0).
 
     Returns:
         ``{"task", "accuracy", "chance", "classes", "steps", "seconds", "threads",
         "parameters", "cached", "cache"}`` (plus ``"goal"`` where the issue sets one);
         ``seconds`` and ``threads`` are those of the run that trained the weights.
     """
-    model, report, cached, path = load_or_train(cfg, task)
+    loaded = load_or_train_ranks(cfg, task, parallel)
+    if loaded is None:
+        return None
+    model, report, cached, path = loaded
     if cached:  # scored again
         _, draw, task_heads, section = _build(cfg, task)
         accuracies = held_out_accuracy(
@@ -456,10 +521,16 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         aux_labels(cfg, kind)  # and so do bad label lists and aux settings
         aux_settings(cfg, kind)
     results = {}
-    for name in tasks:
-        print(f"train_vision: training {name} ...", flush=True)
-        results[name] = train_task(cfg, name)
-        print(_line(results[name]), flush=True)
+    # and train.parallel, against every task's batch and model
+    with _parallel_training(cfg, tasks) as (parallel, ranks):
+        for name in tasks:
+            print(f"train_vision: training {name} ...", flush=True)
+            result = train_task(cfg, name, parallel)
+            if result is not None:
+                results[name] = result
+                print(_line(result), flush=True)
+    if not ranks.is_main:  # rank 0 reports
+        return {}
     print("train_vision results:")
     for r in results.values():
         print("  " + _line(r))
