@@ -176,3 +176,25 @@ def test_float64_runs_on_every_cpu_backend():
         out = attention(q, k, v, causal=True, window=3, backend=backend)
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, ref)
+
+
+def test_xformers_refusal_is_said_on_one_line_per_kernel():
+    """An xformers that cannot serve a call (built for another torch, say) is refused with
+    each kernel's reasons, as its dispatcher gave them (the H200 run's message)."""
+    from vats_core.attention._xformers import _short_reasons
+
+    message = (
+        "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+        "     query       : shape=(2, 19, 2, 2, 8) (torch.float32)\n"
+        "     p           : 0.0\n"
+        "`fa3F@0.0.0` is not supported because:\n"
+        "    min(query.shape[-1], value.shape[-1]) < 32\n"
+        "    xFormers wasn't build with CUDA support\n"
+        "`cutlassF-pt` is not supported because:\n"
+        "    xFormers wasn't build with CUDA support"
+    )
+    assert _short_reasons(message) == (
+        "fa3F@0.0.0: min(query.shape[-1], value.shape[-1]) < 32, xFormers wasn't build with "
+        "CUDA support; cutlassF-pt: xFormers wasn't build with CUDA support"
+    )
+    assert _short_reasons("something else\nmore") == "something else"
