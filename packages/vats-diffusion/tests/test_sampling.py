@@ -48,9 +48,8 @@ def _optimum(diffusion: Diffusion, c: torch.Tensor):
         if cfg.is_flow:  # x_t = (1 − σ)c + σε: the velocity ε − c
             sigma = (t.double() / n).view(view)
             return ((x64 - c64) / sigma).to(x.dtype)
-        abar = (
-            diffusion.alphas_cumprod.double()[t.cpu()].to(x.device).view(view)
-        )  # the schedule lives on the CPU
+        # The schedule lives on the CPU, the timesteps on the model's device.
+        abar = diffusion.alphas_cumprod.double()[t.cpu()].to(x.device).view(view)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         eps = (x64 - a * c64) / s
         out = {

@@ -575,7 +575,7 @@ def _decode_tokens(model: MoELanguageModel, plan: _Plan) -> Iterator[Tensor]:
             plan.stops.tails = []
         step = _decode_step
         if plan.compile:
-            step = _compiled_decode_step(_COMPILE_BACKEND, torch.device(plan.device).type)
+            step = _compiled_decode_step(_COMPILE_BACKEND, kind)
             _mark_capacity_dynamic(caches)
 
         if plan.inputs_embeds is None:

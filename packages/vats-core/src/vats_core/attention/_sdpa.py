@@ -18,6 +18,8 @@ the step; flash and memory-efficient kernels take those calls.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -66,19 +68,14 @@ _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 
 
 def _sdpa(call: AttentionCall, mask: Tensor | None, *, is_causal: bool, gqa: bool) -> Tensor:
-    if call.device.type == "cuda" and call.q_len < call.k_len:
-        with sdpa_kernel(_NO_CUDNN):
-            return _sdpa_call(call, mask, is_causal=is_causal, gqa=gqa)
-    return _sdpa_call(call, mask, is_causal=is_causal, gqa=gqa)
-
-
-def _sdpa_call(call: AttentionCall, mask: Tensor | None, *, is_causal: bool, gqa: bool) -> Tensor:
-    return F.scaled_dot_product_attention(
-        call.q,
-        call.k,
-        call.v,
-        attn_mask=mask,
-        is_causal=is_causal,
-        scale=call.scale,
-        enable_gqa=gqa,
-    )
+    cached = call.device.type == "cuda" and call.q_len < call.k_len
+    with sdpa_kernel(_NO_CUDNN) if cached else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(
+            call.q,
+            call.k,
+            call.v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=call.scale,
+            enable_gqa=gqa,
+        )
