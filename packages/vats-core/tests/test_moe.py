@@ -17,6 +17,7 @@ from vats_core.moe import (
     MoEConfig,
     ScoreFunc,
     load_balancing_loss,
+    router_losses_of_part,
     router_z_loss,
 )
 
@@ -237,6 +238,36 @@ def test_losses_have_router_gradients():
     (g_lb,) = torch.autograd.grad(stats.load_balancing_loss, moe.router.weight, retain_graph=True)
     (g_z,) = torch.autograd.grad(stats.z_loss, moe.router.weight)
     assert g_lb.abs().sum() > 0 and g_z.abs().sum() > 0
+
+
+@pytest.mark.parametrize("score_func", list(ScoreFunc))
+def test_parts_terms_add_up_to_the_whole_batch_losses(score_func):
+    # Rows split in two parts with unequal real tokens (padding): each part's terms over the
+    # whole batch's counts sum to the whole batch's losses, value and router gradient,
+    # which the mean of the parts' own losses is not (the test can tell).
+    moe = make(score_func=score_func)
+    x = torch.randn(6, 5, 8, dtype=torch.float64)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0, :3] = mask[4, :1] = mask[5, :4] = False
+    _, whole = moe(x, mask)
+    losses = (whole.load_balancing_loss, whole.z_loss)
+    parts = [moe(x[rows], mask[rows])[1].sums for rows in (slice(0, 2), slice(2, 6))]
+    assignments = sum(p.assignments_E for p in parts)
+    tokens = sum(p.tokens for p in parts)
+    assert torch.equal(whole.sums.assignments_E, assignments) and int(tokens) == int(mask.sum())
+    terms = [router_losses_of_part(p, assignments, tokens) for p in parts]
+    for i, want in enumerate(losses):
+        got = terms[0][i] + terms[1][i]
+        assert got.item() == pytest.approx(want.item(), rel=1e-12)
+        (g_want,) = torch.autograd.grad(want, moe.router.weight, retain_graph=True)
+        (g_got,) = torch.autograd.grad(got, moe.router.weight, retain_graph=True)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    own = [router_losses_of_part(p, p.assignments_E, p.tokens) for p in parts]
+    assert (own[0][0] + own[1][0]).item() / 2 != pytest.approx(losses[0].item(), rel=1e-6)
+    # and a part that is the whole batch gives the layer's own losses
+    whole_terms = router_losses_of_part(whole.sums, assignments, tokens)
+    assert whole_terms[0].item() == pytest.approx(losses[0].item(), rel=1e-12)
+    assert whole_terms[1].item() == pytest.approx(losses[1].item(), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ def entry_key(spec: dict[str, Any], packages: Iterable[str]) -> str:
     return settings_hash({"settings": spec, "code": code_fingerprint(packages)})
 
 
+def reusable(path: Path, retrain: bool) -> bool:
+    """A complete entry at ``path`` that a run may load (one not asked to retrain)."""
+    return (path / REPORT_NAME).is_file() and not retrain
+
+
 @contextlib.contextmanager
 def staged_entry(path: Path) -> Iterator[Path]:
     """A fresh directory beside ``path`` to build an entry in; renamed to ``path`` when the

@@ -1,13 +1,13 @@
 """``train.parallel``: a pipeline's training on several ranks (``torchrun``).
 
 ``uv run torchrun --nproc-per-node 2 -m vats_apps pipeline=text_generation
-train.parallel=fsdp`` (or ``pipeline=train_vision``, ``pipeline=train_audio``) runs the
-pipeline once per rank. Each rank builds the same model from the same seed,
-:func:`vats_core.parallel.parallelize` applies the section (the fields of
-:class:`~vats_core.parallel.ParallelConfig`; a plain string is the ``data_parallel``
-shorthand), and the vats-core trainer splits every global batch over the ranks. Rank 0
-alone prints (:func:`quiet_other_ranks`), writes the cache and scores or generates; the
-other ranks train and stop.
+train.parallel=fsdp`` (or ``pipeline=train_vision``, ``pipeline=train_audio``,
+``pipeline=train_multimodal``) runs the pipeline once per rank. Each rank builds the same
+model from the same seed, :func:`vats_core.parallel.parallelize` applies the section (the
+fields of :class:`~vats_core.parallel.ParallelConfig`; a plain string is the
+``data_parallel`` shorthand), and the vats-core trainer splits every global batch over the
+ranks. Rank 0 alone prints (:func:`quiet_other_ranks`), writes the cache and scores or
+generates; the other ranks train and stop.
 
 A pipeline's training reads as::
 
@@ -17,7 +17,9 @@ A pipeline's training reads as::
         trainer.fit()
         model = gathered_model(trainer.model, model, parallel)  # None on ranks other than 0
 
-and its cache key takes :func:`parallel_key`, which is empty for the default section, so
+(a later phase that trains other parameters starts from
+``replicated_model(trainer.model, model, parallel)`` on every rank, wrapped anew), and
+its cache key takes :func:`parallel_key`, which is empty for the default section, so
 the keys of one-process runs are those they had before the section existed.
 
 The process group is gloo on CPU and NCCL when CUDA is present (each rank on
@@ -171,11 +173,14 @@ def check_model(config: ParallelConfig, meta_model: nn.Module, key: str = "train
         raise ValueError(f"{key}: {e}") from None
 
 
-def parallel_model(model: nn.Module, config: ParallelConfig) -> nn.Module:
-    """``model`` moved to this rank's device and parallelized (a no-op config: as is)."""
+def parallel_model(
+    model: nn.Module, config: ParallelConfig, *, find_unused_parameters: bool = False
+) -> nn.Module:
+    """``model`` moved to this rank's device and parallelized (a no-op config: as is);
+    ``find_unused_parameters`` as :func:`~vats_core.parallel.parallelize` takes it."""
     if config == ParallelConfig():
         return model
-    return parallelize(model.to(device()), config)
+    return parallelize(model.to(device()), config, find_unused_parameters=find_unused_parameters)
 
 
 def parallel_key(cfg: DictConfig, key: str = "train.parallel") -> dict[str, Any]:
@@ -238,4 +243,24 @@ def gathered_model(
         return None
     plain = type(model)(model.config)  # type: ignore[operator]
     plain.load_state_dict(state)
+    return plain
+
+
+def replicated_model(trained: nn.Module, model: nn.Module, config: ParallelConfig) -> nn.Module:
+    """After a phase of training: one plain model holding the weights the ranks trained, on
+    every rank, for a next phase that :func:`parallel_model` wraps anew (DDP fixes the
+    parameters it reduces, those that required grad, when it wraps the model: a phase that
+    freezes other parts needs a fresh wrapper, on a model no old wrapper hooks into).
+
+    The default config returns ``model`` as is. Else :func:`gathered_model`, then rank 0's
+    weights broadcast to a fresh ``type(model)(model.config)`` on each other rank, on the
+    rank's device. Every rank must call it.
+    """
+    if config == ParallelConfig():
+        return model
+    gathered = gathered_model(trained, model, config)
+    plain = gathered if gathered is not None else type(model)(model.config)  # type: ignore[operator]
+    plain = plain.to(device())  # (NCCL broadcasts CUDA tensors)
+    for tensor in plain.state_dict().values():  # the parameters' and buffers' own storage
+        dist.broadcast(tensor, src=0)
     return plain

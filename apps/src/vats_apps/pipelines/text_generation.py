@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
+from vats_apps.pipelines.cache import REPORT_NAME, entry_key, reusable, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
 from vats_apps.pipelines.distributed import (
     Ranks,
@@ -124,15 +124,27 @@ def load_or_train(cfg: DictConfig) -> TrainedLM:
 
 def load_or_train_ranks(cfg: DictConfig) -> TrainedLM | None:
     """:func:`load_or_train` on every rank of a ``train.parallel`` run: rank 0 gets the
-    trained (or cached) model, the other ranks None once they have trained."""
-    path = Path(cfg.pipeline.cache_dir).expanduser() / "text_generation" / cache_key(cfg)
-    if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
-        print(f"loading the cached model from {path}")
-        tokenizer = Tokenizer.from_pretrained(path)
-        model = MoELanguageModel.from_pretrained(path / "model")
-        report = json.loads((path / REPORT_NAME).read_text())
-        return TrainedLM(tokenizer, model.eval(), report, path, trained_now=False)
-    return _train(cfg, path)
+    trained model, the other ranks None once they have trained (a cached model: every
+    rank)."""
+    loaded = cached(cfg)
+    return loaded if loaded is not None else _train(cfg, _entry_path(cfg))
+
+
+def _entry_path(cfg: DictConfig) -> Path:
+    return Path(cfg.pipeline.cache_dir).expanduser() / "text_generation" / cache_key(cfg)
+
+
+def cached(cfg: DictConfig) -> TrainedLM | None:
+    """The tokenizer and model from their cache entry for ``cfg``, on the rank that calls
+    it (None when there is none, or with ``pipeline.retrain``)."""
+    path = _entry_path(cfg)
+    if not reusable(path, cfg.pipeline.retrain):
+        return None
+    print(f"loading the cached model from {path}")
+    tokenizer = Tokenizer.from_pretrained(path)
+    model = MoELanguageModel.from_pretrained(path / "model")
+    report = json.loads((path / REPORT_NAME).read_text())
+    return TrainedLM(tokenizer, model.eval(), report, path, trained_now=False)
 
 
 def _train(cfg: DictConfig, path: Path) -> TrainedLM | None:

@@ -64,7 +64,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from vats_apps.data import SoundsConfig, SoundsWorld
-from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
+from vats_apps.pipelines.cache import REPORT_NAME, entry_key, reusable, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
 from vats_apps.pipelines.distributed import (
     Ranks,
@@ -364,6 +364,26 @@ def load_or_train(cfg: DictConfig) -> tuple[AudioEncoder, dict[str, Any], bool, 
     return loaded
 
 
+def _entry_path(cfg: DictConfig) -> Path:
+    """The encoder's cache entry for ``cfg`` (written or not)."""
+    return Path(str(cfg.pipeline.cache_dir)).expanduser() / NAME / cache_key(cfg)
+
+
+def cached(cfg: DictConfig) -> tuple[AudioEncoder, dict[str, Any], bool, Path] | None:
+    """The encoder from its cache entry for ``cfg``, on the rank that calls it (None when
+    there is none, or with ``pipeline.retrain``).
+
+    Returns:
+        As :func:`load_or_train_ranks`.
+    """
+    path = _entry_path(cfg)
+    if not reusable(path, cfg.pipeline.retrain):
+        return None
+    print(f"{NAME}: loading the cached model from {path}", flush=True)
+    model = AudioEncoder.from_pretrained(path / "model")
+    return model, json.loads((path / REPORT_NAME).read_text()), True, path
+
+
 def load_or_train_ranks(
     cfg: DictConfig, parallel: ParallelConfig
 ) -> tuple[AudioEncoder, dict[str, Any], bool, Path] | None:
@@ -387,13 +407,9 @@ def load_or_train_ranks(
     vocoder_size = _count(cfg, "train.vocoder.eval_size", minimum=0)
     n_iter = _count(cfg, "train.vocoder.n_iter", minimum=1)
     fields = trainer_fields(train_section.get("trainer", {}), "train.trainer")
-    path = Path(str(cfg.pipeline.cache_dir)).expanduser() / NAME / cache_key(cfg)
-    if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
-        if not launched_rank().is_main:  # rank 0 loads and scores it
-            return None
-        print(f"{NAME}: loading the cached model from {path}", flush=True)
-        model = AudioEncoder.from_pretrained(path / "model")
-        return model, json.loads((path / REPORT_NAME).read_text()), True, path
+    path = _entry_path(cfg)
+    if reusable(path, cfg.pipeline.retrain):  # rank 0 loads and scores it
+        return cached(cfg) if launched_rank().is_main else None
 
     world, logmel = SoundsWorld(world_cfg), LogMel(features)
     draw = make_drawer(world, logmel)

@@ -37,15 +37,33 @@ Each stage is cached (:mod:`vats_apps.pipelines.cache`) under a key of the parts
 keys, the resolved multimodal config, the stage's settings, the seed and the code; the
 instruct entry also holds the tokenizer, so ``vats pipeline=chat`` loads one directory.
 
+``train.parallel`` trains both stages on the ranks ``torchrun`` starts (``uv run torchrun
+--nproc-per-node 2 -m vats_apps pipeline=train_multimodal train.parallel=fsdp``), as
+:mod:`vats_apps.pipelines.distributed` describes: ``train.batch_size`` stays the global
+batch, and rank 0 alone scores, prints and writes the cache. What is particular here:
+
+* A batch's media go to the trainer as one tensor with the rows first (waveforms padded
+  to the longest, cut back to their lengths in the loss), so that it can split the rows.
+* Each rank's loss is the global batch's share that its rows hold (:func:`_loss_fn`): the
+  answer tokens' cross-entropy weighed by the rank's share of them, the MoE router losses
+  over the global batch's routing. So 2 ranks train the one-process weights.
+* Each stage wraps the model anew after freezing what it freezes (DDP reduces the
+  parameters that required grad when it wrapped the model; FSDP shards frozen and
+  trainable ones alike and reduces the gradients there are), and the instruct stage
+  starts on every rank from the align stage's weights.
+* The parts are not trained on several ranks: every rank loads them from their caches,
+  under the ``parts.*`` settings (a run on one process trains the missing ones first);
+  a part that is not cached is refused, naming the pipeline that trains it.
+
 Shapes: B batch, T tokens, S samples, C channels, F frames.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -66,17 +84,37 @@ from vats_apps.multimodal.questions import (
     score_caption,
 )
 from vats_apps.pipelines import text_generation, train_audio, train_vision
-from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
+from vats_apps.pipelines.cache import REPORT_NAME, entry_key, reusable, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, trainer_fields
+from vats_apps.pipelines.distributed import (
+    Ranks,
+    gathered_model,
+    parallel_key,
+    parallel_model,
+    parallel_training,
+    replicated_model,
+)
 from vats_apps.pipelines.sections import part_pipeline, section
+from vats_audio import AudioEncoderConfig, LogMelConfig
 from vats_core.config import is_int, is_number
+from vats_core.parallel import ParallelConfig, global_router_losses
 from vats_core.training import Trainer, TrainerConfig
+from vats_text.model import IGNORE_INDEX, MoELMConfig
 from vats_text.tokenizer import Tokenizer
+from vats_vision.vit2d import ViT2DConfig
+from vats_vision.vit3d import ViT3DConfig
 
 NAME = "train_multimodal"
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
 CODE = ("vats_core", "vats_text", "vats_vision", "vats_audio", "vats_apps")
 STAGES = ("align", "instruct")
+# The pipeline that trains and caches each part.
+PART_PIPELINES = {
+    "text": "text_generation",
+    "image": "train_vision",
+    "video": "train_vision",
+    "audio": "train_audio",
+}
 # The issue's goals: exact match >= 90 % for the question types whose encoder proof reaches
 # >= 95 % (shape and colour: ViT-2D; direction: ViT-3D; pitch and timbre: the audio encoder),
 # and >= 80 % of the caption attributes.
@@ -148,8 +186,14 @@ def part_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     }
 
 
-def load_parts(cfg: DictConfig) -> Parts:
-    """The tokenizer, LM and encoders from their pipelines' caches, trained when absent."""
+def load_parts(cfg: DictConfig, world: int = 1) -> Parts:
+    """The tokenizer, LM and encoders from their pipelines' caches, trained when absent on
+    one process. On several ranks (``world`` > 1) every rank loads them and none is trained
+    here.
+
+    Raises:
+        ValueError: on several ranks, a part not cached, named with what trains it.
+    """
     subs = part_configs(cfg)
     image_world = train_vision.world_config(subs["vision"], "image")
     video_world = train_vision.world_config(subs["vision"], "video")
@@ -161,20 +205,32 @@ def load_parts(cfg: DictConfig) -> Parts:
         "video": train_vision.cache_key(subs["vision"], "video"),
         "audio": train_audio.cache_key(subs["audio"]),
     }
-    lm = text_generation.load_or_train(subs["text"])
-    image, image_report, _, _ = train_vision.load_or_train(subs["vision"], "image")
-    video, video_report, _, _ = train_vision.load_or_train(subs["vision"], "video")
-    audio, audio_report, _, _ = train_audio.load_or_train(subs["audio"])
+    trains = world == 1  # several ranks: each loads the cached parts, none trains one here
+    text = text_generation.load_or_train if trains else text_generation.cached
+    vision = train_vision.load_or_train if trains else train_vision.cached
+    audio = train_audio.load_or_train if trains else train_audio.cached
+    found: dict[str, Any] = {
+        "text": text(subs["text"]),
+        "image": vision(subs["vision"], "image"),
+        "video": vision(subs["vision"], "video"),
+        "audio": audio(subs["audio"]),
+    }
+    missing = [
+        f"{name} (pipeline={PART_PIPELINES[name]})" for name, v in found.items() if v is None
+    ]
+    if missing:
+        raise ValueError(
+            f"train.parallel: {world} ranks train the stages from cached parts, and the "
+            f"{', '.join(missing)} part(s) of these settings are not in "
+            f"{cfg.pipeline.cache_dir}: run this pipeline once on one process first (or those "
+            "pipelines with the parts.* sections as their train sections)"
+        )
+    lm = found["text"]
     return Parts(
         tokenizer=lm.tokenizer,
         lm=lm.model,
-        encoders={"image": image, "video": video, "audio": audio},
-        reports={
-            "text": lm.report,
-            "image": image_report,
-            "video": video_report,
-            "audio": audio_report,
-        },
+        encoders={kind: found[kind][0] for kind in KINDS},
+        reports={"text": lm.report, **{kind: found[kind][1] for kind in KINDS}},
         keys=keys,
         image_world=image_world,
         video_world=video_world,
@@ -217,14 +273,17 @@ def video_image_frames(cfg: DictConfig) -> int:
     return int(value)
 
 
-def multimodal_config(cfg: DictConfig, parts: Parts) -> MultimodalConfig:
-    """The parts' configs (encoders without their heads) and the projectors."""
-    lm = parts.lm.config
+def multimodal_config(
+    cfg: DictConfig,
+    lm: MoELMConfig,
+    encoders: dict[str, ViT2DConfig | ViT3DConfig | AudioEncoderConfig],
+    features: LogMelConfig,
+) -> MultimodalConfig:
+    """The parts' configs (the LM's, each encoder's without its heads, the audio features)
+    and the projectors."""
     enc = {
-        kind: encoder.config.replace(
-            num_classes=0, n_layers=encoder_depth(cfg, kind, encoder.config.n_layers)
-        )
-        for kind, encoder in parts.encoders.items()
+        kind: encoder.replace(num_classes=0, n_layers=encoder_depth(cfg, kind, encoder.n_layers))
+        for kind, encoder in encoders.items()
     }
     return MultimodalConfig(
         lm=lm,
@@ -232,11 +291,39 @@ def multimodal_config(cfg: DictConfig, parts: Parts) -> MultimodalConfig:
         image_projector=projector_config(cfg, "image", enc["image"].dim, lm.dim),
         video_encoder=enc["video"],
         video_projector=projector_config(cfg, "video", enc["video"].dim, lm.dim),
-        audio_features=parts.features,
+        audio_features=features,
         audio_encoder=enc["audio"],
         audio_projector=projector_config(cfg, "audio", enc["audio"].dim, lm.dim),
         video_image_frames=video_image_frames(cfg),
     )
+
+
+def parts_config(cfg: DictConfig, parts: Parts) -> MultimodalConfig:
+    """:func:`multimodal_config` of the loaded parts."""
+    encoders = {kind: encoder.config for kind, encoder in parts.encoders.items()}
+    return multimodal_config(cfg, parts.lm.config, encoders, parts.features)
+
+
+def planned_part_configs(
+    cfg: DictConfig,
+) -> tuple[MoELMConfig, dict[str, ViT2DConfig | ViT3DConfig | AudioEncoderConfig], LogMelConfig]:
+    """The parts' model configs as their pipelines resolve them, none loaded or trained: the
+    LM's (at the tokenizer's asked vocabulary size), the encoders', the audio features'."""
+    subs = part_configs(cfg)
+    vision = subs["vision"]
+    sounds = train_audio.world_config(subs["audio"])
+    features = train_audio.features_config(subs["audio"], sounds)
+    lm = text_generation.model_config(subs["text"], int(subs["text"].train.vocab_size))
+    encoders = {
+        "image": train_vision.image_model_config(
+            vision, train_vision.world_config(vision, "image")
+        ),
+        "video": train_vision.video_model_config(
+            vision, train_vision.world_config(vision, "video"), temporal=True
+        ),
+        "audio": train_audio.model_config(subs["audio"], sounds, features),
+    }
+    return lm, encoders, features
 
 
 # ----------------------------------------------------------------------------- samples
@@ -312,11 +399,67 @@ def media_kwargs(kind: str, media: list[Tensor]) -> dict[str, list[Tensor]]:
 # ----------------------------------------------------------------------------- training
 
 
-def _loss_fn(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    out = model(
-        batch["input_ids"], batch["attention_mask"], labels=batch["labels"], **batch["media"]
+def training_batch(model: MultimodalLM, tokenizer: Tokenizer, samples: Samples) -> dict[str, Any]:
+    """``samples`` as the trainer's batch: every tensor with the batch (row) axis first, so
+    that the trainer can split the rows over ranks (a media list could not be split).
+
+    ``media`` stacks the items, each one's first axis padded to the longest (a waveform's
+    samples; images and clips are all alike), and ``lengths`` gives them back. The global
+    batch's answer tokens and rows (0-d, kept whole by the split) let each rank weigh its
+    loss: :func:`_loss_fn`.
+    """
+    b = build_inputs(
+        model,
+        tokenizer,
+        samples.prompts(),
+        answers=samples.answers,
+        **media_kwargs(samples.kind, samples.media),
     )
-    return out.loss
+    assert b.labels is not None
+    return {
+        "input_ids": b.input_ids,  # (B, T)
+        "attention_mask": b.attention_mask,
+        "labels": b.labels,
+        "media": nn.utils.rnn.pad_sequence(samples.media, batch_first=True),  # (B, ...)
+        "lengths": torch.tensor([item.shape[0] for item in samples.media]),  # (B,)
+        "kind": samples.kind,
+        "answer_tokens": _scored(b.labels).sum(),  # ()
+        "rows": torch.tensor(len(samples.media)),  # ()
+    }
+
+
+def _scored(labels: Tensor) -> Tensor:
+    """(B, T - 1) bool: the labels the LM's shifted loss scores."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def _loss_fn(model: nn.Module, batch: dict[str, Any], *, lm: MoELMConfig) -> Tensor:
+    """The LM's training loss on this rank's rows of a :func:`training_batch` (``lm``: the
+    LM's config), weighed so that the mean over ranks, which the trainer takes of the
+    gradients, is the loss of the global batch: one process's.
+
+    The cross-entropy is a mean over the rank's answer tokens, and rows differ in answer
+    length: it is multiplied by the rank's share of the global batch's answer tokens over
+    its share of the rows (exactly 1 on one process). The MoE router losses (weighted as
+    the LM weighs them in training) are the global batch's too
+    (:func:`~vats_core.parallel.global_router_losses`): the load-balancing loss is no mean
+    over tokens, and the rank's own would pull the router toward its rows' balance.
+    """
+    items = [row[:n] for row, n in zip(batch["media"], batch["lengths"].tolist(), strict=True)]
+    labels = batch["labels"]
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        labels=labels,
+        **media_kwargs(batch["kind"], items),
+    )
+    token_share = _scored(labels).sum() / batch["answer_tokens"]
+    row_share = labels.shape[0] / batch["rows"]
+    loss = out.ce_loss * (token_share / row_share)
+    if out.router_stats:
+        balancing, z = global_router_losses(out.router_stats)
+        loss = loss + lm.aux_loss_weight * balancing + lm.z_loss_weight * z
+    return loss
 
 
 PART_GROUPS = ("projectors", "lm", "encoders")
@@ -396,9 +539,20 @@ def _count(cfg: DictConfig, key: str, minimum: int) -> int:
 
 
 def train_stage(
-    cfg: DictConfig, model: MultimodalLM, parts: Parts, source: SampleSource, stage: str
-) -> float:
-    """Train ``stage`` in place; returns its seconds."""
+    cfg: DictConfig,
+    model: MultimodalLM,
+    parts: Parts,
+    source: SampleSource,
+    stage: str,
+    parallel: ParallelConfig,
+) -> tuple[nn.Module, float]:
+    """Train ``stage`` from ``model`` (plain, the same weights on every rank) under
+    ``parallel``, with the parts the stage freezes frozen before the model is wrapped.
+
+    Returns:
+        The trainer's model (``model`` itself on one process, trained in place) and the
+        stage's seconds.
+    """
     fields = section(cfg, f"train.{stage}", NAME)
     steps = _count(cfg, f"train.{stage}.max_steps", 1)
     batch_size = _count(cfg, "train.batch_size", 1)
@@ -414,17 +568,11 @@ def train_stage(
         kind = kinds[step % len(kinds)]
         first = (step // len(kinds) * trainer.get("grad_accum_steps", 1) + micro) * batch_size
         s = source.draw(kind, range(first, first + batch_size), "train", types[kind])
-        b = build_inputs(
-            model, tokenizer, s.prompts(), answers=s.answers, **media_kwargs(kind, s.media)
-        )
-        return {
-            "input_ids": b.input_ids,
-            "attention_mask": b.attention_mask,
-            "labels": b.labels,
-            "media": b.media(),
-        }
+        return training_batch(model, tokenizer, s)
 
     _freeze(model, trainable_parts(cfg, stage))
+    # A step trains the projector of its medium only: DDP must look for the unused ones.
+    trained = parallel_model(model, parallel, find_unused_parameters=True)
     config = TrainerConfig(
         **trainer,
         max_steps=steps,
@@ -435,16 +583,20 @@ def train_stage(
     )
     start = time.perf_counter()
     Trainer(
-        model,
+        trained,
         config,
         data=batch_fn,
-        loss_fn=_loss_fn,
+        loss_fn=functools.partial(_loss_fn, lm=parts.lm.config),
         items_fn=lambda b: int(b["input_ids"].shape[0]),
         lr_scales=lr_scales(cfg, stage),
     ).fit()
+    return trained, time.perf_counter() - start
+
+
+def _frozen(model: nn.Module) -> MultimodalLM:
+    """A trained stage's plain model in eval mode with nothing requiring grad."""
     model.eval()
-    model.requires_grad_(False)
-    return time.perf_counter() - start
+    return model.requires_grad_(False)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -587,6 +739,7 @@ def _stage_key(cfg: DictConfig, parts: Parts, config: MultimodalConfig, stage: s
         "align": section(cfg, "train.align", NAME),
         "media": list(question_types(cfg)),
         "seed": int(cfg.pipeline.seed),
+        **parallel_key(cfg),
     }
     if stage == "instruct":
         spec["instruct"] = section(cfg, "train.instruct", NAME)
@@ -615,23 +768,10 @@ def check_config(cfg: DictConfig) -> None:
         TrainerConfig(**trainer_fields(fields.get("trainer", {}), f"train.{stage}.trainer"))
     for kind in KINDS:
         projector_config(cfg, kind, 8, 8)  # field names and values; widths come later
-    subs = part_configs(cfg)  # the parts' configs as their pipelines resolve them
-    vision = subs["vision"]
-    sounds = train_audio.world_config(subs["audio"])
-    depth = {
-        "image": train_vision.image_model_config(
-            vision, train_vision.world_config(vision, "image")
-        ).n_layers,
-        "video": train_vision.video_model_config(
-            vision, train_vision.world_config(vision, "video"), temporal=True
-        ).n_layers,
-        "audio": train_audio.model_config(
-            subs["audio"], sounds, train_audio.features_config(subs["audio"], sounds)
-        ).n_layers,
-    }
-    for kind, have in depth.items():
-        encoder_depth(cfg, kind, have)
-    frames = train_vision.world_config(vision, "video").frames
+    _, encoders, _ = planned_part_configs(cfg)  # as the parts' pipelines resolve them
+    for kind, encoder in encoders.items():
+        encoder_depth(cfg, kind, encoder.n_layers)
+    frames = train_vision.world_config(part_configs(cfg)["vision"], "video").frames
     if video_image_frames(cfg) > frames:
         raise ValueError(
             f"train.video_image_frames={video_image_frames(cfg)} is invalid: the clips have "
@@ -665,14 +805,46 @@ def score(cfg: DictConfig, model: MultimodalLM, parts: Parts) -> dict[str, Any]:
 
 
 def load_or_train(cfg: DictConfig) -> Trained:
+    """The trained multimodal model for this config, on one process: what ``chat`` calls.
+    As :func:`load_or_train_ranks`."""
+    trained = load_or_train_ranks(cfg)
+    if trained is None:
+        raise ValueError(
+            "the multimodal model is trained under train.parallel by "
+            "pipeline=train_multimodal alone: run it (under torchrun) first, then this "
+            "pipeline on one process"
+        )
+    return trained
+
+
+def load_or_train_ranks(cfg: DictConfig) -> Trained | None:
     """The trained multimodal model for this config: from the cache, or its parts loaded
-    (or trained) and both stages run, then scored and cached."""
+    (or trained) and both stages run under ``train.parallel``, then scored and cached. On
+    every rank of a ``train.parallel`` run: rank 0 gets the model, the other ranks None
+    (once they have trained it).
+
+    Raises:
+        ValueError: before any work, for a setting :func:`check_config` refuses or a
+            ``train.parallel`` that does not fit the world, the batch or the model.
+    """
     check_config(cfg)
-    parts = load_parts(cfg)
-    config = multimodal_config(cfg, parts)
+    batch = {"train.batch_size": _count(cfg, "train.batch_size", 1)}
+
+    def meta_models() -> list[nn.Module]:
+        return [MultimodalLM(multimodal_config(cfg, *planned_part_configs(cfg)))]
+
+    with parallel_training(cfg, batch, meta_models) as (parallel, ranks):
+        return _load_or_train(cfg, parallel, ranks)
+
+
+def _load_or_train(cfg: DictConfig, parallel: ParallelConfig, ranks: Ranks) -> Trained | None:
+    parts = load_parts(cfg, ranks.world)
+    config = parts_config(cfg, parts)
     root = Path(str(cfg.pipeline.cache_dir)).expanduser() / NAME
     final = root / "instruct" / _stage_key(cfg, parts, config, "instruct")
-    if (final / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
+    if reusable(final, cfg.pipeline.retrain):
+        if not ranks.is_main:  # rank 0 loads and reports it
+            return None
         print(f"{NAME}: loading the cached model from {final}", flush=True)
         model = MultimodalLM.from_pretrained(final / "model")
         report = json.loads((final / REPORT_NAME).read_text())
@@ -684,7 +856,7 @@ def load_or_train(cfg: DictConfig) -> Trained:
     source = SampleSource(parts)
     aligned = root / "align" / _stage_key(cfg, parts, config, "align")
     seconds: dict[str, float] = {}
-    if (aligned / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
+    if reusable(aligned, cfg.pipeline.retrain):  # every rank loads it
         print(f"{NAME}: loading the aligned projectors from {aligned}", flush=True)
         model = MultimodalLM.from_pretrained(aligned / "model")
         seconds["align"] = json.loads((aligned / REPORT_NAME).read_text())["seconds"]
@@ -695,13 +867,20 @@ def load_or_train(cfg: DictConfig) -> Trained:
         for kind in KINDS:
             model.load_part(f"{kind}_encoder", parts.encoders[kind])
         print(f"{NAME}: stage 1/2, align: the projectors learn the captions", flush=True)
-        seconds["align"] = train_stage(cfg, model, parts, source, "align")
-        with staged_entry(aligned) as staging:
-            shutil.rmtree(staging / "run", ignore_errors=True)
-            model.save_pretrained(staging / "model")
-            (staging / REPORT_NAME).write_text(json.dumps({"seconds": seconds["align"]}))
+        trained, seconds["align"] = train_stage(cfg, model, parts, source, "align", parallel)
+        # every rank goes on from the aligned weights, under a wrapper of its own (instruct
+        # trains other parts)
+        model = _frozen(replicated_model(trained, model, parallel))
+        if ranks.is_main:
+            with staged_entry(aligned) as staging:
+                model.save_pretrained(staging / "model")
+                (staging / REPORT_NAME).write_text(json.dumps({"seconds": seconds["align"]}))
     print(f"{NAME}: stage 2/2, instruct: the projectors and the LM learn the answers", flush=True)
-    seconds["instruct"] = train_stage(cfg, model, parts, source, "instruct")
+    trained, seconds["instruct"] = train_stage(cfg, model, parts, source, "instruct", parallel)
+    gathered = gathered_model(trained, model, parallel)  # every rank takes part
+    if gathered is None:  # a rank other than 0: rank 0 scores and caches
+        return None
+    model = _frozen(gathered)
     report = {
         **score(cfg, model, parts),
         "seconds": seconds,
@@ -737,7 +916,9 @@ def _line(name: str, r: dict[str, Any]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (or load) the multimodal model and print its held-out answers per question type."""
-    trained = load_or_train(cfg)
+    trained = load_or_train_ranks(cfg)
+    if trained is None:  # a rank other than 0 of a train.parallel run: rank 0 reports
+        return {}
     r = trained.report
     when = " (cached)" if trained.cached else ""
     print(f"{NAME} results{when}:")

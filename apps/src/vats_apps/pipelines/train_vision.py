@@ -92,7 +92,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
-from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
+from vats_apps.pipelines.cache import REPORT_NAME, entry_key, reusable, staged_entry
 from vats_apps.pipelines.compiling import (
     check_compile_switches,
     compile_flags,
@@ -307,6 +307,31 @@ def cache_key(cfg: DictConfig, task: str) -> str:
     return entry_key(spec, CODE)
 
 
+def _entry_path(cfg: DictConfig, task: str) -> Path:
+    """``task``'s cache entry for ``cfg`` (written or not)."""
+    return (
+        Path(str(cfg.pipeline.cache_dir)).expanduser()
+        / "train_vision"
+        / task
+        / cache_key(cfg, task)
+    )
+
+
+def cached(cfg: DictConfig, task: str) -> tuple[nn.Module, dict[str, Any], bool, Path] | None:
+    """``task``'s model from its cache entry for ``cfg``, on the rank that calls it (None
+    when there is none, or with ``pipeline.retrain``).
+
+    Returns:
+        As :func:`load_or_train_ranks`.
+    """
+    path = _entry_path(cfg, task)
+    if not reusable(path, cfg.pipeline.retrain):
+        return None
+    print(f"train_vision: loading the cached {task} model from {path}", flush=True)
+    model = (ViT2D if task == "image" else ViT3D).from_pretrained(path / "model")
+    return model, json.loads((path / REPORT_NAME).read_text()), True, path
+
+
 def _model(cfg: DictConfig, task: str) -> ViT2D | ViT3D:
     """``task``'s model, initialized from the global RNG (on the default device)."""
     if task == "image":
@@ -401,14 +426,9 @@ def load_or_train_ranks(
     aux_steps, aux_weight, from_start = aux_settings(cfg, kind)
     aux = _section(cfg, f"train.{kind}").get("aux") or {}
     flags = check_compile_switches(cfg)
-    path = Path(str(cfg.pipeline.cache_dir)).expanduser() / "train_vision" / task
-    path = path / cache_key(cfg, task)
-    if (path / REPORT_NAME).is_file() and not cfg.pipeline.retrain:
-        if not launched_rank().is_main:  # rank 0 loads and scores it
-            return None
-        print(f"train_vision: loading the cached {task} model from {path}", flush=True)
-        model = type(model).from_pretrained(path / "model")
-        return model, json.loads((path / REPORT_NAME).read_text()), True, path
+    path = _entry_path(cfg, task)
+    if reusable(path, cfg.pipeline.retrain):  # rank 0 loads and scores it
+        return cached(cfg, task) if launched_rank().is_main else None
 
     batch_size, steps = int(section["batch_size"]), int(section["max_steps"])
     accum = int(section.get("trainer", {}).get("grad_accum_steps", 1))

@@ -59,10 +59,13 @@ __all__ = [
     "MoEConfig",
     "Router",
     "RouterStats",
+    "RouterSums",
     "Routing",
     "ScoreFunc",
     "SharedExpert",
     "load_balancing_loss",
+    "router_losses_of_part",
+    "router_sums",
     "router_z_loss",
 ]
 
@@ -149,6 +152,48 @@ class Routing(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+class RouterSums(NamedTuple):
+    """What a MoE layer's two losses average, summed over a batch's real tokens: the sums of
+    several parts of a batch (the ranks' rows) add up to those of the whole batch."""
+
+    assignments_E: Tensor  # (E,) long: (token, slot) routings of real tokens to each expert
+    scores_E: Tensor  # (E,) router scores summed over real tokens (carries the gradient)
+    z: Tensor  # () logsumexp(router logits)² summed over real tokens (carries the gradient)
+    tokens: Tensor  # () long: real tokens
+
+
+def router_sums(routing: Routing, token_mask_N: Tensor | None = None) -> RouterSums:
+    """:class:`RouterSums` of N tokens' ``routing``; ``token_mask_N`` (N,) bool, True =
+    real token, None = all real."""
+    mask_N = _real(token_mask_N, routing.probs_NE)
+    z_N = torch.logsumexp(routing.logits_NE, dim=-1).square()
+    return RouterSums(
+        assignments_E=_assignments(routing.topk_idx_NK, mask_N, routing.probs_NE.shape[1]),
+        scores_E=_masked_sum(routing.probs_NE, mask_N),
+        z=_masked_sum(z_N, mask_N),
+        tokens=mask_N.sum(),
+    )
+
+
+def router_losses_of_part(
+    part: RouterSums, assignments_E: Tensor, tokens: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A part's terms of the whole batch's load-balancing and z losses: summed over the
+    parts, they are the whole batch's losses, value and gradient.
+
+    Args:
+        part: the part's own sums.
+        assignments_E, tokens: the whole batch's (every part's summed; no gradient).
+
+    Returns:
+        ``(balancing, z)``: E·Σᵢ fᵢ·Pᵢ with fᵢ the whole batch's routing share of expert i
+        and Pᵢ the part's scores over the whole batch's real tokens; the part's z over them.
+        With ``part`` the whole batch: :func:`load_balancing_loss` and :func:`router_z_loss`.
+    """
+    balancing = _balancing(assignments_E, part.scores_E, tokens)
+    return balancing, part.z / tokens.clamp(min=1)
+
+
 def load_balancing_loss(
     probs_NE: Tensor, topk_idx_NK: Tensor, token_mask_N: Tensor | None = None
 ) -> Tensor:
@@ -168,18 +213,9 @@ def load_balancing_loss(
     Returns:
         Scalar tensor; 0 when there is no real token.
     """
-    n_tokens, n_experts = probs_NE.shape
-    k = topk_idx_NK.shape[1]
-    if token_mask_N is None:
-        token_mask_N = torch.ones(n_tokens, dtype=torch.bool, device=probs_NE.device)
-    n_real = token_mask_N.sum().clamp(min=1)
-    # Padding goes to a null expert E so one count covers real assignments only.
-    idx_S = topk_idx_NK.masked_fill(~token_mask_N[:, None], n_experts).reshape(-1)  # (N*K,)
-    f_E = _count(idx_S, n_experts + 1)[:n_experts].to(probs_NE.dtype)
-    f_E = f_E / (n_real * k)
-    # torch.where, not a multiply: a padding row holding inf/NaN must not leak into the sum.
-    P_E = torch.where(token_mask_N[:, None], probs_NE, 0.0).sum(0) / n_real
-    return n_experts * (f_E * P_E).sum()
+    mask_N = _real(token_mask_N, probs_NE)
+    assignments_E = _assignments(topk_idx_NK, mask_N, probs_NE.shape[1])
+    return _balancing(assignments_E, _masked_sum(probs_NE, mask_N), mask_N.sum())
 
 
 def router_z_loss(logits_NE: Tensor, token_mask_N: Tensor | None = None) -> Tensor:
@@ -188,7 +224,36 @@ def router_z_loss(logits_NE: Tensor, token_mask_N: Tensor | None = None) -> Tens
     if token_mask_N is None:
         return z_N.mean() if z_N.numel() else z_N.sum()
     n_real = token_mask_N.sum().clamp(min=1)
-    return torch.where(token_mask_N, z_N, 0.0).sum() / n_real
+    return _masked_sum(z_N, token_mask_N) / n_real
+
+
+def _real(token_mask_N: Tensor | None, like_N: Tensor) -> Tensor:
+    """(N,) bool: the real tokens (every one without a mask)."""
+    if token_mask_N is not None:
+        return token_mask_N
+    return torch.ones(like_N.shape[0], dtype=torch.bool, device=like_N.device)
+
+
+def _assignments(topk_idx_NK: Tensor, mask_N: Tensor, n_experts: int) -> Tensor:
+    """(E,) long: real tokens' routings to each expert (padding goes to a null expert E, so
+    one count covers real routings only)."""
+    idx_S = topk_idx_NK.masked_fill(~mask_N[:, None], n_experts).reshape(-1)  # (N*K,)
+    return _count(idx_S, n_experts + 1)[:n_experts]
+
+
+def _masked_sum(x_N: Tensor, mask_N: Tensor) -> Tensor:
+    """Sum over the real tokens of x's first axis. torch.where, not a multiply: a padding row
+    holding inf/NaN must not leak into the sum."""
+    mask = mask_N.reshape(mask_N.shape + (1,) * (x_N.ndim - 1))
+    return torch.where(mask, x_N, 0.0).sum(0)
+
+
+def _balancing(assignments_E: Tensor, scores_E: Tensor, tokens: Tensor) -> Tensor:
+    """E·Σᵢ fᵢ·Pᵢ: fᵢ the share of the routings, Pᵢ the scores over ``tokens``."""
+    n_routings = assignments_E.sum().clamp(min=1)  # every real token's K slots
+    f_E = assignments_E.to(scores_E.dtype) / n_routings
+    P_E = scores_E / tokens.clamp(min=1)
+    return scores_E.shape[0] * (f_E * P_E).sum()
 
 
 class RouterStats:
@@ -206,6 +271,8 @@ class RouterStats:
             capacity dropping).
         dropped_tokens: scalar long, (token, expert) assignments of real tokens dropped because
             their expert was full (always 0 when dropless).
+        sums: :class:`RouterSums`, what the two losses average, summed over real tokens: to
+            take the losses of a batch split over ranks (:func:`router_losses_of_part`).
     """
 
     def __init__(
@@ -232,11 +299,16 @@ class RouterStats:
         return router_z_loss(self._routing.logits_NE, self._mask_N)
 
     @computed_once
+    def sums(self) -> RouterSums:
+        """What the two losses average, summed over the real tokens, to combine with the
+        sums of other parts of the batch (:func:`router_losses_of_part`)."""
+        return router_sums(self._routing, self._mask_N)
+
+    @computed_once
     def tokens_per_expert(self) -> Tensor:  # dropless: every real token's K assignments
-        idx_NK, n_experts = self._routing.topk_idx_NK, self._routing.logits_NE.shape[-1]
-        if self._mask_N is not None:
-            idx_NK = idx_NK.masked_fill(~self._mask_N[:, None], n_experts)
-        return _count(idx_NK.reshape(-1), n_experts + 1)[:n_experts]
+        probs_NE = self._routing.probs_NE
+        mask_N = _real(self._mask_N, probs_NE)
+        return _assignments(self._routing.topk_idx_NK, mask_N, probs_NE.shape[1])
 
     @computed_once
     def dropped_tokens(self) -> Tensor:  # dropless

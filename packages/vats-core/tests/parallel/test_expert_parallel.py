@@ -140,6 +140,10 @@ def _rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
             results[name] = _forward_backward(moe, rank)
             results[name]["expert_shape"] = tuple(moe.experts.gate_up_proj.shape)
         results["errors"] = _errors()
+        frozen = make_moe(CASES["dropless"]).requires_grad_(False)
+        frozen.router.requires_grad_(True)
+        frozen = parallelize(frozen, ParallelConfig(data_parallel="ddp", expert_parallel=2))
+        results["trainable"] = sorted(n for n, p in frozen.named_parameters() if p.requires_grad)
         results["ddp"] = _train(sc, out / f"train-{rank}")
         torch.save(results, out / f"ep-rank{rank}.pt")
         torch.distributed.destroy_process_group()
@@ -204,6 +208,11 @@ def test_each_rank_holds_its_experts_and_their_gradient_sums_both_ranks_tokens(
             want = ref[0]["grads"][name][mine] + ref[1]["grads"][name][mine]
             assert want.abs().sum() > 0  # tokens reached these experts
             _close(got["grads"][name], want, f"{case} rank {rank} {name}")
+
+
+def test_frozen_experts_stay_frozen_once_sharded(job: list[dict]) -> None:
+    for rank in range(2):
+        assert job[rank]["trainable"] == ["module.router.weight"]  # (DDP's wrapper)
 
 
 @pytest.mark.parametrize(

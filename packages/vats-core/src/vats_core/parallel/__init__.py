@@ -10,6 +10,8 @@
   weights as one state dict;
 - :mod:`vats_core.parallel.runtime`: how the trainer splits batches, averages metrics and
   writes checkpoints on a process group;
+- :func:`~vats_core.parallel.router.global_router_losses`: a MoE model's router losses of
+  the global batch, from each rank's rows;
 - :mod:`vats_core.parallel.sharded`: sharded checkpoints (``torch.distributed.checkpoint``)
   and :func:`~vats_core.parallel.sharded.export_pretrained`.
 
@@ -27,11 +29,13 @@ so a single-process run pays nothing for them.
 
 from vats_core.parallel.apply import check_parallelizable, parallelize, transformer_blocks
 from vats_core.parallel.config import DataParallel, ParallelConfig
+from vats_core.parallel.router import global_router_losses
 
 __all__ = [
     "DataParallel",
     "ParallelConfig",
     "check_parallelizable",
+    "global_router_losses",
     "parallelize",
     "transformer_blocks",
 ]

@@ -74,7 +74,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
+def parallelize(
+    model: nn.Module, config: ParallelConfig, *, find_unused_parameters: bool = False
+) -> nn.Module:
     """Apply ``config`` to ``model``: the model to hand to the trainer comes back.
 
     1. activation checkpointing of every transformer block (``config.activation_checkpointing``);
@@ -96,6 +98,12 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
     Every rank must call it with the same model (same init: seed before building it) and
     config. The model's parameters must all be on one device, the rank's own (CPU for gloo,
     ``cuda:<local rank>`` for NCCL).
+
+    ``find_unused_parameters``: some trainable parameters may get no gradient in a step (a
+    multimodal model trains the projector of the step's medium only). DDP then walks the
+    step's autograd graph to find them (DDP's flag of that name); a parameter no rank used
+    keeps no gradient, as on one process. FSDP needs nothing: it reduces the gradients
+    there are.
 
     Raises:
         ValueError: before anything is changed, naming the ``ParallelConfig`` field for DDP
@@ -147,7 +155,9 @@ def parallelize(model: nn.Module, config: ParallelConfig) -> nn.Module:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
             average_expert_gradients(model)
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        return DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+        )
     return model
 
 

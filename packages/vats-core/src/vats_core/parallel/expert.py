@@ -67,8 +67,14 @@ class ShardedExperts(GroupedExperts):
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
         # the ranks holding the same experts in the other EP groups (set by shard_experts)
         self.replicas: dist.ProcessGroup | None = None
-        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[mine].clone())
-        self.down_proj = nn.Parameter(experts.down_proj.detach()[mine].clone())
+        # frozen experts stay frozen (a stage that trains other parts of the model)
+        self.gate_up_proj = nn.Parameter(
+            experts.gate_up_proj.detach()[mine].clone(),
+            requires_grad=experts.gate_up_proj.requires_grad,
+        )
+        self.down_proj = nn.Parameter(
+            experts.down_proj.detach()[mine].clone(), requires_grad=experts.down_proj.requires_grad
+        )
 
     def expert_outputs(self, x_SD: Tensor, group_sizes_E: Tensor, *, grouped: bool) -> Tensor:
         """expert(x) for this rank's rows, computed where the experts live.
@@ -175,7 +181,8 @@ def average_expert_gradients(model: nn.Module) -> None:
         if not isinstance(module, ShardedExperts):
             continue
         for param in module.parameters(recurse=False):
-            param.register_hook(_averaging_hook(module.replicas, world))
+            if param.requires_grad:  # a frozen expert gets no gradient to average
+                param.register_hook(_averaging_hook(module.replicas, world))
 
 
 def _averaging_hook(replicas: dist.ProcessGroup | None, world: int) -> Callable[[Tensor], Tensor]:
