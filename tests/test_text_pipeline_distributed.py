@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from test_text_pipeline import compose_text
 from tiny_settings import TINY_TEXT
-from two_ranks import assert_refused_before_any_work, torchrun_pipeline
+from two_ranks import assert_refused_before_any_work, assert_same_weights, torchrun_pipeline
 
 from vats_apps.cli import run_pipeline
 from vats_apps.pipelines.distributed import parallel_config
@@ -32,6 +32,8 @@ def test_two_ranks_under_torchrun_train_the_one_process_model(tmp_path: Path) ->
     one = run_pipeline(compose_text(tmp_path / "one", *STEPS))
     # the same global batches, the same weights up to float rounding of the split sums
     assert two["val_ce"] == pytest.approx(one["val_ce"], rel=1e-4)
+    # the MoE router losses are the global batch's on each rank, not the rank's own rows'
+    assert_same_weights(two, one, atol=1e-5)
     assert two["val_ce"] != pytest.approx(two["unigram_ce"], rel=1e-3)  # it trained
 
 

@@ -24,12 +24,14 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, reusable, staged_entry
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
@@ -40,7 +42,7 @@ from vats_apps.pipelines.distributed import (
     parallel_training,
 )
 from vats_core.inference import compile_frozen
-from vats_core.parallel import ParallelConfig
+from vats_core.parallel import ParallelConfig, global_router_losses
 from vats_core.training import Trainer, TrainerConfig
 from vats_text.corpus import load_corpus
 from vats_text.data import (
@@ -163,6 +165,29 @@ def _train(cfg: DictConfig, path: Path) -> TrainedLM | None:
         return _train_ranks(cfg, path, parallel, ranks)
 
 
+def _global_loss_fn(config: MoELMConfig) -> Callable[[nn.Module, Mapping[str, Tensor]], Any]:
+    """``lm_loss_fn`` for a rank of a ``train.parallel`` run: the same cross-entropy (packed
+    rows, no padding: each rank's mean is a mean over as many tokens), with the MoE router
+    losses of the global batch (:func:`~vats_core.parallel.global_router_losses`) in place of
+    the rank's own. The load-balancing loss is no mean over tokens, so the ranks' average of
+    their own is not the global batch's, value or gradient."""
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, Tensor]) -> Any:
+        out = model(
+            batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]
+        )
+        zero = out.ce_loss.detach().new_zeros(())
+        if not out.router_stats:  # a dense model
+            return out.ce_loss, {"ce": out.ce_loss.detach(), "aux": zero, "z": zero}
+        balancing, z = global_router_losses(out.router_stats)
+        loss = out.ce_loss + config.aux_loss_weight * balancing + config.z_loss_weight * z
+        # The metrics stay the rank's own losses (rank 0's are logged), as on one process.
+        metrics = {"aux": out.aux_loss.detach(), "z": out.z_loss.detach()}
+        return loss, {"ce": out.ce_loss.detach(), **metrics}
+
+    return loss_fn
+
+
 def _train_ranks(
     cfg: DictConfig, path: Path, parallel: ParallelConfig, ranks: Ranks
 ) -> TrainedLM | None:
@@ -198,7 +223,7 @@ def _train_ranks(
             parallel_model(model, parallel),
             trainer_config(cfg, out_dir=str(staging / "run")),
             data=PackedBatches(train_rows, train_cfg.batch_size, seed=cfg.pipeline.seed),
-            loss_fn=lm_loss_fn,
+            loss_fn=lm_loss_fn if parallel == ParallelConfig() else _global_loss_fn(model.config),
             eval_fn=lambda m: evaluate_lm(m, val_rows, max_rows=train_cfg.eval_rows),
             items_fn=count_tokens,
             items_name="tokens",
