@@ -275,6 +275,32 @@ def test_duration_enters_the_conditioning_as_learned_fourier_features() -> None:
     assert LearnedFourierFeatures(8)(torch.tensor([0.25])).shape == (1, 9)
 
 
+def test_end_embed_tells_each_token_its_time_to_the_sound_end() -> None:
+    """With ``end_embed`` each token gets end_embed((t_i - (total - start)) / max_seconds),
+    t_i its first frame's time: the same for every window that leaves the same time to
+    the end, and it reaches the output."""
+    model = _model("tiny", end_embed=True)
+    cfg = model.config
+    inputs = _inputs(cfg)
+    n = inputs["x"].shape[-1] // cfg.patch_size
+    tokens = torch.zeros(2, n, cfg.dim)
+    start, total = inputs["seconds_start"], inputs["seconds_total"]
+    with torch.no_grad():
+        got = model._to_end(start, total, tokens)
+        times = torch.arange(n) * cfg.patch_size * cfg.hop_length / cfg.sample_rate
+        u = (times[None] - (total - start)[:, None]) / cfg.max_seconds
+        expected = model.end_embed(u.reshape(-1)).view(2, n, cfg.dim)
+        shifted = model._to_end(start + 0.05, total + 0.05, tokens)
+        out = model(**inputs)
+        for p in model.end_embed.mlp.parameters():
+            p.zero_()
+        without = model(**inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shifted, got, rtol=1e-4, atol=1e-5)
+    assert (got[:, 1:] - got[:, :-1]).abs().amax() > 1e-3  # tokens are told apart
+    assert (out - without).abs().amax(dim=(1, 2)).min() > 1e-3
+
+
 def test_frames_for_seconds() -> None:
     assert frames_for_seconds(2.5, 16000, 160) == 250
     assert frames_for_seconds(2.5, 16000, 160, 4) == 252  # rounded up to the patch
@@ -362,6 +388,7 @@ def test_bad_inputs_name_the_argument() -> None:
         (dict(text_dropout=1.0), r"AudioDiTConfig\.text_dropout"),
         (dict(timestep_channels=7), r"AudioDiTConfig\.timestep_channels"),
         (dict(hop_length=0), r"AudioDiTConfig\.hop_length"),
+        (dict(max_seconds=None, end_embed=True), r"AudioDiTConfig\.end_embed=True.*max_seconds"),
     ],
 )
 def test_bad_configs_name_the_field(overrides: dict, match: str) -> None:
