@@ -102,7 +102,9 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def process_group(config: ParallelConfig, key: str = "train.parallel") -> Iterator[Ranks]:
-    """The default process group this config needs, for the life of the block.
+    """The default process group this config needs, for the life of the block. A block
+    that ends well ends on every rank together (a barrier, then the teardown); a rank whose
+    block raises tears its group down at once.
 
     None when neither torchrun started several ranks nor the config asks for data or
     expert parallelism; a one-rank group (local TCP store) for ``fsdp`` or ``ddp`` without
@@ -134,8 +136,19 @@ def process_group(config: ParallelConfig, key: str = "train.parallel") -> Iterat
         dist.init_process_group(backend, init_method=init, rank=0, world_size=1, timeout=timeout)
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size())
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # this rank's own teardown; the others see it fail
+        raise
+    # On success every rank leaves together: a rank that tore its group down while rank 0
+    # still finished the block (scoring, saving) sometimes aborted in gloo's teardown
+    # ("terminate called without an active exception", once in a CI run of the 2-rank
+    # text pipeline test). Rank 0's work after training may outlast the group's 10-minute timeout,
+    # so gloo waits with its own (monitored_barrier); NCCL keeps the plain barrier.
+    if backend == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(hours=2))
+    else:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def device() -> torch.device:
