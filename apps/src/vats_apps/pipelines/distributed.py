@@ -142,8 +142,8 @@ def process_group(config: ParallelConfig, key: str = "train.parallel") -> Iterat
     # On success every rank leaves together: a rank that tore its group down while rank 0
     # still finished the block (scoring, saving) sometimes aborted in gloo's teardown
     # ("terminate called without an active exception", once in a CI run of the 2-rank
-    # text pipeline test). Rank 0's work after training may outlast the group's 10-minute timeout,
-    # so gloo waits with its own (monitored_barrier); NCCL keeps the plain barrier.
+    # text pipeline test). Rank 0's work after training may outlast the group's 10-minute
+    # timeout, so gloo waits with its own (monitored_barrier); NCCL keeps the plain barrier.
     if backend == "gloo":
         dist.monitored_barrier(timeout=datetime.timedelta(hours=2))
     else:

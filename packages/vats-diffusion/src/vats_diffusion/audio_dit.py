@@ -625,9 +625,9 @@ AUDIO_DIT_PRESETS: dict[str, dict[str, Any]] = {
         duration_features=16,
     ),
     # The CPU demo on vats_audio.LogMel features (80 mels, 10 ms hop at 16 kHz): up to
-    # 3.52 s in 88 tokens of 40 ms, text and duration conditioning
-    # (each token told its time to the sound's end), condition dropout 0.1
-    # for guidance. text_dim comes from the text encoder.
+    # 3.52 s in 88 tokens of 40 ms, text and duration conditioning (each token told its
+    # time to the sound's end), condition dropout 0.1 for guidance. text_dim comes from
+    # the text encoder.
     "sounds": dict(
         n_mels=80,
         patch_size=4,
