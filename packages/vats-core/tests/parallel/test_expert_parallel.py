@@ -1,13 +1,16 @@
 """Expert parallelism over 2 CPU ranks (gloo) computes the single-process MoE: the
 outputs, the gradients of each rank's inputs and router, and the expert weights'
 gradients (the sum over both ranks' tokens); bad degrees are refused naming the field.
+DDP + expert parallelism trains the single-process parameters, and its checkpoints are
+the single-process ones: written by 2 ranks, resumed on one process, and the other way.
 
-One 2-rank job runs every case; the reference is the plain MoE here, on the same weights
-and on each rank's tokens in turn.
+One 2-rank job runs every case; the reference is the plain MoE (or the Trainer) here, on
+the same weights and on each rank's tokens in turn.
 """
 
 from __future__ import annotations
 
+import shutil
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -19,8 +22,10 @@ from torch import nn
 
 from vats_core.moe import MoE, MoEConfig
 from vats_core.parallel import ParallelConfig, parallelize
-from vats_core.parallel.runtime import gathered_model_state
+from vats_core.parallel.runtime import DataParallelRun, gathered_model_state
 from vats_core.training import Trainer
+from vats_core.training.state import latest_checkpoint, read_training_checkpoint, step_dir_name
+from vats_core.training.trainer import CHECKPOINT_DIR, build_optimizer
 
 TOL = 1e-5
 D, B, T = 8, 3, 5
@@ -106,7 +111,7 @@ def _errors() -> dict[str, str]:
 def _train(sc: ModuleType, out: Path) -> dict[str, Any]:
     """dp_scenarios' tiny transformer (a dense and a MoE block) trained by the Trainer with
     DDP + expert parallelism: the parameters after every step, the logged rows, the
-    gathered weights, and the refusal of checkpoints."""
+    gathered weights, and the refusal of sharded checkpoints."""
     model = parallelize(sc.make_model(), ParallelConfig(data_parallel="ddp", expert_parallel=2))
     seen: dict[int, dict[str, torch.Tensor]] = {}
     trainer = Trainer(
@@ -121,13 +126,61 @@ def _train(sc: ModuleType, out: Path) -> dict[str, Any]:
     try:
         Trainer(
             parallelize(sc.make_model(), ParallelConfig(data_parallel="ddp", expert_parallel=2)),
-            sc.trainer_config(out / "ckpt", checkpoint_every=2),
+            sc.trainer_config(out / "ckpt", checkpoint_every=2, sharded_checkpoints=True),
             data=sc.batch_fn,
             loss_fn=sc.loss_fn,
         )
     except ValueError as e:
         result["checkpoint_error"] = str(e)
     return result
+
+
+def _checkpoints(sc: ModuleType, out: Path) -> dict[str, Any]:
+    """DDP + expert parallelism checkpoints its step 2 (of 4) into ``out/ep-checkpoint``
+    (the test resumes it on one process); then loads a single-process run's step-2
+    checkpoint (``out/from-one``, written by the test) and continues it to step 4: what the
+    rank loaded (its parameters, its optimizer state by name), the step-4 parameters and
+    the rows, or the error that stopped the resumed run."""
+    ep = ParallelConfig(data_parallel="ddp", expert_parallel=2)
+    config = sc.trainer_config(out / "ep-checkpoint", checkpoint_every=2)
+    Trainer(parallelize(sc.make_model(), ep), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(
+        stop_after=2
+    )
+    model = parallelize(sc.make_model(), ep)
+    config = sc.trainer_config(out / "from-one", checkpoint_every=2)
+    trainer = Trainer(model, config, data=sc.batch_fn, loss_fn=sc.loss_fn)
+    weights, optim, _ = read_training_checkpoint(
+        out / "from-one" / CHECKPOINT_DIR / step_dir_name(2)
+    )
+    DataParallelRun(model).load_state(trainer.optimizer, weights, optim)
+    result: dict[str, Any] = {
+        "loaded": {"params": sc.full_params(trainer.module), "optimizer": _state_by_name(trainer)}
+    }
+    try:
+        result["rows"] = trainer.fit(resume=True)  # loads the same checkpoint, trains 3 and 4
+        result["params"] = sc.full_params(trainer.module)
+    except ValueError as e:  # raised by every rank before any collective: none waits
+        result["resume_error"] = str(e)
+    return result
+
+
+def _state_by_name(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """The trainer's optimizer state, keyed by parameter name, copied."""
+    return _by_name(trainer.module, trainer.optimizer, trainer.optimizer.state_dict())
+
+
+def _by_name(
+    module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """A position-keyed optimizer state dict keyed by the names of ``optimizer``'s
+    parameters (param-group order), its tensors copied."""
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(state["state"]) == list(range(len(names)))  # every parameter has a state
+    return {
+        names[i]: {k: v.detach().clone() for k, v in entry.items()}
+        for i, entry in state["state"].items()
+    }
 
 
 def _rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
@@ -145,6 +198,7 @@ def _rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
         frozen = parallelize(frozen, ParallelConfig(data_parallel="ddp", expert_parallel=2))
         results["trainable"] = sorted(n for n, p in frozen.named_parameters() if p.requires_grad)
         results["ddp"] = _train(sc, out / f"train-{rank}")
+        results["checkpoints"] = _checkpoints(sc, out)
         torch.save(results, out / f"ep-rank{rank}.pt")
         torch.distributed.destroy_process_group()
     except BaseException:
@@ -154,12 +208,34 @@ def _rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def job(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Each rank's results; ``out`` (the ranks' directory) in rank 0's."""
     out = tmp_path_factory.mktemp("ep")
+    # a single-process run stopped at step 2, for the ranks to resume
+    config = sc.trainer_config(out / "from-one", checkpoint_every=2)
+    Trainer(sc.make_model(), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(stop_after=2)
     procs = sc.start_ranks(_rank_main, sc, out)
     for rank, p in enumerate(procs):
         log = out / f"rank{rank}.log"
         assert p.exitcode == 0, f"rank {rank} failed:\n{log.read_text() if log.exists() else ''}"
-    return [torch.load(out / f"ep-rank{r}.pt", weights_only=False) for r in range(2)]
+    results = [torch.load(out / f"ep-rank{r}.pt", weights_only=False) for r in range(2)]
+    results[0]["out"] = out
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The single-process run of 4 steps, uninterrupted, checkpointed at steps 2 and 4:
+    its parameters after every step, its rows, and its checkpoint root."""
+    out = tmp_path_factory.mktemp("single")
+    params: dict[int, dict[str, torch.Tensor]] = {}
+    rows = Trainer(
+        sc.make_model(),
+        sc.trainer_config(out, checkpoint_every=2),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+        on_step=lambda step, m: params.__setitem__(step, sc.full_params(m)),
+    ).fit()
+    return {"params": params, "rows": rows, "checkpoints": out / CHECKPOINT_DIR}
 
 
 def _reference(config: MoEConfig) -> list[dict[str, Any]]:
@@ -231,44 +307,146 @@ def test_degrees_and_models_that_do_not_fit_are_refused_naming_the_field(
     assert all(part in message for part in says), message
 
 
+EXPERTS = "layers.1.ffn.experts."  # the MoE block's 4 experts; rank r holds [2r, 2r + 2)
+
+
+def _mine(name: str, whole: torch.Tensor, rank: int) -> torch.Tensor:
+    """What rank ``rank`` holds of a single-process tensor: its experts, or all of it."""
+    return whole[2 * rank : 2 * rank + 2] if name.startswith(EXPERTS) and whole.ndim else whole
+
+
+def _assert_rows(got: list[dict], want: list[dict], steps: list[int], what: str) -> None:
+    """The logged loss and gradient norm of ``steps`` equal the reference's."""
+    assert [g["step"] for g in got] == steps, what
+    by_step = {w["step"]: w for w in want}
+    for g in got:
+        for key in ("loss", "grad_norm"):
+            w = by_step[g["step"]][key]
+            assert g[key] == pytest.approx(w, rel=1e-5, abs=1e-6), (what, g["step"], key)
+
+
 def test_ddp_with_expert_parallel_trains_the_single_process_parameters(
-    sc: ModuleType, job: list[dict], tmp_path: Path
+    sc: ModuleType, job: list[dict], reference: dict
 ) -> None:
     """Four steps (2 micro-batches each, clipping active) on 2 ranks, each holding 2 of the
     MoE block's 4 experts: every parameter, the loss and the gradient norm equal the
     single-process run's; the gathered weights are the whole model's."""
-    want: dict[int, dict[str, torch.Tensor]] = {}
-    rows = Trainer(
-        sc.make_model(),
-        sc.trainer_config(tmp_path),
-        data=sc.batch_fn,
-        loss_fn=sc.loss_fn,
-        on_step=lambda step, m: want.__setitem__(step, sc.full_params(m)),
-    ).fit()
-    expert = "layers.1.ffn.experts."
+    want = reference["params"]
     for rank in range(2):
         got = job[rank]["ddp"]
         for step in (1, 4):
             assert got["params"][step].keys() == want[step].keys()
             for name, value in want[step].items():
-                if name.startswith(expert):
-                    value = value[2 * rank : 2 * rank + 2]  # this rank's experts
+                value = _mine(name, value, rank)
                 _close(got["params"][step][name], value, f"rank {rank} step {step} {name}")
-        for g, w in zip(got["rows"], rows, strict=True):
-            for key in ("loss", "grad_norm"):
-                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (rank, g["step"], key)
+        _assert_rows(got["rows"], reference["rows"], [1, 2, 3, 4], f"rank {rank}")
         for name, value in want[4].items():
             _close(got["gathered"][name], value, f"rank {rank} gathered {name}")
     assert not torch.equal(
-        want[4][expert + "down_proj"], sc.make_model().state_dict()[expert + "down_proj"]
+        want[4][EXPERTS + "down_proj"], sc.make_model().state_dict()[EXPERTS + "down_proj"]
     )
 
 
-def test_checkpoints_of_expert_parallel_training_are_refused_before_any_step(
+def test_an_expert_parallel_checkpoint_is_the_single_process_one_and_resumes_on_one_process(
+    sc: ModuleType, job: list[dict], reference: dict, tmp_path: Path
+) -> None:
+    """2 ranks (2 of the 4 experts each) checkpoint step 2 of 4: its weights and optimizer
+    state (AdamW's moments of all 4 experts) are the single-process run's at step 2, and one
+    process (a plain model) continues it to the uninterrupted run's step 4."""
+    written = job[0]["out"] / "ep-checkpoint"
+    path = latest_checkpoint(written / CHECKPOINT_DIR)
+    assert path is not None and path.name == step_dir_name(2)
+    weights, optim, state = read_training_checkpoint(path)
+    want_weights, want_optim, _ = read_training_checkpoint(
+        reference["checkpoints"] / step_dir_name(2)
+    )
+    assert state["step"] == 2
+    assert weights.keys() == want_weights.keys()
+    for name, value in want_weights.items():
+        _close(weights[name], value, f"checkpoint {name}")
+    assert optim["param_groups"] == want_optim["param_groups"]
+    assert optim["state"].keys() == want_optim["state"].keys()
+    for i, entry in want_optim["state"].items():
+        assert optim["state"][i].keys() == entry.keys()
+        for key, value in entry.items():
+            # to the tensor's scale: the experts' exp_avg_sq is ~1e-9, under TOL
+            scale = float(value.abs().max())
+            torch.testing.assert_close(
+                optim["state"][i][key], value, rtol=0, atol=TOL * scale, msg=f"state {i} {key}"
+            )
+    # the experts' moments differ from row to row: a misplaced slice would show
+    for key, moment in _single_process_by_name(sc, optim)[EXPERTS + "gate_up_proj"].items():
+        if moment.ndim:
+            assert moment.shape[0] == 4, key
+            assert (moment[:2] - moment[2:]).abs().max() > 0.1 * moment.abs().max(), key
+
+    run = tmp_path / "run"
+    shutil.copytree(written, run)
+    params: dict[int, dict[str, torch.Tensor]] = {}
+    rows = Trainer(
+        sc.make_model(),
+        sc.trainer_config(run, checkpoint_every=2),
+        data=sc.batch_fn,
+        loss_fn=sc.loss_fn,
+        on_step=lambda step, m: params.__setitem__(step, sc.full_params(m)),
+    ).fit(resume=True)
+    assert sorted(params) == [3, 4]
+    assert params[4].keys() == reference["params"][4].keys()
+    for name, value in reference["params"][4].items():
+        _close(params[4][name], value, f"resumed on one process, step 4 {name}")
+    _assert_rows(rows, reference["rows"], [3, 4], "resumed on one process")
+
+
+def test_a_single_process_checkpoint_loads_each_rank_s_experts_under_expert_parallel(
+    sc: ModuleType, job: list[dict], reference: dict
+) -> None:
+    """A single-process run's step-2 checkpoint, loaded by 2 ranks (``load_state``): each
+    holds its experts' rows of the weights and of AdamW's moments, the rest whole."""
+    path = job[0]["out"] / "from-one" / CHECKPOINT_DIR / step_dir_name(2)
+    whole, optim, _ = read_training_checkpoint(path)
+    want_optim = _single_process_by_name(sc, optim)
+    for rank in range(2):
+        loaded = job[rank]["checkpoints"]["loaded"]
+        assert loaded["params"].keys() == reference["params"][2].keys()
+        for name, value in loaded["params"].items():
+            assert torch.equal(value, _mine(name, whole[name], rank)), (rank, name)
+        assert loaded["params"][EXPERTS + "down_proj"].shape[0] == 2
+        assert loaded["optimizer"].keys() == want_optim.keys()
+        for name, entry in want_optim.items():
+            assert loaded["optimizer"][name].keys() == entry.keys()
+            for key, value in entry.items():
+                mine = _mine(name, value, rank)
+                assert torch.equal(loaded["optimizer"][name][key], mine), (rank, name, key)
+
+
+def test_a_single_process_checkpoint_resumes_under_expert_parallel(
+    job: list[dict], reference: dict
+) -> None:
+    """The same checkpoint resumed by the Trainer on 2 ranks reaches the uninterrupted
+    single-process run's parameters and losses at step 4."""
+    for rank in range(2):
+        got = job[rank]["checkpoints"]
+        assert "resume_error" not in got, got["resume_error"]
+        for name, value in reference["params"][4].items():
+            value = _mine(name, value, rank)
+            _close(got["params"][name], value, f"rank {rank} resumed, step 4 {name}")
+        _assert_rows(got["rows"], reference["rows"], [3, 4], f"rank {rank} resumed")
+
+
+def _single_process_by_name(sc: ModuleType, state: dict[str, Any]) -> dict[str, dict]:
+    """A single-process optimizer state dict keyed by parameter name (the positions are
+    those of the optimizer the trainer builds for a plain model)."""
+    model = sc.make_model()
+    optimizer = build_optimizer(model, sc.trainer_config(Path("unused")))
+    return _by_name(model, optimizer, state)
+
+
+def test_sharded_checkpoints_of_expert_parallel_training_are_refused_before_any_step(
     job: list[dict],
 ) -> None:
     message = job[0]["ddp"]["checkpoint_error"]
-    assert "TrainerConfig.checkpoint_every=2" in message and "expert_parallel" in message
+    for part in ("TrainerConfig.sharded_checkpoints", "ParallelConfig.expert_parallel", "gathered"):
+        assert part in message, message
 
 
 def test_expert_parallel_needs_a_process_group() -> None:

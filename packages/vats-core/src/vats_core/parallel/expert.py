@@ -31,6 +31,12 @@ Training with DDP: DDP leaves the sharded weights alone (they differ per rank), 
 :func:`average_expert_gradients` makes their gradients the data-parallel mean; the
 trainer's gradient norm counts each expert once (:func:`expert_norm_squared`), and
 :func:`gather_experts` rebuilds whole weights for a plain copy of the model.
+Checkpoints are the single-process ones: :func:`gather_expert_optimizer_state` gathers the
+experts' optimizer state (AdamW's moments, sharded like the weights) as
+:func:`gather_experts` gathers the weights, and :func:`local_expert_state` cuts a
+single-process checkpoint's weights and moments to the rank's slice, so a run resumes on
+one process or on any degree that divides the experts
+(:class:`~vats_core.parallel.runtime.DataParallelRun` calls them).
 
 Shape legend: N tokens, D model dim, E experts of the layer, L = E/P experts of this rank,
 P ranks of the expert-parallel group, S assignments this rank sends, R assignments it
@@ -40,6 +46,7 @@ receives, H expert hidden dim.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -234,3 +241,89 @@ def gather_experts(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tens
             dist.all_gather(parts, param.detach().contiguous(), group=module.group)
             out[key] = torch.cat(parts)
     return out
+
+
+def _expert_positions(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[int, ShardedExperts]:
+    """The position of every sharded expert weight among the optimizer's parameters (param
+    group order: how ``optimizer.state_dict()`` keys its state), and the layer holding it."""
+    owner = {
+        id(p): m
+        for m in model.modules()
+        if isinstance(m, ShardedExperts)
+        for p in m.parameters(recurse=False)
+    }
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: owner[id(p)] for i, p in enumerate(params) if id(p) in owner}
+
+
+def gather_expert_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> dict[str, Any]:
+    """``state`` (``optimizer.state_dict()`` on this rank) with every sharded expert
+    weight's per-expert tensors (AdamW's ``exp_avg``, ``exp_avg_sq``: leading dim L) replaced
+    by the whole layer's (E, ...), gathered over the EP group as :func:`gather_experts`
+    gathers the weights: the state a single-process run holds. Scalars (``step``) are the
+    same on every rank and kept. Every rank must call it; ``state`` is not modified (its
+    tensors are the optimizer's own)."""
+    per_param = dict(state["state"])
+    for position, module in sorted(_expert_positions(model, optimizer).items()):
+        if position not in per_param:  # before the first step: no state on any rank
+            continue
+        entry = dict(per_param[position])
+        for key in sorted(entry):  # the same collectives, in the same order, on every rank
+            value = entry[key]
+            if not _per_expert(value, module.local):
+                continue
+            parts = [torch.empty_like(value) for _ in range(module.ranks)]
+            dist.all_gather(parts, value.detach().contiguous(), group=module.group)
+            entry[key] = torch.cat(parts)  # (E, ...)
+        per_param[position] = entry
+    return {**state, "state": per_param}
+
+
+def local_expert_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Tensor],
+    optim_state: dict[str, Any],
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The inverse of :func:`gather_experts` and :func:`gather_expert_optimizer_state`:
+    single-process state dicts (whole experts) cut to what this rank loads. Every sharded
+    expert weight, and its optimizer tensors with a leading dim of E, keep rows
+    [p·L, (p+1)·L) (p: the rank in its EP group); everything else is kept as is. The
+    inputs are not modified; no communication."""
+    layers = {
+        f"{name}.{param}" if name else param: module
+        for name, module in model.named_modules()
+        if isinstance(module, ShardedExperts)
+        for param, _ in module.named_parameters(recurse=False)
+    }
+    weights = dict(model_state)
+    for key, module in layers.items():
+        if key in weights:  # a missing key is left to load_state_dict's strict error
+            weights[key] = _mine(weights[key], module, key)
+    per_param = dict(optim_state["state"])
+    for position, module in _expert_positions(model, optimizer).items():
+        if position in per_param:  # absent before the first step
+            per_param[position] = {
+                k: _mine(v, module, k) if _per_expert(v, module.config.n_experts) else v
+                for k, v in per_param[position].items()
+            }
+    return weights, {**optim_state, "state": per_param}
+
+
+def _per_expert(value: Any, experts: int) -> bool:
+    return isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == experts
+
+
+def _mine(whole: Tensor, module: ShardedExperts, what: str) -> Tensor:
+    """Rows [p·L, (p+1)·L) of a whole layer's (E, ...) tensor, as a tensor of their own (a
+    view would keep the whole E rows alive)."""
+    if whole.ndim < 1 or whole.shape[0] != module.config.n_experts:
+        raise ValueError(
+            f"{what} has shape {tuple(whole.shape)}: a single-process state dict holds all "
+            f"{module.config.n_experts} experts of the layer along dim 0"
+        )
+    return whole[module.rank * module.local : (module.rank + 1) * module.local].clone()

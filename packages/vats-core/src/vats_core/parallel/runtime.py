@@ -26,7 +26,12 @@ batch. Only rank 0 prints, writes ``metrics.jsonl`` and writes checkpoints.
 Expert parallelism (with DDP): the sharded experts' gradients are averaged by their own
 hooks (:mod:`vats_core.parallel.expert`), the gradient norm counts each expert once
 (:meth:`DataParallelRun.grad_norm`), and :func:`gathered_model_state` gathers the experts
-whole; checkpoints of such a run are refused before the first step (not written yet).
+whole. Its checkpoints are the single-process ones: :meth:`DataParallelRun.gathered_state`
+also gathers the experts' optimizer moments (AdamW's, sharded like the weights), and
+:meth:`DataParallelRun.load_state` gives each rank its experts' rows of a single-process
+checkpoint's weights and moments; so an expert-parallel run resumes on one process, and a
+single-process run under expert parallelism (any degree). Sharded checkpoints
+(``TrainerConfig.sharded_checkpoints``) of such a run are refused before the first step.
 
 Checkpoints. By default gathered in the single-process format (model weights and an
 optimizer state keyed by parameter position), so they resume on any world size and load
@@ -38,6 +43,7 @@ wants ``TrainerConfig.sharded_checkpoints`` (:mod:`vats_core.parallel.sharded`) 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -46,6 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from vats_core.checkpoint import check_pretrained_state
 
 
 class DataParallelRun:
@@ -75,14 +83,15 @@ class DataParallelRun:
         self.expert_parallel = _has_sharded_experts(self.module)
 
     def check(self, checkpoint_every: int, sharded_checkpoints: bool) -> None:
-        """Refuse, before any step, what this run cannot do yet: checkpoints of a model
-        with expert-parallel layers (their optimizer state is sharded like the experts)."""
-        if self.expert_parallel and (checkpoint_every or sharded_checkpoints):
+        """Refuse, before any step, what this run cannot do yet: sharded checkpoints of a
+        model with expert-parallel layers (the gathered format works)."""
+        if self.expert_parallel and sharded_checkpoints:
             raise ValueError(
-                f"TrainerConfig.checkpoint_every={checkpoint_every} (sharded_checkpoints="
-                f"{sharded_checkpoints}) is invalid with ParallelConfig.expert_parallel > 1: "
-                "checkpoints of expert-parallel training are not written yet; set "
-                "checkpoint_every=0, or train with expert_parallel=1"
+                f"TrainerConfig.sharded_checkpoints=True (checkpoint_every={checkpoint_every}) "
+                "is invalid with ParallelConfig.expert_parallel > 1: sharded checkpoints of "
+                "expert-parallel training are not written yet; set sharded_checkpoints=False "
+                "(the default, gathered checkpoints work with expert parallelism), or train "
+                "with expert_parallel=1"
             )
 
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -157,12 +166,16 @@ class DataParallelRun:
         self, optimizer: torch.optim.Optimizer
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model and optimizer state dicts in the single-process format; every rank must
-        call it (FSDP gathers), only rank 0's are complete (others may be empty)."""
-        if self.expert_parallel:  # refused before the first step by check()
-            raise ValueError("checkpoints of expert-parallel training are not written yet")
+        call it (FSDP and the expert-parallel layers gather), only rank 0's are complete
+        (others may be empty)."""
         model_state = gathered_model_state(self.model)
         if self.kind != "fsdp":
-            return model_state, optimizer.state_dict()
+            optim_state = optimizer.state_dict()
+            if self.expert_parallel:  # (DDP only: parallelize refuses EP with FSDP)
+                from vats_core.parallel.expert import gather_expert_optimizer_state
+
+                optim_state = gather_expert_optimizer_state(self.module, optimizer, optim_state)
+            return model_state, optim_state
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
@@ -177,8 +190,23 @@ class DataParallelRun:
         optimizer: torch.optim.Optimizer,
         model_state: dict[str, torch.Tensor],
         optim_state: dict[str, Any],
+        source: str | os.PathLike[str] = "the checkpoint",
     ) -> None:
-        """Load single-process state dicts (read by every rank) into the parallel model."""
+        """Load single-process state dicts (read by every rank) into the parallel model;
+        each expert-parallel layer takes its rank's experts (no communication).
+
+        Raises:
+            ValueError: the weights do not fit the model (keys, shapes; ``source`` names
+                them), before anything is loaded.
+        """
+        if self.expert_parallel:
+            from vats_core.parallel.expert import local_expert_state
+
+            model_state, optim_state = local_expert_state(
+                self.module, optimizer, model_state, optim_state
+            )
+        # this rank's shapes (FSDP's DTensors report the whole ones); fills in tied names
+        check_pretrained_state(self.module, model_state, source)
         if self.kind != "fsdp":
             self.module.load_state_dict(model_state, strict=True)
             optimizer.load_state_dict(optim_state)

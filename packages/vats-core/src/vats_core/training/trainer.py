@@ -75,7 +75,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vats_core.checkpoint import atomic_write_text, check_pretrained_state
+from vats_core.checkpoint import atomic_write_text
 from vats_core.config import is_number
 from vats_core.moe import COMPILE_SETTINGS
 from vats_core.training.config import TrainerConfig
@@ -518,8 +518,7 @@ class Trainer:
             state = load_training_checkpoint(path, self.model, self.optimizer)
         else:
             tensors, optimizer_state, state = read_training_checkpoint(path)
-            check_pretrained_state(self.module, tensors, path / MODEL_FILE)
-            self._dp.load_state(self.optimizer, tensors, optimizer_state)
+            self._dp.load_state(self.optimizer, tensors, optimizer_state, path / MODEL_FILE)
         saved = state.get("trainer_config", {})
         current = self.config.to_dict()
         accum = saved.get("grad_accum_steps", current["grad_accum_steps"])
