@@ -70,6 +70,19 @@ def test_a_tiny_run_trains_its_stages_and_its_denoising_loss_falls(trained):
         assert set(scores[key]) == {"direction", "shape_color", "frames", "consistency"}
 
 
+def test_the_video_dit_starts_from_text_to_image_s_dit(trained):
+    """train.dit.init=image: the image DiT stage is a part (its entry, keyed into the DiT
+    stage's), and with init=none a fresh VideoDiT trains under another key."""
+    cache, out, result = trained
+    image_key = result["parts"]["image_dit"]
+    assert (cache / "text_to_image" / "dit" / image_key).is_dir()
+    fresh = run_pipeline(
+        _cfg(cache, out, "train.dit.init=none", "pipeline.evaluate=false", "prompt=null")
+    )
+    assert fresh["cached"]["dit"] is False and "image_dit" not in fresh["parts"]
+    assert fresh["keys"]["dit"] != result["keys"]["dit"]
+
+
 def test_the_vae_is_text_to_image_s_entry():
     """The same parts and VAE settings key the same entry from either pipeline."""
     cfg = _compose("text_to_image", TINY_TEXT_TO_IMAGE)
@@ -167,6 +180,14 @@ def test_clips_of_another_length_without_enrichment(trained, capsys):
         ("train.eval.real_clips=0", r"train.eval.real_clips=0"),
         ("enrichment.tries=0", r"enrichment.tries=0"),
         ("enrich=maybe", r"enrich='maybe'"),
+        ("train.dit.init=video", r"train.dit.init='video' is invalid: expected none"),
+        (
+            "+model.video_dit.dim=64",
+            r"model.video_dit.dim=64 is invalid: expected unset or the image DiT's 32",
+        ),
+        ("model.video_dit.pos_embed=rope3d", r"model.video_dit.pos_embed='rope3d'.*sincos_rope"),
+        ("train.dit.encoder.max_seq_len=32", r"train.dit.encoder=.*text_to_image's"),
+        ("parts.image.dit.max_steps=0", r"parts.image.dit.max_steps=0"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, override: str, message: str):

@@ -115,20 +115,21 @@ TINY_TEXT_TO_AUDIO = [
     "pipeline.progress=false",
 ]
 # Text to video: the tiny text LM and both vision classifiers as parts, text_to_image's
-# tiny VAE (parts.image: the same settings as TINY_TEXT_TO_IMAGE's train.vae, so the two
-# share one cache entry), each stage a few steps.
+# tiny VAE and DiT (parts.image: the same settings as TINY_TEXT_TO_IMAGE's train.vae and
+# train.dit, so the two share their cache entries), each stage a few steps.
 TINY_TEXT_TO_VIDEO = [
     "model/text=tiny",
     "model/vision2d=tiny",
     "model/vision3d=tiny",
     "model/vae=tiny",
+    "model/dit=tiny",
     "model/video_dit=tiny",
     *(_as_part(o, "text") for o in TINY_TEXT if o.startswith("train.")),
     *(_as_part(o, "vision") for o in TINY_VISION if o.startswith("train.")),
     *(
         f"parts.image.{o[len('train.') :]}"
         for o in TINY_TEXT_TO_IMAGE
-        if o.startswith("train.vae.")
+        if o.startswith(("train.vae.", "train.dit."))
     ),
     "parts.image.eval.vae_images=8",
     "train.enrich.max_steps=3",

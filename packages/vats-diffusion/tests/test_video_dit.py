@@ -24,25 +24,35 @@ from vats_core.testing import (
 from vats_diffusion import (
     VAE,
     VIDEO_DIT_PRESETS,
+    DiT,
     VideoDiT,
     VideoDiTConfig,
     classifier_free_guidance,
+    dit_preset,
+    inflate_dit,
     vae_preset,
     video_dit_preset,
 )
+from vats_diffusion.video_dit import INFLATED_FIELDS
 
 
-def _model(name: str = "tiny", seed: int = 0, **overrides: object) -> VideoDiT:
-    """A preset with every weight perturbed: a fresh model predicts exactly zero (zero
-    output layer), which would make comparisons between outputs trivially true."""
-    torch.manual_seed(seed)
-    model = VideoDiT(video_dit_preset(name, **overrides))
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``model`` with every weight perturbed, in eval mode: a fresh DiT predicts exactly
+    zero (zero output layer), which would make comparisons between outputs trivially true."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             std = 0.5 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1
             p.add_(torch.randn(p.shape, generator=g) * std)
     return model.eval()
+
+
+def _model(name: str = "tiny", seed: int = 0, **overrides: object) -> VideoDiT:
+    """A preset, every weight perturbed."""
+    torch.manual_seed(seed)
+    model = _perturbed(VideoDiT(video_dit_preset(name, **overrides)), seed)
+    assert isinstance(model, VideoDiT)
+    return model
 
 
 def _inputs(
@@ -93,7 +103,7 @@ def test_rope3d_and_tubelets_contract(tmp_path) -> None:
 # --------------------------------------------------------------------------- frames
 
 
-@pytest.mark.parametrize("pos_embed", ["sincos", "rope3d"])
+@pytest.mark.parametrize("pos_embed", ["sincos", "rope3d", "sincos_rope"])
 def test_any_frame_count_up_to_max_frames(pos_embed: str) -> None:
     """Every T in 1 .. max_frames runs (not one fixed video_length); T = max_frames + 1 is
     refused naming the field and the limit, before any work."""
@@ -146,7 +156,7 @@ def _flip_patch_rows(v: torch.Tensor) -> torch.Tensor:
     return rearrange(rows, "b c t h p w -> b c t (h p) w")
 
 
-@pytest.mark.parametrize("pos_embed", ["sincos", "rope3d"])
+@pytest.mark.parametrize("pos_embed", ["sincos", "rope3d", "sincos_rope"])
 def test_positions_tell_frames_and_patches_apart(pos_embed: str) -> None:
     """Without positions the model would commute with reordering the frames (temporal
     attention treats them as a set) and the patches of a frame (spatial attention, the
@@ -256,6 +266,90 @@ def test_attention_backends_agree() -> None:
         for backend in (AttentionBackend.MATH, AttentionBackend.SDPA):
             model = _model(pos_embed="rope3d", attention_backend=backend)
             torch.testing.assert_close(model(**inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- from an image DiT
+
+
+def _image_dit(seed: int = 0, **overrides: object) -> DiT:
+    """The tiny text DiT, every weight perturbed (a fresh one predicts zero)."""
+    torch.manual_seed(seed)
+    fields = dict(num_classes=0, learned_sigma=False, text_dropout=0.0, **overrides)
+    model = _perturbed(DiT(dit_preset("tiny", **fields)), seed)
+    assert isinstance(model, DiT)
+    return model
+
+
+def _video_config(image: DiT, **overrides: object) -> VideoDiTConfig:
+    fields = {f: getattr(image.config, f) for f in INFLATED_FIELDS}
+    return VideoDiTConfig(**{**fields, "max_frames": 8, "pos_embed": "sincos_rope", **overrides})
+
+
+def _per_frame(image: DiT, inputs: dict) -> torch.Tensor:
+    """The image DiT on each frame alone, stacked: ``(B, C, T, h, w)``."""
+    x = inputs["x"]
+    rest = {k: v for k, v in inputs.items() if k != "x"}
+    with torch.no_grad():
+        return torch.stack([image(x[:, :, i], **rest) for i in range(x.shape[2])], 2)
+
+
+def test_inflated_dit_predicts_each_frame_as_the_image_dit() -> None:
+    """inflate_dit with one-frame tubelets and sincos_rope: every frame of any clip gets
+    exactly the image DiT's prediction for that frame alone (the temporal blocks start as
+    the identity), text and padding mask included; training moves it away from that."""
+    image = _image_dit()
+    video = inflate_dit(image, _video_config(image)).eval()
+    for t in (1, 3, 5):
+        inputs = _inputs(video.config, t=t)
+        with torch.no_grad():
+            out = video(**inputs)
+        torch.testing.assert_close(out, _per_frame(image, inputs), rtol=1e-5, atol=1e-5)
+    # The temporal blocks are fresh (not copies) and still learn: after they change, the
+    # frames meet.
+    with torch.no_grad():
+        for p in video.temporal_blocks.parameters():
+            p.add_(0.05)
+        inputs = _inputs(video.config, t=3)
+        out = video(**inputs)
+    assert (out - _per_frame(image, inputs)).abs().max() > 1e-3
+
+
+def test_inflated_tubelets_repeat_the_image_prediction_for_a_repeated_frame() -> None:
+    """With two-frame tubelets the patch embedding averages a tubelet's frames, so a clip
+    whose tubelets hold one repeated frame gets the image DiT's prediction on every frame;
+    sincos positions (a time table added to the tokens) make an inflated model that
+    differs from the image DiT once the clip has several tubelets."""
+    image = _image_dit(seed=3)
+    video = inflate_dit(image, _video_config(image, patch_frames=2)).eval()
+    inputs = _inputs(video.config, t=2)
+    frames = inputs["x"][:, :, :1].expand(-1, -1, 2, -1, -1)
+    second = torch.randn_like(frames[:, :, :1]).expand(-1, -1, 2, -1, -1)
+    clip = dict(inputs, x=torch.cat([frames, second], 2).contiguous())
+    with torch.no_grad():
+        out = video(**clip)
+    torch.testing.assert_close(out, _per_frame(image, clip), rtol=1e-5, atol=1e-5)
+    sincos = inflate_dit(image, _video_config(image, pos_embed="sincos")).eval()
+    with torch.no_grad():
+        moved = sincos(**clip)
+    assert (moved - _per_frame(image, clip)).abs().max() > 1e-3
+
+
+def test_inflate_refuses_what_does_not_fit() -> None:
+    image = _image_dit()
+    check_raises(
+        lambda: inflate_dit(image, _video_config(image, dim=64, n_heads=4, n_kv_heads=2)),
+        ValueError,
+        r"VideoDiTConfig\.dim=64 is invalid: expected the image DiT's dim=32",
+    )
+    check_raises(
+        lambda: inflate_dit(image, _video_config(image, pos_embed="rope3d")),
+        ValueError,
+        r"pos_embed='rope3d' is invalid",
+    )
+    labelled = DiT(dit_preset("tiny", learned_sigma=False))
+    check_raises(lambda: inflate_dit(labelled, _video_config(image)), ValueError, r"num_classes=10")
+    rope = _image_dit(pos_embed="rope2d")
+    check_raises(lambda: inflate_dit(rope, _video_config(rope)), ValueError, r"'rope2d'")
 
 
 def test_configs_refuse_bad_fields() -> None:

@@ -35,6 +35,17 @@ Three stages, each cached under a key of the settings that shape its weights
    (the null text that guidance needs) and an EMA of both models' weights, which is what
    is saved and sampled.
 
+   ``train.dit.init=image`` (the shipped setting) starts both from ``text_to_image``'s DiT
+   stage, a part like the VAE (``model.dit`` and ``parts.image.dit``; the very same cache
+   entry, trained first when absent): its text encoder, and its DiT inflated to frames
+   (:func:`vats_diffusion.inflate_dit`: spatial blocks, embedders and final layer copied,
+   the temporal blocks starting as the identity), so that at step 0 every frame is the
+   image DiT's image of the caption, and training teaches the frames to agree and move.
+   The VideoDiT's width, depth, heads and conditioning are then the image DiT's, and
+   ``model.video_dit`` may not set them otherwise. A fresh VideoDiT (``init=none``) of
+   the same training time drew the caption's colour a third of the time and its shape x
+   colour at chance (README).
+
 Generation: the prompt is read first (:func:`~vats_apps.generation.enrich.check_prompt`,
 medium ``video``); a value the world lacks ("a circle moving up-left" in a world of four
 directions) is an error naming the world's values, before any work. Each clip gets its own
@@ -66,6 +77,7 @@ Shapes: B clips, T frames, C latent channels, h / w latent side, S frame side.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -113,14 +125,18 @@ from vats_diffusion import (
     EMA,
     VAE,
     Diffusion,
+    DiTConfig,
     SchedulerConfig,
     VAEConfig,
     VideoDiT,
     VideoDiTConfig,
+    VideoPosEmbed,
+    inflate_dit,
     vae_preset,
     video_dit_preset,
 )
-from vats_text.encoder import TextEncoder
+from vats_diffusion.video_dit import INFLATED_FIELDS
+from vats_text.encoder import TextEncoder, TextEncoderConfig
 from vats_text.tokenizer import Tokenizer
 
 NAME = "text_to_video"
@@ -151,7 +167,7 @@ def part_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model, dict)
     out_dir = Path(str(cfg.pipeline.out_dir))
-    image = section(cfg, "parts.image", NAME)
+    image_models = {k: model[k] for k in ("text", "vision2d", "vae", "dit") if k in model}
     return {
         "text": OmegaConf.create(
             {
@@ -169,8 +185,12 @@ def part_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         ),
         "image": OmegaConf.create(
             {
-                "model": {"vae": model["vae"]},
-                "train": {"vae": image.get("vae"), "eval": image.get("eval")},
+                "model": image_models,
+                "train": section(cfg, "parts.image", NAME),
+                "parts": {
+                    "text": section(cfg, "parts.text", NAME),
+                    "vision": section(cfg, "parts.vision", NAME),
+                },
                 "pipeline": part_pipeline(cfg, out_dir=str(out_dir / "image")),
             }
         ),
@@ -218,12 +238,46 @@ def vae_config(cfg: DictConfig, world: ShapesConfig) -> VAEConfig:
     return config
 
 
+INIT_CHOICES = ("none", "image")
+
+
+def init_setting(cfg: DictConfig) -> str:
+    """``train.dit.init``: ``none`` (a fresh VideoDiT) or ``image`` (text_to_image's text
+    encoder and DiT, the DiT inflated: :func:`vats_diffusion.inflate_dit`)."""
+    value = OmegaConf.select(cfg, "train.dit.init", default="none")
+    if value not in INIT_CHOICES:
+        raise P.fail(
+            "train.dit.init",
+            value,
+            "none (a fresh VideoDiT) or image (text_to_image's text encoder and DiT, the "
+            "DiT inflated to frames)",
+        )
+    return str(value)
+
+
 def dit_config(
-    cfg: DictConfig, vae: VAEConfig, world: ShapesConfig, text_dim: int
+    cfg: DictConfig,
+    vae: VAEConfig,
+    world: ShapesConfig,
+    text_dim: int,
+    image: DiTConfig | None = None,
 ) -> VideoDiTConfig:
     """``model.video_dit`` on the VAE's latents (side, channels) and the encoder's width,
-    long enough for the world's clips."""
+    long enough for the world's clips. From an ``image`` DiT (``train.dit.init=image``),
+    the fields of :data:`~vats_diffusion.video_dit.INFLATED_FIELDS` are that DiT's, and
+    ``model.video_dit`` may set them only to the same values."""
     preset, fields = model_section(P, cfg, "model.video_dit", _SET_BY_PIPELINE)
+    inherited: dict[str, Any] = {}
+    if image is not None:
+        for name in INFLATED_FIELDS:
+            if name in fields and fields[name] != getattr(image, name):
+                raise P.fail(
+                    f"model.video_dit.{name}",
+                    fields[name],
+                    f"unset or the image DiT's {_listed(getattr(image, name))!r} "
+                    f"(model.dit.{name}) with train.dit.init=image",
+                )
+        inherited = {n: getattr(image, n) for n in INFLATED_FIELDS if n not in _SET_BY_PIPELINE}
     config = P.built(
         video_dit_preset,
         VideoDiTConfig,
@@ -232,7 +286,7 @@ def dit_config(
         sample_size=world.image_size // vae.downsample_factor,
         in_channels=vae.latent_channels,
         text_dim=text_dim,
-        **fields,
+        **{**inherited, **fields},
     )
     if config.max_frames < world.frames or world.frames % config.patch_frames:
         raise P.fail(
@@ -243,6 +297,12 @@ def dit_config(
         )
     if config.learned_sigma:
         raise P.fail("model.video_dit.learned_sigma", True, "false (the loss is the mean's MSE)")
+    if image is not None and config.pos_embed is VideoPosEmbed.ROPE3D:
+        raise P.fail(
+            "model.video_dit.pos_embed",
+            config.pos_embed.value,
+            "sincos_rope or sincos with train.dit.init=image (the image DiT's positions)",
+        )
     return config
 
 
@@ -303,6 +363,7 @@ class Settings:
     world: ShapesConfig  # the clips'
     frame_vae: FrameVAE
     dit: VideoDiTConfig
+    init: str  # train.dit.init
     scheduler: SchedulerConfig
     generation: Generation
     prompt: str | None
@@ -319,14 +380,58 @@ def _check_vae_part(cfg: DictConfig) -> None:
     P.number(cfg, "parts.image.vae.shape_weight", 0.0)
     P.int(cfg, "parts.image.vae.scale_samples", 2)
     P.int(cfg, "parts.image.eval.vae_images", 1)
+    _check_part_trainer(cfg, "vae", steps)
+
+
+def _check_part_trainer(cfg: DictConfig, stage: str, steps: int) -> None:
+    """``parts.image.<stage>.trainer``, as text_to_image's stage reads it."""
     stage_trainer_config(
-        section(cfg, "parts.image.vae", NAME).get("trainer", {}),
-        f"{NAME}: parts.image.vae.trainer",
+        section(cfg, f"parts.image.{stage}", NAME).get("trainer", {}),
+        f"{NAME}: parts.image.{stage}.trainer",
         steps=steps,
         seed=0,
         out_dir=Path("unused"),
         progress=False,
     )
+
+
+def _check_image_dit_part(cfg: DictConfig) -> None:
+    """``parts.image``'s DiT settings, which ``text_to_image``'s DiT stage reads."""
+    steps = P.int(cfg, "parts.image.dit.max_steps", 1)
+    P.int(cfg, "parts.image.dit.batch_size", 1)
+    P.number(cfg, "parts.image.dit.terse_prob", 0.0, 1.0)
+    P.number(cfg, "parts.image.dit.shape_weight", 0.0)
+    P.number(cfg, "parts.image.dit.encoder_lr_scale", 0.0, 1.0)
+    P.number(cfg, "parts.image.dit.ema.decay", 0.0, 0.999999)
+    P.flag(cfg, "parts.image.dit.ema.warmup")
+    _check_part_trainer(cfg, "dit", steps)
+
+
+def image_dit_config(
+    cfg: DictConfig,
+    image_world: ShapesConfig,
+    vae: VAEConfig,
+    encoder: TextEncoderConfig,
+    vocab: int,
+) -> DiTConfig:
+    """With ``train.dit.init=image``: text_to_image's DiT config (``model.dit`` and
+    ``parts.image``), whose text encoder must be this stage's (``train.dit.encoder``)."""
+    if OmegaConf.select(cfg, "model.dit") is None:
+        raise P.fail(
+            "train.dit.init", "image", "none, or add the image DiT's config group (/model/dit)"
+        )
+    image = part_configs(cfg)["image"]
+    if text_to_image.encoder_config(image, vocab) != encoder:
+        raise P.fail(
+            "train.dit.encoder",
+            section(cfg, "train.dit", NAME).get("encoder"),
+            "text_to_image's (parts.image.dit.encoder) with train.dit.init=image: the "
+            "encoder is that stage's",
+        )
+    config = text_to_image.dit_config(image, vae, image_world, encoder.dim)
+    text_to_image.check_alignment(image, config, image_world)
+    _check_image_dit_part(cfg)
+    return config
 
 
 def check_config(cfg: DictConfig) -> Settings:
@@ -341,8 +446,11 @@ def check_config(cfg: DictConfig) -> Settings:
     check_worlds(image_world, world)
     vae = vae_config(cfg, image_world)
     vocab = OmegaConf.select(cfg, "parts.text.vocab_size")
-    encoder = text_encoder_config(P, cfg, int(vocab) if is_int(vocab) else 4096)
-    dit = dit_config(cfg, vae, world, encoder.dim)
+    vocab = int(vocab) if is_int(vocab) else 4096
+    encoder = text_encoder_config(P, cfg, vocab)
+    init = init_setting(cfg)
+    image = image_dit_config(cfg, image_world, vae, encoder, vocab) if init == "image" else None
+    dit = dit_config(cfg, vae, world, encoder.dim, image)
     scheduler = scheduler_config(P, cfg)
     generation = generation_settings(cfg, scheduler, dit, world)
     _check_vae_part(cfg)
@@ -362,6 +470,7 @@ def check_config(cfg: DictConfig) -> Settings:
         world=world,
         frame_vae=FrameVAE(vae, image_world),
         dit=dit,
+        init=init,
         scheduler=scheduler,
         generation=generation,
         prompt=prompt,
@@ -433,13 +542,43 @@ def denoising_loss(
     return float(loss)
 
 
-def load_or_train_dit(cfg: DictConfig, s: Settings, parts: Parts, vae_stage: Stage) -> Stage:
-    """Stage 3: the text encoder and the VideoDiT on the VAE's latents (EMA weights)."""
+def load_image_dit(cfg: DictConfig, s: Settings, parts: Parts, vae_stage: Stage) -> Stage:
+    """``train.dit.init=image``: text_to_image's text encoder and DiT, loaded from (or
+    trained into) that pipeline's cache entry, as its own run would (``parts.image``,
+    ``model.dit``, the same VAE, text LM and vision classifier)."""
+    print(f"{NAME}: the VideoDiT starts from text_to_image's DiT (train.dit.init=image)")
+    image = part_configs(cfg)["image"]
+    settings = text_to_image.Settings(
+        world=s.frame_vae.world,
+        vae=s.frame_vae.vae,
+        scheduler=text_to_image.scheduler_config(image),
+        generation=None,  # type: ignore[arg-type]  (the DiT stage does not generate)
+        prompt=None,
+        given={},
+        enrich=False,
+        evaluate=False,
+    )
+    own = dataclasses.replace(parts, keys=dict(parts.keys), reports=dict(parts.reports))
+    teacher = None
+    if text_to_image.alignment_settings(image)[0] > 0:
+        teacher, _ = text_to_image.load_classifier(image, own)
+    stage = text_to_image.load_or_train_dit(image, settings, own, vae_stage, teacher)
+    parts.keys["image_dit"] = stage.key
+    return stage
+
+
+def load_or_train_dit(
+    cfg: DictConfig, s: Settings, parts: Parts, vae_stage: Stage, image: Stage | None = None
+) -> Stage:
+    """Stage 3: the text encoder and the VideoDiT on the VAE's latents (EMA weights); from
+    ``image`` (text_to_image's DiT stage) when ``train.dit.init=image``."""
     encoder_cfg = text_encoder_config(P, cfg, parts.tokenizer.vocab_size)
-    dit_cfg = dit_config(cfg, s.frame_vae.vae, s.world, encoder_cfg.dim)
+    image_dit = image.model.dit.config if image is not None else None
+    dit_cfg = dit_config(cfg, s.frame_vae.vae, s.world, encoder_cfg.dim, image_dit)
     train = section(cfg, "train.dit", NAME)
     spec = {
         "vae": vae_stage.key,
+        **({"init": image.key} if image is not None else {}),
         "text": parts.keys["text"],
         "encoder": encoder_cfg.to_dict(),
         "model": dit_cfg.to_dict(),
@@ -456,7 +595,11 @@ def load_or_train_dit(cfg: DictConfig, s: Settings, parts: Parts, vae_stage: Sta
     print(f"{NAME}: stage 3/3, dit: the text encoder and the VideoDiT learn the clips", flush=True)
     clips, diffusion = _Clips(s.world, vae_stage.model), Diffusion(s.scheduler)
     torch.manual_seed(int(cfg.pipeline.seed))
-    model = TextToVideo(TextEncoder(encoder_cfg), VideoDiT(dit_cfg))
+    if image is not None:
+        encoder = copy.deepcopy(image.model.encoder).train()
+        model = TextToVideo(encoder, inflate_dit(image.model.dit, dit_cfg))
+    else:
+        model = TextToVideo(TextEncoder(encoder_cfg), VideoDiT(dit_cfg))
     tokenizer, b = parts.tokenizer, int(train["batch_size"])
     terse_prob, limit = float(train["terse_prob"]), encoder_cfg.max_seq_len
 
@@ -582,7 +725,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     done = {"vae": load_vae(cfg, s)}
     if s.enrich or s.evaluate:  # generating with enrich=false alone needs no LM
         done["enrich"] = load_or_train_enricher(P, cfg, parts, s.world, "video", "2/3")
-    done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"])
+    image = load_image_dit(cfg, s, parts, done["vae"]) if s.init == "image" else None
+    done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"], image)
     vae, model = done["vae"].model, done["dit"].model
     maker = Maker(s, model, vae, parts.tokenizer)
     lm = done["enrich"].model if "enrich" in done else None

@@ -35,6 +35,7 @@ from vats_diffusion.video_dit import (
     VideoDiT,
     VideoDiTConfig,
     VideoPosEmbed,
+    inflate_dit,
     video_dit_preset,
 )
 
@@ -72,6 +73,7 @@ __all__: list[str] = [
     "dit_preset",
     "drop_condition",
     "frames_for_seconds",
+    "inflate_dit",
     "vae_preset",
     "video_dit_preset",
 ]

@@ -56,6 +56,17 @@ Positions (``pos_embed``), for any clip of up to ``max_frames`` frames:
 * ``rope3d``: vats-core's 3D RoPE over (frame, row, col): spatial attention rotates by
   (0, row, col), temporal attention by (frame, 0, 0), so each sees exactly the offsets
   along its own axes.
+* ``sincos_rope``: the 2D sin-cos table per frame at the input, as ``sincos``, and a 1D
+  RoPE over frame indices inside temporal attention, over its whole head dim; nothing is
+  added to the tokens for time. The tokens the spatial blocks see are then exactly the
+  image DiT's, which is what :func:`inflate_dit` needs: an image DiT's weights make a
+  VideoDiT whose every frame is that DiT's prediction until its temporal blocks learn.
+
+From an image DiT (:func:`inflate_dit`, as Latte initialises from an image model): the
+spatial blocks, embedders and final layer take the DiT's weights, the patch embedding is
+inflated over the ``pt`` frames of a tubelet (each frame's share ``1 / pt``) and the output
+projection repeated for each of them, and the temporal blocks keep their adaLN-Zero init,
+the identity.
 
 Shapes: B batch, C / C_out latent channels in / out, T frames, h / w latent height / width,
 pt / p tubelet frames / side, F = T / pt, gh / gw = h / p, w / p, N = gh·gw tokens per
@@ -78,6 +89,7 @@ from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, check, check_positive
 from vats_core.mlp import Activation
 from vats_core.rope import RopeConfig, RotaryEmbedding, grid_positions_3d
+from vats_diffusion.dit import DiT, DiTPosEmbed
 from vats_diffusion.dit_layers import (
     AdaLNMode,
     ConditionMLP,
@@ -105,6 +117,7 @@ __all__ = [
     "VideoDiT",
     "VideoDiTConfig",
     "VideoPosEmbed",
+    "inflate_dit",
     "video_dit_preset",
 ]
 
@@ -112,6 +125,9 @@ __all__ = [
 class VideoPosEmbed(enum.StrEnum):
     SINCOS = "sincos"  # 2D sin-cos per frame at the input + 1D sin-cos over frames (Latte)
     ROPE3D = "rope3d"  # 3D RoPE: (row, col) in spatial attention, frame in temporal attention
+    # 2D sin-cos per frame at the input (the image DiT's) + 1D RoPE over frames in temporal
+    # attention only: the spatial path is the image DiT's exactly (see inflate_dit)
+    SINCOS_ROPE = "sincos_rope"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -187,12 +203,12 @@ class VideoDiTConfig(Config):
             f"a size (or (h, w)) whose sides are positive multiples of patch_size={p}",
         )
         check_conditioning_fields(self)
-        rope = self.pos_embed is VideoPosEmbed.ROPE3D
+        rope = self.pos_embed is not VideoPosEmbed.SINCOS
         check_head_fields(self, rope=rope)
-        if rope:
+        if self.pos_embed is VideoPosEmbed.ROPE3D:
             dh = self.block_config.attention.dh
             check(dh >= 6, self, "head_dim", dh, "an even head dim >= 6 for 3D RoPE")
-        else:
+        if self.pos_embed is not VideoPosEmbed.ROPE3D:
             check(
                 self.dim % 4 == 0,
                 self,
@@ -259,10 +275,11 @@ class VideoDiT(PretrainedMixin, nn.Module):
         self.text_proj, self.pooled_text_embed = text_embedders(config)
         self.adaln_single = nn.Linear(d, 6 * d) if config.adaln is AdaLNMode.SINGLE else None
         self.rotary: RotaryEmbedding | None = None
-        if config.pos_embed is VideoPosEmbed.ROPE3D:
+        if config.pos_embed is not VideoPosEmbed.SINCOS:
             dh = config.block_config.attention.dh
+            axes = 3 if config.pos_embed is VideoPosEmbed.ROPE3D else 1
             self.rotary = RotaryEmbedding(
-                RopeConfig(head_dim=dh, theta=config.rope_theta, n_axes=3)
+                RopeConfig(head_dim=dh, theta=config.rope_theta, n_axes=axes)
             )
         spatial, temporal = config.block_config, config.temporal_block_config
         self.spatial_blocks = nn.ModuleList(DiTBlock(spatial) for _ in range(config.n_layers))
@@ -330,7 +347,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
         patches = self.patch_embed(x)  # (B, D, F, gh, gw)
         f, gh, gw = patches.shape[2:]
         tokens = rearrange(patches, "b d f h w -> b (f h w) d").contiguous()
-        if cfg.pos_embed is VideoPosEmbed.SINCOS:
+        if cfg.pos_embed is not VideoPosEmbed.ROPE3D:
             table = sincos_pos_embed_2d(
                 cfg.dim,
                 (gh, gw),
@@ -345,9 +362,12 @@ class VideoDiT(PretrainedMixin, nn.Module):
         self, f: int, gh: int, gw: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None]:
         """3D RoPE tables: spatial over (0, row, col) ``(1, 1, N, Dh)`` and temporal over
-        (frame, 0, 0) ``(1, 1, F, Dh)``; None for sin-cos positions."""
+        (frame, 0, 0) ``(1, 1, F, Dh)``; ``sincos_rope``: temporal only, 1D over the frames;
+        None for sin-cos positions."""
         if self.rotary is None:
             return None, None
+        if self.config.pos_embed is VideoPosEmbed.SINCOS_ROPE:
+            return None, self.rotary(torch.arange(f, device=device), dtype)
         spatial = self.rotary(grid_positions_3d(1, gh, gw, device=device), dtype)
         temporal = self.rotary(grid_positions_3d(f, 1, 1, device=device), dtype)
         return spatial, temporal
@@ -447,6 +467,87 @@ class VideoDiT(PretrainedMixin, nn.Module):
             p=p,
             q=p,
         )
+
+
+# ---------------------------------------------------------------------- from an image DiT
+
+# The VideoDiTConfig fields that shape the spatial path, which must equal the image DiT's.
+INFLATED_FIELDS = (
+    "sample_size", "patch_size", "in_channels", "learned_sigma", "dim", "n_layers", "n_heads",
+    "n_kv_heads", "head_dim", "mlp_hidden_dim", "mlp_activation", "qkv_bias", "out_bias",
+    "qk_norm", "window", "norm_eps", "mlp_norm_eps", "pos_interpolation_scale", "adaln",
+    "timestep_channels", "timestep_flip_sin_to_cos", "timestep_freq_shift", "text_dim",
+    "text_proj", "pooled_text", "cross_attn_norm",
+)  # fmt: skip
+
+
+def inflate_dit(image: DiT, config: VideoDiTConfig) -> VideoDiT:
+    """A VideoDiT initialised from an image DiT (Latte's initialisation from an image model).
+
+    The spatial blocks take the DiT's blocks, the timestep, text and adaLN embedders and the
+    final layer take the DiT's; the Conv2d patch embedding becomes the Conv3d one with each
+    of a tubelet's ``pt`` frames weighted ``1 / pt``, and the output projection is repeated
+    for each of them. The temporal blocks keep their fresh init. With ``adaln="zero"`` that
+    is the identity, so with ``pos_embed="sincos_rope"`` (no time table in the tokens) and
+    ``patch_frames=1`` the new model predicts, for every frame of any clip, exactly what the
+    image DiT predicts for that frame alone; with ``pt > 1``, for a clip whose tubelets hold
+    one repeated frame. Training then teaches the temporal blocks the motion.
+
+    Args:
+        image: a text- or un-conditioned DiT with 2D sin-cos positions and no class labels.
+        config: the VideoDiT's config: the fields of :data:`INFLATED_FIELDS` equal to the
+            DiT's, ``pos_embed`` ``sincos_rope`` or ``sincos``; frames, tubelets and
+            ``text_dropout`` are its own.
+
+    Raises:
+        ValueError: a DiT the VideoDiT cannot take (class labels, RoPE positions) or a
+            config whose field differs from the DiT's, naming the field and both values.
+    """
+    src = image.config
+    if src.num_classes:
+        raise ValueError(
+            f"inflate_dit: the image DiT has num_classes={src.num_classes}: a VideoDiT has "
+            "no class labels (expected a DiT with num_classes=0)"
+        )
+    if src.pos_embed is not DiTPosEmbed.SINCOS:
+        raise ValueError(
+            f"inflate_dit: the image DiT has pos_embed={src.pos_embed.value!r}: expected "
+            "'sincos' (2D RoPE does not split its head dims as the VideoDiT's 3D RoPE does)"
+        )
+    if config.pos_embed is VideoPosEmbed.ROPE3D:
+        raise ValueError(
+            "inflate_dit: VideoDiTConfig.pos_embed='rope3d' is invalid: expected "
+            "'sincos_rope' (or 'sincos'), whose per-frame positions are the image DiT's"
+        )
+    for field in INFLATED_FIELDS:
+        a, b = getattr(config, field), getattr(src, field)
+        if a != b:
+            raise ValueError(
+                f"inflate_dit: VideoDiTConfig.{field}={a!r} is invalid: expected the image "
+                f"DiT's {field}={b!r}"
+            )
+    video = VideoDiT(config)
+    pt = config.patch_frames
+    state = {}
+    for name, tensor in image.state_dict().items():
+        if name.startswith("blocks."):
+            state["spatial_" + name] = tensor
+        elif name == "patch_embed.weight":  # (D, C, p, p) -> (D, C, pt, p, p)
+            state[name] = tensor.unsqueeze(2).expand(-1, -1, pt, -1, -1) / pt
+        elif name.startswith("proj_out."):  # rows (p q c) -> (r p q c)
+            state[name] = tensor.repeat(pt, *([1] * (tensor.ndim - 1)))
+        else:
+            state[name] = tensor
+    own = video.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:  # every DiT field the VideoDiT lacks is refused above; a guard for new ones
+        raise ValueError(f"inflate_dit: the image DiT has weights a VideoDiT lacks: {unknown}")
+    missing = [k for k in own if k not in state and not k.startswith("temporal_blocks.")]
+    if missing:
+        raise ValueError(f"inflate_dit: the image DiT lacks the VideoDiT's weights {missing}")
+    own.update({k: v.to(own[k].dtype) for k, v in state.items()})
+    video.load_state_dict(own)
+    return video
 
 
 # ---------------------------------------------------------------------- presets
