@@ -33,6 +33,7 @@ from vats_apps.generation.model import Sampling, TextConditioned, enrich_all
 from vats_apps.pipelines import text_generation
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import stage_trainer_config
+from vats_apps.pipelines.distributed import launched_rank
 from vats_apps.pipelines.sections import preset_fields, section
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, is_int, is_number
@@ -93,6 +94,23 @@ class StagedPipeline:
 
     def fail(self, key: str, value: Any, allowed: str) -> ValueError:
         return ValueError(f"{self.name}: {key}={value!r} is invalid: expected {allowed}")
+
+    def check_one_process(self) -> None:
+        """Refuse several torchrun ranks, before any work: a generator's stages train on one
+        process (they take no ``train.parallel`` yet), and several ranks would each train
+        every stage and race to write the same cache entries.
+
+        Raises:
+            ValueError: under torchrun with more than one rank.
+        """
+        world = launched_rank().world
+        if world > 1:
+            raise ValueError(
+                f"{self.name} trains its stages on one process: it does not take "
+                f"train.parallel yet, and {world} torchrun ranks would each train every "
+                f"stage. Run `vats pipeline={self.name}` without torchrun (its parts, such "
+                "as text_generation, train under torchrun on their own)"
+            )
 
     def int(self, cfg: DictConfig, key: str, minimum: int) -> int:
         value = OmegaConf.select(cfg, key)

@@ -263,6 +263,7 @@ def check_config(cfg: DictConfig) -> Settings:
     Raises:
         ValueError: naming the field (or the prompt) and what is allowed.
     """
+    _P.check_one_process()
     flags = compile_flags(cfg)
     if any(flags):
         raise ValueError(

@@ -440,6 +440,7 @@ def check_config(cfg: DictConfig) -> Settings:
     Raises:
         ValueError: naming the field (or the prompt) and what is allowed.
     """
+    P.check_one_process()
     if any(compile_flags(cfg)):
         raise ValueError(f"{NAME}: pipeline.compile / train.compile are not supported here")
     world, image_world = world_config(cfg), image_world_config(cfg)
