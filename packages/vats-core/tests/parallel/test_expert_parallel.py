@@ -227,6 +227,15 @@ def reference(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[
     """The single-process run of 4 steps, uninterrupted, checkpointed at steps 2 and 4:
     its parameters after every step, its rows, and its checkpoint root."""
     out = tmp_path_factory.mktemp("single")
+    params, rows = _recorded_fit(sc, out)
+    return {"params": params, "rows": rows, "checkpoints": out / CHECKPOINT_DIR}
+
+
+def _recorded_fit(
+    sc: ModuleType, out: Path, *, resume: bool = False
+) -> tuple[dict[int, dict[str, torch.Tensor]], list[dict[str, Any]]]:
+    """A single-process run under ``out`` (checkpointed every 2 steps, resumed from its
+    latest checkpoint with ``resume``): its parameters after every step it ran, its rows."""
     params: dict[int, dict[str, torch.Tensor]] = {}
     rows = Trainer(
         sc.make_model(),
@@ -234,8 +243,8 @@ def reference(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[
         data=sc.batch_fn,
         loss_fn=sc.loss_fn,
         on_step=lambda step, m: params.__setitem__(step, sc.full_params(m)),
-    ).fit()
-    return {"params": params, "rows": rows, "checkpoints": out / CHECKPOINT_DIR}
+    ).fit(resume=resume)
+    return params, rows
 
 
 def _reference(config: MoEConfig) -> list[dict[str, Any]]:
@@ -382,14 +391,7 @@ def test_an_expert_parallel_checkpoint_is_the_single_process_one_and_resumes_on_
 
     run = tmp_path / "run"
     shutil.copytree(written, run)
-    params: dict[int, dict[str, torch.Tensor]] = {}
-    rows = Trainer(
-        sc.make_model(),
-        sc.trainer_config(run, checkpoint_every=2),
-        data=sc.batch_fn,
-        loss_fn=sc.loss_fn,
-        on_step=lambda step, m: params.__setitem__(step, sc.full_params(m)),
-    ).fit(resume=True)
+    params, rows = _recorded_fit(sc, run, resume=True)
     assert sorted(params) == [3, 4]
     assert params[4].keys() == reference["params"][4].keys()
     for name, value in reference["params"][4].items():
