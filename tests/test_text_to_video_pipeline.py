@@ -188,6 +188,7 @@ def test_clips_of_another_length_without_enrichment(trained, capsys):
         ("model.video_dit.pos_embed=rope3d", r"model.video_dit.pos_embed='rope3d'.*sincos_rope"),
         ("train.dit.encoder.max_seq_len=32", r"train.dit.encoder=.*text_to_image's"),
         ("parts.image.dit.max_steps=0", r"parts.image.dit.max_steps=0"),
+        ("train.dit.scheduler.name=ddpm", r"train.dit.scheduler=.*image DiT's noise process"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, override: str, message: str):

@@ -453,6 +453,16 @@ def check_config(cfg: DictConfig) -> Settings:
     image = image_dit_config(cfg, image_world, vae, encoder, vocab) if init == "image" else None
     dit = dit_config(cfg, vae, world, encoder.dim, image)
     scheduler = scheduler_config(P, cfg)
+    if image is not None:
+        image_scheduler = text_to_image.scheduler_config(part_configs(cfg)["image"])
+        if scheduler != image_scheduler:
+            raise P.fail(
+                "train.dit.scheduler",
+                section(cfg, "train.dit", NAME).get("scheduler"),
+                f"the image DiT's noise process {image_scheduler.to_dict()} "
+                "(parts.image.dit.scheduler) with train.dit.init=image: the VideoDiT starts "
+                "from that DiT's predictions",
+            )
     generation = generation_settings(cfg, scheduler, dit, world)
     _check_vae_part(cfg)
     for stage in STAGES:
