@@ -49,17 +49,18 @@ def test_pipeline_without_target_is_refused():
 
 
 @pytest.mark.parametrize("name", ["text_to_image", "text_to_audio", "text_to_video"])
-def test_generators_refuse_several_torchrun_ranks_before_any_work(
+def test_generators_on_several_torchrun_ranks_need_a_parallel_section(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """The generators' stages train on one process: under torchrun with two ranks each
-    would train every stage and race for the cache, so the run is refused first."""
+    """Under torchrun with two ranks the generators train their stages under
+    ``train.parallel`` (tests/test_generators_distributed.py): the default section, one
+    process, is refused before any work, naming the key to set."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"pipeline={name}", *TINY[name]])
         cfg.pipeline.cache_dir = str(tmp_path / "cache")
         cfg.pipeline.out_dir = str(tmp_path / "out")
-    with pytest.raises(ValueError, match=rf"{name} trains its stages on one process.*2 torchrun"):
+    with pytest.raises(ValueError, match=r"train.parallel.data_parallel='none' with 2 ranks"):
         run_pipeline(cfg)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

@@ -37,6 +37,19 @@ def test_two_ranks_under_torchrun_train_the_one_process_model(tmp_path: Path) ->
     assert two["val_ce"] != pytest.approx(two["unigram_ce"], rel=1e-3)  # it trained
 
 
+def test_checkpointing_alone_on_one_process_trains_the_plain_model(tmp_path: Path) -> None:
+    """``train.parallel.activation_checkpointing`` with ``data_parallel=none`` makes no
+    process group: the trained model comes back as the plain run's (recomputed
+    activations, the same numbers), without asking a group for ranks."""
+    steps = ["train.max_steps=6", "generation.max_new_tokens=2"]
+    ckpt = run_pipeline(
+        compose_text(tmp_path / "ckpt", *steps, "train.parallel.activation_checkpointing=true")
+    )
+    plain = run_pipeline(compose_text(tmp_path / "plain", *steps))
+    assert ckpt["cache"] != plain["cache"]  # the section is part of the key
+    assert_same_weights(ckpt, plain, atol=1e-6)
+
+
 def test_parallel_accepts_the_shorthand_and_the_fields() -> None:
     cfg = OmegaConf.create({"train": {"parallel": "fsdp"}})
     assert parallel_config(cfg) == ParallelConfig(data_parallel="fsdp")

@@ -1,5 +1,8 @@
 """A pipeline run by 2 ranks under torchrun or composed for one process, the weights of two runs compared, and a
-refusal checked: for the cross-package ``train.parallel`` tests."""
+refusal checked: for the cross-package ``train.parallel`` tests.
+
+Run as a script under torchrun (:func:`torchrun_pipelines`), it runs several pipelines
+one after the other in one process group, which pays the ranks' start once."""
 
 from __future__ import annotations
 
@@ -75,6 +78,54 @@ def torchrun_pipeline(tmp_path: Path, *overrides: str) -> tuple[str, dict[str, A
     return done.stdout, json.loads((runs / "result.json").read_text())["result"]
 
 
+def torchrun_pipelines(tmp_path: Path, runs: dict[str, list[str]]) -> tuple[str, dict[str, Any]]:
+    """``runs`` (name -> the overrides of ``vats_apps``) run one after the other by 2 ranks
+    under torchrun in one process group, one thread per rank, with the cache under
+    ``tmp_path/cache`` and each result under ``tmp_path/runs/<name>``.
+
+    Returns:
+        ``(stdout, results)``: what the ranks printed, and rank 0's result of each run.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        str(Path(__file__).resolve()),
+        str(tmp_path),
+        json.dumps(runs),
+    ]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = {
+        name: json.loads((tmp_path / "runs" / name / "result.json").read_text())["result"]
+        for name in runs
+    }
+    return done.stdout, results
+
+
+def _run_under_torchrun(tmp_path: Path, runs: dict[str, list[str]]) -> None:
+    """:func:`torchrun_pipelines`' side: every rank runs each pipeline of ``runs``."""
+    import torch.distributed as dist
+
+    from vats_apps.pipelines.distributed import quiet_other_ranks
+
+    quiet_other_ranks()
+    dist.init_process_group("gloo")  # the pipelines train in it (and leave it up)
+    try:
+        for name, overrides in runs.items():
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                cfg = compose("config", overrides=overrides)
+            cfg.pipeline.cache_dir = str(tmp_path / "cache")
+            cfg.pipeline.out_dir = str(tmp_path / "runs" / name)
+            run_pipeline(cfg)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def assert_same_weights(a: dict[str, Any], b: dict[str, Any], atol: float) -> None:
     """The models two pipeline results cached (``<cache>/model``) hold the same weights."""
     wa, wb = (load_file(Path(r["cache"]) / "model" / "model.safetensors") for r in (a, b))
@@ -94,3 +145,7 @@ def assert_refused_before_any_work(
         with pytest.raises(ValueError, match=message):
             run_pipeline(cfg)
     assert not any(written.iterdir()), "nothing may be written before the error"
+
+
+if __name__ == "__main__":  # under torchrun_pipelines
+    _run_under_torchrun(Path(sys.argv[1]), json.loads(sys.argv[2]))

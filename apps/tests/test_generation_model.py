@@ -10,7 +10,8 @@ from torch import nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
 from vats_apps.generation.model import TextToImage, TokenAlignment, read_images, read_positions
-from vats_apps.pipelines.text_to_image import vae_loss, weighted_diffusion_loss
+from vats_apps.pipelines.stages import diffusion_loss
+from vats_apps.pipelines.text_to_image import vae_loss
 from vats_diffusion import VAE, Diffusion, DiT, SchedulerConfig, dit_preset, vae_preset
 from vats_text.encoder import TextEncoder
 from vats_text.presets import encoder_preset
@@ -64,8 +65,9 @@ def test_weighted_losses_with_unit_weights_are_the_packages_losses():
     diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
     x0 = torch.randn(4, 4, 8, 8)
     cond = model.condition(torch.randint(7, 64, (4, 3)), torch.ones(4, 3, dtype=torch.bool))
+    ones = torch.ones(4, 1, 8, 8)
     torch.manual_seed(1)
-    ours = weighted_diffusion_loss(diffusion, model.dit, x0, cond, torch.ones(4, 1, 8, 8))
+    ours = diffusion_loss(diffusion, model.dit, x0, cond, ones, ones.mean())
     torch.manual_seed(1)
     theirs = diffusion.loss(model.dit, x0, cond)
     torch.testing.assert_close(ours, theirs)
@@ -73,7 +75,7 @@ def test_weighted_losses_with_unit_weights_are_the_packages_losses():
     torch.manual_seed(1)
     w = torch.ones(4, 1, 8, 8)
     w[:, :, 2, 3] = 5.0
-    weighted = weighted_diffusion_loss(diffusion, model.dit, x0, cond, w)
+    weighted = diffusion_loss(diffusion, model.dit, x0, cond, w, w.mean())
     assert weighted != ours
 
     torch.manual_seed(0)
@@ -85,6 +87,26 @@ def test_weighted_losses_with_unit_weights_are_the_packages_losses():
     theirs, their_parts = vae.loss(x, kl_weight=1e-3)
     torch.testing.assert_close(ours, theirs)  # no shape: the plain LDM loss
     torch.testing.assert_close(parts["recon"], their_parts["recon"])
+
+
+def test_the_stages_diffusion_loss_draws_as_the_package_s_loss_in_training():
+    """On one process the stages' loss draws the timesteps, the noise and the condition
+    dropout (given to the DiT as ``text_keep``) as Diffusion.loss and the DiT draw them:
+    the same loss, bit for bit, so one-process training is what it was."""
+    torch.manual_seed(0)
+    encoder = TextEncoder(encoder_preset("tiny", vocab_size=64, max_seq_len=16))
+    dit = DiT(dit_preset("tiny", num_classes=0, learned_sigma=False, text_dim=64, text_dropout=0.5))
+    model = TextToImage(encoder, dit).train()
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0 = torch.randn(8, 4, 8, 8)
+    cond = model.condition(torch.randint(7, 64, (8, 3)), torch.ones(8, 3, dtype=torch.bool))
+    torch.manual_seed(3)
+    ours = diffusion_loss(diffusion, model.dit, x0, cond)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    theirs = diffusion.loss(model.dit, x0, cond)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert torch.equal(torch.rand(1), after)  # and the RNG goes on as it did
 
 
 def test_the_classifier_reading_maps_each_head_to_names():
@@ -157,7 +179,7 @@ def test_stage_fit_trains_the_encoder_at_its_lr_scale(tmp_path):
     a tenth of the DiT's."""
     from omegaconf import OmegaConf
 
-    from vats_apps.pipelines.stages import StagedPipeline, encoder_lr_scale
+    from vats_apps.pipelines.stages import Objective, StagedPipeline, encoder_lr_scale
 
     p = StagedPipeline("test", 1, {})
     cfg = OmegaConf.create(
@@ -181,8 +203,8 @@ def test_stage_fit_trains_the_encoder_at_its_lr_scale(tmp_path):
     ids, mask = torch.randint(7, 64, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
 
-    def loss_fn(m, batch):
-        return m.dit(x, t, **m.condition(ids, mask)).square().mean()
+    def loss(o, batch):
+        return o.model.dit(x, t, **o.model.condition(ids, mask)).square().mean()
 
     def moved(prefix: str) -> float:
         steps = [
@@ -192,8 +214,8 @@ def test_stage_fit_trains_the_encoder_at_its_lr_scale(tmp_path):
         ]
         return float(torch.stack(steps).max())
 
-    p.fit(cfg, "dit", model, lambda step, micro: {}, loss_fn,
-          lr_scales={"encoder": encoder_lr_scale(p, cfg)})  # fmt: skip
+    scales = {"model.encoder": encoder_lr_scale(p, cfg)}
+    p.fit(cfg, "dit", Objective(loss, model=model), lambda step, micro: {}, lr_scales=scales)
     assert moved("dit.") == pytest.approx(1e-2, rel=0.05)
     assert moved("encoder.") == pytest.approx(1e-3, rel=0.05)
     for bad in (0, 1.5, "fast"):

@@ -174,6 +174,25 @@ def test_text_dropout_only_in_training() -> None:
     assert any(not torch.equal(o, outs[0]) for o in outs[1:])
 
 
+def test_text_keep_is_the_dropout_given_instead_of_drawn() -> None:
+    model = _model("tiny", text_dropout=0.5)
+    inputs = _inputs(model.config, b=4)
+    keep = torch.tensor([False, True, True, False])
+    with torch.no_grad():
+        dropped = dict(inputs, text_mask=inputs["text_mask"] & keep[:, None])
+        torch.testing.assert_close(
+            model(**inputs, text_keep=keep), model(**dropped), rtol=0, atol=0
+        )
+        model.train()
+        torch.manual_seed(0)
+        drawn = model(**inputs)
+        torch.manual_seed(0)
+        given = model(**inputs, text_keep=torch.rand(4) >= 0.5)
+    torch.testing.assert_close(given, drawn, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"AudioDiT: text_keep must be a torch.bool"):
+        model(**inputs, text_keep=keep.long())
+
+
 # --------------------------------------------------------------------------- masked frames
 
 

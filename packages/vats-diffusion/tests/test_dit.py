@@ -207,6 +207,30 @@ def test_class_and_text_dropout_only_in_training() -> None:
     assert any(not torch.equal(o, outs[0]) for o in outs[1:])  # training: random drops
 
 
+def test_text_keep_is_the_dropout_given_instead_of_drawn() -> None:
+    """``text_keep`` drops the rows it marks False, in any mode, and draws nothing: given
+    the rows text_dropout draws from a seed, training gives the drawn output."""
+    model = _model("tiny", text_dropout=0.5)
+    inputs = _inputs(model.config, b=4)
+    keep = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        dropped = dict(inputs, text_mask=inputs["text_mask"] & keep[:, None])
+        torch.testing.assert_close(
+            model(**inputs, text_keep=keep), model(**dropped), rtol=0, atol=0
+        )
+        model.train()
+        torch.manual_seed(0)
+        drawn = model(**inputs)
+        torch.manual_seed(0)
+        given = model(**inputs, text_keep=torch.rand(4) >= 0.5)
+    torch.testing.assert_close(given, drawn, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"DiT: text_keep must be a torch.bool \(B,\) = \(4,\)"):
+        model(**inputs, text_keep=keep[:2])
+    no_text = {k: v for k, v in inputs.items() if not k.startswith("text")}
+    with pytest.raises(ValueError, match="text_keep given without text_states"):
+        model(**no_text, text_keep=keep)
+
+
 # --------------------------------------------------------------------------- options
 
 

@@ -254,6 +254,25 @@ def test_text_dropout_trains_the_null_condition() -> None:
     assert (kept - no_text).abs().max() > 1e-3
 
 
+def test_text_keep_is_the_dropout_given_instead_of_drawn() -> None:
+    model = _model(text_dropout=0.5).eval()
+    inputs = _inputs(model.config, b=3)
+    keep = torch.tensor([True, False, False])
+    with torch.no_grad():
+        dropped = dict(inputs, text_mask=inputs["text_mask"] & keep[:, None])
+        torch.testing.assert_close(
+            model(**inputs, text_keep=keep), model(**dropped), rtol=0, atol=0
+        )
+        model.train()
+        torch.manual_seed(0)
+        drawn = model(**inputs)
+        torch.manual_seed(0)
+        given = model(**inputs, text_keep=torch.rand(3) >= 0.5)
+    torch.testing.assert_close(given, drawn, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"VideoDiT: text_keep must be a torch.bool"):
+        model(**inputs, text_keep=keep[:, None])
+
+
 # --------------------------------------------------------------------------- options
 
 

@@ -2,7 +2,9 @@
 
 ``uv run torchrun --nproc-per-node 2 -m vats_apps pipeline=text_generation
 train.parallel=fsdp`` (or ``pipeline=train_vision``, ``pipeline=train_audio``,
-``pipeline=train_multimodal``) runs the pipeline once per rank. Each rank builds the same
+``pipeline=train_multimodal``, and the generators ``pipeline=text_to_image``,
+``text_to_audio``, ``text_to_video``: :mod:`vats_apps.pipelines.stages`) runs the pipeline
+once per rank. Each rank builds the same
 model from the same seed, :func:`vats_core.parallel.parallelize` applies the section (the
 fields of :class:`~vats_core.parallel.ParallelConfig`; a plain string is the
 ``data_parallel`` shorthand), and the vats-core trainer splits every global batch over the
@@ -18,7 +20,9 @@ A pipeline's training reads as::
         model = gathered_model(trainer.model, model, parallel)  # None on ranks other than 0
 
 (a later phase that trains other parameters starts from
-``replicated_model(trainer.model, model, parallel)`` on every rank, wrapped anew), and
+``replicated_model(trainer.model, model, parallel)`` on every rank, wrapped anew; a module
+that holds several parts, as the generators' stage objectives do, gives each back with
+:func:`trained_part`), and
 its cache key takes :func:`parallel_key`, which is empty for the default section, so
 the keys of one-process runs are those they had before the section existed.
 
@@ -252,7 +256,7 @@ def gathered_model(
     if config == ParallelConfig():
         return model
     state = gathered_model_state(trained)
-    if dist.get_rank() != 0:
+    if dist.is_initialized() and dist.get_rank() != 0:  # (no group: checkpointing or compile alone)
         return None
     plain = type(model)(model.config)  # type: ignore[operator]
     plain.load_state_dict(state)
@@ -273,7 +277,49 @@ def replicated_model(trained: nn.Module, model: nn.Module, config: ParallelConfi
         return model
     gathered = gathered_model(trained, model, config)
     plain = gathered if gathered is not None else type(model)(model.config)  # type: ignore[operator]
+    if not dist.is_initialized():  # one process, checkpointing or compile alone
+        return plain
     plain = plain.to(device())  # (NCCL broadcasts CUDA tensors)
     for tensor in plain.state_dict().values():  # the parameters' and buffers' own storage
         dist.broadcast(tensor, src=0)
     return plain
+
+
+def trained_part(
+    trained: nn.Module,
+    name: str,
+    fresh: Callable[[], nn.Module],
+    config: ParallelConfig,
+    *,
+    everywhere: bool,
+) -> nn.Module | None:
+    """After training a module that holds several parts (a stage's objective: ``model``,
+    ``align``): its part ``name``, one plain module holding the weights the ranks trained.
+
+    ``trained`` is what :func:`parallel_model` made of the module. With the default config
+    it is the module itself: its part comes back as is. Else every rank must call this
+    (FSDP gathers the shards): rank 0 gets ``fresh()`` (a plain module of the part's config)
+    with the gathered weights, on the CPU; the other ranks get None, or with
+    ``everywhere`` (a later stage trains from the part on every rank) a ``fresh()`` of their
+    own holding rank 0's weights (broadcast), on the CPU too, where the stages' batches are
+    made.
+    """
+    if config == ParallelConfig():
+        return trained.get_submodule(name)
+    state = gathered_model_state(trained)
+    grouped = dist.is_initialized()  # (not with checkpointing or compile alone)
+    main = not grouped or dist.get_rank() == 0
+    if not (main or everywhere):
+        return None
+    part = fresh()
+    if main:
+        prefix = f"{name}."
+        part.load_state_dict(
+            {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        )
+    if everywhere and grouped:
+        part = part.to(device())  # (NCCL broadcasts CUDA tensors)
+        for tensor in part.state_dict().values():  # the parameters' and buffers' own storage
+            dist.broadcast(tensor, src=0)
+        part = part.cpu()
+    return part

@@ -1,7 +1,8 @@
 """What the generating pipelines (``text_to_image``, ``text_to_audio``, ``text_to_video``)
 share: reading and checking config fields under the pipeline's name, cache entries per
-training stage, the vats-core trainer run for a stage, the enrichment LM's fine-tune, and
-(at the end) the text part, the DiT's training texts, prompt errors and printed lines.
+training stage, the vats-core trainer run for a stage (under ``train.parallel``), the
+enrichment LM's fine-tune, and (at the end) the text part, the DiT's training texts, prompt
+errors and printed lines.
 
 A pipeline makes one :class:`StagedPipeline` with its name, cache format and the packages
 whose code trains each stage, and reads its settings through it, so that every error names
@@ -10,50 +11,94 @@ the pipeline and the field::
     P = StagedPipeline("text_to_audio", 1, {"dit": ("vats_core", "vats_apps")})
     steps = P.int(cfg, "train.dit.max_steps", 1)   # ValueError naming the key otherwise
     path = P.entry(cfg, "dit", spec)                # <cache_dir>/text_to_audio/dit/<key>
+
+Under ``torchrun`` every stage trains on the ranks (:mod:`vats_apps.pipelines.distributed`):
+the generators run their stages inside :meth:`StagedPipeline.parallel_training`, each
+stage's objective (an :class:`Objective`: the modules it trains and its loss as their
+forward) goes to the trainer wrapped by ``train.parallel`` (:meth:`StagedPipeline.fit`),
+and ``train.<stage>.batch_size`` stays the global batch, which the trainer splits over the
+ranks. So that the ranks train what one process trains on the same global batch:
+
+* every random draw of a loss (the diffusion timesteps and noise, the DiT's condition
+  dropout, the VAE's posterior sample) is made for the global batch by every rank, from
+  the same RNG state, and each rank takes its rows (:func:`global_draw`): a row draws
+  what it draws on one process;
+* a loss that weighs rows unequally (the enrichment LM's mean over caption tokens, a
+  weighted squared error) is weighed by the rank's share of the global batch, and the MoE
+  router losses are the global batch's;
+* an EMA averages the plain weights each rank holds (DDP: the whole model; FSDP: the
+  rank's shards), and the averaged weights are gathered after training.
+
+Rank 0 alone prints, writes the cache entries, scores and generates; the other ranks
+receive a trained stage's weights when a later stage trains from them (the VAE for the
+DiT, the image DiT for ``text_to_video``'s ``init=image``) and stop after training. A
+cached stage is loaded by every rank. The parts other pipelines train (the text LM, the
+vision and audio classifiers) are trained there, on one process or under their own
+``train.parallel``: on several ranks a generator loads them from the cache and refuses a
+missing one, naming the pipeline that trains it (:func:`cached_part`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import random
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from vats_apps.generation import enrich as en
 from vats_apps.generation.model import Sampling, TextConditioned, enrich_all
 from vats_apps.pipelines import text_generation
 from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import stage_trainer_config
-from vats_apps.pipelines.distributed import launched_rank
+from vats_apps.pipelines.distributed import (
+    Ranks,
+    launched_rank,
+    parallel_config,
+    parallel_key,
+    parallel_model,
+    parallel_training,
+    trained_part,
+)
 from vats_apps.pipelines.sections import preset_fields, section
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, is_int, is_number
+from vats_core.parallel import ParallelConfig, global_router_losses
 from vats_core.training import Trainer, TrainerConfig
-from vats_diffusion import SchedulerConfig
+from vats_diffusion import EMA, Diffusion, SchedulerConfig
 from vats_text.encoder import TextEncoder, TextEncoderConfig
-from vats_text.model import MoELanguageModel
+from vats_text.model import IGNORE_INDEX, MoELanguageModel
 from vats_text.presets import encoder_preset
 from vats_text.tokenizer import Tokenizer
 
 __all__ = [
     "FLOW_SAMPLERS",
+    "Fitted",
+    "Objective",
     "Parts",
     "Stage",
     "StagedPipeline",
+    "cached_part",
     "check_prompt_setting",
     "check_prompt_tokens",
+    "diffusion_loss",
     "encoder_lr_scale",
     "enriched_copies",
     "enrichment_line",
+    "global_draw",
     "load_or_score",
     "load_or_train_enricher",
     "load_text",
@@ -74,12 +119,129 @@ DDPM_SAMPLERS = ("ddpm", "ddim", "dpm_solver")
 @dataclasses.dataclass
 class Stage:
     """A trained stage: its model, the report written when it was trained, its cache entry
-    name, and whether it came from the cache."""
+    name, and whether it came from the cache. On a rank other than 0 the model is None
+    when no later stage trains from it, and the report holds what that rank knows."""
 
     model: Any
     report: dict[str, Any]
     key: str
     cached: bool
+
+
+class Objective(nn.Module):
+    """What a stage trains, as one module whose forward is the stage's loss:
+    ``forward(batch)`` is ``loss(self, batch)``, which reads the parts as attributes
+    (``self.model``, ``self.align``).
+
+    DDP and FSDP run their hooks in the forward of the module they wrap (DDP prepares the
+    gradient reduction, FSDP gathers the parameters outside the blocks), so the module
+    handed to the trainer must compute the whole loss in its forward, even when the loss
+    calls a part's own methods (the VAE's ``encode`` and ``decode``). The parts keep their
+    names under it: ``lr_scales`` prefixes and the gathered weights read ``model.encoder``
+    and the like.
+    """
+
+    def __init__(self, loss: Callable[[Objective, Any], Any], **parts: nn.Module) -> None:
+        super().__init__()
+        for name, part in parts.items():
+            self.add_module(name, part)
+        self.loss = loss
+
+    def forward(self, batch: Any) -> Any:
+        return self.loss(self, batch)
+
+
+@dataclasses.dataclass
+class Fitted:
+    """A stage's training run: the trainer's module (the :class:`Objective` as
+    ``train.parallel`` wrapped it), its seconds and its logged rows."""
+
+    trained: nn.Module
+    seconds: float
+    rows: list[dict[str, Any]]
+
+    def part(
+        self, cfg: DictConfig, name: str, fresh: Callable[[], nn.Module], *, everywhere: bool
+    ) -> Any:
+        """The objective's part ``name`` with the trained weights: as is on one process;
+        else a fresh plain copy on rank 0 (and on every rank with ``everywhere``), None
+        on the other ranks (:func:`~vats_apps.pipelines.distributed.trained_part`)."""
+        parallel = parallel_config(cfg)
+        return trained_part(self.trained, name, fresh, parallel, everywhere=everywhere)
+
+
+def global_draw(draw: Callable[[int], Tensor], rows: int) -> Tensor:
+    """This rank's ``rows`` rows of ``draw(n)``, a random draw for the ``n`` rows of the
+    global batch.
+
+    Every rank draws for the whole global batch from the same RNG state (the trainer seeds
+    every rank alike, and every rank draws alike), then keeps the rows the trainer gave it
+    (rank r of W: rows ``[r·rows, (r+1)·rows)``). So a row draws what it draws on one
+    process, whatever the world size, and the ranks' RNG states stay equal. Without a
+    process group: ``draw(rows)`` itself.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return draw(rows)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return draw(rows * world)[rank * rows : (rank + 1) * rows]
+
+
+def diffusion_loss(
+    diffusion: Diffusion,
+    dit: nn.Module,
+    x0: Tensor,
+    cond: Mapping[str, Tensor],
+    weight: Tensor | None = None,
+    weight_mean: Tensor | None = None,
+) -> Tensor:
+    """:meth:`vats_diffusion.Diffusion.loss` on this rank's rows of the global batch: the
+    timesteps, the noise and (in training, with the DiT's ``text_dropout``) the rows that
+    lose their text, drawn in that order from the global RNG as one process draws them,
+    each for the global batch (:func:`global_draw`); then the mean squared error of the
+    DiT's prediction against the target.
+
+    Args:
+        weight: ``(B, 1, ...)``: each position's squared error weighted; the mean is then
+            divided by ``weight_mean``, the mean weight of the global batch (a 0-d tensor
+            the batch carries whole), so that the ranks' losses average to the global
+            batch's weighted mean.
+    """
+    b = x0.shape[0]
+    cpu = torch.device("cpu")  # (as Diffusion.loss: the numbers depend on the seed alone)
+    t = global_draw(lambda n: diffusion.sample_timesteps(n, device=cpu), b).to(x0.device)
+    noise = global_draw(lambda n: torch.randn((n, *x0.shape[1:])), b)
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
+    p = float(dit.config.text_dropout)  # type: ignore[union-attr]
+    if dit.training and p > 0 and cond.get("text_states") is not None:
+        # (drawn where the DiT draws it, on the text's device)
+        keep = global_draw(lambda n: torch.rand(n, device=x0.device) >= p, b)
+        cond = {**cond, "text_keep": keep}
+    pred = dit(diffusion.add_noise(x0, noise, t), t, **cond)
+    target = diffusion.target(x0, noise, t)
+    if weight is None:
+        return F.mse_loss(pred.float(), target.float())
+    err = (pred.float() - target.float()) ** 2
+    assert weight_mean is not None, "a weighted loss needs the global batch's mean weight"
+    return (weight * err).mean() / weight_mean
+
+
+def cached_part(found: Any, p: StagedPipeline, cfg: DictConfig, part: str, trains: str) -> Any:
+    """``found``, a part loaded from its pipeline's cache (None: absent), or the error of
+    a run on several ranks, which train the stages from cached parts (a rank cannot train
+    a part alone while the others wait).
+
+    Raises:
+        ValueError: naming the part and the pipeline (``trains``) that trains it.
+    """
+    if found is None:
+        world = launched_rank().world
+        raise ValueError(
+            f"{p.name}: train.parallel: {world} ranks train the stages from cached parts, and "
+            f"the {part} part (pipeline={trains}) of these settings is not in "
+            f"{cfg.pipeline.cache_dir}: run this pipeline once on one process first (or "
+            f"{trains} with these parts.* settings as its train section)"
+        )
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,22 +257,26 @@ class StagedPipeline:
     def fail(self, key: str, value: Any, allowed: str) -> ValueError:
         return ValueError(f"{self.name}: {key}={value!r} is invalid: expected {allowed}")
 
-    def check_one_process(self) -> None:
-        """Refuse several torchrun ranks, before any work: a generator's stages train on one
-        process (they take no ``train.parallel`` yet), and several ranks would each train
-        every stage and race to write the same cache entries.
+    @contextlib.contextmanager
+    def parallel_training(
+        self,
+        cfg: DictConfig,
+        batch_keys: Sequence[str],
+        meta_models: Callable[[], Iterable[nn.Module]],
+    ) -> Iterator[Ranks]:
+        """``train.parallel`` read and checked, then its process group for the life of the
+        block, in which the pipeline loads its parts and trains its stages
+        (:func:`~vats_apps.pipelines.distributed.parallel_training`).
+
+        Before any work: the section, each global batch of ``batch_keys`` (a multiple of
+        the ranks), and the stages' models ``meta_models()`` builds on the meta device.
 
         Raises:
-            ValueError: under torchrun with more than one rank.
+            ValueError: naming the field that does not fit.
         """
-        world = launched_rank().world
-        if world > 1:
-            raise ValueError(
-                f"{self.name} trains its stages on one process: it does not take "
-                f"train.parallel yet, and {world} torchrun ranks would each train every "
-                f"stage. Run `vats pipeline={self.name}` without torchrun (its parts, such "
-                "as text_generation, train under torchrun on their own)"
-            )
+        batches = {key: self.int(cfg, key, 1) for key in batch_keys}
+        with parallel_training(cfg, batches, meta_models) as (_, ranks):
+            yield ranks
 
     def int(self, cfg: DictConfig, key: str, minimum: int) -> int:
         value = OmegaConf.select(cfg, key)
@@ -247,22 +413,42 @@ class StagedPipeline:
         self,
         cfg: DictConfig,
         stage: str,
-        model: nn.Module,
+        objective: Objective,
         batch_fn: Callable[[int, int], Any],
-        loss_fn: Callable[[nn.Module, Any], Any],
-        on_step: Callable[[int, nn.Module], None] | None = None,
+        *,
+        ema: Mapping[str, Any] | None = None,
         lr_scales: dict[str, float] | None = None,
-    ) -> tuple[float, list[dict[str, Any]]]:
-        """Train ``stage`` in place with the vats-core trainer: (seconds, logged rows).
-        ``lr_scales``: parameter-name prefix -> multiplier of the stage's lr."""
+    ) -> Fitted:
+        """Train ``stage``'s objective with the vats-core trainer, wrapped as
+        ``train.parallel`` says (in place on one process).
+
+        Args:
+            ema: ``{"decay", "warmup"}``: an EMA of the objective's plain weights (each
+                rank's shards under FSDP), updated after every step and copied into them
+                at the end: the averaged weights are the ones the stage keeps.
+            lr_scales: parameter-name prefix -> multiplier of the stage's lr.
+        """
         steps = int(OmegaConf.select(cfg, f"train.{stage}.max_steps"))
         out = Path(str(cfg.pipeline.out_dir)) / stage
         config = self.trainer(cfg, stage, steps, out)
+        trained = parallel_model(objective, parallel_config(cfg))
+        plain = trained.module if isinstance(trained, DistributedDataParallel) else trained
+        # made after parallelize: under FSDP it averages the rank's shards (DTensors)
+        average = None
+        if ema is not None:
+            average = EMA(plain, float(ema["decay"]), warmup=bool(ema["warmup"]))
         start = time.perf_counter()
         rows = Trainer(
-            model, config, data=batch_fn, loss_fn=loss_fn, on_step=on_step, lr_scales=lr_scales
+            trained,
+            config,
+            data=batch_fn,
+            loss_fn=_objective_loss,
+            on_step=None if average is None else lambda _, m: average.update(m),
+            lr_scales=lr_scales,
         ).fit()
-        return time.perf_counter() - start, rows
+        if average is not None:
+            average.copy_to(plain)
+        return Fitted(trained, time.perf_counter() - start, rows)
 
     def first(self, step: int, micro: int, cfg: DictConfig, stage: str) -> int:
         """Index of the first sample of a micro-batch: no sample repeats within a stage."""
@@ -282,9 +468,10 @@ class StagedPipeline:
     ) -> Stage:
         """The LM fine-tuned (every weight, head untied) on terse prompt -> caption pairs of
         ``worlds`` (``(medium, world)``, taken in turn, one medium per row), saved at
-        ``path``."""
+        ``path`` by rank 0 (the other ranks' Stage has no model)."""
         model = untied(lm)
         b = int(OmegaConf.select(cfg, f"train.{stage}.batch_size"))
+        ranked = parallel_config(cfg) != ParallelConfig()
 
         def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
             first = self.first(step, micro, cfg, stage)
@@ -293,24 +480,59 @@ class StagedPipeline:
                 en.example(w, "train", i, medium=m)
                 for i, (m, w) in zip(range(first, first + b), media, strict=True)
             ]
-            return en.lm_batch(
+            batch = en.lm_batch(
                 tokenizer,
                 [p.prompt for p in pairs],
                 [p.caption for p in pairs],
                 [m for m, _ in media],
             )
+            # 0-d, kept whole by the trainer's split: what a rank's loss is weighed by
+            batch["caption_tokens"] = _scored(batch["labels"]).sum()
+            batch["rows"] = torch.tensor(b)
+            return batch
 
-        def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> Tensor:
-            out = m(bt["input_ids"], attention_mask=bt["attention_mask"], labels=bt["labels"])
-            return out.loss
+        def loss(o: Objective, bt: dict[str, Tensor]) -> Tensor:
+            out = o.model(bt["input_ids"], attention_mask=bt["attention_mask"], labels=bt["labels"])
+            return _ranked_lm_loss(o.model.config, out, bt) if ranked else out.loss
 
-        seconds, rows = self.fit(cfg, stage, model, batch_fn, loss_fn)
-        model.eval()
-        report = {"seconds": seconds, "final_loss": rows[-1]["loss"] if rows else None}
+        fitted = self.fit(cfg, stage, Objective(loss, model=model), batch_fn)
+        rows = fitted.rows
+        report = {"seconds": fitted.seconds, "final_loss": rows[-1]["loss"] if rows else None}
+        fresh = functools.partial(MoELanguageModel, model.config)
+        trained = fitted.part(cfg, "model", fresh, everywhere=False)
+        if trained is None:  # a rank other than 0: rank 0 writes the entry
+            return Stage(None, report, path.name, False)
+        trained.eval()
         with staged_entry(path) as staging:
-            model.save_pretrained(staging / "model")
+            trained.save_pretrained(staging / "model")
             (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        return Stage(model, report, path.name, False)
+        return Stage(trained, report, path.name, False)
+
+
+def _objective_loss(objective: nn.Module, batch: Any) -> Any:
+    """The trainer's ``loss_fn`` for an :class:`Objective` (or its DDP / FSDP wrapper)."""
+    return objective(batch)
+
+
+def _scored(labels: Tensor) -> Tensor:
+    """(B, T - 1) bool: the labels the LM's shifted loss scores."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def _ranked_lm_loss(config: Any, out: Any, batch: Mapping[str, Tensor]) -> Tensor:
+    """The LM's training loss on this rank's rows, weighed so that the mean over ranks
+    (what the trainer takes of the gradients) is the global batch's loss: the caption
+    tokens' cross-entropy times the rank's share of them over its share of the rows (the
+    rows differ in caption length), and the MoE router losses of the global batch
+    (:func:`~vats_core.parallel.global_router_losses`)."""
+    labels = batch["labels"]
+    token_share = _scored(labels).sum() / batch["caption_tokens"]
+    row_share = labels.shape[0] / batch["rows"]
+    loss = out.ce_loss * (token_share / row_share)
+    if out.router_stats:
+        balancing, z = global_router_losses(out.router_stats)
+        loss = loss + config.aux_loss_weight * balancing + config.z_loss_weight * z
+    return loss
 
 
 def untied(lm: MoELanguageModel) -> MoELanguageModel:
@@ -341,10 +563,14 @@ class Parts:
     reports: dict[str, dict[str, Any]]
 
 
-def load_text(sub: DictConfig) -> Parts:
+def load_text(p: StagedPipeline, cfg: DictConfig, sub: DictConfig) -> Parts:
     """The tokenizer and LM of ``text_generation``'s cache for its config ``sub`` (trained
-    first when absent)."""
-    lm = text_generation.load_or_train(sub)
+    first when absent, on one process; several ranks require it cached:
+    :func:`cached_part`)."""
+    if launched_rank().world > 1:
+        lm = cached_part(text_generation.cached(sub), p, cfg, "text", "text_generation")
+    else:
+        lm = text_generation.load_or_train(sub)
     return Parts(
         lm.tokenizer, lm.model, {"text": text_generation.cache_key(sub)}, {"text": lm.report}
     )
@@ -486,6 +712,7 @@ def load_or_train_enricher(
         "world": world.to_dict(),
         "train": section(cfg, "train.enrich", p.name),
         "seed": int(cfg.pipeline.seed),
+        **parallel_key(cfg),
     }
     path = p.entry(cfg, "enrich", spec)
     if p.cached(path, cfg):

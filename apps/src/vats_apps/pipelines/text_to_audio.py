@@ -44,6 +44,13 @@ held-out sounds beside it; the enrichment's keep rate; diversity of what the pro
 open; the same prompts without enrichment; the training time of each stage (goal: under 10
 minutes).
 
+``train.parallel`` trains both stages on the ranks ``torchrun`` starts (``uv run torchrun
+--nproc-per-node 2 -m vats_apps pipeline=text_to_audio train.parallel=ddp``, or ``fsdp``),
+as :mod:`vats_apps.pipelines.stages` describes: each ``train.<stage>.batch_size`` stays the
+global batch, the ranks train the weights one process trains on it, and rank 0 alone
+writes the cache, scores and generates. The parts (the text LM, the audio classifier) must
+then be cached already: a run on one process trains them, or their own pipelines do.
+
 Shapes: B batch, M mel bins, L frames, S samples, T text tokens.
 """
 
@@ -74,15 +81,19 @@ from vats_apps.generation.sounds import (
     sound_ends,
     vocode,
 )
-from vats_apps.pipelines import stages, train_audio
+from vats_apps.pipelines import stages, text_generation, train_audio
 from vats_apps.pipelines.compiling import compile_flags
+from vats_apps.pipelines.distributed import launched_rank, parallel_key
 from vats_apps.pipelines.sections import part_pipeline, section
 from vats_apps.pipelines.stages import (
+    Objective,
     Parts,
     Stage,
     StagedPipeline,
+    cached_part,
     check_prompt_setting,
     check_prompt_tokens,
+    diffusion_loss,
     enriched_copies,
     enrichment_line,
     load_or_score,
@@ -99,7 +110,6 @@ from vats_audio import AudioEncoder, GriffinLimVocoder, LogMel, LogMelConfig
 from vats_audio import save as save_audio
 from vats_core.config import is_number
 from vats_diffusion import (
-    EMA,
     AudioDiT,
     AudioDiTConfig,
     Diffusion,
@@ -280,7 +290,6 @@ def check_config(cfg: DictConfig) -> Settings:
     Raises:
         ValueError: naming the field (or the prompt) and what is allowed.
     """
-    P.check_one_process()
     if any(compile_flags(cfg)):
         raise ValueError(f"{NAME}: pipeline.compile / train.compile are not supported here")
     world = world_config(cfg)
@@ -327,10 +336,15 @@ def check_config(cfg: DictConfig) -> Settings:
 
 
 def load_classifier(cfg: DictConfig, parts: Parts) -> AudioEncoder:
-    """``train_audio``'s classifier (trained first when absent)."""
+    """``train_audio``'s classifier (trained first when absent, on one process; several
+    ranks require it cached)."""
     sub = part_configs(cfg)["audio"]
     parts.keys["audio"] = train_audio.cache_key(sub)
-    model, report, _, _ = train_audio.load_or_train(sub)
+    if launched_rank().world > 1:
+        found = train_audio.cached(sub)
+        model, report, _, _ = cached_part(found, P, cfg, "audio", "train_audio")
+    else:
+        model, report, _, _ = train_audio.load_or_train(sub)
     parts.reports["audio"] = report
     return model.eval()
 
@@ -396,9 +410,10 @@ def load_or_train_dit(cfg: DictConfig, s: Settings, parts: Parts) -> Stage:
         "world": s.world.to_dict(),
         "train": {k: v for k, v in train.items() if k != "encoder"},
         "seed": int(cfg.pipeline.seed),
+        **parallel_key(cfg),
     }
     path = P.entry(cfg, "dit", spec)
-    if P.cached(path, cfg):
+    if P.cached(path, cfg):  # every rank loads it
         print(f"{NAME}: loading the cached text encoder and AudioDiT from {path}", flush=True)
         model = TextToAudio(*P.load_conditioned(path, AudioDiT))
         return Stage(model.eval(), P.load_report(path), path.name, True)
@@ -419,19 +434,27 @@ def load_or_train_dit(cfg: DictConfig, s: Settings, parts: Parts) -> Stage:
         )
         return {"x": scale.normalize(features), "seconds": seconds, "ids": ids, "mask": mask}
 
-    def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> Tensor:
-        assert isinstance(m, TextToAudio)
-        cond = m.condition(bt["ids"], bt["mask"]) | m.timing(bt["seconds"])
-        return diffusion.loss(m.dit, bt["x"], cond)
+    def loss(o: Objective, bt: dict[str, Tensor]) -> Tensor:
+        t2a = o.model
+        cond = t2a.condition(bt["ids"], bt["mask"]) | t2a.timing(bt["seconds"])
+        return diffusion_loss(diffusion, t2a.dit, bt["x"], cond)
 
-    ema = EMA(model, float(train["ema"]["decay"]), warmup=bool(train["ema"]["warmup"]))
     prep = time.perf_counter() - t0
-    before = denoising_loss(model, frames, scale, diffusion, tokenizer, 64)
-    seconds, rows = P.fit(
-        cfg, "dit", model, batch_fn, loss_fn, lambda _, m: ema.update(m),
-        lr_scales={"encoder": stages.encoder_lr_scale(P, cfg)},
-    )  # fmt: skip
-    ema.copy_to(model)
+    main = launched_rank().is_main  # (rank 0 scores the stage)
+    before = denoising_loss(model, frames, scale, diffusion, tokenizer, 64) if main else None
+    # with the EMA: the averaged weights are the ones sampled and saved
+    scales = {"model.encoder": stages.encoder_lr_scale(P, cfg)}
+    fitted = P.fit(
+        cfg, "dit", Objective(loss, model=model), batch_fn, ema=train["ema"], lr_scales=scales
+    )
+
+    def fresh() -> TextToAudio:
+        return TextToAudio(TextEncoder(encoder_cfg), AudioDiT(dit_cfg))
+
+    model = fitted.part(cfg, "model", fresh, everywhere=False)
+    seconds, rows = fitted.seconds, fitted.rows
+    if model is None:  # a rank other than 0: rank 0 writes the entry
+        return Stage(None, {"seconds": seconds + prep}, path.name, False)
     model.eval()
     report = {
         "seconds": seconds + prep,
@@ -722,18 +745,38 @@ def generate_sounds(
 # ----------------------------------------------------------------------------- run
 
 
+def stage_models(cfg: DictConfig, s: Settings) -> list[nn.Module]:
+    """The models the stages train (the untied LM, the text encoder and the AudioDiT), for
+    ``train.parallel``'s checks on the meta device."""
+    text = part_configs(cfg)["text"]
+    vocab = int(text.train.vocab_size)
+    lm = text_generation.model_config(text, vocab).replace(tie_embeddings=False)
+    dit = dit_config(cfg, s.world, s.features, encoder_config(cfg, vocab).dim)
+    return [
+        MoELanguageModel(lm),
+        TextToAudio(TextEncoder(encoder_config(cfg, vocab)), AudioDiT(dit)),
+    ]
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Check everything, load the parts, train (or load) the stages, score, generate."""
+    """Check everything, load the parts, train (or load) the stages (on every rank of a
+    ``train.parallel`` run), then score and generate (on rank 0)."""
     s = check_config(cfg)  # a bad setting, prompt or duration fails here, before any work
-    parts = load_text(part_configs(cfg)["text"])
-    limit = encoder_config(cfg, parts.tokenizer.vocab_size).max_seq_len
-    if s.prompt is not None:
-        check_prompt_tokens(P, s.prompt, parts.tokenizer, limit)
-    classifier = load_classifier(cfg, parts) if s.evaluate or s.prompt is not None else None
-    done = {}
-    if s.enrich or s.evaluate:
-        done["enrich"] = load_or_train_enricher(P, cfg, parts, s.world, "audio", "1/2")
-    done["dit"] = load_or_train_dit(cfg, s, parts)
+    trained = [st for st in STAGES if st != "enrich" or s.enrich or s.evaluate]
+    batches = [f"train.{stage}.batch_size" for stage in trained]
+    with P.parallel_training(cfg, batches, lambda: stage_models(cfg, s)) as ranks:
+        parts = load_text(P, cfg, part_configs(cfg)["text"])
+        limit = encoder_config(cfg, parts.tokenizer.vocab_size).max_seq_len
+        if s.prompt is not None:
+            check_prompt_tokens(P, s.prompt, parts.tokenizer, limit)
+        wanted = s.evaluate or s.prompt is not None
+        classifier = load_classifier(cfg, parts) if wanted else None
+        done = {}
+        if s.enrich or s.evaluate:
+            done["enrich"] = load_or_train_enricher(P, cfg, parts, s.world, "audio", "1/2")
+        done["dit"] = load_or_train_dit(cfg, s, parts)
+    if not ranks.is_main:  # the other ranks have trained: rank 0 scores and generates
+        return {}
     model, report = done["dit"].model, done["dit"].report
     maker = Maker(s, model, MelScale(report["mel_mean"], report["mel_std"]), parts.tokenizer)
     lm = done["enrich"].model if "enrich" in done else None

@@ -45,6 +45,15 @@ values of each open attribute over the seeds, in the captions and in the images,
 uniform draws); the same adherence without enrichment; the training time of each stage
 (goal: all under 10 minutes). Each figure is printed against chance.
 
+``train.parallel`` trains the three stages on the ranks ``torchrun`` starts (``uv run
+torchrun --nproc-per-node 2 -m vats_apps pipeline=text_to_image train.parallel=ddp``, or
+``fsdp``), as :mod:`vats_apps.pipelines.stages` describes: each ``train.<stage>.batch_size``
+stays the global batch, the ranks train the weights one process trains on it (every
+random draw made for the global batch, the EMA of the plain weights), every rank gets the
+trained VAE for the DiT stage, and rank 0 alone writes the cache, scores and generates.
+The parts (the text LM, the image classifier) must then be cached already: a run on one
+process trains them, or their own pipelines do.
+
 Shapes: B batch, C latent channels, h / w latent side, S image side, T text tokens, D width.
 """
 
@@ -77,19 +86,24 @@ from vats_apps.generation.model import (
 )
 from vats_apps.generation.scoring import evaluate, print_table
 from vats_apps.pipelines import stages as shared
-from vats_apps.pipelines import train_vision
+from vats_apps.pipelines import text_generation, train_vision
 from vats_apps.pipelines.cache import REPORT_NAME, staged_entry
 from vats_apps.pipelines.compiling import compile_flags
+from vats_apps.pipelines.distributed import launched_rank, parallel_key
 from vats_apps.pipelines.sections import part_pipeline, preset_fields, section
 from vats_apps.pipelines.stages import (
+    Objective,
     Parts,
     Stage,
     StagedPipeline,
+    cached_part,
     check_prompt_setting,
     check_prompt_tokens,
+    diffusion_loss,
     encoder_lr_scale,
     enriched_copies,
     enrichment_line,
+    global_draw,
     load_or_score,
     load_or_train_enricher,
     load_text,
@@ -101,7 +115,6 @@ from vats_apps.pipelines.stages import (
 )
 from vats_core.config import is_int
 from vats_diffusion import (
-    EMA,
     VAE,
     Diffusion,
     DiT,
@@ -263,7 +276,6 @@ def check_config(cfg: DictConfig) -> Settings:
     Raises:
         ValueError: naming the field (or the prompt) and what is allowed.
     """
-    _P.check_one_process()
     flags = compile_flags(cfg)
     if any(flags):
         raise ValueError(
@@ -310,10 +322,15 @@ def check_config(cfg: DictConfig) -> Settings:
 
 
 def load_classifier(cfg: DictConfig, parts: Parts) -> tuple[nn.Module, list[tuple[str, int]]]:
-    """``train_vision``'s image classifier (trained first when absent) and its heads."""
+    """``train_vision``'s image classifier (trained first when absent, on one process;
+    several ranks require it cached) and its heads."""
     sub = part_configs(cfg)["vision"]
     parts.keys["vision"] = train_vision.cache_key(sub, "image")
-    model, report, _, _ = train_vision.load_or_train(sub, "image")
+    if launched_rank().world > 1:
+        found = train_vision.cached(sub, "image")
+        model, report, _, _ = cached_part(found, _P, cfg, "vision", "train_vision")
+    else:
+        model, report, _, _ = train_vision.load_or_train(sub, "image")
     parts.reports["vision"] = report
     return model.eval(), train_vision.heads(sub, "image", world_config(cfg))
 
@@ -334,11 +351,18 @@ def vae_key_spec(cfg: DictConfig, s: Settings) -> dict[str, Any]:
         "world": s.world.to_dict(),
         "train": section(cfg, "train.vae", NAME),
         "seed": int(cfg.pipeline.seed),
+        **parallel_key(cfg),
     }
 
 
 def vae_loss(
-    vae: VAE, x: Tensor, mask: Tensor, *, kl_weight: float, shape_weight: float
+    vae: VAE,
+    x: Tensor,
+    mask: Tensor,
+    *,
+    kl_weight: float,
+    shape_weight: float,
+    weight_mean: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:meth:`VAE.loss` with the shape's pixels weighted ``1 + shape_weight`` (``mask``,
     ``(B, 1, S, S)``, is the shape's coverage): the squared error is averaged with weights
@@ -346,11 +370,22 @@ def vae_loss(
 
     A shape covers a few percent of the image and the textured backgrounds most of the
     error, so plain MSE spends the decoder on backgrounds and blurs small shapes, whose
-    outline is all that tells a triangle from a circle."""
+    outline is all that tells a triangle from a circle.
+
+    On a rank of a ``train.parallel`` run, ``x`` holds the rank's rows: the posterior
+    sample is drawn for the global batch (:func:`~vats_apps.pipelines.stages.global_draw`)
+    and ``weight_mean`` is the global batch's mean weight (default: ``x``'s own)."""
     posterior = vae.encode(x)
-    recon = vae.decode(posterior.sample())
+    mean = posterior.mean
+    eps = global_draw(
+        lambda n: torch.randn((n, *mean.shape[1:]), device=mean.device, dtype=mean.dtype),
+        mean.shape[0],
+    )  # as DiagonalGaussian.sample draws it
+    recon = vae.decode(mean + posterior.std * eps)
     w = 1 + shape_weight * mask  # (B, 1, S, S)
-    mse = (w * (recon.float() - x.float()) ** 2).mean() / w.mean()
+    mse = (w * (recon.float() - x.float()) ** 2).mean() / (
+        w.mean() if weight_mean is None else weight_mean
+    )
     kl = posterior.kl().float().mean()
     return mse + kl_weight * kl / x[0].numel(), {"recon": mse.detach(), "kl": kl.detach()}
 
@@ -376,9 +411,10 @@ def _reconstruction(vae: VAE, world: ShapesWorld, n: int) -> dict[str, float]:
 
 
 def load_or_train_vae(cfg: DictConfig, s: Settings) -> Stage:
-    """Stage 1 (module docstring): the VAE with standardised latents."""
+    """Stage 1 (module docstring): the VAE with standardised latents, on every rank (the
+    DiT stage's batches are its latents); rank 0 scores it and writes the entry."""
     path = _entry(cfg, "vae", vae_key_spec(cfg, s))
-    if _cached(path, cfg):
+    if _cached(path, cfg):  # every rank loads it
         print(f"{NAME}: loading the cached VAE from {path}", flush=True)
         return Stage(VAE.from_pretrained(path / "model"), _load_report(path), path.name, True)
     print(f"{NAME}: stage 1/3, vae: the autoencoder learns the world's images", flush=True)
@@ -391,23 +427,36 @@ def load_or_train_vae(cfg: DictConfig, s: Settings) -> Stage:
     def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
         first = _first(step, micro, cfg, "vae")
         batch = world.images(range(first, first + b), "train")
-        return {"x": batch.pixels * 2 - 1, "mask": batch.mask}
+        # (0-d, kept whole by the trainer's split)
+        weight_mean = (1 + shape_weight * batch.mask).mean()
+        return {"x": batch.pixels * 2 - 1, "mask": batch.mask, "weight_mean": weight_mean}
 
-    def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        assert isinstance(m, VAE)
-        return vae_loss(m, bt["x"], bt["mask"], kl_weight=kl_weight, shape_weight=shape_weight)
+    def loss(o: Objective, bt: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x, mask, weight_mean = bt["x"], bt["mask"], bt["weight_mean"]
+        return vae_loss(
+            o.model,
+            x,
+            mask,
+            kl_weight=kl_weight,
+            shape_weight=shape_weight,
+            weight_mean=weight_mean,
+        )
 
-    seconds, rows = _fit(cfg, "vae", vae, batch_fn, loss_fn)
-    vae.eval()
+    fitted = _fit(cfg, "vae", Objective(loss, model=vae), batch_fn)
+    vae = fitted.part(cfg, "model", lambda: VAE(s.vae), everywhere=True).eval()
     t0 = time.perf_counter()
     mean, std = _latent_stats(vae, world, int(cfg.train.vae.scale_samples))
     vae.config = vae.config.replace(scaling_factor=1 / std, shift_factor=mean)
-    seconds += time.perf_counter() - t0
+    rows = fitted.rows
     report = {
-        "seconds": seconds,
+        "seconds": fitted.seconds + time.perf_counter() - t0,
         "latent_mean": mean,
         "latent_std": std,
         "final_loss": rows[-1]["loss"] if rows else None,
+    }
+    if not launched_rank().is_main:  # rank 0 scores it and writes the entry
+        return Stage(vae, report, path.name, False)
+    report |= {
         **_reconstruction(vae, world, int(cfg.train.eval.vae_images)),
         "parameters": sum(p.numel() for p in vae.parameters()),
     }
@@ -423,29 +472,14 @@ def load_or_train_vae(cfg: DictConfig, s: Settings) -> Stage:
 # ----------------------------------------------------------------------------- stage 3: DiT
 
 
-def weighted_diffusion_loss(
-    diffusion: Diffusion, dit: DiT, x0: Tensor, cond: dict[str, Tensor], weight: Tensor
-) -> Tensor:
-    """:meth:`Diffusion.loss` with each latent position's squared error weighted by
-    ``weight`` (``(B, 1, h, w)``, normalised to mean 1): timesteps, noise and target as
-    there, from the global RNG."""
-    t = diffusion.sample_timesteps(x0.shape[0], device=x0.device)
-    noise = torch.randn_like(x0)
-    pred = dit(diffusion.add_noise(x0, noise, t), t, **cond)
-    err = (pred.float() - diffusion.target(x0, noise, t).float()) ** 2  # (B, C, h, w)
-    return (weight * err).mean() / weight.mean()
-
-
 @dataclasses.dataclass
 class DiTTraining:
-    """What the DiT stage trains with: the module the trainer updates (the model, and the
-    alignment MLP when REPA is on), its batches and loss, and the EMA of its weights."""
+    """What the DiT stage trains with: the objective the trainer updates (the model, and
+    the alignment MLP when REPA is on, with the stage's loss) and its batches."""
 
     model: TextToImage
-    trained: nn.Module  # ModuleDict(model=..., [align=...])
+    objective: Objective  # model=..., [align=...]
     batch_fn: Callable[[int, int], dict[str, Tensor]]
-    loss_fn: Callable[[nn.Module, dict[str, Tensor]], Any]
-    ema: EMA
     alignment: TokenAlignment | None
 
 
@@ -488,13 +522,12 @@ def dit_training(
     world, diffusion = ShapesWorld(s.world), Diffusion(s.scheduler)
     torch.manual_seed(int(cfg.pipeline.seed))
     model = TextToImage(TextEncoder(encoder_cfg), DiT(dit_cfg))
-    trained = nn.ModuleDict({"model": model})
     weight, block = alignment_settings(cfg)
     alignment = None
     if weight > 0:
         assert teacher is not None
         teacher_dim = teacher.config.dim  # type: ignore[union-attr]
-        alignment = trained["align"] = TokenAlignment(model.dit, block, teacher_dim)
+        alignment = TokenAlignment(model.dit, block, teacher_dim)
     tokenizer, b = parts.tokenizer, int(train["batch_size"])
     terse_prob, limit = float(train["terse_prob"]), encoder_cfg.max_seq_len
     shape_weight = float(train["shape_weight"])
@@ -515,24 +548,25 @@ def dit_training(
         )
         if shape_weight:  # the shape's coverage of each latent position, (B, 1, h, w)
             out["shape"] = F.avg_pool2d(batch.mask, s.vae.downsample_factor)
+            # the global batch's mean weight (0-d, kept whole by the trainer's split)
+            out["shape_mean"] = (1 + shape_weight * out["shape"]).mean()
         return out
 
-    def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> Any:
-        t2i = m["model"]  # type: ignore[index]
+    def loss(o: Objective, bt: dict[str, Tensor]) -> Any:
+        t2i = o.model
         cond = t2i.condition(bt["input_ids"], bt["mask"])
-        if shape_weight:
-            loss = weighted_diffusion_loss(
-                diffusion, t2i.dit, bt["latents"], cond, 1 + shape_weight * bt["shape"]
-            )
+        if shape_weight:  # each latent position's squared error weighted
+            shape = 1 + shape_weight * bt["shape"]
+            loss = diffusion_loss(diffusion, t2i.dit, bt["latents"], cond, shape, bt["shape_mean"])
         else:
-            loss = diffusion.loss(t2i.dit, bt["latents"], cond)
+            loss = diffusion_loss(diffusion, t2i.dit, bt["latents"], cond)
         if alignment is None:
             return loss
         align = alignment.loss(bt["teacher"])
         return loss + weight * align, {"diffusion": loss.detach(), "align": align.detach()}
 
-    ema = EMA(trained, float(train["ema"]["decay"]), warmup=bool(train["ema"]["warmup"]))
-    return DiTTraining(model, trained, batch_fn, loss_fn, ema, alignment)
+    parts_trained = {"model": model} if alignment is None else {"model": model, "align": alignment}
+    return DiTTraining(model, Objective(loss, **parts_trained), batch_fn, alignment)
 
 
 def load_or_train_dit(
@@ -541,9 +575,13 @@ def load_or_train_dit(
     parts: Parts,
     vae_stage: Stage,
     teacher: nn.Module | None,
+    *,
+    everywhere: bool = False,
 ) -> Stage:
     """Stage 3: the text encoder and the DiT on the VAE's latents (EMA weights), aligned to
-    the vision encoder's features when ``train.dit.align.weight > 0``."""
+    the vision encoder's features when ``train.dit.align.weight > 0``. Trained here on
+    several ranks, the model is rank 0's alone, or every rank's with ``everywhere`` (a
+    later stage trains from it)."""
     encoder_cfg = encoder_config(cfg, parts.tokenizer.vocab_size)
     dit_cfg = dit_config(cfg, s.vae, s.world, encoder_cfg.dim)
     train = section(cfg, "train.dit", NAME)
@@ -557,29 +595,37 @@ def load_or_train_dit(
         "world": s.world.to_dict(),
         "train": {k: v for k, v in train.items() if k != "encoder"},
         "seed": int(cfg.pipeline.seed),
+        **parallel_key(cfg),
     }
     path = _entry(cfg, "dit", spec)
-    if _cached(path, cfg):
+    if _cached(path, cfg):  # every rank loads it
         print(f"{NAME}: loading the cached text encoder and DiT from {path}", flush=True)
         model = TextToImage(*_P.load_conditioned(path, DiT))
         return Stage(model.eval(), _load_report(path), path.name, True)
     print(f"{NAME}: stage 3/3, dit: the text encoder and the DiT learn the latents", flush=True)
     vae, world, diffusion = vae_stage.model, ShapesWorld(s.world), Diffusion(s.scheduler)
     t = dit_training(cfg, s, parts, vae, teacher)
-    loss_before = denoising_loss(t.model, vae, diffusion, parts.tokenizer, world, 128)
-    seconds, rows = _fit(
-        cfg, "dit", t.trained, t.batch_fn, t.loss_fn, lambda _, m: t.ema.update(m),
-        lr_scales={"model.encoder": encoder_lr_scale(_P, cfg)},
-    )  # fmt: skip
-    t.ema.copy_to(t.trained)  # the averaged weights are the ones sampled and saved
+    main = launched_rank().is_main  # (rank 0 scores the stage)
+    before = denoising_loss(t.model, vae, diffusion, parts.tokenizer, world, 128) if main else None
+    # with the EMA: the averaged weights are the ones sampled and saved
+    scales = {"model.encoder": encoder_lr_scale(_P, cfg)}
+    fitted = _fit(cfg, "dit", t.objective, t.batch_fn, ema=train["ema"], lr_scales=scales)
     if t.alignment is not None:
         t.alignment.remove()
-    model = t.model.eval()
+
+    def fresh() -> TextToImage:
+        return TextToImage(TextEncoder(encoder_cfg), DiT(dit_cfg))
+
+    model = fitted.part(cfg, "model", fresh, everywhere=everywhere)
+    if not main:  # rank 0 scores it and writes the entry
+        model = None if model is None else model.eval()
+        return Stage(model, {"seconds": fitted.seconds}, path.name, False)
+    model.eval()
     report = {
-        "seconds": seconds,
-        "denoising_loss_before": loss_before,
+        "seconds": fitted.seconds,
+        "denoising_loss_before": before,
         "denoising_loss_after": denoising_loss(model, vae, diffusion, parts.tokenizer, world, 128),
-        "losses": [r["loss"] for r in rows],
+        "losses": [r["loss"] for r in fitted.rows],
     }
     _P.save_conditioned(path, model, report)
     return Stage(model, report, path.name, False)
@@ -644,20 +690,44 @@ def generate_images(
 # ----------------------------------------------------------------------------- run
 
 
+def stage_models(cfg: DictConfig, s: Settings) -> list[nn.Module]:
+    """The models the stages train (the VAE, the untied LM, the text encoder and the DiT),
+    for ``train.parallel``'s checks on the meta device."""
+    text = part_configs(cfg)["text"]
+    vocab = int(text.train.vocab_size)
+    encoder = encoder_config(cfg, vocab)
+    lm = text_generation.model_config(text, vocab).replace(tie_embeddings=False)
+    return [
+        VAE(s.vae),
+        MoELanguageModel(lm),
+        TextToImage(TextEncoder(encoder), DiT(dit_config(cfg, s.vae, s.world, encoder.dim))),
+    ]
+
+
+def trained_stages(s: Settings) -> list[str]:
+    """The stages a run may train (the enrichment LM only when it enriches or scores)."""
+    return [stage for stage in STAGES if stage != "enrich" or s.enrich or s.evaluate]
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Check everything, load the parts, train (or load) the stages, score, generate."""
+    """Check everything, load the parts, train (or load) the stages (on every rank of a
+    ``train.parallel`` run), then score and generate (on rank 0)."""
     s = check_config(cfg)  # a bad setting or prompt fails here, before any work
-    parts = load_text(part_configs(cfg)["text"])
-    limit = encoder_config(cfg, parts.tokenizer.vocab_size).max_seq_len
-    if s.prompt is not None:
-        check_prompt_tokens(_P, s.prompt, parts.tokenizer, limit)
-    align = alignment_settings(cfg)[0] > 0
-    classifier = load_classifier(cfg, parts) if s.evaluate or align else None
-    done = {"vae": load_or_train_vae(cfg, s)}
-    if s.enrich or s.evaluate:  # generating with enrich=false alone needs no LM
-        done["enrich"] = load_or_train_enricher(_P, cfg, parts, s.world, "image", "2/3")
-    teacher = classifier[0] if classifier else None
-    done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"], teacher)
+    batches = [f"train.{stage}.batch_size" for stage in trained_stages(s)]
+    with _P.parallel_training(cfg, batches, lambda: stage_models(cfg, s)) as ranks:
+        parts = load_text(_P, cfg, part_configs(cfg)["text"])
+        limit = encoder_config(cfg, parts.tokenizer.vocab_size).max_seq_len
+        if s.prompt is not None:
+            check_prompt_tokens(_P, s.prompt, parts.tokenizer, limit)
+        align = alignment_settings(cfg)[0] > 0
+        classifier = load_classifier(cfg, parts) if s.evaluate or align else None
+        done = {"vae": load_or_train_vae(cfg, s)}
+        if s.enrich or s.evaluate:  # generating with enrich=false alone needs no LM
+            done["enrich"] = load_or_train_enricher(_P, cfg, parts, s.world, "image", "2/3")
+        teacher = classifier[0] if classifier else None
+        done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"], teacher)
+    if not ranks.is_main:  # the other ranks have trained: rank 0 scores and generates
+        return {}
     vae, model = done["vae"].model, done["dit"].model
     lm = done["enrich"].model if "enrich" in done else None
     result = stage_results(done, parts)

@@ -72,6 +72,17 @@ scenes, training phrasings) naming a shape, a colour and a direction and any of 
 * the training time of its own stages (goal: under 10 minutes in all; the VAE is
   text_to_image's and counted there).
 
+``train.parallel`` trains the stages on the ranks ``torchrun`` starts (``uv run torchrun
+--nproc-per-node 2 -m vats_apps pipeline=text_to_video train.parallel=ddp``, or ``fsdp``),
+as :mod:`vats_apps.pipelines.stages` describes: each ``train.<stage>.batch_size`` stays the
+global batch, the ranks train the weights one process trains on it, and rank 0 alone
+writes the cache, scores and generates. The parts ``text_to_image`` trains here (the VAE,
+and the image DiT with ``init=image``) train under the same ``train.parallel`` (it replaces
+``parts.image.parallel``, and keys their entries as ``text_to_image``'s own run under that
+section keys them), and every rank gets them for the stages that follow; the other parts
+(the text LM, the vision classifiers) must be cached already: a run on one process trains
+them, or their own pipelines do.
+
 Shapes: B clips, T frames, C latent channels, h / w latent side, S frame side.
 """
 
@@ -97,15 +108,19 @@ from vats_apps.generation.clips import (
 )
 from vats_apps.generation.model import Sampling, encode_texts
 from vats_apps.generation.video_scoring import evaluate, print_table
-from vats_apps.pipelines import text_to_image, train_vision
+from vats_apps.pipelines import text_generation, text_to_image, train_vision
 from vats_apps.pipelines.compiling import compile_flags, stage_trainer_config
+from vats_apps.pipelines.distributed import launched_rank, parallel_key
 from vats_apps.pipelines.sections import part_pipeline, section
 from vats_apps.pipelines.stages import (
+    Objective,
     Parts,
     Stage,
     StagedPipeline,
+    cached_part,
     check_prompt_setting,
     check_prompt_tokens,
+    diffusion_loss,
     encoder_lr_scale,
     enriched_copies,
     enrichment_line,
@@ -122,9 +137,9 @@ from vats_apps.pipelines.stages import (
 )
 from vats_core.config import is_int
 from vats_diffusion import (
-    EMA,
     VAE,
     Diffusion,
+    DiT,
     DiTConfig,
     SchedulerConfig,
     VAEConfig,
@@ -137,6 +152,7 @@ from vats_diffusion import (
 )
 from vats_diffusion.video_dit import INFLATED_FIELDS
 from vats_text.encoder import TextEncoder, TextEncoderConfig
+from vats_text.model import MoELanguageModel
 from vats_text.tokenizer import Tokenizer
 
 NAME = "text_to_video"
@@ -163,11 +179,20 @@ _SET_BY_PIPELINE = ("sample_size", "in_channels", "text_dim")
 def part_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     """The configs ``text_generation``, ``train_vision`` and ``text_to_image`` would compose
     for the parts: ``model`` sections from here, ``train`` from ``parts.<name>``. The
-    ``image`` part holds what ``text_to_image``'s VAE stage reads."""
+    ``image`` part holds what ``text_to_image``'s VAE stage reads, and trains under this
+    run's ``train.parallel`` (in place of ``parts.image.parallel``)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model, dict)
     out_dir = Path(str(cfg.pipeline.out_dir))
     image_models = {k: model[k] for k in ("text", "vision2d", "vae", "dit") if k in model}
+    image_train = {k: v for k, v in section(cfg, "parts.image", NAME).items() if k != "parallel"}
+    parallel = OmegaConf.select(cfg, "train.parallel")
+    if parallel is not None:
+        image_train["parallel"] = (
+            OmegaConf.to_container(parallel, resolve=True)
+            if isinstance(parallel, DictConfig)
+            else parallel
+        )
     return {
         "text": OmegaConf.create(
             {
@@ -186,7 +211,7 @@ def part_configs(cfg: DictConfig) -> dict[str, DictConfig]:
         "image": OmegaConf.create(
             {
                 "model": image_models,
-                "train": section(cfg, "parts.image", NAME),
+                "train": image_train,
                 "parts": {
                     "text": section(cfg, "parts.text", NAME),
                     "vision": section(cfg, "parts.vision", NAME),
@@ -440,7 +465,6 @@ def check_config(cfg: DictConfig) -> Settings:
     Raises:
         ValueError: naming the field (or the prompt) and what is allowed.
     """
-    P.check_one_process()
     if any(compile_flags(cfg)):
         raise ValueError(f"{NAME}: pipeline.compile / train.compile are not supported here")
     world, image_world = world_config(cfg), image_world_config(cfg)
@@ -495,12 +519,17 @@ def check_config(cfg: DictConfig) -> Settings:
 
 
 def load_readers(cfg: DictConfig, parts: Parts) -> ClipReaders:
-    """``train_vision``'s image and video classifiers (each trained first when absent)."""
+    """``train_vision``'s image and video classifiers (each trained first when absent, on
+    one process; several ranks require them cached)."""
     sub = part_configs(cfg)["vision"]
     found = {}
     for task in ("image", "video"):
         parts.keys[f"vision_{task}"] = train_vision.cache_key(sub, task)
-        model, report, _, _ = train_vision.load_or_train(sub, task)
+        if launched_rank().world > 1:
+            loaded = train_vision.cached(sub, task)
+            model, report, _, _ = cached_part(loaded, P, cfg, f"vision {task}", "train_vision")
+        else:
+            model, report, _, _ = train_vision.load_or_train(sub, task)
         parts.reports[f"vision_{task}"] = report
         found[task] = model.eval()
     heads = train_vision.heads(sub, "image", image_world_config(cfg))
@@ -573,7 +602,10 @@ def load_image_dit(cfg: DictConfig, s: Settings, parts: Parts, vae_stage: Stage)
     teacher = None
     if text_to_image.alignment_settings(image)[0] > 0:
         teacher, _ = text_to_image.load_classifier(image, own)
-    stage = text_to_image.load_or_train_dit(image, settings, own, vae_stage, teacher)
+    # every rank: the VideoDiT stage starts from it
+    stage = text_to_image.load_or_train_dit(
+        image, settings, own, vae_stage, teacher, everywhere=True
+    )
     parts.keys["image_dit"] = stage.key
     return stage
 
@@ -597,9 +629,10 @@ def load_or_train_dit(
         "world": s.world.to_dict(),
         "train": {k: v for k, v in train.items() if k != "encoder"},
         "seed": int(cfg.pipeline.seed),
+        **parallel_key(cfg),
     }
     path = P.entry(cfg, "dit", spec)
-    if P.cached(path, cfg):
+    if P.cached(path, cfg):  # every rank loads it
         print(f"{NAME}: loading the cached text encoder and VideoDiT from {path}", flush=True)
         model = TextToVideo(*P.load_conditioned(path, VideoDiT))
         return Stage(model.eval(), P.load_report(path), path.name, True)
@@ -621,17 +654,27 @@ def load_or_train_dit(
         ids, mask = encode_texts(tokenizer, texts, limit)
         return {"latents": latents, "ids": ids, "mask": mask}
 
-    def loss_fn(m: nn.Module, bt: dict[str, Tensor]) -> Tensor:
-        assert isinstance(m, TextToVideo)
-        return diffusion.loss(m.dit, bt["latents"], m.condition(bt["ids"], bt["mask"]))
+    def loss(o: Objective, bt: dict[str, Tensor]) -> Tensor:
+        t2v = o.model
+        return diffusion_loss(
+            diffusion, t2v.dit, bt["latents"], t2v.condition(bt["ids"], bt["mask"])
+        )
 
-    ema = EMA(model, float(train["ema"]["decay"]), warmup=bool(train["ema"]["warmup"]))
-    before = denoising_loss(model, clips, diffusion, tokenizer, 64)
-    seconds, rows = P.fit(
-        cfg, "dit", model, batch_fn, loss_fn, lambda _, m: ema.update(m),
-        lr_scales={"encoder": encoder_lr_scale(P, cfg)},
-    )  # fmt: skip
-    ema.copy_to(model)  # the averaged weights are the ones sampled and saved
+    main = launched_rank().is_main  # (rank 0 scores the stage)
+    before = denoising_loss(model, clips, diffusion, tokenizer, 64) if main else None
+    # with the EMA: the averaged weights are the ones sampled and saved
+    scales = {"model.encoder": encoder_lr_scale(P, cfg)}
+    fitted = P.fit(
+        cfg, "dit", Objective(loss, model=model), batch_fn, ema=train["ema"], lr_scales=scales
+    )
+
+    def fresh() -> TextToVideo:
+        return TextToVideo(TextEncoder(encoder_cfg), VideoDiT(dit_cfg))
+
+    model = fitted.part(cfg, "model", fresh, everywhere=False)
+    seconds, rows = fitted.seconds, fitted.rows
+    if model is None:  # a rank other than 0: rank 0 writes the entry
+        return Stage(None, {"seconds": seconds}, path.name, False)
     model.eval()
     report = {
         "seconds": seconds,
@@ -725,19 +768,53 @@ def generate_clips(
 # ----------------------------------------------------------------------------- run
 
 
+def stage_models(cfg: DictConfig, s: Settings) -> list[nn.Module]:
+    """The models the stages train here (the VAE and, with ``init=image``, the image DiT of
+    ``text_to_image``; the untied LM; the text encoder and the VideoDiT), for
+    ``train.parallel``'s checks on the meta device."""
+    text = part_configs(cfg)["text"]
+    vocab = int(text.train.vocab_size)
+    encoder = text_encoder_config(P, cfg, vocab)
+    lm = text_generation.model_config(text, vocab).replace(tie_embeddings=False)
+    models: list[nn.Module] = [
+        VAE(s.frame_vae.vae),
+        MoELanguageModel(lm),
+        TextToVideo(TextEncoder(encoder), VideoDiT(s.dit)),
+    ]
+    if s.init == "image":
+        image = part_configs(cfg)["image"]
+        dit = text_to_image.dit_config(image, s.frame_vae.vae, s.frame_vae.world, encoder.dim)
+        models.append(DiT(dit))
+    return models
+
+
+def batch_keys(s: Settings) -> list[str]:
+    """The global batches of the stages a run may train, ``text_to_image``'s included."""
+    keys = ["parts.image.vae.batch_size"]
+    if s.init == "image":
+        keys.append("parts.image.dit.batch_size")
+    if s.enrich or s.evaluate:
+        keys.append("train.enrich.batch_size")
+    return [*keys, "train.dit.batch_size"]
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Check everything, load the parts, train (or load) the stages, score, generate."""
+    """Check everything, load the parts, train (or load) the stages (on every rank of a
+    ``train.parallel`` run), then score and generate (on rank 0)."""
     s = check_config(cfg)  # a bad setting or prompt fails here, before any work
-    parts = load_text(part_configs(cfg)["text"])
-    limit = text_encoder_config(P, cfg, parts.tokenizer.vocab_size).max_seq_len
-    if s.prompt is not None:
-        check_prompt_tokens(P, s.prompt, parts.tokenizer, limit)
-    readers = load_readers(cfg, parts) if s.evaluate or s.prompt is not None else None
-    done = {"vae": load_vae(cfg, s)}
-    if s.enrich or s.evaluate:  # generating with enrich=false alone needs no LM
-        done["enrich"] = load_or_train_enricher(P, cfg, parts, s.world, "video", "2/3")
-    image = load_image_dit(cfg, s, parts, done["vae"]) if s.init == "image" else None
-    done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"], image)
+    with P.parallel_training(cfg, batch_keys(s), lambda: stage_models(cfg, s)) as ranks:
+        parts = load_text(P, cfg, part_configs(cfg)["text"])
+        limit = text_encoder_config(P, cfg, parts.tokenizer.vocab_size).max_seq_len
+        if s.prompt is not None:
+            check_prompt_tokens(P, s.prompt, parts.tokenizer, limit)
+        readers = load_readers(cfg, parts) if s.evaluate or s.prompt is not None else None
+        done = {"vae": load_vae(cfg, s)}
+        if s.enrich or s.evaluate:  # generating with enrich=false alone needs no LM
+            done["enrich"] = load_or_train_enricher(P, cfg, parts, s.world, "video", "2/3")
+        image = load_image_dit(cfg, s, parts, done["vae"]) if s.init == "image" else None
+        done["dit"] = load_or_train_dit(cfg, s, parts, done["vae"], image)
+    if not ranks.is_main:  # the other ranks have trained: rank 0 scores and generates
+        return {}
     vae, model = done["vae"].model, done["dit"].model
     maker = Maker(s, model, vae, parts.tokenizer)
     lm = done["enrich"].model if "enrich" in done else None

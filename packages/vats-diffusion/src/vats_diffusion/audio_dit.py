@@ -396,6 +396,7 @@ class AudioDiT(PretrainedMixin, nn.Module):
         text_mask: Tensor | None,
         seconds: dict[str, Tensor | float | None],
         frame_mask: Tensor | None,
+        text_keep: Tensor | None = None,
     ) -> None:
         """Every input error, before any work (ValueError naming the argument)."""
         cfg = self.config
@@ -421,7 +422,7 @@ class AudioDiT(PretrainedMixin, nn.Module):
                 f"max_frames={cfg.max_frames} ({cfg.seconds(cfg.max_frames):g} s)"
             )
         check_timestep("AudioDiT", timestep, b)
-        check_text_inputs("AudioDiT", text_states, text_mask, b, cfg.text_dim)
+        check_text_inputs("AudioDiT", text_states, text_mask, b, cfg.text_dim, text_keep)
         self._check_frame_mask(frame_mask, b, length)
         self._check_seconds(seconds, b)
 
@@ -524,6 +525,7 @@ class AudioDiT(PretrainedMixin, nn.Module):
         seconds_start: Tensor | float | None = None,
         seconds_total: Tensor | float | None = None,
         frame_mask: Tensor | None = None,
+        text_keep: Tensor | None = None,
     ) -> Tensor:
         """Predict from noisy log-mel frames.
 
@@ -534,6 +536,8 @@ class AudioDiT(PretrainedMixin, nn.Module):
                 condition for every row. Models with ``text_dim`` only.
             text_mask: ``(B, S)`` bool, True = real token; None = all real. A row with no
                 True is the null text condition.
+            text_keep: ``(B,)`` bool, True = the row keeps its text (False: the null text
+                condition), in place of ``text_dropout``'s draw; None = drawn in training.
             seconds_start: ``(B,)`` or one number: where the frames start in the sound, in
                 seconds in ``[0, max_seconds]``. Required iff ``max_seconds`` is set.
             seconds_total: ``(B,)`` or one number: the sound's length in seconds, in
@@ -550,7 +554,7 @@ class AudioDiT(PretrainedMixin, nn.Module):
                 conditioning the model does not have (or lacks).
         """
         seconds = {"seconds_start": seconds_start, "seconds_total": seconds_total}
-        self._check_inputs(x, timestep, text_states, text_mask, seconds, frame_mask)
+        self._check_inputs(x, timestep, text_states, text_mask, seconds, frame_mask, text_keep)
         b, p = x.shape[0], self.config.patch_size
         # 1. Padding frames zeroed; a token is real when any of its frames is.
         token_mask = None
@@ -575,6 +579,7 @@ class AudioDiT(PretrainedMixin, nn.Module):
                 pooled_text_embed=self.pooled_text_embed,
                 text_dropout=self.config.text_dropout,
                 training=self.training,
+                keep=text_keep,
             )
         # 4. The adaLN conditioning: timestep, pooled text, duration.
         c = self.condition(

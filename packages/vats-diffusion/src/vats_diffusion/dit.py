@@ -270,6 +270,7 @@ class DiT(PretrainedMixin, nn.Module):
         class_labels: Tensor | None,
         text_states: Tensor | None,
         text_mask: Tensor | None,
+        text_keep: Tensor | None = None,
     ) -> None:
         """Every input error, before any work (ValueError naming the argument)."""
         cfg = self.config
@@ -289,7 +290,7 @@ class DiT(PretrainedMixin, nn.Module):
             )
         check_timestep("DiT", timestep, b)
         self._check_labels(class_labels, b)
-        self._check_text(text_states, text_mask, b)
+        self._check_text(text_states, text_mask, b, text_keep)
 
     def _check_labels(self, labels: Tensor | None, b: int) -> None:
         k = self.config.num_classes
@@ -318,8 +319,10 @@ class DiT(PretrainedMixin, nn.Module):
                     f"num_classes={k}] ({k} = the null label for classifier-free guidance)"
                 )
 
-    def _check_text(self, states: Tensor | None, mask: Tensor | None, b: int) -> None:
-        check_text_inputs("DiT", states, mask, b, self.config.text_dim)
+    def _check_text(
+        self, states: Tensor | None, mask: Tensor | None, b: int, keep: Tensor | None = None
+    ) -> None:
+        check_text_inputs("DiT", states, mask, b, self.config.text_dim, keep)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -334,7 +337,7 @@ class DiT(PretrainedMixin, nn.Module):
         return labels
 
     def _text(
-        self, states: Tensor, mask: Tensor | None
+        self, states: Tensor, mask: Tensor | None, keep: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """Project and pool the text.
 
@@ -349,6 +352,7 @@ class DiT(PretrainedMixin, nn.Module):
             pooled_text_embed=self.pooled_text_embed,
             text_dropout=self.config.text_dropout,
             training=self.training,
+            keep=keep,
         )
 
     def condition(
@@ -402,6 +406,7 @@ class DiT(PretrainedMixin, nn.Module):
         class_labels: Tensor | None = None,
         text_states: Tensor | None = None,
         text_mask: Tensor | None = None,
+        text_keep: Tensor | None = None,
     ) -> Tensor:
         """Predict from noisy latents.
 
@@ -415,6 +420,8 @@ class DiT(PretrainedMixin, nn.Module):
                 condition for every row. Models with ``text_dim`` only.
             text_mask: ``(B, S)`` bool, True = real token; None = all real. A row with no
                 True is the null text condition.
+            text_keep: ``(B,)`` bool, True = the row keeps its text (False: the null text
+                condition), in place of ``text_dropout``'s draw; None = drawn in training.
 
         Returns:
             ``(B, C_out, h, w)``: with ``learned_sigma`` the ``C`` prediction channels,
@@ -424,7 +431,7 @@ class DiT(PretrainedMixin, nn.Module):
             ValueError: bad shapes, dtypes, labels out of range, or conditioning the model
                 does not have.
         """
-        self._check_inputs(x, timestep, class_labels, text_states, text_mask)
+        self._check_inputs(x, timestep, class_labels, text_states, text_mask, text_keep)
         cfg = self.config
         b = x.shape[0]
         # 1. Patches, positions.
@@ -436,7 +443,7 @@ class DiT(PretrainedMixin, nn.Module):
         context = context_mask = gate = pooled = None
         if text_states is not None:
             context, context_mask, gate, pooled = self._text(
-                text_states.to(tokens.dtype), text_mask
+                text_states.to(tokens.dtype), text_mask, text_keep
             )
         # 3. The adaLN conditioning and what each block reads from it.
         c = self.condition(

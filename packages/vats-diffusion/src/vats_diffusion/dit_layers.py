@@ -455,14 +455,31 @@ def check_timestep(owner: str, timestep: Tensor, batch: int, *, name: str = "tim
 
 
 def check_text_inputs(
-    owner: str, states: Tensor | None, mask: Tensor | None, batch: int, text_dim: int | None
+    owner: str,
+    states: Tensor | None,
+    mask: Tensor | None,
+    batch: int,
+    text_dim: int | None,
+    keep: Tensor | None = None,
 ) -> None:
-    """ValueError unless ``states`` is None (and ``mask`` too) or a floating
-    ``(B, S >= 1, text_dim)`` tensor with ``mask`` None or a bool ``(B, S)`` tensor."""
+    """ValueError unless ``states`` is None (and ``mask`` and ``keep`` too) or a floating
+    ``(B, S >= 1, text_dim)`` tensor with ``mask`` None or a bool ``(B, S)`` tensor and
+    ``keep`` (``text_keep``) None or a bool ``(B,)`` tensor."""
     if states is None:
-        if mask is not None:
-            raise ValueError(f"{owner}: text_mask given without text_states")
+        for name, given in (("text_mask", mask), ("text_keep", keep)):
+            if given is not None:
+                raise ValueError(f"{owner}: {name} given without text_states")
         return
+    if keep is not None and (
+        not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (batch,)
+    ):
+        got = (
+            f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
+        )
+        raise ValueError(
+            f"{owner}: text_keep must be a torch.bool (B,) = ({batch},) tensor (True = the row "
+            f"keeps its text), got {got}"
+        )
     if text_dim is None:
         raise ValueError(f"{owner}: text_states given, but the model has no text (text_dim=None)")
     if (
@@ -513,11 +530,13 @@ def embed_text(
     pooled_text_embed: nn.Module | None,
     text_dropout: float,
     training: bool,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Project and pool the text (the masked-text rules of :mod:`vats_diffusion.dit`).
 
     Padding positions are zeroed before any product (they may hold anything, even NaN); in
-    training, ``text_dropout`` turns whole rows into the null text condition (no real token).
+    training, ``text_dropout`` turns whole rows into the null text condition (no real token),
+    drawn here from the global RNG unless ``keep`` gives the rows that keep their text.
 
     Args:
         states: ``(B, S, Dt)``.
@@ -526,14 +545,19 @@ def embed_text(
         pooled_text_embed: ``Dc -> D`` of the masked mean, or None for no pooled text.
         text_dropout: the probability a row is dropped, in training.
         training: the model's mode.
+        keep: ``(B,)`` bool, True = the row keeps its text, in any mode: the rows to drop,
+            given instead of drawn (a data-parallel trainer draws them for the global batch
+            and gives each rank its rows). None: drawn in training when ``text_dropout > 0``.
 
     Returns:
         ``(context (B, S, Dc), context_mask (B, S) | None, gate (B, 1, 1) | None,
         pooled (B, D) | None)``: gate and pooled are 0 for rows with no real token.
     """
     b = states.shape[0]
-    if training and text_dropout > 0:
+    if keep is None and training and text_dropout > 0:
         keep = torch.rand(b, device=states.device) >= text_dropout  # (B,)
+    if keep is not None:
+        keep = keep.to(states.device)
         mask = keep[:, None] if mask is None else mask & keep[:, None]
         mask = mask.expand(b, states.shape[1])
     if mask is not None:

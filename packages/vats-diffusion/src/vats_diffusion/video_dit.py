@@ -304,7 +304,12 @@ class VideoDiT(PretrainedMixin, nn.Module):
     # ------------------------------------------------------------------ inputs
 
     def _check_inputs(
-        self, x: Tensor, timestep: Tensor, text_states: Tensor | None, text_mask: Tensor | None
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        text_states: Tensor | None,
+        text_mask: Tensor | None,
+        text_keep: Tensor | None = None,
     ) -> None:
         """Every input error, before any work (ValueError naming the argument or field)."""
         cfg = self.config
@@ -336,7 +341,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
                 f"positive multiples of patch_size={p}"
             )
         check_timestep("VideoDiT", timestep, b)
-        check_text_inputs("VideoDiT", text_states, text_mask, b, cfg.text_dim)
+        check_text_inputs("VideoDiT", text_states, text_mask, b, cfg.text_dim, text_keep)
 
     # ------------------------------------------------------------------ forward
 
@@ -384,6 +389,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
         *,
         text_states: Tensor | None = None,
         text_mask: Tensor | None = None,
+        text_keep: Tensor | None = None,
     ) -> Tensor:
         """Predict from a clip of noisy latents.
 
@@ -399,6 +405,8 @@ class VideoDiT(PretrainedMixin, nn.Module):
                 condition for every row. Models with ``text_dim`` only.
             text_mask: ``(B, S)`` bool, True = real token; None = all real. A row with no
                 True is the null text condition.
+            text_keep: ``(B,)`` bool, True = the row keeps its text (False: the null text
+                condition), in place of ``text_dropout``'s draw; None = drawn in training.
 
         Returns:
             ``(B, C_out, T, h, w)``: with ``learned_sigma`` the ``C`` prediction channels,
@@ -409,7 +417,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
                 of the wrong width, a mask that does not fit them, or text given to a model
                 without text conditioning.
         """
-        self._check_inputs(x, timestep, text_states, text_mask)
+        self._check_inputs(x, timestep, text_states, text_mask, text_keep)
         cfg = self.config
         b = x.shape[0]
         # 1. Tubelets, spatial positions.
@@ -429,6 +437,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
                 pooled_text_embed=self.pooled_text_embed,
                 text_dropout=cfg.text_dropout,
                 training=self.training,
+                keep=text_keep,
             )
         # 3. The adaLN conditioning and what each block reads from it.
         c = embed_timestep(cfg, self.time_embed, timestep, b, tokens.dtype)  # (B, D)
