@@ -46,7 +46,7 @@ demo: setup
 
 # The text pipeline trained by 2 ranks under torchrun (gloo on CPU, NCCL with CUDA), FSDP2
 # by default, over a global batch of 16 rows, tiny and short; rank 0 prints and writes
-# runs/train-distributed/result.json. DP=ddp or DP=fsdp; EP=2 with DP=ddp also splits the
+# runs/train-distributed/result.json. DP=ddp or DP=fsdp; EP=2 (with either) also splits the
 # MoE experts over the 2 ranks (expert parallelism); it trains anew each time.
 DP ?= fsdp
 EP ?= 1

@@ -2,7 +2,9 @@
 outputs, the gradients of each rank's inputs and router, and the expert weights'
 gradients (the sum over both ranks' tokens); bad degrees are refused naming the field.
 DDP + expert parallelism trains the single-process parameters, and its checkpoints are
-the single-process ones: written by 2 ranks, resumed on one process, and the other way.
+the single-process ones: written by 2 ranks, resumed on one process, and the other way;
+its sharded (DCP) checkpoints hold every expert once under the single-process name and
+shape, and resume the same two ways.
 
 One 2-rank job runs every case; the reference is the plain MoE (or the Trainer) here, on
 the same weights and on each rank's tokens in turn.
@@ -23,6 +25,7 @@ from torch import nn
 from vats_core.moe import MoE, MoEConfig
 from vats_core.parallel import ParallelConfig, parallelize
 from vats_core.parallel.runtime import DataParallelRun, gathered_model_state
+from vats_core.parallel.sharded import read_full_weights
 from vats_core.training import Trainer
 from vats_core.training.state import latest_checkpoint, read_training_checkpoint, step_dir_name
 from vats_core.training.trainer import CHECKPOINT_DIR, build_optimizer
@@ -88,11 +91,6 @@ def _errors() -> dict[str, str]:
             make_moe(MoEConfig(dim=D, hidden_dim=8, n_experts=3, top_k=2)),
             ParallelConfig(expert_parallel=2),
         ),
-        (
-            "fsdp",
-            make_moe(CASES["dropless"]),
-            ParallelConfig(expert_parallel=2, data_parallel="fsdp"),
-        ),
         ("no_moe", nn.Sequential(nn.Linear(D, D)), ParallelConfig(expert_parallel=2)),
     ]:
         try:
@@ -111,7 +109,7 @@ def _errors() -> dict[str, str]:
 def _train(sc: ModuleType, out: Path) -> dict[str, Any]:
     """dp_scenarios' tiny transformer (a dense and a MoE block) trained by the Trainer with
     DDP + expert parallelism: the parameters after every step, the logged rows, the
-    gathered weights, and the refusal of sharded checkpoints."""
+    gathered weights."""
     model = parallelize(sc.make_model(), ParallelConfig(data_parallel="ddp", expert_parallel=2))
     seen: dict[int, dict[str, torch.Tensor]] = {}
     trainer = Trainer(
@@ -122,17 +120,7 @@ def _train(sc: ModuleType, out: Path) -> dict[str, Any]:
         on_step=lambda step, m: seen.__setitem__(step, sc.full_params(m)),
     )
     rows = trainer.fit()
-    result = {"params": seen, "rows": rows, "gathered": gathered_model_state(model)}
-    try:
-        Trainer(
-            parallelize(sc.make_model(), ParallelConfig(data_parallel="ddp", expert_parallel=2)),
-            sc.trainer_config(out / "ckpt", checkpoint_every=2, sharded_checkpoints=True),
-            data=sc.batch_fn,
-            loss_fn=sc.loss_fn,
-        )
-    except ValueError as e:
-        result["checkpoint_error"] = str(e)
-    return result
+    return {"params": seen, "rows": rows, "gathered": gathered_model_state(model)}
 
 
 def _checkpoints(sc: ModuleType, out: Path) -> dict[str, Any]:
@@ -161,6 +149,53 @@ def _checkpoints(sc: ModuleType, out: Path) -> dict[str, Any]:
         result["params"] = sc.full_params(trainer.module)
     except ValueError as e:  # raised by every rank before any collective: none waits
         result["resume_error"] = str(e)
+    return result
+
+
+def _sharded_checkpoints(sc: ModuleType, out: Path) -> dict[str, Any]:
+    """DDP + expert parallelism with sharded checkpoints: writes its step 2 (of 4) into
+    ``out/ep-sharded`` (the test resumes it on one process), then continues a
+    single-process run's sharded step-2 checkpoint (``out/from-one-sharded``, written by
+    the test) to step 4: the step-4 parameters and the rows."""
+    ep = ParallelConfig(data_parallel="ddp", expert_parallel=2)
+    config = sc.trainer_config(out / "ep-sharded", checkpoint_every=2, sharded_checkpoints=True)
+    Trainer(parallelize(sc.make_model(), ep), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(
+        stop_after=2
+    )
+    config = sc.trainer_config(
+        out / "from-one-sharded", checkpoint_every=2, sharded_checkpoints=True
+    )
+    trainer = Trainer(
+        parallelize(sc.make_model(), ep), config, data=sc.batch_fn, loss_fn=sc.loss_fn
+    )
+    rows = trainer.fit(resume=True)
+    return {"rows": rows, "params": sc.full_params(trainer.module)}
+
+
+def _fsdp(sc: ModuleType, out: Path) -> dict[str, Any]:
+    """FSDP + expert parallelism through the Trainer: 4 steps with gathered checkpoints
+    at steps 2 and 4 (``out/fsdp-gathered``; the parameters after every step, the rows); a
+    sharded run stopped at step 2 (``out/fsdp-sharded``, the test resumes it on one
+    process); and copies of the single-process step-2 checkpoints of both formats
+    continued to step 4 (the parameters, the rows)."""
+    ep = ParallelConfig(data_parallel="fsdp", expert_parallel=2)
+
+    def trainer(out_dir: Path, sharded: bool, on_step: Any = None) -> Trainer:
+        config = sc.trainer_config(out_dir, checkpoint_every=2, sharded_checkpoints=sharded)
+        model = parallelize(sc.make_model(), ep)
+        return Trainer(model, config, data=sc.batch_fn, loss_fn=sc.loss_fn, on_step=on_step)
+
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    record = lambda step, m: seen.__setitem__(step, sc.full_params(m))  # noqa: E731
+    result: dict[str, Any] = {
+        "params": seen,
+        "rows": trainer(out / "fsdp-gathered", False, record).fit(),
+    }
+    trainer(out / "fsdp-sharded", True).fit(stop_after=2)
+    for name, sharded in (("fsdp-from-one", False), ("fsdp-from-one-sharded", True)):
+        resumed = trainer(out / name, sharded)
+        rows = resumed.fit(resume=True)
+        result[name] = {"rows": rows, "params": sc.full_params(resumed.module)}
     return result
 
 
@@ -199,6 +234,8 @@ def _rank_main(rank: int, port: int, sc: ModuleType, out: Path) -> None:
         results["trainable"] = sorted(n for n, p in frozen.named_parameters() if p.requires_grad)
         results["ddp"] = _train(sc, out / f"train-{rank}")
         results["checkpoints"] = _checkpoints(sc, out)
+        results["sharded"] = _sharded_checkpoints(sc, out)
+        results["fsdp"] = _fsdp(sc, out)
         torch.save(results, out / f"ep-rank{rank}.pt")
         torch.distributed.destroy_process_group()
     except BaseException:
@@ -211,8 +248,10 @@ def job(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> list[dict[s
     """Each rank's results; ``out`` (the ranks' directory) in rank 0's."""
     out = tmp_path_factory.mktemp("ep")
     # a single-process run stopped at step 2, for the ranks to resume
-    config = sc.trainer_config(out / "from-one", checkpoint_every=2)
-    Trainer(sc.make_model(), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(stop_after=2)
+    for name, sharded in (("from-one", False), ("from-one-sharded", True)):
+        config = sc.trainer_config(out / name, checkpoint_every=2, sharded_checkpoints=sharded)
+        Trainer(sc.make_model(), config, data=sc.batch_fn, loss_fn=sc.loss_fn).fit(stop_after=2)
+        shutil.copytree(out / name, out / f"fsdp-{name}")  # resumed by the FSDP run too
     procs = sc.start_ranks(_rank_main, sc, out)
     for rank, p in enumerate(procs):
         log = out / f"rank{rank}.log"
@@ -232,14 +271,15 @@ def reference(sc: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 def _recorded_fit(
-    sc: ModuleType, out: Path, *, resume: bool = False
+    sc: ModuleType, out: Path, *, resume: bool = False, sharded: bool = False
 ) -> tuple[dict[int, dict[str, torch.Tensor]], list[dict[str, Any]]]:
-    """A single-process run under ``out`` (checkpointed every 2 steps, resumed from its
-    latest checkpoint with ``resume``): its parameters after every step it ran, its rows."""
+    """A single-process run under ``out`` (checkpointed every 2 steps, sharded with
+    ``sharded``, resumed from its latest checkpoint with ``resume``): its parameters after
+    every step it ran, its rows."""
     params: dict[int, dict[str, torch.Tensor]] = {}
     rows = Trainer(
         sc.make_model(),
-        sc.trainer_config(out, checkpoint_every=2),
+        sc.trainer_config(out, checkpoint_every=2, sharded_checkpoints=sharded),
         data=sc.batch_fn,
         loss_fn=sc.loss_fn,
         on_step=lambda step, m: params.__setitem__(step, sc.full_params(m)),
@@ -305,7 +345,6 @@ def test_frozen_experts_stay_frozen_once_sharded(job: list[dict]) -> None:
     [
         ("world", ["ParallelConfig.expert_parallel=3", "world size 2"]),
         ("experts", ["ParallelConfig.expert_parallel=2", "n_experts=3"]),
-        ("fsdp", ["ParallelConfig.expert_parallel=2", "data_parallel='fsdp'"]),  # not built yet
         ("no_moe", ["ParallelConfig.expert_parallel=2", "no MoE layer"]),
     ],
 )
@@ -370,19 +409,7 @@ def test_an_expert_parallel_checkpoint_is_the_single_process_one_and_resumes_on_
         reference["checkpoints"] / step_dir_name(2)
     )
     assert state["step"] == 2
-    assert weights.keys() == want_weights.keys()
-    for name, value in want_weights.items():
-        _close(weights[name], value, f"checkpoint {name}")
-    assert optim["param_groups"] == want_optim["param_groups"]
-    assert optim["state"].keys() == want_optim["state"].keys()
-    for i, entry in want_optim["state"].items():
-        assert optim["state"][i].keys() == entry.keys()
-        for key, value in entry.items():
-            # to the tensor's scale: the experts' exp_avg_sq is ~1e-9, under TOL
-            scale = float(value.abs().max())
-            torch.testing.assert_close(
-                optim["state"][i][key], value, rtol=0, atol=TOL * scale, msg=f"state {i} {key}"
-            )
+    _assert_single_process_state(weights, optim, want_weights, want_optim)
     # the experts' moments differ from row to row: a misplaced slice would show
     for key, moment in _single_process_by_name(sc, optim)[EXPERTS + "gate_up_proj"].items():
         if moment.ndim:
@@ -397,6 +424,25 @@ def test_an_expert_parallel_checkpoint_is_the_single_process_one_and_resumes_on_
     for name, value in reference["params"][4].items():
         _close(params[4][name], value, f"resumed on one process, step 4 {name}")
     _assert_rows(rows, reference["rows"], [3, 4], "resumed on one process")
+
+
+def _assert_single_process_state(
+    weights: dict[str, torch.Tensor], optim: dict[str, Any], want_weights: dict, want_optim: dict
+) -> None:
+    """A gathered checkpoint's weights and optimizer state equal the single-process run's."""
+    assert weights.keys() == want_weights.keys()
+    for name, value in want_weights.items():
+        _close(weights[name], value, f"checkpoint {name}")
+    assert optim["param_groups"] == want_optim["param_groups"]
+    assert optim["state"].keys() == want_optim["state"].keys()
+    for i, entry in want_optim["state"].items():
+        assert optim["state"][i].keys() == entry.keys()
+        for key, value in entry.items():
+            # to the tensor's scale: the experts' exp_avg_sq is ~1e-9, under TOL
+            scale = float(value.abs().max())
+            torch.testing.assert_close(
+                optim["state"][i][key], value, rtol=0, atol=TOL * scale, msg=f"state {i} {key}"
+            )
 
 
 def test_a_single_process_checkpoint_loads_each_rank_s_experts_under_expert_parallel(
@@ -443,12 +489,106 @@ def _single_process_by_name(sc: ModuleType, state: dict[str, Any]) -> dict[str, 
     return _by_name(model, optimizer, state)
 
 
-def test_sharded_checkpoints_of_expert_parallel_training_are_refused_before_any_step(
-    job: list[dict],
+def test_an_expert_parallel_sharded_checkpoint_holds_whole_experts_and_resumes_on_one_process(
+    sc: ModuleType, job: list[dict], reference: dict, tmp_path: Path
 ) -> None:
-    message = job[0]["ddp"]["checkpoint_error"]
-    for part in ("TrainerConfig.sharded_checkpoints", "ParallelConfig.expert_parallel", "gathered"):
-        assert part in message, message
+    """2 ranks (2 of the 4 experts each) write step 2 of 4 as a sharded checkpoint: each
+    expert weight and AdamW moment is stored once with the layer's whole shape, the weights
+    are the single-process run's at step 2, and one process continues it to the
+    uninterrupted run's step 4 (losses and parameters)."""
+    import torch.distributed.checkpoint as dcp
+
+    written = job[0]["out"] / "ep-sharded"
+    root = written / CHECKPOINT_DIR
+    path = latest_checkpoint(root)
+    assert path is not None and path.name == step_dir_name(2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", step_dir_name(2)]  # no debris
+    metadata = dcp.FileSystemReader(path / "sharded").read_metadata().state_dict_metadata
+    for key in ("model.", "optimizer.state."):
+        for suffix in ("gate_up_proj", "down_proj"):
+            name = key + EXPERTS + suffix
+            for full in [name] if key == "model." else [f"{name}.exp_avg", f"{name}.exp_avg_sq"]:
+                entry = metadata[full]
+                assert entry.size[0] == 4, (full, entry.size)  # all 4 experts, not a rank's 2
+                # one chunk per rank: rows [0, 2) and [2, 4)
+                assert sorted(c.offsets[0] for c in entry.chunks) == [0, 2], full
+    weights = read_full_weights(path, sc.make_model())
+    want, _, _ = read_training_checkpoint(reference["checkpoints"] / step_dir_name(2))
+    assert weights.keys() == want.keys()
+    for name, value in want.items():
+        _close(weights[name], value, f"sharded checkpoint {name}")
+
+    run = tmp_path / "run"
+    shutil.copytree(written, run)
+    params, rows = _recorded_fit(sc, run, resume=True, sharded=True)
+    assert sorted(params) == [3, 4]
+    for name, value in reference["params"][4].items():
+        _close(params[4][name], value, f"resumed on one process, step 4 {name}")
+    _assert_rows(rows, reference["rows"], [3, 4], "resumed on one process")
+
+
+def test_a_single_process_sharded_checkpoint_resumes_under_expert_parallel(
+    job: list[dict], reference: dict
+) -> None:
+    """A single-process run's sharded step-2 checkpoint, resumed by the Trainer on 2 ranks
+    (each reading its experts' rows of the weights and moments), reaches the uninterrupted
+    run's parameters and losses at step 4."""
+    for rank in range(2):
+        got = job[rank]["sharded"]
+        for name, value in reference["params"][4].items():
+            value = _mine(name, value, rank)
+            _close(got["params"][name], value, f"rank {rank} resumed sharded, step 4 {name}")
+        _assert_rows(got["rows"], reference["rows"], [3, 4], f"rank {rank} resumed sharded")
+
+
+def test_fsdp_with_expert_parallel_trains_the_single_process_parameters(
+    job: list[dict], reference: dict
+) -> None:
+    """FSDP2 shards the dense parameters over both ranks, each holding 2 of the 4 experts
+    whole: every parameter after steps 1 and 4 (2 micro-batches each, clipping active),
+    the loss and the gradient norm equal the single-process run's."""
+    want = reference["params"]
+    for rank in range(2):
+        got = job[rank]["fsdp"]
+        for step in (1, 4):
+            assert got["params"][step].keys() == want[step].keys()
+            for name, value in want[step].items():
+                value = _mine(name, value, rank)
+                _close(got["params"][step][name], value, f"rank {rank} step {step} {name}")
+        _assert_rows(got["rows"], reference["rows"], [1, 2, 3, 4], f"fsdp rank {rank}")
+
+
+def test_fsdp_expert_parallel_checkpoints_are_the_single_process_ones_and_resume_on_one_process(
+    sc: ModuleType, job: list[dict], reference: dict, tmp_path: Path
+) -> None:
+    """Its gathered step-2 checkpoint holds the single-process run's weights and optimizer
+    state; its sharded one, continued by one process, reaches the uninterrupted step 4."""
+    out = job[0]["out"]
+    path = out / "fsdp-gathered" / CHECKPOINT_DIR / step_dir_name(2)
+    weights, optim, _ = read_training_checkpoint(path)
+    want_weights, want_optim, _ = read_training_checkpoint(
+        reference["checkpoints"] / step_dir_name(2)
+    )
+    _assert_single_process_state(weights, optim, want_weights, want_optim)
+
+    shutil.copytree(out / "fsdp-sharded", tmp_path / "run")
+    params, rows = _recorded_fit(sc, tmp_path / "run", resume=True, sharded=True)
+    assert sorted(params) == [3, 4]
+    for name, value in reference["params"][4].items():
+        _close(params[4][name], value, f"resumed on one process, step 4 {name}")
+    _assert_rows(rows, reference["rows"], [3, 4], "fsdp sharded, resumed on one process")
+
+
+@pytest.mark.parametrize("run", ["fsdp-from-one", "fsdp-from-one-sharded"])
+def test_single_process_checkpoints_resume_under_fsdp_with_expert_parallel(
+    job: list[dict], reference: dict, run: str
+) -> None:
+    for rank in range(2):
+        got = job[rank]["fsdp"][run]
+        for name, value in reference["params"][4].items():
+            value = _mine(name, value, rank)
+            _close(got["params"][name], value, f"{run} rank {rank} step 4 {name}")
+        _assert_rows(got["rows"], reference["rows"], [3, 4], f"{run} rank {rank}")
 
 
 def test_expert_parallel_needs_a_process_group() -> None:

@@ -83,8 +83,9 @@ def parallelize(
     2. ``torch.compile`` of every block (``config.compile``);
     3. expert parallelism (``config.expert_parallel`` > 1): every MoE layer keeps this
        rank's slice of its experts and exchanges tokens by all-to-all
-       (:mod:`vats_core.parallel.expert`); with DDP (not FSDP yet), which leaves the
-       sharded expert weights to the expert-parallel gradient averaging;
+       (:mod:`vats_core.parallel.expert`); DDP and FSDP leave the sharded expert weights
+       (whole on each rank, replicated over the ranks holding the same experts, as
+       torchtitan's experts outside FSDP) to the expert-parallel gradient averaging;
     4. data parallelism over the default process group: FSDP2 shards each block and then
        the root (the parameters outside the blocks: embeddings, final norm, head) with
        ``fully_shard``; DDP wraps the model in ``DistributedDataParallel``.
@@ -129,17 +130,30 @@ def parallelize(
     if config.expert_parallel > 1:
         from vats_core.parallel.expert import shard_experts
 
-        shard_experts(model, config.expert_parallel)
+        shard_experts(model, config.expert_parallel, device.type)
     if config.data_parallel is DataParallel.FSDP:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        ignored: set[nn.Parameter] | None = None
+        if config.expert_parallel > 1:
+            from vats_core.parallel.expert import average_expert_gradients, expert_parameters
+
+            # FSDP shards every other parameter; each rank's experts stay whole (replicated
+            # over the ranks holding the same experts), their gradients averaged by hooks.
+            ignored = set(expert_parameters(model))
+            average_expert_gradients(model)
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again at once by the backward: keep
             # them gathered instead of freeing and re-gathering them (torchtitan does too).
-            fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
-        fully_shard(model, mesh=mesh)
+            fully_shard(
+                block,
+                mesh=mesh,
+                reshard_after_forward=i < len(blocks) - 1,
+                ignored_params=ignored,
+            )
+        fully_shard(model, mesh=mesh, ignored_params=ignored)
         return model
     if config.data_parallel is DataParallel.DDP:
         from torch.nn.parallel import DistributedDataParallel
@@ -235,7 +249,7 @@ def _check(model: nn.Module, config: ParallelConfig, blocks: list[nn.Module]) ->
 
 def _check_expert_parallel(model: nn.Module, config: ParallelConfig) -> None:
     """The refusals of ``expert_parallel``: a degree that does not divide the world or a
-    MoE layer's experts, no MoE layer, no process group, or a combination not built yet."""
+    MoE layer's experts, no MoE layer, no process group."""
     ep = config.expert_parallel
     if ep == 1:
         return
@@ -262,14 +276,6 @@ def _check_expert_parallel(model: nn.Module, config: ParallelConfig) -> None:
             raise config_error(
                 config, "expert_parallel", ep, f"a divisor of {name}'s n_experts={n}"
             )
-    if config.data_parallel is DataParallel.FSDP:
-        raise config_error(
-            config,
-            "expert_parallel",
-            ep,
-            "1 with data_parallel='fsdp': expert-parallel layers are combined with DDP "
-            "(data_parallel='ddp') or none, not with FSDP yet",
-        )
 
 
 def _is_parallelized(model: nn.Module, blocks: list[nn.Module]) -> bool:

@@ -41,8 +41,7 @@ class ParallelConfig(Config):
     # P ranks (rank p holds experts [p*E/P, (p+1)*E/P)) and tokens travel to their expert by
     # all-to-all (vats_core.parallel.expert). 1 = every rank holds every expert. P must
     # divide the world size and every MoE layer's n_experts; combines with data_parallel
-    # 'ddp' (or 'none' for a hand-written loop), not 'fsdp' yet; the trainer does not
-    # checkpoint such a run yet (refused before the first step).
+    # 'ddp' or 'fsdp' (FSDP shards the other parameters), or 'none' for a hand-written loop.
     expert_parallel: int = 1
 
     def __post_init__(self) -> None:

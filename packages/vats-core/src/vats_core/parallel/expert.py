@@ -27,16 +27,24 @@ rank's slice under the same parameter names (``experts.gate_up_proj`` / ``down_p
 (E/P, 2H, D) and (E/P, D, H)), so the model's code and the MoE's forward are unchanged.
 :func:`~vats_core.parallel.parallelize` calls it for ``ParallelConfig.expert_parallel``.
 
-Training with DDP: DDP leaves the sharded weights alone (they differ per rank), and
-:func:`average_expert_gradients` makes their gradients the data-parallel mean; the
-trainer's gradient norm counts each expert once (:func:`expert_norm_squared`), and
-:func:`gather_experts` rebuilds whole weights for a plain copy of the model.
-Checkpoints are the single-process ones: :func:`gather_expert_optimizer_state` gathers the
-experts' optimizer state (AdamW's moments, sharded like the weights) as
+The ranks form a (replicas, experts) device mesh (:func:`expert_mesh`): a row is an EP
+group, a column the ranks holding the same experts.
+
+Training with DDP or FSDP: both leave the sharded weights alone (they differ per rank;
+FSDP shards every other parameter and ignores them), and :func:`average_expert_gradients`
+makes their gradients the data-parallel mean; the trainer's gradient norm counts each
+expert once (:func:`expert_norm_squared`), and :func:`gather_experts` rebuilds whole
+weights for a plain copy of the model.
+Gathered checkpoints are the single-process ones: :func:`gather_expert_optimizer_state`
+gathers the experts' optimizer state (AdamW's moments, sharded like the weights) as
 :func:`gather_experts` gathers the weights, and :func:`local_expert_state` cuts a
 single-process checkpoint's weights and moments to the rank's slice, so a run resumes on
 one process or on any degree that divides the experts
-(:class:`~vats_core.parallel.runtime.DataParallelRun` calls them).
+(:class:`~vats_core.parallel.runtime.DataParallelRun` calls them). Sharded checkpoints
+(``torch.distributed.checkpoint``) hold the same names and shapes without gathering:
+:func:`global_expert_state` presents each rank's rows as a DTensor of the layer's whole
+(E, ...) tensor, sharded over the ``experts`` mesh dim, so each expert is written once, by
+its rank, and read back into any other layout (:mod:`vats_core.parallel.sharded`).
 
 Shape legend: N tokens, D model dim, E experts of the layer, L = E/P experts of this rank,
 P ranks of the expert-parallel group, S assignments this rank sends, R assignments it
@@ -51,7 +59,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from vats_core.moe import GroupedExperts, MoE
 
@@ -61,19 +71,20 @@ class ShardedExperts(GroupedExperts):
 
     Args:
         experts: the layer's full experts (every rank holds the same initial weights).
-        group: the expert-parallel process group (P ranks).
+        mesh: the (replicas, experts) device mesh of :func:`expert_mesh`.
     """
 
-    def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup) -> None:
+    def __init__(self, experts: GroupedExperts, mesh: DeviceMesh) -> None:
         nn.Module.__init__(self)  # not GroupedExperts.__init__: it would allocate all E
         self.config = experts.config
-        self.group = group
-        self.ranks = dist.get_world_size(group)  # P
-        self.rank = dist.get_rank(group)  # p
+        self.mesh = mesh
+        self.group = mesh.get_group("experts")  # the expert-parallel group (P ranks)
+        # the ranks holding the same experts in the other EP groups
+        self.replicas = mesh.get_group("replicas")
+        self.ranks = dist.get_world_size(self.group)  # P
+        self.rank = dist.get_rank(self.group)  # p
         self.local = experts.config.n_experts // self.ranks  # L
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)
-        # the ranks holding the same experts in the other EP groups (set by shard_experts)
-        self.replicas: dist.ProcessGroup | None = None
         # frozen experts stay frozen (a stage that trains other parts of the model)
         self.gate_up_proj = nn.Parameter(
             experts.gate_up_proj.detach()[mine].clone(),
@@ -130,35 +141,29 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def expert_groups(degree: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-    """This rank's two groups for P = ``degree``: its expert-parallel group, ranks
-    [g·P, (g+1)·P), and its replica group, the ranks holding the same experts (p, p + P,
-    p + 2P, ...). Every rank creates every group (``new_group`` is collective), in the same
-    order."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    mine: dict[str, dist.ProcessGroup] = {}
-    for start in range(0, world, degree):
-        group = dist.new_group(list(range(start, start + degree)))
-        if start <= rank < start + degree:
-            mine["experts"] = group
-    for p in range(degree):
-        group = dist.new_group(list(range(p, world, degree)))
-        if rank % degree == p:
-            mine["replicas"] = group
-    return mine["experts"], mine["replicas"]
+_MESH_DIMS = ("replicas", "experts")
 
 
-def shard_experts(model: nn.Module, degree: int) -> list[ShardedExperts]:
+def expert_mesh(degree: int, device_type: str) -> DeviceMesh:
+    """The (replicas, experts) device mesh of the world for P = ``degree``: the ranks
+    ``arange(W).reshape(W/P, P)``. A row, dim ``experts``, is an expert-parallel group (ranks
+    [g·P, (g+1)·P)); a column, dim ``replicas``, holds the same experts (p, p + P, p + 2P,
+    ...). Every rank must call it (group creation is collective)."""
+    world = dist.get_world_size()
+    return init_device_mesh(device_type, (world // degree, degree), mesh_dim_names=_MESH_DIMS)
+
+
+def shard_experts(model: nn.Module, degree: int, device_type: str = "cpu") -> list[ShardedExperts]:
     """Replace every MoE layer's experts by this rank's :class:`ShardedExperts` slice.
 
     The caller (:func:`~vats_core.parallel.parallelize`) has checked that ``degree``
     divides the world size and every layer's ``n_experts``. In place; returns the shards.
+    ``device_type``: that of the model's parameters ("cpu" for gloo, "cuda" for NCCL).
     """
-    group, replicas = expert_groups(degree)
+    mesh = expert_mesh(degree, device_type)
     shards = []
     for moe in moe_layers(model):
-        moe.experts = ShardedExperts(moe.experts, group)
-        moe.experts.replicas = replicas
+        moe.experts = ShardedExperts(moe.experts, mesh)
         shards.append(moe.experts)
     return shards
 
@@ -170,6 +175,16 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, ShardedExperts)
         for param, _ in module.named_parameters(recurse=False)
+    ]
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every sharded expert weight of ``model`` (their values differ per EP rank)."""
+    return [
+        param
+        for module in model.modules()
+        if isinstance(module, ShardedExperts)
+        for param in module.parameters(recurse=False)
     ]
 
 
@@ -192,8 +207,8 @@ def average_expert_gradients(model: nn.Module) -> None:
                 param.register_hook(_averaging_hook(module.replicas, world))
 
 
-def _averaging_hook(replicas: dist.ProcessGroup | None, world: int) -> Callable[[Tensor], Tensor]:
-    several = replicas is not None and dist.get_world_size(replicas) > 1
+def _averaging_hook(replicas: dist.ProcessGroup, world: int) -> Callable[[Tensor], Tensor]:
+    several = dist.get_world_size(replicas) > 1
 
     def hook(grad: Tensor) -> Tensor:
         if several:
@@ -243,7 +258,7 @@ def gather_experts(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tens
     return out
 
 
-def _expert_positions(
+def expert_positions(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[int, ShardedExperts]:
     """The position of every sharded expert weight among the optimizer's parameters (param
@@ -268,7 +283,7 @@ def gather_expert_optimizer_state(
     same on every rank and kept. Every rank must call it; ``state`` is not modified (its
     tensors are the optimizer's own)."""
     per_param = dict(state["state"])
-    for position, module in sorted(_expert_positions(model, optimizer).items()):
+    for position, module in sorted(expert_positions(model, optimizer).items()):
         if position not in per_param:  # before the first step: no state on any rank
             continue
         entry = dict(per_param[position])
@@ -294,24 +309,89 @@ def local_expert_state(
     expert weight, and its optimizer tensors with a leading dim of E, keep rows
     [p·L, (p+1)·L) (p: the rank in its EP group); everything else is kept as is. The
     inputs are not modified; no communication."""
-    layers = {
-        f"{name}.{param}" if name else param: module
-        for name, module in model.named_modules()
-        if isinstance(module, ShardedExperts)
-        for param, _ in module.named_parameters(recurse=False)
-    }
-    weights = dict(model_state)
-    for key, module in layers.items():
-        if key in weights:  # a missing key is left to load_state_dict's strict error
-            weights[key] = _mine(weights[key], module, key)
+    weights = local_expert_weights(model, model_state)
     per_param = dict(optim_state["state"])
-    for position, module in _expert_positions(model, optimizer).items():
+    for position, module in expert_positions(model, optimizer).items():
         if position in per_param:  # absent before the first step
             per_param[position] = {
                 k: _mine(v, module, k) if _per_expert(v, module.config.n_experts) else v
                 for k, v in per_param[position].items()
             }
     return weights, {**optim_state, "state": per_param}
+
+
+def local_expert_weights(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``weights`` (a single-process state dict, or its shapes as meta tensors) with every
+    sharded expert weight cut to this rank's rows; a key missing, or one that does not
+    hold the layer's E experts along dim 0 (another model config), is left as is to the
+    caller's check of names and shapes. Not modified; no communication."""
+    out = dict(weights)
+    for key, module in _expert_layers(model).items():
+        if key in out and _per_expert(out[key], module.config.n_experts):
+            out[key] = _mine(out[key], module, key)
+    return out
+
+
+def _expert_layers(model: nn.Module) -> dict[str, ShardedExperts]:
+    """The name of every sharded expert weight in ``model`` -> the layer holding it."""
+    return {
+        f"{name}.{param}" if name else param: module
+        for name, module in model.named_modules()
+        if isinstance(module, ShardedExperts)
+        for param, _ in module.named_parameters(recurse=False)
+    }
+
+
+def global_expert_state(
+    model: nn.Module, model_state: dict[str, Any], optim_state: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``torch.distributed.checkpoint`` saves and loads for an expert-parallel model.
+
+    ``model_state`` and ``optim_state`` are this rank's name-keyed state dicts
+    (``get_model_state_dict`` / ``get_optimizer_state_dict`` of ``model``, the plain
+    module); every sharded expert weight and its per-expert optimizer tensors (AdamW's
+    moments, leading dim L) come back as :class:`~torch.distributed.tensor.DTensor` views of
+    the layer's whole (E, ...) tensor over the same storage: sharded along dim 0 over the
+    ``experts`` mesh dim, replicated over ``replicas``. So DCP writes each expert once,
+    under the name and global shape of the single-process state, and reads into this
+    rank's rows from whatever layout wrote them (one process, another degree, FSDP).
+    Everything else is kept as is; the inputs are not modified; no communication.
+    """
+    layers = _expert_layers(model)
+    weights = {k: _as_global(v, layers[k]) if k in layers else v for k, v in model_state.items()}
+    per_param = {
+        name: (
+            {
+                k: _as_global(v, layers[name]) if _per_expert(v, layers[name].local) else v
+                for k, v in entry.items()
+            }
+            if name in layers
+            else entry
+        )
+        for name, entry in optim_state["state"].items()
+    }
+    return weights, {**optim_state, "state": per_param}
+
+
+def is_expert_view(value: Any) -> bool:
+    """Whether ``value`` is a view :func:`global_expert_state` made (a DTensor on the
+    expert mesh, not one of FSDP's)."""
+    return isinstance(value, DTensor) and value.device_mesh.mesh_dim_names == _MESH_DIMS
+
+
+def _as_global(local: Tensor, module: ShardedExperts) -> DTensor:
+    """This rank's (L, ...) rows as a DTensor of the layer's (E, ...) tensor, sharing
+    ``local``'s storage (what DCP loads into it lands in ``local``)."""
+    shape = (module.config.n_experts, *local.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()  # a contiguous (E, ...) tensor
+    return DTensor.from_local(
+        local.detach(),
+        module.mesh,
+        (Replicate(), Shard(0)),
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=stride,
+    )
 
 
 def _per_expert(value: Any, experts: int) -> bool:

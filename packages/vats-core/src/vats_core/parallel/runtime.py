@@ -23,15 +23,18 @@ Metrics. The loss and ``loss_fn``'s extra metrics are averaged over ranks (one a
 per step), so what rank 0 logs is the global mean; throughput counts the whole global
 batch. Only rank 0 prints, writes ``metrics.jsonl`` and writes checkpoints.
 
-Expert parallelism (with DDP): the sharded experts' gradients are averaged by their own
-hooks (:mod:`vats_core.parallel.expert`), the gradient norm counts each expert once
-(:meth:`DataParallelRun.grad_norm`), and :func:`gathered_model_state` gathers the experts
-whole. Its checkpoints are the single-process ones: :meth:`DataParallelRun.gathered_state`
+Expert parallelism (with DDP or FSDP): the sharded experts' gradients are averaged by
+their own hooks (:mod:`vats_core.parallel.expert`), the gradient norm counts each expert
+once (:meth:`DataParallelRun.grad_norm`), and :func:`gathered_model_state` gathers the
+experts whole. Its checkpoints are the single-process ones: :meth:`DataParallelRun.gathered_state`
 also gathers the experts' optimizer moments (AdamW's, sharded like the weights), and
 :meth:`DataParallelRun.load_state` gives each rank its experts' rows of a single-process
 checkpoint's weights and moments; so an expert-parallel run resumes on one process, and a
-single-process run under expert parallelism (any degree). Sharded checkpoints
-(``TrainerConfig.sharded_checkpoints``) of such a run are refused before the first step.
+single-process run under expert parallelism (any degree). Its sharded checkpoints
+(``TrainerConfig.sharded_checkpoints``) store every expert once with the layer's whole
+shape (:func:`~vats_core.parallel.expert.global_expert_state`) and resume the same ways.
+With FSDP the optimizer's kernels see FSDP's DTensors beside the plain expert weights
+(:meth:`DataParallelRun.optimizer_context`).
 
 Checkpoints. By default gathered in the single-process format (model weights and an
 optimizer state keyed by parameter position), so they resume on any world size and load
@@ -80,19 +83,20 @@ class DataParallelRun:
             )
         # the model itself, for the optimizer, checkpoints, eval_fn and on_step
         self.module: nn.Module = model.module if self.kind == "ddp" else model
-        self.expert_parallel = _has_sharded_experts(self.module)
+        self.expert_parallel = has_sharded_experts(self.module)
 
-    def check(self, checkpoint_every: int, sharded_checkpoints: bool) -> None:
-        """Refuse, before any step, what this run cannot do yet: sharded checkpoints of a
-        model with expert-parallel layers (the gathered format works)."""
-        if self.expert_parallel and sharded_checkpoints:
-            raise ValueError(
-                f"TrainerConfig.sharded_checkpoints=True (checkpoint_every={checkpoint_every}) "
-                "is invalid with ParallelConfig.expert_parallel > 1: sharded checkpoints of "
-                "expert-parallel training are not written yet; set sharded_checkpoints=False "
-                "(the default, gathered checkpoints work with expert parallelism), or train "
-                "with expert_parallel=1"
-            )
+    def optimizer_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Around what runs the optimizer's kernels on the parameters: the gradient
+        clipping and the step, and the loading of a checkpoint (which makes AdamW's state
+        with a zero-lr step). With FSDP and expert-parallel layers the parameters are FSDP's
+        DTensors and this rank's plain expert weights: the foreach and fused kernels, which
+        take them in one list, then treat the plain ones as replicated (each rank updates
+        its own; no communication)."""
+        if self.kind == "fsdp" and self.expert_parallel:
+            from torch.distributed.tensor.experimental import implicit_replication
+
+            return implicit_replication()
+        return contextlib.nullcontext()
 
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The global L2 norm of the model's gradients, the same on every rank: FSDP's
@@ -102,7 +106,7 @@ class DataParallelRun:
         from vats_core.parallel.expert import expert_norm_squared
 
         dense, experts_squared = expert_norm_squared(grads, self.module)
-        dense_norm = torch.nn.utils.get_total_norm(dense).double()
+        dense_norm = self.full(torch.nn.utils.get_total_norm(dense)).double()
         return (dense_norm.square() + experts_squared.to(dense_norm.device)).sqrt().float()
 
     @property
@@ -169,13 +173,13 @@ class DataParallelRun:
         call it (FSDP and the expert-parallel layers gather), only rank 0's are complete
         (others may be empty)."""
         model_state = gathered_model_state(self.model)
-        if self.kind != "fsdp":
-            optim_state = optimizer.state_dict()
-            if self.expert_parallel:  # (DDP only: parallelize refuses EP with FSDP)
-                from vats_core.parallel.expert import gather_expert_optimizer_state
+        experts: dict[str, Any] = {}
+        if self.expert_parallel:  # this rank's moments, the experts' gathered whole
+            from vats_core.parallel.expert import gather_expert_optimizer_state
 
-                optim_state = gather_expert_optimizer_state(self.module, optimizer, optim_state)
-            return model_state, optim_state
+            experts = gather_expert_optimizer_state(self.module, optimizer, optimizer.state_dict())
+        if self.kind != "fsdp":
+            return model_state, experts or optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
@@ -183,7 +187,14 @@ class DataParallelRun:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optim_state = get_optimizer_state_dict(self.model, optimizer, options=options)
-        return model_state, _by_position(optim_state, _names(self.module, optimizer))
+        optim_state = _by_position(optim_state, _names(self.module, optimizer))
+        if experts and optim_state:  # rank 0's (the others' are empty): whole experts
+            from vats_core.parallel.expert import expert_positions
+
+            for i in expert_positions(self.module, optimizer):
+                if i in experts["state"]:  # absent before the first step
+                    optim_state["state"][i] = experts["state"][i]
+        return model_state, optim_state
 
     def load_state(
         self,
@@ -238,21 +249,24 @@ def gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     shards, to rank 0's CPU); only rank 0's is sure to be complete (FSDP's other ranks get
     an empty dict)."""
     kind = _kind(model)
+    module = model.module if kind == "ddp" else model
     if kind != "fsdp":
-        module = model.module if kind == "ddp" else model
         state = module.state_dict()
-        if _has_sharded_experts(module):
-            from vats_core.parallel.expert import gather_experts
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            state = gather_experts(module, state)  # every rank gets the whole experts
-        return state
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+    if has_sharded_experts(module):
+        from vats_core.parallel.expert import gather_experts
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+        state = gather_experts(module, state)  # every rank gets the whole experts
+    return state
 
 
-def _has_sharded_experts(module: nn.Module) -> bool:
+def has_sharded_experts(module: nn.Module) -> bool:
+    """Whether ``module`` holds expert-parallel layers (:func:`~vats_core.parallel.parallelize`
+    with ``expert_parallel`` > 1); imports nothing when none was ever made."""
     if "vats_core.parallel.expert" not in sys.modules:  # never imported: nothing is sharded
         return False
     from vats_core.parallel.expert import ShardedExperts

@@ -15,7 +15,10 @@ not by rank or shard, and DCP reads any chunk layout into any other: a checkpoin
 by 2 FSDP ranks loads on 1 process, a plain model's on 2 FSDP ranks, or on DDP. It is
 written into the same temporary step directory the single-file format uses and renamed
 into place only once every rank's shards, the metadata and the trainer state are on disk,
-so it is complete or absent.
+so it is complete or absent. An expert-parallel model's experts are stored with the
+layer's whole shape, each by the rank holding it
+(:func:`~vats_core.parallel.expert.global_expert_state`), so its checkpoints are those of
+the plain model too.
 
 :func:`export_pretrained` turns a step directory of either format into a
 ``save_pretrained`` directory (``config.json`` + ``model.safetensors``).
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from vats_core.checkpoint import check_pretrained_state, load_safetensors, save_pretrained
+from vats_core.parallel.runtime import has_sharded_experts
 from vats_core.training.state import MODEL_FILE, SHARDED_DIR, is_sharded
 
 # torch.distributed.checkpoint is imported where it is used: importing it takes seconds.
@@ -69,10 +73,9 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
         get_optimizer_state_dict,
     )
 
-    state = {
-        _MODEL_KEY: get_model_state_dict(model),
-        _OPTIMIZER_KEY: get_optimizer_state_dict(model, optimizer),
-    }
+    state = _dcp_state(
+        model, get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    )
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=directory / SHARDED_DIR, no_dist=not _distributed())
 
@@ -92,14 +95,41 @@ def load_sharded(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
     check_sharded(step_dir, model)
     # DCP reads in place: the state dicts of this model and optimizer are the destination
     # (get_optimizer_state_dict creates AdamW's moments with a zero-lr step if none exist).
-    state = {
-        _MODEL_KEY: get_model_state_dict(model),
-        _OPTIMIZER_KEY: get_optimizer_state_dict(model, optimizer),
-    }
+    state = _dcp_state(
+        model, get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    )
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=step_dir / SHARDED_DIR, no_dist=not _distributed())
+    if has_sharded_experts(_plain(model)):
+        state = _local(state)  # the expert-parallel layers' views -> their rows
     set_model_state_dict(model, state[_MODEL_KEY])
     set_optimizer_state_dict(model, optimizer, state[_OPTIMIZER_KEY])
+
+
+def _dcp_state(
+    model: nn.Module, model_state: dict[str, Any], optim_state: dict[str, Any]
+) -> dict[str, Any]:
+    """What DCP saves or loads in place: the name-keyed state dicts, with an
+    expert-parallel model's expert tensors as views of their whole layer
+    (:func:`~vats_core.parallel.expert.global_expert_state`), so that the checkpoint holds
+    the single-process names and shapes whatever the degree."""
+    if has_sharded_experts(_plain(model)):
+        from vats_core.parallel.expert import global_expert_state
+
+        model_state, optim_state = global_expert_state(_plain(model), model_state, optim_state)
+    return {_MODEL_KEY: model_state, _OPTIMIZER_KEY: optim_state}
+
+
+def _local(state: Any) -> Any:
+    """``state`` with every expert view that :func:`_dcp_state` made replaced by this
+    rank's rows (the parameter's or moment's own storage); FSDP's DTensors are kept."""
+    from vats_core.parallel.expert import is_expert_view
+
+    if isinstance(state, dict):
+        return {k: _local(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_local(v) for v in state]
+    return state.to_local() if is_expert_view(state) else state
 
 
 def check_sharded(step_dir: Path, model: nn.Module) -> None:
@@ -114,7 +144,12 @@ def check_sharded(step_dir: Path, model: nn.Module) -> None:
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix) and hasattr(entry, "size")
     }
-    check_pretrained_state(_plain(model), saved, step_dir / SHARDED_DIR)
+    module = _plain(model)
+    if has_sharded_experts(module):  # this rank's rows of a whole layer's experts
+        from vats_core.parallel.expert import local_expert_weights
+
+        saved = local_expert_weights(module, saved)
+    check_pretrained_state(module, saved, step_dir / SHARDED_DIR)
 
 
 def _plain(model: nn.Module) -> nn.Module:

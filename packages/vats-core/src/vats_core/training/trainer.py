@@ -327,8 +327,6 @@ class Trainer:
         # None: one process, the path as it always was. Else the rank's part of a
         # data-parallel run (refuses a plain model on several ranks).
         self._dp: DataParallelRun | None = _data_parallel_run(model)
-        if self._dp is not None:
-            self._dp.check(config.checkpoint_every, config.sharded_checkpoints)
         self.model = model
         # the plain model: the optimizer's parameter names, checkpoints, eval_fn, on_step
         self.module: nn.Module = model if self._dp is None else self._dp.module
@@ -481,7 +479,9 @@ class Trainer:
             begin_checkpoint(root, step)
         self._barrier()
         try:
-            save_sharded(tmp, self.model, self.optimizer)  # returns when every rank's is written
+            # returns once every rank's is written (AdamW's state is made if none exists yet)
+            with self._optimizer_context():
+                save_sharded(tmp, self.model, self.optimizer)
         except BaseException:
             if self._main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -491,6 +491,23 @@ class Trainer:
             path = finish_checkpoint(root, step, tmp, state, self.config.keep_checkpoints)
         self._barrier()
         return path
+
+    def _load_state(self, path: Path) -> dict[str, Any]:
+        """Load the model's and optimizer's state from ``path``; the trainer state."""
+        if is_sharded(path):
+            from vats_core.parallel.sharded import load_sharded
+
+            load_sharded(path, self.model, self.optimizer)
+            return read_trainer_state(path)
+        if self._dp is None:
+            return load_training_checkpoint(path, self.model, self.optimizer)
+        tensors, optimizer_state, state = read_training_checkpoint(path)
+        self._dp.load_state(self.optimizer, tensors, optimizer_state, path / MODEL_FILE)
+        return state
+
+    def _optimizer_context(self) -> contextlib.AbstractContextManager[Any]:
+        # (FSDP with expert parallelism: sharded DTensors beside the plain expert weights)
+        return contextlib.nullcontext() if self._dp is None else self._dp.optimizer_context()
 
     def _barrier(self) -> None:
         if self._dp is not None:
@@ -509,16 +526,8 @@ class Trainer:
         path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_root)
         if path is None:
             raise FileNotFoundError(f"no checkpoint in {self.checkpoint_root}")
-        if is_sharded(path):
-            from vats_core.parallel.sharded import load_sharded
-
-            state = read_trainer_state(path)
-            load_sharded(path, self.model, self.optimizer)
-        elif self._dp is None:
-            state = load_training_checkpoint(path, self.model, self.optimizer)
-        else:
-            tensors, optimizer_state, state = read_training_checkpoint(path)
-            self._dp.load_state(self.optimizer, tensors, optimizer_state, path / MODEL_FILE)
+        with self._optimizer_context():
+            state = self._load_state(path)
         saved = state.get("trainer_config", {})
         current = self.config.to_dict()
         accum = saved.get("grad_accum_steps", current["grad_accum_steps"])
@@ -641,9 +650,10 @@ class Trainer:
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self.step + 1, "gradient norm", grad_norm)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self._params, cfg.grad_clip, norm)
-        self.optimizer.step()
+        with self._optimizer_context():
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(self._params, cfg.grad_clip, norm)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         extras_mean = {k: _as_float(v, f"metric {k!r}") / accum for k, v in extras_sum.items()}
         return _StepResult(loss_value, grad_norm, lr, items, extras_mean)
