@@ -198,6 +198,16 @@ def test_bad_input_fails_before_any_work(tmp_path, override: str, message: str):
     assert not cache.exists() and not out.exists()  # nothing trained, nothing written
 
 
+def test_the_video_stage_may_draw_its_timesteps_otherwise_than_the_image_dit(tmp_path):
+    """With init=image only the noise process (what the DiT predicts) must be the image
+    DiT's: a timestep shift or another timestep distribution is a video stage of its own."""
+    cfg = _cfg(tmp_path / "cache", tmp_path / "out", "+train.dit.scheduler.shift=3.0")
+    s = t2v.check_config(cfg)
+    assert s.scheduler.shift == 3.0 and s.init == "image"
+    image = t2i.scheduler_config(t2v.part_configs(cfg)["image"])
+    assert image.shift == 1.0 and image.noise_process() == s.scheduler.noise_process()
+
+
 def test_a_prompt_of_too_many_tokens_fails_before_any_stage(trained, tmp_path):
     cache, _, _ = trained
     out = tmp_path / "out"

@@ -446,6 +446,26 @@ def test_config_contract_and_defaults() -> None:
     assert SchedulerConfig(name="flow_match_euler").prediction_type is PredictionType.FLOW
 
 
+def test_the_noise_process_is_what_the_model_learns_not_how_timesteps_are_drawn() -> None:
+    flow = SchedulerConfig(name="flow_match_euler")
+    same = (
+        SchedulerConfig(name="flow_match_euler", shift=3.0, timestep_sampling="logit_normal"),
+        SchedulerConfig(name="flow_match_euler", logit_mean=1.0, timestep_sampling="logit_normal"),
+    )
+    assert all(c.noise_process() == flow.noise_process() for c in same)
+    other = (
+        SchedulerConfig(name="flow_match_euler", prediction_type="sample"),
+        SchedulerConfig(name="flow_match_euler", num_train_timesteps=500),
+        SchedulerConfig(name="ddpm", prediction_type="sample"),
+    )
+    assert all(c.noise_process() != flow.noise_process() for c in other)
+    ddpm = SchedulerConfig()  # the DDPM family shares a process across its samplers
+    assert SchedulerConfig(name="ddim", eta=0.5).noise_process() == ddpm.noise_process()
+    assert SchedulerConfig(name="dpm_solver").noise_process() == ddpm.noise_process()
+    assert SchedulerConfig(beta_schedule="scaled_linear").noise_process() != ddpm.noise_process()
+    assert SchedulerConfig(beta_end=0.03).noise_process() != ddpm.noise_process()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

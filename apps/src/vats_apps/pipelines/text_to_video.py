@@ -479,13 +479,14 @@ def check_config(cfg: DictConfig) -> Settings:
     scheduler = scheduler_config(P, cfg)
     if image is not None:
         image_scheduler = text_to_image.scheduler_config(part_configs(cfg)["image"])
-        if scheduler != image_scheduler:
+        # the same function of (x_t, t) to learn; which timesteps training draws may differ
+        if scheduler.noise_process() != image_scheduler.noise_process():
             raise P.fail(
                 "train.dit.scheduler",
                 section(cfg, "train.dit", NAME).get("scheduler"),
-                f"the image DiT's noise process {image_scheduler.to_dict()} "
+                f"the image DiT's noise process {image_scheduler.noise_process()} "
                 "(parts.image.dit.scheduler) with train.dit.init=image: the VideoDiT starts "
-                "from that DiT's predictions",
+                "from that DiT's predictions (shift, timestep_sampling and logit_* may differ)",
             )
     generation = generation_settings(cfg, scheduler, dit, world)
     _check_vae_part(cfg)

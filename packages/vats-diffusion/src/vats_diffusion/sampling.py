@@ -215,6 +215,29 @@ class SchedulerConfig(Config):
         """Flow matching (float ``t = σ·N``) rather than the DDPM family (int ``t``)."""
         return self.name in _FLOW_SCHEDULERS
 
+    def noise_process(self) -> dict[str, Any]:
+        """What a model trained under this config has learned to predict: the family (flow
+        matching or DDPM), the prediction target and the forward process (timesteps, β
+        schedule). Two configs that agree here train the same function of ``(x_t, t)``; the
+        other fields only choose which timesteps training draws (``timestep_sampling``,
+        ``logit_*``, ``shift``) or how a sampler steps (``timestep_spacing``, ``eta``,
+        ``solver_order``, ``clip_sample``, ...), so a model trained under one is a start for
+        training, or a model to sample, under the other."""
+        assert self.prediction_type is not None  # (set in __post_init__)
+        process: dict[str, Any] = {
+            "family": "flow" if self.is_flow else "ddpm",
+            "prediction_type": self.prediction_type.value,
+            "num_train_timesteps": self.num_train_timesteps,
+        }
+        if not self.is_flow:
+            process |= {
+                "beta_schedule": self.beta_schedule.value,
+                "beta_start": self.beta_start,
+                "beta_end": self.beta_end,
+                "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+            }
+        return process
+
 
 _DDPM_ONLY = (
     "beta_schedule",
