@@ -47,8 +47,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from vats_core.parallel import DataParallel, ParallelConfig, check_parallelizable, parallelize
+from vats_core.parallel import (
+    DataParallel,
+    ParallelConfig,
+    check_parallelizable,
+    global_router_losses,
+    parallelize,
+)
 from vats_core.parallel.runtime import gathered_model_state
+from vats_text.model import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -323,3 +330,31 @@ def trained_part(
             dist.broadcast(tensor, src=0)
         part = part.cpu()
     return part
+
+
+def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T - 1) bool: the labels an LM's shifted loss scores."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def global_lm_loss(
+    out: Any, labels: torch.Tensor, scored: torch.Tensor, rows: torch.Tensor, config: Any
+) -> torch.Tensor:
+    """An LM's training loss on this rank's rows, weighed so that the mean over ranks (what
+    the trainer takes of the gradients) is the global batch's loss.
+
+    The cross-entropy is a mean over the rank's scored tokens, and rows differ in how many
+    they score: it is multiplied by the rank's share of the global batch's ``scored``
+    tokens over its share of its ``rows`` (both 0-d, exactly 1 on one process). The MoE
+    router losses, weighted by ``config.aux_loss_weight`` and ``config.z_loss_weight``, are
+    the global batch's (:func:`~vats_core.parallel.global_router_losses`): the
+    load-balancing loss is no mean over tokens, and the rank's own would pull the router
+    toward its rows' balance.
+    """
+    token_share = scored_tokens(labels).sum() / scored
+    row_share = labels.shape[0] / rows
+    loss = out.ce_loss * (token_share / row_share)
+    if out.router_stats:
+        balancing, z = global_router_losses(out.router_stats)
+        loss = loss + config.aux_loss_weight * balancing + config.z_loss_weight * z
+    return loss

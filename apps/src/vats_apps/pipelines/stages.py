@@ -66,21 +66,23 @@ from vats_apps.pipelines.cache import REPORT_NAME, entry_key, staged_entry
 from vats_apps.pipelines.compiling import stage_trainer_config
 from vats_apps.pipelines.distributed import (
     Ranks,
+    global_lm_loss,
     launched_rank,
     parallel_config,
     parallel_key,
     parallel_model,
     parallel_training,
+    scored_tokens,
     trained_part,
 )
 from vats_apps.pipelines.sections import preset_fields, section
 from vats_core.checkpoint import PretrainedMixin
 from vats_core.config import Config, is_int, is_number
-from vats_core.parallel import ParallelConfig, global_router_losses
+from vats_core.parallel import ParallelConfig
 from vats_core.training import Trainer, TrainerConfig
 from vats_diffusion import EMA, Diffusion, SchedulerConfig
 from vats_text.encoder import TextEncoder, TextEncoderConfig
-from vats_text.model import IGNORE_INDEX, MoELanguageModel
+from vats_text.model import MoELanguageModel
 from vats_text.presets import encoder_preset
 from vats_text.tokenizer import Tokenizer
 
@@ -487,13 +489,16 @@ class StagedPipeline:
                 [m for m, _ in media],
             )
             # 0-d, kept whole by the trainer's split: what a rank's loss is weighed by
-            batch["caption_tokens"] = _scored(batch["labels"]).sum()
+            batch["caption_tokens"] = scored_tokens(batch["labels"]).sum()
             batch["rows"] = torch.tensor(b)
             return batch
 
         def loss(o: Objective, bt: dict[str, Tensor]) -> Tensor:
             out = o.model(bt["input_ids"], attention_mask=bt["attention_mask"], labels=bt["labels"])
-            return _ranked_lm_loss(o.model.config, out, bt) if ranked else out.loss
+            if not ranked:
+                return out.loss
+            labels, config = bt["labels"], o.model.config
+            return global_lm_loss(out, labels, bt["caption_tokens"], bt["rows"], config)
 
         fitted = self.fit(cfg, stage, Objective(loss, model=model), batch_fn)
         rows = fitted.rows
@@ -512,27 +517,6 @@ class StagedPipeline:
 def _objective_loss(objective: nn.Module, batch: Any) -> Any:
     """The trainer's ``loss_fn`` for an :class:`Objective` (or its DDP / FSDP wrapper)."""
     return objective(batch)
-
-
-def _scored(labels: Tensor) -> Tensor:
-    """(B, T - 1) bool: the labels the LM's shifted loss scores."""
-    return labels[:, 1:] != IGNORE_INDEX
-
-
-def _ranked_lm_loss(config: Any, out: Any, batch: Mapping[str, Tensor]) -> Tensor:
-    """The LM's training loss on this rank's rows, weighed so that the mean over ranks
-    (what the trainer takes of the gradients) is the global batch's loss: the caption
-    tokens' cross-entropy times the rank's share of them over its share of the rows (the
-    rows differ in caption length), and the MoE router losses of the global batch
-    (:func:`~vats_core.parallel.global_router_losses`)."""
-    labels = batch["labels"]
-    token_share = _scored(labels).sum() / batch["caption_tokens"]
-    row_share = labels.shape[0] / batch["rows"]
-    loss = out.ce_loss * (token_share / row_share)
-    if out.router_stats:
-        balancing, z = global_router_losses(out.router_stats)
-        loss = loss + config.aux_loss_weight * balancing + config.z_loss_weight * z
-    return loss
 
 
 def untied(lm: MoELanguageModel) -> MoELanguageModel:

@@ -89,17 +89,19 @@ from vats_apps.pipelines.compiling import check_compile_switches, trainer_fields
 from vats_apps.pipelines.distributed import (
     Ranks,
     gathered_model,
+    global_lm_loss,
     parallel_key,
     parallel_model,
     parallel_training,
     replicated_model,
+    scored_tokens,
 )
 from vats_apps.pipelines.sections import part_pipeline, section
 from vats_audio import AudioEncoderConfig, LogMelConfig
 from vats_core.config import is_int, is_number
-from vats_core.parallel import ParallelConfig, global_router_losses
+from vats_core.parallel import ParallelConfig
 from vats_core.training import Trainer, TrainerConfig
-from vats_text.model import IGNORE_INDEX, MoELMConfig
+from vats_text.model import MoELMConfig
 from vats_text.tokenizer import Tokenizer
 from vats_vision.vit2d import ViT2DConfig
 from vats_vision.vit3d import ViT3DConfig
@@ -423,14 +425,9 @@ def training_batch(model: MultimodalLM, tokenizer: Tokenizer, samples: Samples) 
         "media": nn.utils.rnn.pad_sequence(samples.media, batch_first=True),  # (B, ...)
         "lengths": torch.tensor([item.shape[0] for item in samples.media]),  # (B,)
         "kind": samples.kind,
-        "answer_tokens": _scored(b.labels).sum(),  # ()
+        "answer_tokens": scored_tokens(b.labels).sum(),  # ()
         "rows": torch.tensor(len(samples.media)),  # ()
     }
-
-
-def _scored(labels: Tensor) -> Tensor:
-    """(B, T - 1) bool: the labels the LM's shifted loss scores."""
-    return labels[:, 1:] != IGNORE_INDEX
 
 
 def _loss_fn(model: nn.Module, batch: dict[str, Any], *, lm: MoELMConfig) -> Tensor:
@@ -453,13 +450,7 @@ def _loss_fn(model: nn.Module, batch: dict[str, Any], *, lm: MoELMConfig) -> Ten
         labels=labels,
         **media_kwargs(batch["kind"], items),
     )
-    token_share = _scored(labels).sum() / batch["answer_tokens"]
-    row_share = labels.shape[0] / batch["rows"]
-    loss = out.ce_loss * (token_share / row_share)
-    if out.router_stats:
-        balancing, z = global_router_losses(out.router_stats)
-        loss = loss + lm.aux_loss_weight * balancing + lm.z_loss_weight * z
-    return loss
+    return global_lm_loss(out, labels, batch["answer_tokens"], batch["rows"], lm)
 
 
 PART_GROUPS = ("projectors", "lm", "encoders")
