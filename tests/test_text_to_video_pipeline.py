@@ -176,6 +176,9 @@ def test_clips_of_another_length_without_enrichment(trained, capsys):
         ("model.video_dit.learned_sigma=true", r"model.video_dit.learned_sigma"),
         ("train.dit.max_steps=0", r"train.dit.max_steps=0"),
         ("train.dit.encoder_lr_scale=fast", r"train.dit.encoder_lr_scale='fast' is invalid"),
+        ("train.dit.frame_noise=1.5", r"train.dit.frame_noise=1.5 is invalid: .*\[0.0, 1.0\]"),
+        ("train.dit.frame_noise=often", r"train.dit.frame_noise='often' is invalid"),
+        ("~train.dit.frame_noise", r"train.dit.frame_noise=None is invalid"),
         ("parts.image.vae.max_steps=0", r"parts.image.vae.max_steps=0"),
         ("train.eval.real_clips=0", r"train.eval.real_clips=0"),
         ("enrichment.tries=0", r"enrichment.tries=0"),
@@ -206,6 +209,17 @@ def test_the_video_stage_may_draw_its_timesteps_otherwise_than_the_image_dit(tmp
     assert s.scheduler.shift == 3.0 and s.init == "image"
     image = t2i.scheduler_config(t2v.part_configs(cfg)["image"])
     assert image.shift == 1.0 and image.noise_process() == s.scheduler.noise_process()
+
+
+def test_frame_noise_is_read_and_keys_the_dit_stage(tmp_path):
+    """train.dit.frame_noise (Diffusion Forcing's share of clips noised frame by frame) is
+    0 as shipped, checked with the other settings, and part of the DiT stage's train
+    section (its cache key)."""
+    cfg = _cfg(tmp_path / "cache", tmp_path / "out")
+    assert cfg.train.dit.frame_noise == 0.0
+    other = _cfg(tmp_path / "cache", tmp_path / "out", "train.dit.frame_noise=0.5")
+    t2v.check_config(other)
+    assert t2v.section(other, "train.dit", t2v.NAME)["frame_noise"] == 0.5
 
 
 def test_a_prompt_of_too_many_tokens_fails_before_any_stage(trained, tmp_path):

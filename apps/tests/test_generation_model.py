@@ -1,7 +1,10 @@
 """The text-to-image model of apps: its condition and null condition, representation
-alignment, the shape-weighted losses, and the classifier's reading of images."""
+alignment, the shape-weighted losses, and the classifier's reading of images; the stages'
+diffusion loss with a timestep per frame (text_to_video's train.dit.frame_noise)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -9,10 +12,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
+from vats_apps.generation.clips import TextToVideo
 from vats_apps.generation.model import TextToImage, TokenAlignment, read_images, read_positions
+from vats_apps.pipelines import stages
 from vats_apps.pipelines.stages import diffusion_loss
 from vats_apps.pipelines.text_to_image import vae_loss
-from vats_diffusion import VAE, Diffusion, DiT, SchedulerConfig, dit_preset, vae_preset
+from vats_diffusion import (
+    VAE,
+    Diffusion,
+    DiT,
+    SchedulerConfig,
+    VideoDiT,
+    dit_preset,
+    vae_preset,
+    video_dit_preset,
+)
 from vats_text.encoder import TextEncoder
 from vats_text.presets import encoder_preset
 
@@ -107,6 +121,180 @@ def test_the_stages_diffusion_loss_draws_as_the_package_s_loss_in_training():
     theirs = diffusion.loss(model.dit, x0, cond)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert torch.equal(torch.rand(1), after)  # and the RNG goes on as it did
+
+
+# ---- Diffusion Forcing: a timestep per frame (train.dit.frame_noise of text_to_video)
+
+
+def _video_model(**dit_fields: object) -> TextToVideo:
+    """The text encoder and a tiny VideoDiT (text dropout on), every weight moved off its
+    init (a fresh DiT predicts zero, whatever its input), in training mode."""
+    torch.manual_seed(0)
+    encoder = TextEncoder(encoder_preset("tiny", vocab_size=64, max_seq_len=16))
+    fields = dict(learned_sigma=False, text_dim=64, text_dropout=0.5, **dit_fields)
+    model = TextToVideo(encoder, VideoDiT(video_dit_preset("tiny", **fields)))
+    with torch.no_grad():
+        for q in model.dit.parameters():
+            q.add_(torch.randn_like(q) * 0.05)
+    return model.train()
+
+
+def _clips(model: TextToVideo, b: int = 6, t: int = 4) -> tuple[torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(b, 4, t, 8, 8, generator=g)
+    ids = torch.randint(7, 64, (b, 3), generator=g)
+    return x0, model.condition(ids, torch.ones(b, 3, dtype=torch.bool))
+
+
+def _dit_inputs(model: TextToVideo) -> list[tuple[tuple, dict]]:
+    """Records the ``(args, kwargs)`` of every call of ``model.dit``."""
+    seen: list[tuple[tuple, dict]] = []
+    model.dit.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append((args, kwargs)), with_kwargs=True
+    )
+    return seen
+
+
+def test_frame_noise_zero_is_the_one_timestep_per_clip_loss_bit_for_bit():
+    """frame_noise=0 (or the argument left out) is the loss as it was, bit for bit: the same
+    draws in the same order (Diffusion.loss's), the RNG going on as it did."""
+    model = _video_model()
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0, cond = _clips(model)
+    losses, after = [], []
+    for call in (
+        lambda: diffusion.loss(model.dit, x0, cond),
+        lambda: diffusion_loss(diffusion, model.dit, x0, cond),
+        lambda: diffusion_loss(diffusion, model.dit, x0, cond, frame_noise=0.0),
+    ):
+        torch.manual_seed(3)
+        losses.append(call())
+        after.append(torch.rand(1))
+    for loss, rng in zip(losses[1:], after[1:], strict=True):
+        torch.testing.assert_close(loss, losses[0], rtol=0, atol=0)
+        assert torch.equal(rng, after[0])
+
+
+@pytest.mark.parametrize("scheduler", ["flow_match_euler", "ddpm"])
+def test_frame_noise_noises_each_frame_at_its_own_timestep(scheduler):
+    """frame_noise=1: after the clip's draws (timesteps, noise, text dropout) every clip
+    draws one timestep per frame; each frame is noised at its own, the target is each
+    frame's, and the DiT gets the (B, T) timestep."""
+    model = _video_model()
+    diffusion = Diffusion(SchedulerConfig(name=scheduler))
+    x0, cond = _clips(model)
+    seen = _dit_inputs(model)
+    torch.manual_seed(3)
+    loss = diffusion_loss(diffusion, model.dit, x0, cond, frame_noise=1.0)
+    torch.manual_seed(3)  # the draws, in their order
+    diffusion.sample_timesteps(6)
+    noise = torch.randn(x0.shape)
+    keep = torch.rand(6) >= 0.5
+    assert (torch.rand(6) < 1.0).all()
+    t = diffusion.sample_timesteps(6 * 4).view(6, 4)
+    (x_t, given_t), kwargs = seen[0]
+    assert torch.equal(given_t, t) and torch.equal(kwargs["text_keep"], keep)
+    assert (t != t[:, :1]).any(1).all()  # every clip's frames at several levels
+    target = torch.empty_like(x0)
+    for f in range(4):
+        torch.testing.assert_close(
+            x_t[:, :, f], diffusion.add_noise(x0[:, :, f], noise[:, :, f], t[:, f]), rtol=0, atol=0
+        )
+        target[:, :, f] = diffusion.target(x0[:, :, f], noise[:, :, f], t[:, f])
+    with torch.no_grad():
+        pred = model.dit(x_t, t, **cond, text_keep=keep)
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, target))
+
+
+def test_frame_noise_keeps_some_clips_at_one_timestep_and_tubelets_at_theirs():
+    """frame_noise=0.5: a clip not drawn keeps its frame_noise=0 timestep on every frame;
+    with two-frame tubelets a drawn clip draws one timestep per tubelet."""
+    model = _video_model(patch_frames=2)
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0, cond = _clips(model, b=8)
+    seen = _dit_inputs(model)
+    torch.manual_seed(3)
+    diffusion_loss(diffusion, model.dit, x0, cond, frame_noise=0.0)
+    torch.manual_seed(3)
+    diffusion_loss(diffusion, model.dit, x0, cond, frame_noise=0.5)
+    clip_t, frame_t = seen[0][0][1], seen[1][0][1]  # (B,), (B, T)
+    assert frame_t.shape == (8, 4)
+    torch.testing.assert_close(frame_t[:, ::2], frame_t[:, 1::2], rtol=0, atol=0)
+    kept = (frame_t == clip_t[:, None]).all(1)
+    assert 0 < int(kept.sum()) < 8, kept  # both kinds in this batch
+    assert (frame_t[~kept, 0] != frame_t[~kept, 2]).all()
+
+
+def test_frame_noise_draws_for_the_global_batch_on_every_rank(monkeypatch):
+    """Two ranks, each with its half of the batch, give the DiT the rows one process gives
+    it (timesteps per frame, noised clips, text dropout): every draw is the global batch's."""
+    model = _video_model()
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0, cond = _clips(model)
+    seen = _dit_inputs(model)
+    torch.manual_seed(3)
+    diffusion_loss(diffusion, model.dit, x0, cond, frame_noise=0.5)
+    (whole_x, whole_t), whole_kw = seen.pop()
+    monkeypatch.setattr(stages.dist, "is_available", lambda: True)
+    monkeypatch.setattr(stages.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(stages.dist, "get_world_size", lambda: 2)
+    for rank, rows in ((0, slice(0, 3)), (1, slice(3, 6))):
+        monkeypatch.setattr(stages.dist, "get_rank", lambda r=rank: r)
+        torch.manual_seed(3)
+        half = {k: v[rows] for k, v in cond.items()}
+        diffusion_loss(diffusion, model.dit, x0[rows], half, frame_noise=0.5)
+        (x_t, t), kwargs = seen.pop()
+        assert torch.equal(t, whole_t[rows]) and torch.equal(x_t, whole_x[rows])
+        assert torch.equal(kwargs["text_keep"], whole_kw["text_keep"][rows])
+
+
+def test_a_training_step_with_frame_noise(tmp_path):
+    """The text_to_video stage's objective with frame_noise=1 trains through the trainer
+    (two steps, finite losses, every DiT weight moved); a bad frame_noise, or one on images,
+    is refused before any draw."""
+    from omegaconf import OmegaConf
+
+    from vats_apps.pipelines.stages import Objective, StagedPipeline
+
+    p = StagedPipeline("test", 1, {})
+    cfg = OmegaConf.create(
+        {
+            "pipeline": {"seed": 0, "out_dir": str(tmp_path), "progress": False},
+            "train": {
+                "dit": {
+                    "max_steps": 2,
+                    "batch_size": 4,
+                    "trainer": {"lr": 1e-3, "warmup_steps": 0, "log_every": 1},
+                }
+            },
+        }
+    )
+    model = _video_model()
+    diffusion = Diffusion(
+        SchedulerConfig(name="flow_match_euler", timestep_sampling="logit_normal")
+    )
+    x0, _ = _clips(model, b=4)
+    ids, mask = torch.randint(7, 64, (4, 3)), torch.ones(4, 3, dtype=torch.bool)
+    before = {n: q.detach().clone() for n, q in model.dit.named_parameters()}
+
+    def loss(o, batch):
+        cond = o.model.condition(batch["ids"], batch["mask"])
+        return diffusion_loss(diffusion, o.model.dit, batch["x0"], cond, frame_noise=1.0)
+
+    fitted = p.fit(
+        cfg, "dit", Objective(loss, model=model), lambda s, m: {"x0": x0, "ids": ids, "mask": mask}
+    )
+    assert len(fitted.rows) == 2 and all(math.isfinite(r["loss"]) for r in fitted.rows)
+    still = [n for n, q in model.dit.named_parameters() if torch.equal(q.detach(), before[n])]
+    assert not still
+    rng = torch.get_rng_state()
+    cond = model.condition(ids, mask)
+    for bad in (1.5, -0.1, "often", True):
+        with pytest.raises(ValueError, match=r"frame_noise=.* is invalid: expected a number"):
+            diffusion_loss(diffusion, model.dit, x0, cond, frame_noise=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"frame_noise=0.5 needs clips x0 \(B, C, T, h, w\)"):
+        diffusion_loss(diffusion, model.dit, x0[:, :, 0], cond, frame_noise=0.5)
+    assert torch.equal(torch.get_rng_state(), rng)  # refused before any draw
 
 
 def test_the_classifier_reading_maps_each_head_to_names():

@@ -192,6 +192,113 @@ def test_block_attends_within_runs_of_attn_len_tokens() -> None:
     assert (whole - joint).abs().max() > 1e-3  # not the joint attention over all 18
 
 
+# --------------------------------------------------------------------------- per-frame timesteps
+
+
+@pytest.mark.parametrize(("name", "pt"), [("tiny", 1), ("latte-tiny", 1), ("tiny", 2)])
+def test_a_timestep_per_frame_that_is_the_same_for_all_is_the_clip_s(name: str, pt: int) -> None:
+    """Diffusion Forcing's (B, T) timestep with every frame at the clip's level is the (B,)
+    timestep (adaLN-Zero and adaLN-single; one- and two-frame tubelets); each row's frames
+    at one level still give each row its own output."""
+    model = _model(name, patch_frames=pt)
+    inputs = _inputs(model.config, t=4)
+    per_frame = inputs["timestep"][:, None].expand(-1, 4)
+    with torch.no_grad():
+        clip = model(**inputs)
+        frames = check_forward(model, dict(inputs, timestep=per_frame), tuple(clip.shape))
+        scalar = model(**dict(inputs, timestep=torch.tensor(17)))
+        same = model(**dict(inputs, timestep=torch.full((2, 4), 17)))
+    torch.testing.assert_close(frames, clip, rtol=0, atol=1e-6)
+    torch.testing.assert_close(same, scalar, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny", "latte-tiny"])
+def test_a_frame_s_own_timestep_changes_its_frame(name: str) -> None:
+    """Raising one frame's timestep changes that frame's prediction most (its own
+    modulation in every block and the final layer), the other frames less (they meet it in
+    temporal attention), and the other row not at all; the model trains through it."""
+    model = _model(name)
+    inputs = _inputs(model.config, t=4)
+    t = inputs["timestep"][:, None].repeat(1, 4)  # (B, T)
+    moved = t.clone()
+    moved[0, 2] = 900
+    with torch.no_grad():
+        before = model(**dict(inputs, timestep=t))
+        after = model(**dict(inputs, timestep=moved))
+    change = (after - before).abs().amax(dim=(1, 3, 4))  # (B, T)
+    assert change[0, 2] > 1e-2
+    assert change[0, 2] > 5 * change[0, [0, 1, 3]].max()
+    assert change[1].max() == 0
+    check_backward(model, dict(inputs, timestep=moved))
+
+
+def _frame_runs(block: torch.nn.Module, x, cond, context, mask, n: int) -> torch.Tensor:
+    """``block`` on each run of ``n`` tokens alone, with that run's conditioning."""
+    runs = [
+        block(x[:, g * n : (g + 1) * n], cond[:, g], context=context, context_mask=mask)
+        for g in range(cond.shape[1])
+    ]
+    return torch.cat(runs, 1)
+
+
+@pytest.mark.parametrize("name", ["tiny", "latte-tiny"])
+def test_block_modulates_each_token_with_its_group_s_vectors(name: str) -> None:
+    """DiTBlock's cond_layout: a per-frame cond laid out "outer" ((f n), frame-major) is
+    each frame's block alone with its own cond; laid out "inner" ((n f), position-major)
+    it is the outer block on the tokens reordered (full attention without positions
+    commutes with reordering)."""
+    model = _model(name)
+    block = model.spatial_blocks[0]
+    g = torch.Generator().manual_seed(5)
+    f, n = 3, 6
+    x = torch.randn(2, f * n, 32, generator=g)  # 3 frames of 6 tokens, frame-major
+    width = 32 if model.adaln_single is None else 6 * 32
+    cond = torch.randn(2, f, width, generator=g)  # (B, F, D) or adaLN-single's (B, F, 6D)
+    context = torch.randn(2, 4, 32, generator=g)  # the projected text (D)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    kw = dict(context=context, context_mask=mask)
+    with torch.no_grad():
+        outer = block(x, cond, attn_len=n, cond_layout="outer", **kw)
+        ref = _frame_runs(block, x, cond, context, mask, n)
+        whole = block(x, cond, cond_layout="outer", **kw)  # attention over all tokens
+        inner = block(rearrange(x, "b (f n) d -> b (n f) d", f=f), cond, cond_layout="inner", **kw)
+    torch.testing.assert_close(outer, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        rearrange(inner, "b (n f) d -> b (f n) d", f=f), whole, rtol=1e-5, atol=1e-6
+    )
+    assert (whole - block(x, cond[:, 0], **kw)).abs().max() > 1e-3  # the groups differ
+
+
+def test_bad_per_frame_timesteps_fail_before_any_work() -> None:
+    """A per-frame timestep must be (B, T), and equal within a tubelet; ValueError naming
+    the argument, before the patch embedding runs."""
+    model = _model()
+    tubelets = _model(patch_frames=2)
+    calls: list[int] = []
+    for m in (model, tubelets):
+        m.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    inputs = _inputs(model.config, t=4)
+    t = torch.tensor([[5, 5, 9, 9], [1, 1, 2, 2]])
+    cases = [
+        (model, dict(timestep=torch.zeros(2, 5)), r"timestep must be a real .*\(2, 4\) tensor"),
+        (model, dict(timestep=torch.zeros(2, 4, 1)), r"timestep must be a real .*\(B, T\)"),
+        (model, dict(timestep=torch.zeros(3, 4)), r"timestep must be a real .*got .* \(3, 4\)"),
+        (model, dict(timestep=torch.zeros(2, 4, dtype=torch.bool)), r"timestep must be a real"),
+        (
+            tubelets,
+            dict(timestep=torch.tensor([[5, 5, 9, 9], [1, 1, 2, 3]])),
+            r"timestep \(B, T\) must be equal within each tubelet of patch_frames=2.*"
+            r"\[2, 3\] for frames 2..3 of row 1",
+        ),
+    ]
+    for m, changes, match in cases:
+        check_raises(lambda m=m, c=changes: m(**{**inputs, **c}), ValueError, match)
+    assert not calls
+    with torch.no_grad():
+        tubelets(**dict(inputs, timestep=t))  # equal within each tubelet: fine
+    assert calls
+
+
 # --------------------------------------------------------------------------- masked text
 
 
@@ -331,6 +438,21 @@ def test_inflated_dit_predicts_each_frame_as_the_image_dit() -> None:
         inputs = _inputs(video.config, t=3)
         out = video(**inputs)
     assert (out - _per_frame(image, inputs)).abs().max() > 1e-3
+
+
+def test_inflated_dit_predicts_each_frame_at_its_own_timestep_as_the_image_dit() -> None:
+    """With a timestep per frame, the inflated model (adaLN-Zero: its temporal blocks the
+    identity) gives each frame the image DiT's prediction for that frame at that frame's
+    timestep: the spatial blocks and the final layer modulate every token by its frame."""
+    image = _image_dit()
+    video = inflate_dit(image, _video_config(image)).eval()
+    inputs = _inputs(video.config, t=3)
+    t = torch.tensor([[17, 300, 900], [640, 5, 640]])
+    x, rest = inputs["x"], {k: v for k, v in inputs.items() if k not in ("x", "timestep")}
+    with torch.no_grad():
+        out = video(**dict(inputs, timestep=t))
+        ref = torch.stack([image(x[:, :, i], t[:, i], **rest) for i in range(3)], 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_inflated_tubelets_repeat_the_image_prediction_for_a_repeated_frame() -> None:

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -100,6 +101,7 @@ __all__ = [
     "encoder_lr_scale",
     "enriched_copies",
     "enrichment_line",
+    "frame_timesteps",
     "global_draw",
     "load_or_score",
     "load_or_train_enricher",
@@ -195,6 +197,8 @@ def diffusion_loss(
     cond: Mapping[str, Tensor],
     weight: Tensor | None = None,
     weight_mean: Tensor | None = None,
+    *,
+    frame_noise: float = 0.0,
 ) -> Tensor:
     """:meth:`vats_diffusion.Diffusion.loss` on this rank's rows of the global batch: the
     timesteps, the noise and (in training, with the DiT's ``text_dropout``) the rows that
@@ -207,7 +211,20 @@ def diffusion_loss(
             divided by ``weight_mean``, the mean weight of the global batch (a 0-d tensor
             the batch carries whole), so that the ranks' losses average to the global
             batch's weighted mean.
+        frame_noise: clips ``x0 (B, C, T, h, w)`` only: the share of clips whose frames
+            each draw their own timestep (Diffusion Forcing), noised each at its own level
+            and given to the DiT as a ``(B, T)`` timestep (:func:`frame_timesteps`). 0 (the
+            default): one timestep per clip, the draws and the loss exactly as without it.
     """
+    if not (is_number(frame_noise) and 0 <= frame_noise <= 1):
+        raise ValueError(
+            f"diffusion_loss: frame_noise={frame_noise!r} is invalid: expected a number in [0, 1]"
+        )
+    if frame_noise > 0 and x0.ndim != 5:
+        raise ValueError(
+            f"diffusion_loss: frame_noise={frame_noise} needs clips x0 (B, C, T, h, w), got "
+            f"{tuple(x0.shape)}"
+        )
     b = x0.shape[0]
     cpu = torch.device("cpu")  # (as Diffusion.loss: the numbers depend on the seed alone)
     t = global_draw(lambda n: diffusion.sample_timesteps(n, device=cpu), b).to(x0.device)
@@ -218,13 +235,47 @@ def diffusion_loss(
         # (drawn where the DiT draws it, on the text's device)
         keep = global_draw(lambda n: torch.rand(n, device=x0.device) >= p, b)
         cond = {**cond, "text_keep": keep}
-    pred = dit(diffusion.add_noise(x0, noise, t), t, **cond)
-    target = diffusion.target(x0, noise, t)
+    if frame_noise == 0:
+        pred = dit(diffusion.add_noise(x0, noise, t), t, **cond)
+        target = diffusion.target(x0, noise, t)
+    else:
+        tubelet = int(getattr(dit.config, "patch_frames", 1))
+        t = frame_timesteps(diffusion, t, x0.shape[2], tubelet, frame_noise)  # (B, T)
+        # Each frame noised at its own level: the clip's frames as a batch of images.
+        x0_f, noise_f = (rearrange(v, "b c t h w -> (b t) c h w") for v in (x0, noise))
+        t_f = t.reshape(-1)  # (B·T,)
+        x_t = diffusion.add_noise(x0_f, noise_f, t_f)
+        target = diffusion.target(x0_f, noise_f, t_f)
+        x_t, target = (rearrange(v, "(b t) c h w -> b c t h w", b=b) for v in (x_t, target))
+        pred = dit(x_t, t, **cond)
     if weight is None:
         return F.mse_loss(pred.float(), target.float())
     err = (pred.float() - target.float()) ** 2
     assert weight_mean is not None, "a weighted loss needs the global batch's mean weight"
     return (weight * err).mean() / weight_mean
+
+
+def frame_timesteps(
+    diffusion: Diffusion, t: Tensor, frames: int, tubelet: int, share: float
+) -> Tensor:
+    """Diffusion Forcing's timesteps (Chen et al., 2024, arXiv:2407.01392): each clip of
+    this rank's rows keeps its timestep ``t (B,)`` on every frame, or with probability
+    ``share`` draws one per frame (per tubelet of ``tubelet`` frames, which share one
+    token). Drawn after :func:`diffusion_loss`'s own draws, in this order and each for the
+    global batch (:func:`global_draw`): which clips, then one timestep for every tubelet of
+    every clip, from :meth:`~vats_diffusion.Diffusion.sample_timesteps` (B·T / tubelet
+    draws). A clip that keeps its timestep has its draws of ``frame_noise=0``.
+
+    Returns:
+        ``(B, T)`` on ``t``'s device.
+    """
+    b, groups, cpu = t.shape[0], frames // tubelet, torch.device("cpu")
+    own = global_draw(lambda n: torch.rand(n) < share, b)  # (B,) bool
+    drawn = global_draw(
+        lambda n: diffusion.sample_timesteps(n * groups, device=cpu).view(n, groups), b
+    )  # (B, T / tubelet)
+    per_group = torch.where(own[:, None], drawn, t.cpu()[:, None])
+    return per_group.repeat_interleave(tubelet, dim=1).to(t.device)  # (B, T)
 
 
 def cached_part(found: Any, p: StagedPipeline, cfg: DictConfig, part: str, trains: str) -> Any:

@@ -33,7 +33,9 @@ Three stages, each cached under a key of the settings that shape its weights
    (``train.dit.terse_prob`` of them replaced by a terse prompt, so an un-enriched prompt
    still works), by flow matching as ``text_to_image``, with the DiT's condition dropout
    (the null text that guidance needs) and an EMA of both models' weights, which is what
-   is saved and sampled.
+   is saved and sampled. ``train.dit.frame_noise`` of the clips draw a timestep per frame
+   (Diffusion Forcing: each frame noised at its own level, so a noisy frame must be
+   denoised from its cleaner neighbours; :func:`~vats_apps.pipelines.stages.diffusion_loss`).
 
    ``train.dit.init=image`` (the shipped setting) starts both from ``text_to_image``'s DiT
    stage, a part like the VAE (``model.dit`` and ``parts.image.dit``; the very same cache
@@ -495,6 +497,7 @@ def check_config(cfg: DictConfig) -> Settings:
         P.int(cfg, f"train.{stage}.batch_size", 1)
         P.trainer(cfg, stage, steps, Path("unused"))
     P.number(cfg, "train.dit.terse_prob", 0.0, 1.0)
+    P.number(cfg, "train.dit.frame_noise", 0.0, 1.0)
     encoder_lr_scale(P, cfg)
     P.number(cfg, "train.dit.ema.decay", 0.0, 0.999999)
     P.flag(cfg, "train.dit.ema.warmup")
@@ -647,6 +650,7 @@ def load_or_train_dit(
         model = TextToVideo(TextEncoder(encoder_cfg), VideoDiT(dit_cfg))
     tokenizer, b = parts.tokenizer, int(train["batch_size"])
     terse_prob, limit = float(train["terse_prob"]), encoder_cfg.max_seq_len
+    frame_noise = float(train["frame_noise"])
 
     def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
         first = P.first(step, micro, cfg, "dit")
@@ -657,9 +661,8 @@ def load_or_train_dit(
 
     def loss(o: Objective, bt: dict[str, Tensor]) -> Tensor:
         t2v = o.model
-        return diffusion_loss(
-            diffusion, t2v.dit, bt["latents"], t2v.condition(bt["ids"], bt["mask"])
-        )
+        cond = t2v.condition(bt["ids"], bt["mask"])
+        return diffusion_loss(diffusion, t2v.dit, bt["latents"], cond, frame_noise=frame_noise)
 
     main = launched_rank().is_main  # (rank 0 scores the stage)
     before = denoising_loss(model, clips, diffusion, tokenizer, 64) if main else None

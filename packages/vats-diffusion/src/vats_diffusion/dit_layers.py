@@ -25,7 +25,14 @@ adaLN-Zero (DiT) computes the six vectors in each block with its own linear laye
 ``silu(c)``; adaLN-single (PixArt) computes them once for all blocks and each block adds
 its own learned ``(6, D)`` table.
 
-Shapes: B batch, N tokens (patches), D model width, S text tokens, Dc context width.
+The conditioning may also be per group of tokens, ``c (B, G, D)``: a video's frames, each
+at its own noise level (Diffusion Forcing, Chen et al., 2024, arXiv:2407.01392). The six
+vectors are then computed per group, ``(B, G, 6, D)``, and each token is modulated by its
+group's (:class:`CondLayout` says which tokens a group owns), broadcast onto the tokens
+rather than computed per token.
+
+Shapes: B batch, N tokens (patches), G conditioning groups (N = G·n), D model width, S text
+tokens, Dc context width.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from vats_core.mlp import Activation, GeluMLP, MLPConfig, build_mlp
 __all__ = [
     "FINAL_NORM_EPS",
     "AdaLNMode",
+    "CondLayout",
     "ConditionMLP",
     "DiTBlock",
     "DiTBlockConfig",
@@ -73,6 +81,13 @@ __all__ = [
     "text_projection",
     "timestep_embedding",
 ]
+
+
+class CondLayout(enum.StrEnum):
+    """Which of N = G·n tokens a per-group conditioning ``(B, G, D)`` modulates."""
+
+    OUTER = "outer"  # tokens "(g n)": group g owns tokens g·n .. g·n + n - 1 (frame-major)
+    INNER = "inner"  # tokens "(n g)": token i belongs to group i mod G (position-major)
 
 
 class AdaLNMode(enum.StrEnum):
@@ -176,24 +191,48 @@ class ConditionMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """``x · (1 + scale) + shift`` per sample: ``x (B, N, D)``, ``shift, scale (B, D)``.
+def _grouped(x: Tensor, groups: int, layout: CondLayout) -> Tensor:
+    """``x (B, N, D)`` viewed as ``(B, G, n, D)`` (outer) or ``(B, n, G, D)`` (inner)."""
+    b, tokens, d = x.shape
+    if CondLayout(layout) is CondLayout.OUTER:
+        return x.reshape(b, groups, tokens // groups, d)
+    return x.reshape(b, tokens // groups, groups, d)
+
+
+def _lifted(v: Tensor, layout: CondLayout) -> Tensor:
+    """A group's vector ``v (B, G, D)`` broadcast over its tokens in :func:`_grouped`'s view."""
+    return v[:, :, None] if CondLayout(layout) is CondLayout.OUTER else v[:, None]
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, layout: CondLayout | None = None) -> Tensor:
+    """``x · (1 + scale) + shift`` per sample: ``x (B, N, D)``, ``shift, scale (B, D)``; or
+    per group of tokens, ``shift, scale (B, G, D)`` laid out on the tokens by ``layout``.
 
     One ``addcmul`` writes the ``(B, N, D)`` result in a single pass; ``x * (1 + scale) +
     shift`` would materialise the product first and read it back, and on CPU these
     memory-bound passes over every token are a visible share of a DiT forward. ``1 +
-    scale`` is only ``(B, 1, D)``.
+    scale`` is only ``(B, 1, D)`` (``(B, G, D)``): per group, the vectors broadcast onto a
+    view of the tokens, never copied per token.
     """
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+    if layout is None:
+        return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+    grouped = _grouped(x, shift.shape[1], layout)
+    out = torch.addcmul(_lifted(shift, layout), grouped, 1 + _lifted(scale, layout))
+    return out.reshape(x.shape)
 
 
-def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """``x + gate · y`` per sample, the adaLN residual: ``x, y (B, N, D)``, ``gate (B, D)``.
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor, layout: CondLayout | None = None) -> Tensor:
+    """``x + gate · y`` per sample, the adaLN residual: ``x, y (B, N, D)``, ``gate (B, D)``;
+    or per group of tokens, ``gate (B, G, D)`` laid out on the tokens by ``layout``.
 
     One ``addcmul`` pass instead of a ``gate · y`` temporary and a second pass to add it
     (see :func:`modulate`).
     """
-    return torch.addcmul(x, gate[:, None], y)
+    if layout is None:
+        return torch.addcmul(x, gate[:, None], y)
+    g = gate.shape[1]
+    out = torch.addcmul(_grouped(x, g, layout), _lifted(gate, layout), _grouped(y, g, layout))
+    return out.reshape(x.shape)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -247,12 +286,13 @@ class DiTBlock(nn.Module):
     def modulation(self, cond: Tensor) -> Tensor:
         """The six vectors ``(B, 6, D)`` (shift, scale, gate for attention, then for the MLP)
         from ``cond``: ``silu(c)`` ``(B, D)`` for adaLN-Zero, the shared projection
-        ``(B, 6D)`` for adaLN-single."""
-        b = cond.shape[0]
+        ``(B, 6D)`` for adaLN-single; per group, ``(B, G, 6, D)`` from ``(B, G, D)`` or
+        ``(B, G, 6D)``."""
+        lead = cond.shape[:-1]  # (B,) or (B, G)
         if self.adaln is not None:
-            return self.adaln(cond).view(b, 6, self.dim)
+            return self.adaln(cond).view(*lead, 6, self.dim)
         assert self.scale_shift_table is not None
-        return cond.view(b, 6, self.dim) + self.scale_shift_table
+        return cond.view(*lead, 6, self.dim) + self.scale_shift_table
 
     def _norm(self, x: Tensor, eps: float) -> Tensor:
         return F.layer_norm(x, (self.dim,), eps=eps)
@@ -268,12 +308,14 @@ class DiTBlock(nn.Module):
         context_gate: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         attn_len: int | None = None,
+        cond_layout: CondLayout | None = None,
     ) -> Tensor:
         """Run the block.
 
         Args:
             x: ``(B, N, D)`` patch tokens.
-            cond: see :meth:`modulation`.
+            cond: see :meth:`modulation`: per sample, or with ``cond_layout`` per group of
+                tokens (``(B, G, D)``, or ``(B, G, 6D)`` for adaLN-single).
             rope: ``(cos, sin)`` for self-attention, each ``(1, 1, N, Dh)``.
             context: ``(B, S, Dc)`` text states; None skips cross-attention (no text).
             context_mask: ``(B, S)`` bool, True = real text token.
@@ -287,6 +329,10 @@ class DiTBlock(nn.Module):
                 then covers one run (``(1, 1, attn_len, Dh)``). None = over all N tokens.
                 Cross-attention, the MLP and the modulation act per token, so they need
                 no grouping.
+            cond_layout: None: ``cond`` is per sample. Else ``cond`` is per group of the
+                N = G·n tokens and this says which tokens a group owns: ``outer``, runs of
+                n consecutive tokens ("(g n)": a video's frames, frame-major); ``inner``,
+                every G-th token ("(n g)": the frames of each patch position).
 
         Returns:
             ``(B, N, D)``.
@@ -294,15 +340,16 @@ class DiTBlock(nn.Module):
         cfg = self.config
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(
             cond
-        ).unbind(1)  # each (B, D)
-        h = modulate(self._norm(x, cfg.norm_eps), shift_msa, scale_msa)
-        x = gated_residual(x, gate_msa, self._self_attention(h, rope, key_padding_mask, attn_len))
+        ).unbind(-2)  # each (B, D), or (B, G, D) per group
+        h = modulate(self._norm(x, cfg.norm_eps), shift_msa, scale_msa, cond_layout)
+        attn = self._self_attention(h, rope, key_padding_mask, attn_len)
+        x = gated_residual(x, gate_msa, attn, cond_layout)
         if self.cross_attn is not None and context is not None:
             h = self._norm(x, cfg.norm_eps) if cfg.cross_attn_norm else x
             h = self.cross_attn(h, context=context, context_mask=context_mask)
             x = x + h if context_gate is None else torch.addcmul(x, h, context_gate)
-        h = modulate(self._norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)
-        return gated_residual(x, gate_mlp, self.ffn(h))
+        h = modulate(self._norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp, cond_layout)
+        return gated_residual(x, gate_mlp, self.ffn(h), cond_layout)
 
     def _self_attention(
         self,
@@ -434,13 +481,25 @@ def text_projection(text_dim: int, dim: int) -> GeluMLP:
     )
 
 
-def check_timestep(owner: str, timestep: Tensor, batch: int, *, name: str = "timestep") -> None:
+def check_timestep(
+    owner: str,
+    timestep: Tensor,
+    batch: int,
+    *,
+    name: str = "timestep",
+    frames: int | None = None,
+    tubelet: int = 1,
+) -> None:
     """ValueError unless ``timestep`` is a real ``(B,)`` tensor or a scalar tensor (any
-    per-sample number: ``name`` is the argument the error names)."""
+    per-sample number: ``name`` is the argument the error names); with ``frames`` (a
+    video's T), also a real ``(B, T)`` tensor, one per frame, equal within each run of
+    ``tubelet`` frames (the frames of one token)."""
+    per_frame = frames is not None and isinstance(timestep, Tensor) and timestep.ndim == 2
     if (
         not isinstance(timestep, Tensor)
-        or timestep.ndim > 1
+        or (timestep.ndim > 1 and not per_frame)
         or (timestep.ndim == 1 and timestep.shape[0] != batch)
+        or (per_frame and tuple(timestep.shape) != (batch, frames))
         or timestep.dtype == torch.bool
         or timestep.is_complex()
     ):
@@ -449,9 +508,20 @@ def check_timestep(owner: str, timestep: Tensor, batch: int, *, name: str = "tim
             if isinstance(timestep, Tensor)
             else type(timestep).__name__
         )
-        raise ValueError(
-            f"{owner}: {name} must be a real (B,) = ({batch},) tensor or a scalar, got {got}"
-        )
+        shapes = f"(B,) = ({batch},) tensor"
+        if frames is not None:
+            shapes += f", a (B, T) = ({batch}, {frames}) tensor (one per frame)"
+        raise ValueError(f"{owner}: {name} must be a real {shapes} or a scalar, got {got}")
+    if per_frame and tubelet > 1:
+        runs = timestep.reshape(batch, -1, tubelet)  # (B, T / tubelet, tubelet)
+        unequal = (runs != runs[..., :1]).any(-1)  # (B, T / tubelet)
+        if unequal.any():
+            row, k = (int(i) for i in unequal.nonzero()[0])
+            raise ValueError(
+                f"{owner}: {name} (B, T) must be equal within each tubelet of patch_frames="
+                f"{tubelet} frames (one token holds them all), got {runs[row, k].tolist()} "
+                f"for frames {k * tubelet}..{(k + 1) * tubelet - 1} of row {row}"
+            )
 
 
 def check_text_inputs(
@@ -596,11 +666,18 @@ def embed_timestep(
     return time_embed(freqs.to(dtype))
 
 
-def final_layer(x: Tensor, shift: Tensor, scale: Tensor, proj_out: nn.Module) -> Tensor:
+def final_layer(
+    x: Tensor,
+    shift: Tensor,
+    scale: Tensor,
+    proj_out: nn.Module,
+    layout: CondLayout | None = None,
+) -> Tensor:
     """DiT's final layer: a non-affine LayerNorm (eps 1e-6), adaLN modulation, the output
-    projection: ``(B, N, D) -> (B, N, proj_out's width)``."""
+    projection: ``(B, N, D) -> (B, N, proj_out's width)``. ``shift, scale`` ``(B, D)``, or
+    per group ``(B, G, D)`` laid out on the tokens by ``layout`` (:func:`modulate`)."""
     x = F.layer_norm(x, (x.shape[-1],), eps=FINAL_NORM_EPS)
-    return proj_out(modulate(x, shift, scale))
+    return proj_out(modulate(x, shift, scale, layout))
 
 
 def latent_size(config: Any) -> tuple[int, int]:
@@ -641,12 +718,13 @@ def final_shift_scale(
     c: Tensor, final_adaln: nn.Module | None, final_scale_shift_table: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """The final layer's ``(shift, scale)``, each ``(B, D)``, from the conditioning ``c``
-    ``(B, D)`` through :func:`final_modulation`'s pair (one of them None)."""
+    ``(B, D)`` through :func:`final_modulation`'s pair (one of them None); per group, each
+    ``(B, G, D)`` from ``c (B, G, D)``."""
     if final_adaln is not None:
         shift, scale = final_adaln(F.silu(c)).chunk(2, dim=-1)
         return shift, scale
     assert final_scale_shift_table is not None
-    shift, scale = (final_scale_shift_table + c[:, None]).unbind(1)
+    shift, scale = (final_scale_shift_table + c[..., None, :]).unbind(-2)
     return shift, scale
 
 

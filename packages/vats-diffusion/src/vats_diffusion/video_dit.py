@@ -24,18 +24,29 @@ and larger frames both stay affordable; cross-attention costs ``O(F·N·S)``.
 
 Why DiTBlock and not :class:`vats_core.block.FactorizedBlock` (the ViT-3D's space / time
 block): a diffusion block is modulated by the conditioning (adaLN shift, scale and gate
-from the timestep and pooled text, per sample), which FactorizedBlock, a pre-norm encoder
-block with learned norms and one shared MLP, has no place for. So the layer is built from
-two DiTBlocks, each of vats-core's Attention and MLP with its own adaLN modulation and MLP,
-as Latte pairs them; that is also what lets :mod:`vats_diffusion.interop.latte` import
-diffusers' ``LatteTransformer3DModel`` exactly. The grouping into frames (spatial) or
-position lines (temporal) is DiTBlock's ``attn_len``: cross-attention, MLP and modulation
-act per token, so they run over the whole clip at once, without repeating the text or the
-conditioning per frame.
+from the timestep and pooled text, per sample or per frame), which FactorizedBlock, a
+pre-norm encoder block with learned norms and one shared MLP, has no place for. So the
+layer is built from two DiTBlocks, each of vats-core's Attention and MLP with its own adaLN
+modulation and MLP, as Latte pairs them; that is also what lets
+:mod:`vats_diffusion.interop.latte` import diffusers' ``LatteTransformer3DModel`` exactly.
+The grouping into frames (spatial) or position lines (temporal) is DiTBlock's
+``attn_len``: cross-attention, MLP and modulation act per token, so they run over the whole
+clip at once, without repeating the text or the conditioning per frame (a per-frame
+conditioning is broadcast onto its frame's tokens).
 
 Conditioning (as :class:`~vats_diffusion.dit.DiT`, without class labels)::
 
     c = time_embed(sinusoid(t)) + pooled_text_embed(masked_mean(text))
+
+with one timestep per clip (``t (B,)``), or one per frame (``t (B, T)``, the frames of a
+tubelet sharing theirs): Diffusion Forcing (Chen et al., 2024, arXiv:2407.01392) trains
+each frame at its own noise level, so a noisy frame must be denoised from its cleaner
+neighbours and temporal attention has to learn how frames relate. ``c`` is then ``(B, F,
+D)``, and every block and the final layer modulate each token with its own frame's vectors:
+each block computes its six vectors once per frame, ``(B, F, 6, D)``, and DiTBlock's
+``cond_layout`` broadcasts them onto the tokens (frame-major "(f n)" in the spatial blocks,
+position-major "(n f)" in the temporal ones), rather than running the adaLN linear per
+token. A ``(B, T)`` timestep whose frames are equal gives the ``(B,)`` timestep's output.
 
 adaLN ``zero`` (DiT: a modulation linear per block) or ``single`` (PixArt, Latte: one shared
 projection plus a table per block). Masked text follows the image DiT's rules: padding
@@ -93,6 +104,7 @@ from vats_diffusion.dit import DiT, DiTPosEmbed
 from vats_diffusion.dit_layers import (
     AdaLNMode,
     ConditionMLP,
+    CondLayout,
     DiTBlock,
     DiTBlockConfig,
     check_conditioning_fields,
@@ -340,7 +352,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
                 f"VideoDiT: x's latent frame size (h, w)=({h}, {w}) is invalid: expected "
                 f"positive multiples of patch_size={p}"
             )
-        check_timestep("VideoDiT", timestep, b)
+        check_timestep("VideoDiT", timestep, b, frames=t, tubelet=pt)
         check_text_inputs("VideoDiT", text_states, text_mask, b, cfg.text_dim, text_keep)
 
     # ------------------------------------------------------------------ forward
@@ -377,10 +389,23 @@ class VideoDiT(PretrainedMixin, nn.Module):
         temporal = self.rotary(grid_positions_3d(f, 1, 1, device=device), dtype)
         return spatial, temporal
 
-    def _final(self, x: Tensor, c: Tensor) -> Tensor:
+    def _condition(
+        self, timestep: Tensor, pooled: Tensor | None, b: int, f: int, dtype: torch.dtype
+    ) -> Tensor:
+        """The adaLN conditioning ``c``: ``(B, D)`` from a ``(B,)`` or scalar timestep,
+        ``(B, F, D)`` from a ``(B, T)`` one (a tubelet's frames share theirs)."""
+        cfg = self.config
+        if timestep.ndim < 2:
+            c = embed_timestep(cfg, self.time_embed, timestep, b, dtype)  # (B, D)
+            return c if pooled is None else c + pooled
+        per_tubelet = timestep[:, :: cfg.patch_frames].reshape(b * f)  # (B·F,)
+        c = embed_timestep(cfg, self.time_embed, per_tubelet, b * f, dtype).view(b, f, cfg.dim)
+        return c if pooled is None else c + pooled[:, None]
+
+    def _final(self, x: Tensor, c: Tensor, layout: CondLayout | None) -> Tensor:
         """Final adaLN LayerNorm and projection: ``(B, F·N, D) -> (B, F·N, pt·p·p·C_out)``."""
         shift, scale = final_shift_scale(c, self.final_adaln, self.final_scale_shift_table)
-        return final_layer(x, shift, scale, self.proj_out)
+        return final_layer(x, shift, scale, self.proj_out, layout)
 
     def forward(
         self,
@@ -400,7 +425,9 @@ class VideoDiT(PretrainedMixin, nn.Module):
         Args:
             x: ``(B, C, T, h, w)`` latents, the model's dtype; ``1 <= T <= max_frames`` (a
                 multiple of ``patch_frames``), ``h`` and ``w`` multiples of ``patch_size``.
-            timestep: ``(B,)`` (or a scalar for the whole batch), ints or floats.
+            timestep: ``(B,)`` (or a scalar for the whole batch), ints or floats; or
+                ``(B, T)``, one per frame (Diffusion Forcing: each frame at its own noise
+                level), equal within each tubelet of ``patch_frames`` frames.
             text_states: ``(B, S, Dt)`` text encoder states; None = the null text
                 condition for every row. Models with ``text_dim`` only.
             text_mask: ``(B, S)`` bool, True = real token; None = all real. A row with no
@@ -413,8 +440,9 @@ class VideoDiT(PretrainedMixin, nn.Module):
             then the ``C`` variance channels.
 
         Raises:
-            ValueError: bad shapes or dtypes, more than ``max_frames`` frames, text states
-                of the wrong width, a mask that does not fit them, or text given to a model
+            ValueError: bad shapes or dtypes, more than ``max_frames`` frames, a per-frame
+                timestep that is not ``(B, T)`` or differs within a tubelet, text states of
+                the wrong width, a mask that does not fit them, or text given to a model
                 without text conditioning.
         """
         self._check_inputs(x, timestep, text_states, text_mask, text_keep)
@@ -439,13 +467,15 @@ class VideoDiT(PretrainedMixin, nn.Module):
                 training=self.training,
                 keep=text_keep,
             )
-        # 3. The adaLN conditioning and what each block reads from it.
-        c = embed_timestep(cfg, self.time_embed, timestep, b, tokens.dtype)  # (B, D)
-        if pooled is not None:
-            c = c + pooled
+        # 3. The adaLN conditioning and what each block reads from it: per clip, or per
+        # frame (a (B, T) timestep), each frame's vectors then laid onto its tokens.
+        c = self._condition(timestep, pooled, b, f, tokens.dtype)  # (B, D) or (B, F, D)
+        frame_major = position_major = None
+        if c.ndim == 3:
+            frame_major, position_major = CondLayout.OUTER, CondLayout.INNER
         cond = F.silu(c)
         if self.adaln_single is not None:
-            cond = self.adaln_single(cond)  # (B, 6D), shared by every block
+            cond = self.adaln_single(cond)  # (B, 6D) or (B, F, 6D), shared by every block
         # 4. Layers: within each frame (with the text), then across frames.
         pairs = zip(self.spatial_blocks, self.temporal_blocks, strict=True)
         for i, (spatial, temporal) in enumerate(pairs):
@@ -457,14 +487,15 @@ class VideoDiT(PretrainedMixin, nn.Module):
                 context_mask=context_mask,
                 context_gate=gate,
                 attn_len=n,
+                cond_layout=frame_major,
             )
             tokens = rearrange(tokens, "b (f n) d -> b (n f) d", f=f)  # position-major
             if i == 0 and time_table is not None:
                 tokens = (tokens.view(b, n, f, d) + time_table).view(b, n * f, d)
-            tokens = temporal(tokens, cond, rope=rope_t, attn_len=f)
+            tokens = temporal(tokens, cond, rope=rope_t, attn_len=f, cond_layout=position_major)
             tokens = rearrange(tokens, "b (n f) d -> b (f n) d", f=f)  # frame-major
         # 5. Final layer, unpatchify (channels last within a tubelet, as DiT).
-        out = self._final(tokens, c)  # (B, F·N, pt·p·p·C_out)
+        out = self._final(tokens, c, frame_major)  # (B, F·N, pt·p·p·C_out)
         p, pt = cfg.patch_size, cfg.patch_frames
         return rearrange(
             out,
