@@ -171,6 +171,16 @@ def test_settings_that_do_not_fit_the_world_fail_before_any_work(
     assert_refused_before_any_work(cfg, tmp_path, env, message)
 
 
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("text_to_image", "train.dit"), ("text_to_video", "parts.image.dit")],
+)
+def test_muon_under_fsdp_is_refused_naming_the_stage(name: str, field: str, tmp_path: Path) -> None:
+    muon = f"+{field}.trainer.muon=[model.dit.blocks.*.ffn.*]"
+    cfg = compose_tiny(name, tmp_path, "train.parallel.data_parallel=fsdp", muon)
+    assert_refused_before_any_work(cfg, tmp_path, {}, rf"{field}.trainer.muon=.*'fsdp'")
+
+
 def test_the_image_parts_of_the_video_pipeline_take_its_batches(tmp_path: Path) -> None:
     overrides, env, message = batch_refusal("parts.image.vae.batch_size", 7)
     cfg = compose_tiny("text_to_video", tmp_path, *overrides)

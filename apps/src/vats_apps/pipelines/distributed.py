@@ -243,11 +243,36 @@ def parallel_training(
     parallel = parallel_config(cfg, key)
     for batch_key, size in batch_sizes.items():
         check_batch(size, batch_key)
+    check_optimizers(cfg, parallel, key)
     with process_group(parallel, key) as ranks:
         with torch.device("meta"):  # the models' shapes, for the checks: no memory, no init
             for model in meta_models():
                 check_model(parallel, model, key)
         yield parallel, ranks
+
+
+def check_optimizers(cfg: DictConfig, parallel: ParallelConfig, key: str) -> None:
+    """Muon (a ``trainer.muon`` anywhere under ``train`` or ``parts``: the stages this run
+    may train) orthogonalizes whole weight matrices, which FSDP shards: refused together,
+    naming the field, before any stage trains."""
+    if parallel.data_parallel is not DataParallel.FSDP:
+        return
+
+    def walk(node: object, where: str) -> None:
+        if not isinstance(node, DictConfig):
+            return
+        trainer = node.get("trainer")
+        if isinstance(trainer, DictConfig) and trainer.get("muon"):
+            raise ValueError(
+                f"{where}.trainer.muon={list(trainer.muon)} with {key}.data_parallel='fsdp': "
+                f"Muon updates each weight matrix whole and FSDP shards them. Set "
+                f"{where}.trainer.muon=[] or {key}=ddp"
+            )
+        for name, child in node.items():
+            walk(child, f"{where}.{name}")
+
+    for root in ("train", "parts"):
+        walk(cfg.get(root), root)
 
 
 def gathered_model(

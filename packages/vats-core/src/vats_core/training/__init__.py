@@ -2,12 +2,15 @@
 
 - :class:`TrainerConfig`, :class:`Trainer`, :class:`NonFiniteLossError`
 - :func:`lr_at`: linear warmup + cosine decay, a pure function of the step
+- :class:`MuonAdamW`: Muon on chosen weight matrices, AdamW on the rest
+  (``TrainerConfig.muon``)
 - data: :class:`BatchSource` (the protocol), :class:`FunctionBatches`,
   :class:`TensorBatches`
 """
 
 from vats_core.training.config import TrainerConfig
 from vats_core.training.data import BatchSource, FunctionBatches, TensorBatches
+from vats_core.training.muon import MuonAdamW
 from vats_core.training.schedule import lr_at
 from vats_core.training.state import seed_everything
 from vats_core.training.trainer import (
@@ -20,6 +23,7 @@ from vats_core.training.trainer import (
 __all__ = [
     "BatchSource",
     "FunctionBatches",
+    "MuonAdamW",
     "NonFiniteLossError",
     "TensorBatches",
     "Trainer",

@@ -21,6 +21,10 @@ class TrainerConfig(Config):
     weight_decay: float = 0.1  # AdamW decoupled decay, on >= 2-D weights only
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
     eps: float = 1e-8  # AdamW denominator epsilon
+    # Parameter-name patterns (fnmatch: "dit.blocks.*.ffn.*") of the 2-D weight matrices
+    # that Muon updates instead of AdamW (vats_core.training.muon); () = AdamW for all.
+    muon: tuple[str, ...] = ()
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
     grad_clip: float | None = 1.0  # max global grad L2 norm; None turns clipping off
     grad_accum_steps: int = 1  # micro-batches per optimizer step; loss scaled by 1/accum
     checkpoint_every: int = 0  # steps between checkpoints; 0 turns checkpointing off
@@ -61,6 +65,20 @@ class TrainerConfig(Config):
             "betas",
             self.betas,
             "two numbers in [0, 1)",
+        )
+        check(
+            all(isinstance(m, str) and m for m in self.muon),
+            self,
+            "muon",
+            self.muon,
+            "a list of non-empty parameter-name patterns (fnmatch)",
+        )
+        check(
+            0.0 <= self.muon_momentum < 1.0,
+            self,
+            "muon_momentum",
+            self.muon_momentum,
+            "a number in [0, 1)",
         )
         for name in ("checkpoint_every", "eval_every"):
             value = getattr(self, name)

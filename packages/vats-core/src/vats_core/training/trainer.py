@@ -1,4 +1,4 @@
-"""The generic trainer: AdamW, warmup + cosine, clipping, accumulation, exact resume.
+"""The generic trainer: AdamW (or Muon on chosen matrices), warmup + cosine, clipping, accumulation, exact resume.
 
 The trainer knows nothing about the model's API: a ``loss_fn(model, batch)`` computes
 the loss (and optional extra metrics), a :class:`~vats_core.training.data.BatchSource`
@@ -60,6 +60,7 @@ and ``items_name="tokens"`` to see tokens/s)::
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import importlib.util
 import json
@@ -80,6 +81,7 @@ from vats_core.config import is_number
 from vats_core.moe import COMPILE_SETTINGS
 from vats_core.training.config import TrainerConfig
 from vats_core.training.data import BatchSource, FunctionBatches, default_batch_items
+from vats_core.training.muon import MuonAdamW
 from vats_core.training.schedule import lr_at
 from vats_core.training.state import (
     MODEL_FILE,
@@ -144,8 +146,9 @@ class NonFiniteLossError(RuntimeError):
 
 def build_optimizer(
     model: nn.Module, config: TrainerConfig, lr_scales: Mapping[str, float] | None = None
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on >= 2-D parameters only.
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on >= 2-D parameters only; with ``config.muon``, Muon on the
+    2-D weights those patterns name (:class:`~vats_core.training.muon.MuonAdamW`).
 
     Matrices (linear and conv weights, embeddings) are decayed; biases and norm gains
     (1-D) are not: shrinking them toward zero only fights the normalization and the
@@ -183,21 +186,57 @@ def build_optimizer(
         return float(scales[max(hits, key=len)]) if hits else 1.0
 
     scale_by_name = {name: scale_of(name) for name, _ in named}
-    # per scale, a decayed and an undecayed group (as without scales: [decay, no_decay])
+    muon = _muon_names(named, config.muon, type(model).__name__)
+    # per scale, a decayed and an undecayed group (as without scales: [decay, no_decay]),
+    # and with Muon a group of its matrices
     param_groups: list[dict[str, Any]] = []
+    muon_groups: list[dict[str, Any]] = []
     for scale in sorted(set(scale_by_name.values()), reverse=True):
-        mine = [p for name, p in named if scale_by_name[name] == scale]
+        mine = [(name, p) for name, p in named if scale_by_name[name] == scale]
+        adamw = [p for name, p in mine if name not in muon]
         param_groups += [
-            {"params": [p for p in mine if p.ndim >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [p for p in adamw if p.ndim >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in adamw if p.ndim < 2], "weight_decay": 0.0},
         ]
         for group in param_groups[-2:]:
             group["lr_scale"] = scale
+        matrices = [p for name, p in mine if name in muon]
+        if matrices:
+            muon_groups.append(
+                {"params": matrices, "weight_decay": config.weight_decay, "lr_scale": scale}
+            )
     devices = {p.device.type for _, p in named}
     fused = len(devices) == 1 and devices <= _FUSED_ADAMW_DEVICES
+    if muon_groups:
+        return MuonAdamW(
+            param_groups,
+            muon_groups,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            fused=fused or None,
+            momentum=config.muon_momentum,
+        )
     return torch.optim.AdamW(
         param_groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )
+
+
+def _muon_names(
+    named: list[tuple[str, nn.Parameter]], patterns: tuple[str, ...], owner: str
+) -> set[str]:
+    """The names of the 2-D parameters matching any of ``patterns`` (fnmatch); a pattern
+    matching no 2-D trainable parameter is refused."""
+    out: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n, p in named if p.ndim == 2 and fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ValueError(
+                f"TrainerConfig.muon pattern {pattern!r} matches no 2-D trainable parameter of "
+                f"{owner} (names such as {named[0][0]!r}; Muon updates weight matrices only)"
+            )
+        out |= hits
+    return out
 
 
 def _under(name: str, prefix: str) -> bool:
