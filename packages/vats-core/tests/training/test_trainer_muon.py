@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vats_core.training import MuonAdamW, Trainer, TrainerConfig, build_optimizer
+from vats_core.training.muon import orthogonalized
 
 
 def _model() -> nn.Sequential:
@@ -62,11 +63,11 @@ def test_groups_split_by_pattern_and_lr_scale(tmp_path: Path) -> None:
     model = _model()
     opt = build_optimizer(model, _config(tmp_path, muon=("*.weight",)), {"2": 0.5})
     assert isinstance(opt, MuonAdamW)
-    muon = {id(p) for g in opt._muon.param_groups for p in g["params"]}
+    muon = {id(p) for g in opt.param_groups if g.get("muon") for p in g["params"]}
     assert muon == {id(model[i].weight) for i in (0, 2, 4)}  # the 2-D weights only
     scales = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     assert scales[id(model[2].weight)] == 0.5 and scales[id(model[0].weight)] == 1.0
-    assert all(p.ndim == 1 for g in opt._adamw.param_groups for p in g["params"])
+    assert all(p.ndim == 1 for g in opt.param_groups if not g.get("muon") for p in g["params"])
 
 
 def test_muon_trains_and_resumes_exactly(tmp_path: Path) -> None:
@@ -84,7 +85,7 @@ def test_muon_trains_and_resumes_exactly(tmp_path: Path) -> None:
     for a, b in zip(whole.parameters(), again.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the loaded state reaches both inner optimizers (Muon's momentum buffers too)
-    buf = t.optimizer._muon.state[again[2].weight]["momentum_buffer"]
+    buf = t.optimizer.state[again[2].weight]["momentum_buffer"]
     assert buf.abs().sum() > 0
 
 
@@ -108,3 +109,37 @@ def test_bad_muon_settings_are_refused(tmp_path: Path) -> None:
         MuonAdamW(
             [], [{"params": [nn.Parameter(torch.zeros(3))]}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8
         )
+
+
+def test_one_step_is_torch_muon_s_in_float32(tmp_path: Path) -> None:
+    # torch.optim.Muon with match_rms_adamw is the reference; it iterates in bfloat16, this
+    # one in float32 on CPU, so the two steps agree to bfloat16's precision
+    torch.manual_seed(1)
+    w = nn.Parameter(torch.randn(24, 40))
+    w.grad = torch.randn(24, 40)
+    ref = nn.Parameter(w.detach().clone())
+    ref.grad = w.grad.clone()
+    bias = nn.Parameter(torch.zeros(3))
+    ours = MuonAdamW(
+        [{"params": [bias]}], [{"params": [w], "weight_decay": 0.1}],
+        lr=0.02, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
+    theirs = torch.optim.Muon(
+        [ref], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+        adjust_lr_fn="match_rms_adamw",
+    )  # fmt: skip
+    start = w.detach().clone()
+    ours.step()
+    theirs.step()
+    torch.testing.assert_close(w - start, ref - start, rtol=0.05, atol=2e-4)
+
+
+def test_orthogonalized_flattens_the_spectrum_in_float32() -> None:
+    torch.manual_seed(2)
+    g = torch.randn(16, 48) @ torch.diag(torch.logspace(0, -1, 48))  # spread spectrum
+    out = orthogonalized(g)
+    assert out.dtype == torch.float32
+    sv = torch.linalg.svdvals(out.double())
+    assert sv.min() > 0.6 and sv.max() < 1.25, sv
+    tall = orthogonalized(g.mT.contiguous())
+    torch.testing.assert_close(tall, out.mT, rtol=1e-5, atol=1e-6)
