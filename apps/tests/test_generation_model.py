@@ -146,6 +146,18 @@ def _clips(model: TextToVideo, b: int = 6, t: int = 4) -> tuple[torch.Tensor, di
     return x0, model.condition(ids, torch.ones(b, 3, dtype=torch.bool))
 
 
+def _stage_config(tmp_path, **dit: object):
+    """A pipeline config holding one ``train.dit`` stage section, for ``StagedPipeline.fit``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "pipeline": {"seed": 0, "out_dir": str(tmp_path), "progress": False},
+            "train": {"dit": dit},
+        }
+    )
+
+
 def _dit_inputs(model: TextToVideo) -> list[tuple[tuple, dict]]:
     """Records the ``(args, kwargs)`` of every call of ``model.dit``."""
     seen: list[tuple[tuple, dict]] = []
@@ -252,22 +264,15 @@ def test_a_training_step_with_frame_noise(tmp_path):
     """The text_to_video stage's objective with frame_noise=1 trains through the trainer
     (two steps, finite losses, every DiT weight moved); a bad frame_noise, or one on images,
     is refused before any draw."""
-    from omegaconf import OmegaConf
 
     from vats_apps.pipelines.stages import Objective, StagedPipeline
 
     p = StagedPipeline("test", 1, {})
-    cfg = OmegaConf.create(
-        {
-            "pipeline": {"seed": 0, "out_dir": str(tmp_path), "progress": False},
-            "train": {
-                "dit": {
-                    "max_steps": 2,
-                    "batch_size": 4,
-                    "trainer": {"lr": 1e-3, "warmup_steps": 0, "log_every": 1},
-                }
-            },
-        }
+    cfg = _stage_config(
+        tmp_path,
+        max_steps=2,
+        batch_size=4,
+        trainer={"lr": 1e-3, "warmup_steps": 0, "log_every": 1},
     )
     model = _video_model()
     diffusion = Diffusion(
@@ -365,23 +370,16 @@ def test_stage_fit_trains_the_encoder_at_its_lr_scale(tmp_path):
     """``StagedPipeline.fit`` hands ``lr_scales`` to the trainer: after one AdamW step (the
     first moves every weight by about lr, whatever its gradient) the encoder's weights moved
     a tenth of the DiT's."""
-    from omegaconf import OmegaConf
 
     from vats_apps.pipelines.stages import Objective, StagedPipeline, encoder_lr_scale
 
     p = StagedPipeline("test", 1, {})
-    cfg = OmegaConf.create(
-        {
-            "pipeline": {"seed": 0, "out_dir": str(tmp_path), "progress": False},
-            "train": {
-                "dit": {
-                    "max_steps": 1,
-                    "batch_size": 2,
-                    "encoder_lr_scale": 0.1,
-                    "trainer": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0},
-                }
-            },
-        }
+    cfg = _stage_config(
+        tmp_path,
+        max_steps=1,
+        batch_size=2,
+        encoder_lr_scale=0.1,
+        trainer={"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0},
     )
     model = _model().train()
     with torch.no_grad():  # no zero-initialised layer: every weight gets a gradient at once
