@@ -146,6 +146,31 @@ def test_one_repeated_frame_with_sincos_time_positions() -> None:
     assert (clip[:, :, 1] - clip[:, :, 0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("pos_embed", ["sincos_rope", "rope3d"])
+def test_frame_embed_tells_a_repeated_frame_s_copies_apart(pos_embed: str) -> None:
+    """With relative (RoPE) time positions the copies of a repeated frame get one and the
+    same prediction: nothing says which frame comes first, so no motion can be drawn from
+    frames that look alike. frame_embed, the absolute index, breaks that; each clip of F
+    frames reads the first F rows of its table."""
+    inputs = _inputs(_model(pos_embed=pos_embed).config, t=1)
+    repeated = dict(inputs, x=inputs["x"].expand(-1, -1, 4, -1, -1).contiguous())
+    with torch.no_grad():
+        plain = _model(pos_embed=pos_embed)(**repeated)
+        torch.testing.assert_close(plain, plain[:, :, :1].expand_as(plain), rtol=1e-5, atol=1e-5)
+        model = _model(pos_embed=pos_embed, frame_embed=True)
+        assert model.frame_embed is not None and model.frame_embed.shape == (8, 32)
+        out = model(**repeated)
+        assert (out[:, :, 1] - out[:, :, 0]).abs().max() > 1e-3
+        # Frame 0 of a 1-frame clip reads row 0 as frame 0 of a 4-frame clip does: only
+        # row 0 moves the 1-frame clip.
+        one = model(**inputs)
+        shift = torch.randn(8, 32, generator=torch.Generator().manual_seed(3))
+        model.frame_embed[1:].add_(shift[1:])
+        torch.testing.assert_close(model(**inputs), one)
+        model.frame_embed[0].add_(shift[0])
+        assert (model(**inputs) - one).abs().max() > 1e-3
+
+
 def _flip_frames(v: torch.Tensor) -> torch.Tensor:
     return v.flip(2)
 
@@ -430,6 +455,15 @@ def test_inflated_dit_predicts_each_frame_as_the_image_dit() -> None:
         with torch.no_grad():
             out = video(**inputs)
         torch.testing.assert_close(out, _per_frame(image, inputs), rtol=1e-5, atol=1e-5)
+    # frame_embed starts at zero: the same predictions, and it is trained.
+    with_frames = inflate_dit(image, _video_config(image, frame_embed=True)).eval()
+    assert with_frames.frame_embed is not None and not with_frames.frame_embed.any()
+    inputs = _inputs(video.config, t=4)
+    with torch.no_grad():
+        torch.testing.assert_close(with_frames(**inputs), video(**inputs), rtol=0, atol=0)
+    with_frames(**inputs).square().mean().backward()
+    grad = with_frames.frame_embed.grad
+    assert grad is not None and grad[:4].abs().amax(1).min() > 0 and not grad[4:].any()
     # The temporal blocks are fresh (not copies) and still learn: after they change, the
     # frames meet.
     with torch.no_grad():

@@ -73,6 +73,13 @@ Positions (``pos_embed``), for any clip of up to ``max_frames`` frames:
   image DiT's, which is what :func:`inflate_dit` needs: an image DiT's weights make a
   VideoDiT whose every frame is that DiT's prediction until its temporal blocks learn.
 
+RoPE gives attention only the offsets between frames, never which frame is the first: in a
+clip whose frames look alike (pure noise, where sampling starts) nothing tells frame 0 from
+frame 7, so "moving left" cannot be drawn the right way round. ``frame_embed`` adds a
+learned vector per frame (tubelet) to that frame's tokens at the input, zero at init (so an
+inflated image DiT still starts exactly as the image DiT): the absolute index, as Latte's
+1D sin-cos table gives, without moving the image DiT off its inputs at step 0.
+
 From an image DiT (:func:`inflate_dit`, as Latte initialises from an image model): the
 spatial blocks, embedders and final layer take the DiT's weights, the patch embedding is
 inflated over the ``pt`` frames of a tubelet (each frame's share ``1 / pt``) and the output
@@ -172,6 +179,9 @@ class VideoDiTConfig(Config):
     pos_embed: VideoPosEmbed = VideoPosEmbed.SINCOS
     pos_interpolation_scale: float = 1.0  # 2D sin-cos positions are divided by it (PixArt)
     rope_theta: float = 100.0  # grids and clips are tens of positions, not 10k tokens
+    # A learned position per frame (tubelet), zero at init, added to that frame's tokens at
+    # the input: the absolute frame index, which relative (RoPE) offsets cannot give.
+    frame_embed: bool = False
     adaln: AdaLNMode = AdaLNMode.ZERO
     timestep_channels: int = 256  # width of the sinusoid fed to time_embed
     timestep_flip_sin_to_cos: bool = True  # [cos, sin] (DiT, PixArt, Latte)
@@ -286,6 +296,9 @@ class VideoDiT(PretrainedMixin, nn.Module):
         self.time_embed = ConditionMLP(config.timestep_channels, d)
         self.text_proj, self.pooled_text_embed = text_embedders(config)
         self.adaln_single = nn.Linear(d, 6 * d) if config.adaln is AdaLNMode.SINGLE else None
+        self.frame_embed: nn.Parameter | None = None
+        if config.frame_embed:
+            self.frame_embed = nn.Parameter(torch.zeros(config.max_frames // pt, d))
         self.rotary: RotaryEmbedding | None = None
         if config.pos_embed is not VideoPosEmbed.SINCOS:
             dh = config.block_config.attention.dh
@@ -312,6 +325,8 @@ class VideoDiT(PretrainedMixin, nn.Module):
             final_scale_shift_table=self.final_scale_shift_table,
             proj_out=self.proj_out,
         )
+        if self.frame_embed is not None:
+            nn.init.zeros_(self.frame_embed)
 
     # ------------------------------------------------------------------ inputs
 
@@ -359,7 +374,7 @@ class VideoDiT(PretrainedMixin, nn.Module):
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """Tubelet tokens ``(B, F·N, D)`` (frame-major) with 2D sin-cos positions added to
-        every frame, and ``(F, gh, gw)``."""
+        every frame (and each frame's ``frame_embed``), and ``(F, gh, gw)``."""
         cfg = self.config
         patches = self.patch_embed(x)  # (B, D, F, gh, gw)
         f, gh, gw = patches.shape[2:]
@@ -373,6 +388,10 @@ class VideoDiT(PretrainedMixin, nn.Module):
                 device=x.device,
             ).to(tokens.dtype)  # (N, D)
             tokens = tokens + table.repeat(f, 1)
+        if self.frame_embed is not None:  # (F, D) onto each frame's N tokens
+            n = gh * gw
+            frames = self.frame_embed[:f].to(tokens.dtype)
+            tokens = (tokens.view(-1, f, n, cfg.dim) + frames[:, None]).view_as(tokens)
         return tokens, (f, gh, gw)
 
     def _rope(
@@ -527,11 +546,11 @@ def inflate_dit(image: DiT, config: VideoDiTConfig) -> VideoDiT:
     The spatial blocks take the DiT's blocks, the timestep, text and adaLN embedders and the
     final layer take the DiT's; the Conv2d patch embedding becomes the Conv3d one with each
     of a tubelet's ``pt`` frames weighted ``1 / pt``, and the output projection is repeated
-    for each of them. The temporal blocks keep their fresh init. With ``adaln="zero"`` that
-    is the identity, so with ``pos_embed="sincos_rope"`` (no time table in the tokens) and
-    ``patch_frames=1`` the new model predicts, for every frame of any clip, exactly what the
-    image DiT predicts for that frame alone; with ``pt > 1``, for a clip whose tubelets hold
-    one repeated frame. Training then teaches the temporal blocks the motion.
+    for each of them. The temporal blocks and ``frame_embed`` keep their fresh init. With
+    ``adaln="zero"`` the blocks are the identity and ``frame_embed`` is zero, so with
+    ``pos_embed="sincos_rope"`` (no time table in the tokens) and ``patch_frames=1`` the new
+    model predicts, for every frame of any clip, exactly what the image DiT predicts for
+    that frame alone; with ``pt > 1``, for a clip whose tubelets hold one repeated frame. Training then teaches the temporal blocks the motion.
 
     Args:
         image: a text- or un-conditioned DiT with 2D sin-cos positions and no class labels.
@@ -582,7 +601,8 @@ def inflate_dit(image: DiT, config: VideoDiTConfig) -> VideoDiT:
     unknown = sorted(set(state) - set(own))
     if unknown:  # every DiT field the VideoDiT lacks is refused above; a guard for new ones
         raise ValueError(f"inflate_dit: the image DiT has weights a VideoDiT lacks: {unknown}")
-    missing = [k for k in own if k not in state and not k.startswith("temporal_blocks.")]
+    fresh = ("temporal_blocks.", "frame_embed")  # the VideoDiT's own, kept at their init
+    missing = [k for k in own if k not in state and not k.startswith(fresh)]
     if missing:
         raise ValueError(f"inflate_dit: the image DiT lacks the VideoDiT's weights {missing}")
     own.update({k: v.to(own[k].dtype) for k, v in state.items()})
