@@ -1,11 +1,14 @@
 """The train_audio pipeline at test size: the tiny audio encoder learns pitch x timbre of
 held-out tones of mixed lengths well above chance in seconds, the vocoder round trip keeps
-what it learned, the model is cached, and user files are classified (or refused before
-any work).
+what it learned, the model is cached with its held-out scores (a cached run prints them
+without scoring again), and user files are classified (or refused before any work).
 """
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -40,6 +43,21 @@ def _cfg(tmp_path, *overrides: str):
                 *overrides,
             ],
         )
+
+
+def _table(out: str) -> list[str]:
+    """The figures of the printed results (the audio and vocoder lines), the marks of a
+    cached run left out."""
+    lines = out.split("train_audio results:\n", 1)[1].splitlines()
+    return [
+        line.replace(" (cached)", "")
+        for line in lines
+        if line.startswith(("  audio ", "  vocoder "))
+    ]
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a cached run scored the model again")
 
 
 def test_audio_classifier_learns_and_survives_the_vocoder(tmp_path):
@@ -91,7 +109,7 @@ def test_cache_reuse_and_user_files_are_classified(tmp_path, capsys, monkeypatch
     save(path, torch.cat([wave, wave]), 44100)
     second = run_pipeline(_cfg(tmp_path, *short, f"pipeline.classify={path}"))
     assert second["cached"] and second["cache"] == first["cache"]
-    assert second["accuracy"] == first["accuracy"]  # the same weights, scored again
+    assert second["accuracy"] == first["accuracy"]  # the scores stored with the weights
     assert second["seconds"] == first["seconds"]
     # the round trip's score is stored with the weights: not vocoded again
     assert second["vocoder_accuracy"] == first["vocoder_accuracy"] and vocoded.call_count == 1
@@ -163,8 +181,79 @@ def test_compile_switches_reach_training_and_scoring(tmp_path, monkeypatch):
     assert seen[0][0] is False and seen[0][1] < 300  # eager: the batch's longest clip
     assert seen[1] == (True, 300)  # compiled: the world's longest clip, every step
     assert compiled["cache"] != eager["cache"] and frozen.call_count == 0
+    # A cached run prints the stored scores: nothing to compile.
+    reused = run_pipeline(_cfg(tmp_path, *short, "pipeline.compile=true"))
+    assert reused["cached"] and reused["cache"] == eager["cache"] and frozen.call_count == 0
+    assert reused["accuracy"] == eager["accuracy"]
+    assert reused["vocoder_accuracy"] is None
+    # Scores taken anew (other eval sizes: 32 eagerly, then 64 again) go through the
+    # frozen compiled model under pipeline.compile, and it gets the eager score.
+    smaller = run_pipeline(_cfg(tmp_path, *short, "train.eval_size=32"))
+    assert smaller["cached"] and smaller["cache"] == eager["cache"] and frozen.call_count == 0
     rescored = run_pipeline(_cfg(tmp_path, *short, "pipeline.compile=true"))
     assert rescored["cached"] and rescored["cache"] == eager["cache"]
     assert frozen.call_count == 1 and isinstance(frozen.call_args.args[0], AudioEncoder)
     assert rescored["accuracy"] == eager["accuracy"]
-    assert rescored["vocoder_accuracy"] is None
+
+
+def test_cached_run_prints_the_stored_scores_without_scoring_again(tmp_path, capsys, monkeypatch):
+    short = ["train.max_steps=3"]
+    first = run_pipeline(_cfg(tmp_path, *short))
+    table = _table(capsys.readouterr().out)
+    report = json.loads((Path(first["cache"]) / "report.json").read_text())
+    assert report["eval"] == {"eval_size": 64}  # stored with the weights, with its settings
+    assert report["accuracy"] == first["accuracy"]
+    monkeypatch.setattr(train_audio, "held_out_scores", _refuse)
+    monkeypatch.setattr(train_audio, "vocoder_accuracy", _refuse)
+    second = run_pipeline(_cfg(tmp_path, *short))
+    assert second["cached"] and second["cache"] == first["cache"]
+    out = capsys.readouterr().out
+    assert "(cached)" in out and "scoring" not in out
+    assert _table(out) == table  # the same figures, to the last digit
+    for key in ("accuracy", "pitch_accuracy", "timbre_accuracy", "vocoder_accuracy"):
+        assert second[key] == first[key], key
+
+
+def test_stored_scores_that_cannot_serve_are_taken_again_and_stored(tmp_path, capsys, monkeypatch):
+    # One entry, its report's scores broken in turn: each cached run scores again (and
+    # only what is broken), prints what the first run printed and stores the report the
+    # training run wrote.
+    short = ["train.max_steps=3"]
+    first = run_pipeline(_cfg(tmp_path, *short))
+    table = _table(capsys.readouterr().out)
+    path = Path(first["cache"]) / "report.json"
+    written = json.loads(path.read_text())
+    scored = mock.Mock(wraps=train_audio.held_out_scores)
+    vocoded = mock.Mock(wraps=train_audio.vocoder_accuracy)
+    monkeypatch.setattr(train_audio, "held_out_scores", scored)
+    monkeypatch.setattr(train_audio, "vocoder_accuracy", vocoded)
+
+    def drop(key):
+        return lambda r: r.pop(key)
+
+    breakages = [  # (what breaks the stored scores, held-out scored again, vocoded again)
+        (drop("eval"), True, False),  # an entry written before scores were stored
+        (drop("timbre_accuracy"), True, False),
+        (lambda r: r.update(accuracy="n/a"), True, False),
+        (lambda r: r.update(pitch_accuracy=1.5), True, False),
+        (lambda r: r.update(accuracy=math.nan), True, False),
+        (lambda r: r.update(eval={"eval_size": 7}), True, False),  # other settings
+        (lambda r: r.update(vocoder_accuracy=None), False, True),
+        (drop("vocoder_scored"), False, True),
+    ]
+    for i, (breakage, rescores, revocodes) in enumerate(breakages):
+        broken = json.loads(path.read_text())
+        breakage(broken)
+        path.write_text(json.dumps(broken))
+        calls = scored.call_count, vocoded.call_count
+        again = run_pipeline(_cfg(tmp_path, *short))
+        assert again["cached"] and again["cache"] == first["cache"], i
+        assert (scored.call_count - calls[0], vocoded.call_count - calls[1]) == (
+            int(rescores),
+            int(revocodes),
+        ), i
+        assert _table(capsys.readouterr().out) == table, i
+        assert json.loads(path.read_text()) == written, i  # stored again, as trained
+    again = run_pipeline(_cfg(tmp_path, *short))  # and reused from then on
+    assert again["cached"] and scored.call_count == 6 and vocoded.call_count == 2
+    assert not list(path.parent.glob(".*"))  # no temporary file left in the entry

@@ -1,17 +1,22 @@
 """The train_vision pipeline at test size: ViT-2D learns shape x color on held-out images
 well above chance in seconds; the ViT-3D ablation (temporal attention off) is blind to
-frame order, which is why it must stay at chance on motion direction.
+frame order, which is why it must stay at chance on motion direction. Each model is cached
+with its held-out scores: a cached run prints them without scoring again.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from vats_apps.cli import config_dir, run_pipeline
+from vats_apps.pipelines import train_vision
 from vats_apps.pipelines.train_vision import video_model_config, world_config
 from vats_vision.vit2d import ViT2D
 from vats_vision.vit3d import ViT3D
@@ -57,13 +62,88 @@ def test_second_run_reuses_the_cached_model_and_a_changed_setting_retrains(tmp_p
     second = run_pipeline(_cfg(tmp_path, *short))["image"]
     assert not first["cached"] and second["cached"]
     assert second["cache"] == first["cache"]
-    assert second["accuracy"] == first["accuracy"]  # the same weights, scored again
+    assert second["accuracy"] == first["accuracy"]  # the scores stored with the weights
     assert second["seconds"] == first["seconds"]  # the training run's time is kept
     assert "(cached)" in capsys.readouterr().out
     other = run_pipeline(_cfg(tmp_path, *short, "train.image.trainer.lr=1e-3"))["image"]
     assert not other["cached"] and other["cache"] != first["cache"]
     forced = run_pipeline(_cfg(tmp_path, *short, "pipeline.retrain=true"))["image"]
     assert not forced["cached"] and forced["cache"] == first["cache"]
+
+
+# Every task at its smallest: the image model with its aux labels, the video ones without.
+ALL_TINY = [
+    "pipeline.task=all",
+    "train.image.max_steps=2",
+    "train.image.eval_size=32",
+    "train.video.max_steps=2",
+    "train.video.batch_size=8",
+    "train.video.eval_size=32",
+]
+
+
+def _table(out: str) -> list[str]:
+    """The printed results' lines, the marks of a cached run left out."""
+    lines = out.split("train_vision results:\n", 1)[1].splitlines()
+    return [line.replace(" (cached)", "") for line in lines if line.startswith("  ")]
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a cached run scored a model again")
+
+
+def test_cached_run_prints_the_stored_scores_without_scoring_again(tmp_path, capsys, monkeypatch):
+    first = run_pipeline(_cfg(tmp_path, *ALL_TINY))
+    table = _table(capsys.readouterr().out)
+    assert len(table) == 3 and "size" in table[0]  # the image line names its aux labels
+    for task, r in first.items():
+        report = json.loads((Path(r["cache"]) / "report.json").read_text())
+        assert report["eval"] == {"eval_size": 32}, task  # stored with its settings
+        assert report["accuracy"] == r["accuracy"] and report["attributes"] == r["attributes"]
+    monkeypatch.setattr(train_vision, "held_out_accuracy", _refuse)
+    second = run_pipeline(_cfg(tmp_path, *ALL_TINY))
+    out = capsys.readouterr().out
+    assert "(cached)" in out and "scoring" not in out
+    assert _table(out) == table  # the same figures, to the last digit
+    for task, r in second.items():
+        assert r["cached"] and r["cache"] == first[task]["cache"], task
+        assert r["accuracy"] == first[task]["accuracy"], task
+        assert r["attributes"] == first[task]["attributes"], task
+
+
+def test_stored_scores_that_cannot_serve_are_taken_again_and_stored(tmp_path, capsys, monkeypatch):
+    # One image entry, its report's scores broken in turn: each cached run scores again,
+    # prints what the first run printed and stores the report the training run wrote.
+    short = ["pipeline.task=image", "train.image.max_steps=2", "train.image.eval_size=32"]
+    first = run_pipeline(_cfg(tmp_path, *short))["image"]
+    table = _table(capsys.readouterr().out)
+    path = Path(first["cache"]) / "report.json"
+    written = json.loads(path.read_text())
+    scored = mock.Mock(wraps=train_vision.held_out_accuracy)
+    monkeypatch.setattr(train_vision, "held_out_accuracy", scored)
+    breakages = [
+        lambda r: r.pop("eval"),  # an entry written before scores were stored
+        lambda r: r.pop("accuracy"),
+        lambda r: r.pop("attributes"),
+        lambda r: r.update(accuracy=None),
+        lambda r: r.update(accuracy=math.nan),
+        lambda r: r["attributes"].pop("size"),  # a label missing
+        lambda r: r.update(attributes=list(r["attributes"].values())),
+        lambda r: r["attributes"].update(background="97 %"),
+        lambda r: r.update(eval={"eval_size": 7}),  # other settings
+    ]
+    for i, breakage in enumerate(breakages):
+        broken = json.loads(path.read_text())
+        breakage(broken)
+        path.write_text(json.dumps(broken))
+        again = run_pipeline(_cfg(tmp_path, *short))["image"]
+        assert again["cached"] and again["cache"] == first["cache"], i
+        assert scored.call_count == i + 1, i
+        assert _table(capsys.readouterr().out) == table, i
+        assert json.loads(path.read_text()) == written, i  # stored again, as trained
+    assert run_pipeline(_cfg(tmp_path, *short))["image"]["cached"]  # and reused from then on
+    assert scored.call_count == len(breakages)
+    assert not list(path.parent.glob(".*"))  # no temporary file left in the entry
 
 
 def test_video_learns_motion_only_through_temporal_attention(tmp_path):
@@ -169,9 +249,6 @@ def test_compile_switches_reach_training_and_scoring(tmp_path, monkeypatch):
     # train.compile reaches the Trainer's config (recorded, then trained eagerly: the
     # compiled step is vats-core's to test); pipeline.compile scores on compile_frozen's
     # model, here with dynamo's eager backend standing in for inductor.
-    from unittest import mock
-
-    from vats_apps.pipelines import train_vision
     from vats_core import inference
 
     monkeypatch.setattr(inference, "_BACKEND", "eager")
@@ -196,8 +273,15 @@ def test_compile_switches_reach_training_and_scoring(tmp_path, monkeypatch):
     compiled = run_pipeline(_cfg(tmp_path, *short, "train.compile=true"))["image"]
     assert trained == [False, True] and frozen.call_count == 0
     assert compiled["cache"] != eager["cache"]  # compiled training: another entry
-    # The cached eager model scored through the frozen compiled one gets the eager score;
-    # pipeline.compile leaves the key alone.
+    # pipeline.compile leaves the key alone, and a cached run prints the stored scores:
+    # nothing to compile.
+    reused = run_pipeline(_cfg(tmp_path, *short, "pipeline.compile=true"))["image"]
+    assert reused["cached"] and reused["cache"] == eager["cache"] and frozen.call_count == 0
+    assert reused["accuracy"] == eager["accuracy"]
+    # Scores taken anew (other eval sizes: 128 eagerly, then 256 again) go through the
+    # frozen compiled model under pipeline.compile, and it gets the eager score.
+    smaller = run_pipeline(_cfg(tmp_path, *short, "train.image.eval_size=128"))["image"]
+    assert smaller["cached"] and frozen.call_count == 0
     rescored = run_pipeline(_cfg(tmp_path, *short, "pipeline.compile=true"))["image"]
     assert rescored["cached"] and rescored["cache"] == eager["cache"]
     assert frozen.call_count == 1 and isinstance(frozen.call_args.args[0], ViT2D)

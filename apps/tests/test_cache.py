@@ -1,9 +1,11 @@
 """The pipelines' model cache: settings hashes, keys that follow the resolved configs and
-the code, and all-or-nothing entries."""
+the code, all-or-nothing entries, and the held-out scores stored in their reports."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import platform
 from pathlib import Path
 
@@ -15,7 +17,15 @@ from omegaconf import DictConfig
 import vats_core
 from vats_apps.cli import config_dir
 from vats_apps.pipelines import cache, text_generation, train_vision
-from vats_apps.pipelines.cache import code_fingerprint, settings_hash, source_digest, staged_entry
+from vats_apps.pipelines.cache import (
+    REPORT_NAME,
+    code_fingerprint,
+    scores_reusable,
+    settings_hash,
+    source_digest,
+    staged_entry,
+    write_report,
+)
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags
 from vats_text import presets
 from vats_vision.presets import VIT2D_PRESETS
@@ -46,6 +56,24 @@ def test_staged_entry_replaces_whole_or_leaves_nothing(tmp_path):
 
 
 # --------------------------------------------------------------------------- keys
+
+
+def test_stored_scores_serve_only_under_their_settings_and_well_formed():
+    settings = {"eval_size": 32}
+    assert scores_reusable({"eval_size": 32}, settings, [0.0, 0.5, 1, 1.0])
+    assert not scores_reusable(None, settings, [0.5])  # stored before scores were kept
+    assert not scores_reusable({"eval_size": 7}, settings, [0.5])  # other settings
+    for bad in (None, "0.5", True, -0.1, 1.5, math.nan, [0.5]):
+        assert not scores_reusable(settings, settings, [0.5, bad]), bad
+
+
+def test_write_report_replaces_the_report_whole(tmp_path):
+    entry = tmp_path / "pipe" / "abc"
+    with staged_entry(entry) as staging:
+        (staging / REPORT_NAME).write_text(json.dumps({"seconds": 3.0}))
+    write_report(entry, {"seconds": 3.0, "accuracy": 0.75, "eval": {"eval_size": 32}})
+    assert json.loads((entry / REPORT_NAME).read_text())["accuracy"] == 0.75
+    assert [p.name for p in entry.iterdir()] == [REPORT_NAME]  # no temporary file left
 
 
 def test_source_digest_sees_every_edit_but_not_bytecode(tmp_path):

@@ -5,6 +5,12 @@ entry and a retrain replaces the old one whole.
 Layout: ``<cache_dir>/<pipeline>/[<task>/]<settings hash>/`` holding ``report.json`` (what
 the run measured) beside whatever the pipeline saves (``model/``, a tokenizer, ...).
 
+Held-out scores are a deterministic function of the weights, so a pipeline keeps them in
+the entry's report with the settings they were taken under (its ``eval``) and a cached run
+prints them without scoring again; a report whose scores are missing, malformed or taken
+under other settings is scored anew, and the new scores replace the report whole
+(:func:`write_report`).
+
 A key (:func:`entry_key`) hashes what the pipeline says shapes the weights (the *resolved*
 model config, i.e. the dataclass after its preset and overrides, the training and data
 settings, the seed) together with the code that trains them (:func:`code_fingerprint`):
@@ -29,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vats_core.checkpoint import atomic_write_text
 
 REPORT_NAME = "report.json"  # present only in a complete entry (written last)
 
@@ -85,6 +93,25 @@ def entry_key(spec: dict[str, Any], packages: Iterable[str]) -> str:
 def reusable(path: Path, retrain: bool) -> bool:
     """A complete entry at ``path`` that a run may load (one not asked to retrain)."""
     return (path / REPORT_NAME).is_file() and not retrain
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def scores_reusable(scored: Any, settings: dict[str, Any], scores: Iterable[Any]) -> bool:
+    """Whether held-out scores read from an entry's report may be printed again: taken
+    under ``settings`` (``scored``: the settings stored with them, e.g. the report's
+    ``eval``), and ``scores``, their stored values, each a fraction in [0, 1] (none missing
+    or malformed)."""
+    return scored == settings and all(_fraction(v) for v in scores)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Replace the report of the complete entry at ``path`` (scored anew on a cached run):
+    written in a temporary sibling and renamed over the old one, so a reader or an
+    interrupted run finds the old report or the new one, never half of one."""
+    atomic_write_text(path / REPORT_NAME, json.dumps(report, indent=2))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ repeats, and the score is taken on ``val`` clips, which the ``train`` split neve
 
 Two figures come out, against chance (1/K):
 
-* held-out accuracy (goal >= 95 %);
+* held-out accuracy (goal >= 95 %), on the first ``train.eval_size`` ``val`` clips;
 * the vocoder round trip: the first ``train.vocoder.eval_size`` held-out clips go
   ``LogMel -> GriffinLimVocoder -> waveform -> LogMel`` and are classified again
   (goal >= 90 %): what a generated spectrogram keeps once it is turned into sound. Each
@@ -34,10 +34,14 @@ size, held-out size, ``vocoder`` (``n_iter``, ``eval_size``) and ``trainer``
 Each trained model and its report are cached under ``pipeline.cache_dir`` like the
 vision models (:mod:`vats_apps.pipelines.cache`): keyed by the resolved model, feature
 and world configs, the training settings, the seed and the code; a later run with the
-same settings loads the weights and scores them again. ``train.compile`` runs the
-training steps through ``torch.compile`` (batches then padded to the world's longest
-clip, so one graph serves every step); ``pipeline.compile`` scores on the model compiled
-with inductor's freezing.
+same settings loads the weights. The held-out scores are a deterministic function of the
+weights too, so they are kept in the entry's report with the ``train.eval_size`` they were
+taken on (its ``eval``), and a cached run prints them without scoring again; one with
+another ``train.eval_size``, or whose stored scores are missing or malformed, scores anew
+and rewrites the report. ``train.compile`` runs the training steps through
+``torch.compile`` (batches then padded to the world's longest clip, so one graph serves
+every step); ``pipeline.compile`` scores on the model compiled with inductor's freezing
+(when the model is scored: not on a cached run that reuses its scores).
 
 ``train.parallel`` trains on the ranks ``torchrun`` starts (``uv run torchrun
 --nproc-per-node 2 -m vats_apps pipeline=train_audio train.parallel=fsdp``), as
@@ -64,7 +68,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from vats_apps.data import SoundsConfig, SoundsWorld
-from vats_apps.pipelines.cache import REPORT_NAME, entry_key, reusable, staged_entry
+from vats_apps.pipelines.cache import (
+    REPORT_NAME,
+    entry_key,
+    reusable,
+    scores_reusable,
+    staged_entry,
+    write_report,
+)
 from vats_apps.pipelines.compiling import check_compile_switches, compile_flags, trainer_fields
 from vats_apps.pipelines.distributed import (
     Ranks,
@@ -87,6 +98,7 @@ from vats_core.training import Trainer, TrainerConfig
 GOAL = 0.95  # the issue's held-out pitch x timbre accuracy goal
 VOCODER_GOAL = 0.90  # ... and after the vocoder round trip
 EVAL_CHUNK = 128  # held-out clips scored per forward
+SCORES = ("accuracy", "pitch_accuracy", "timbre_accuracy")  # what held_out_scores returns
 CACHE_FORMAT = 1  # bump when what is cached changes meaning
 # The packages whose code trains (and whose versions and source key) the cached model.
 CODE = ("vats_core", "vats_audio", "vats_apps")
@@ -239,6 +251,21 @@ def vocoder_accuracy(
     finally:
         model.train(was_training)
     return correct / n
+
+
+def eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What the held-out scores depend on besides the weights (stored with them as the
+    report's ``eval``)."""
+    return {"eval_size": _count(cfg, "train.eval_size", minimum=1)}
+
+
+def _vocoder_settings(cfg: DictConfig) -> dict[str, int]:
+    """What the round trip's score depends on besides the weights (the report's
+    ``vocoder_scored``)."""
+    return {
+        "n_iter": _count(cfg, "train.vocoder.n_iter", minimum=1),
+        "eval_size": _count(cfg, "train.vocoder.eval_size", minimum=0),
+    }
 
 
 def cache_key(cfg: DictConfig) -> str:
@@ -408,7 +435,7 @@ def load_or_train_ranks(
     n_iter = _count(cfg, "train.vocoder.n_iter", minimum=1)
     fields = trainer_fields(train_section.get("trainer", {}), "train.trainer")
     path = _entry_path(cfg)
-    if reusable(path, cfg.pipeline.retrain):  # rank 0 loads and scores it
+    if reusable(path, cfg.pipeline.retrain):  # rank 0 loads it (and its stored scores)
         return cached(cfg) if launched_rank().is_main else None
 
     world, logmel = SoundsWorld(world_cfg), LogMel(features)
@@ -455,11 +482,13 @@ def load_or_train_ranks(
         "goal": GOAL,
         "vocoder_goal": VOCODER_GOAL,
     }
+    # Both scores are deterministic given the weights: kept with them, reused when cached.
     report |= held_out_scores(model, draw, world_cfg, eval_size, frames, compile=flags.evaluation)
-    if vocoder_size:  # deterministic given the weights: kept with them, reused when cached
+    report["eval"] = eval_settings(cfg)
+    if vocoder_size:
         vocoder = GriffinLimVocoder(features, n_iter=n_iter)
         report["vocoder_accuracy"] = vocoder_accuracy(model, draw, logmel, vocoder, vocoder_size)
-        report["vocoder_scored"] = {"n_iter": n_iter, "eval_size": vocoder_size}
+        report["vocoder_scored"] = _vocoder_settings(cfg)
     with staged_entry(path) as staging:
         model.save_pretrained(staging / "model")
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2))
@@ -473,8 +502,10 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     Returns:
         ``{"task", "accuracy", "pitch_accuracy", "timbre_accuracy", "vocoder_accuracy",
         "vocoder_clips", "goal", "vocoder_goal", "chance", "classes", "steps", "seconds",
-        "threads", "parameters", "cached", "cache", "classified", "examples"}``; ``seconds``
-        and ``threads`` are those of the run that trained the weights.
+        "threads", "parameters", "eval", "cached", "cache", "classified", "examples"}``;
+        ``seconds`` and ``threads`` are those of the run that trained the weights, the scores
+        those stored with them (taken again when they were taken under other settings, or
+        are missing or malformed).
     """
     # Everything a bad config or a bad file can break is checked before any work.
     flags = check_compile_switches(cfg)
@@ -499,20 +530,33 @@ def train(cfg: DictConfig) -> dict[str, Any] | None:
     world, logmel = SoundsWorld(world_cfg), LogMel(features)
     draw = make_drawer(world, logmel)
     vocoder = GriffinLimVocoder(features, n_iter=n_iter)
-    vocoder_settings = {"n_iter": n_iter, "eval_size": vocoder_size}
-    if cached:  # scored again
-        frames = max_frames(world_cfg, features)
-        report |= held_out_scores(
-            model, draw, world_cfg, eval_size, frames, compile=flags.evaluation
-        )
+    if cached:  # the scores stored with the weights, taken anew where they cannot serve
+        rescored = False
+        stored = [report.get(k) for k in SCORES]
+        if not scores_reusable(report.get("eval"), eval_settings(cfg), stored):
+            print(f"{NAME}: scoring the cached model on {eval_size} held-out clips", flush=True)
+            frames = max_frames(world_cfg, features)
+            report |= held_out_scores(
+                model, draw, world_cfg, eval_size, frames, compile=flags.evaluation
+            )
+            report["eval"] = eval_settings(cfg)
+            rescored = True
+        vocoded = [report.get("vocoder_accuracy")]
+        if vocoder_size and not scores_reusable(
+            report.get("vocoder_scored"), _vocoder_settings(cfg), vocoded
+        ):
+            report["vocoder_accuracy"] = vocoder_accuracy(
+                model, draw, logmel, vocoder, vocoder_size
+            )
+            report["vocoder_scored"] = _vocoder_settings(cfg)
+            rescored = True
+        elif vocoder_size:
+            report["vocoder_reused"] = True  # scored when the weights were trained
+        if rescored:  # what the next cached run reuses (before this run's own fields)
+            write_report(path, {k: v for k, v in report.items() if k != "vocoder_reused"})
     report["vocoder_clips"] = vocoder_size
     if not vocoder_size:
         report["vocoder_accuracy"] = None
-    elif report.get("vocoder_scored") != vocoder_settings:
-        report["vocoder_accuracy"] = vocoder_accuracy(model, draw, logmel, vocoder, vocoder_size)
-        report["vocoder_scored"] = vocoder_settings
-    elif cached:
-        report["vocoder_reused"] = True  # scored when the weights were trained
     report["classified"] = classify_files(model, logmel, world_cfg.class_names(), files)
     out_dir = Path(str(cfg.pipeline.out_dir))
     report["examples"] = [

@@ -61,13 +61,18 @@ Each trained model and its report are cached under ``pipeline.cache_dir`` (like 
 text pipeline's), keyed by a hash of everything that shapes the weights (the resolved
 model and world configs, the training settings, the seed, and the versions and source of
 the code; see :mod:`vats_apps.pipelines.cache`); a later run with the same settings and
-code loads the weights, scores them again on the held-out samples and reports the
-training time recorded when they were trained (``pipeline.retrain=true`` trains anew).
+code loads the weights and reports the training time recorded when they were trained
+(``pipeline.retrain=true`` trains anew). The held-out scores are a deterministic function
+of the weights, so they are kept in the entry's report with the ``train.<kind>.eval_size``
+they were taken on (its ``eval``), and a cached run prints them without scoring again;
+one with another ``eval_size``, or whose stored scores are missing or malformed, scores
+anew and rewrites the report.
 
 ``train.compile`` runs the training steps through ``torch.compile``
 (``TrainerConfig.compile``); ``pipeline.compile`` scores the held-out samples on the model
-compiled with inductor's freezing (:func:`vats_core.inference.compile_frozen`). On CPU
-each compiles for tens of seconds first.
+compiled with inductor's freezing (:func:`vats_core.inference.compile_frozen`), when they
+are scored (not on a cached run that reuses its scores). On CPU each compiles for tens of
+seconds first.
 
 ``train.parallel`` trains every task on the ranks ``torchrun`` starts (``uv run torchrun
 --nproc-per-node 2 -m vats_apps pipeline=train_vision train.parallel=fsdp``), as
@@ -92,7 +97,14 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
-from vats_apps.pipelines.cache import REPORT_NAME, entry_key, reusable, staged_entry
+from vats_apps.pipelines.cache import (
+    REPORT_NAME,
+    entry_key,
+    reusable,
+    scores_reusable,
+    staged_entry,
+    write_report,
+)
 from vats_apps.pipelines.compiling import (
     check_compile_switches,
     compile_flags,
@@ -281,6 +293,25 @@ def held_out_accuracy(
     return {label: int(c) / n for (label, _), c in zip(heads, correct, strict=True)}
 
 
+def eval_settings(cfg: DictConfig, task: str) -> dict[str, Any]:
+    """What ``task``'s held-out scores depend on besides the weights (stored with them as the
+    report's ``eval``; the labels scored are the heads, part of the cache key)."""
+    kind = "image" if task == "image" else "video"
+    return {"eval_size": int(_section(cfg, f"train.{kind}")["eval_size"])}
+
+
+def _scores_stored(cfg: DictConfig, task: str, report: dict[str, Any]) -> bool:
+    """Whether ``report`` holds ``task``'s held-out scores for ``cfg``: taken on its
+    ``eval_size``, the target's accuracy and one for each aux label, in order."""
+    kind = "image" if task == "image" else "video"
+    labels = [label for label, _ in heads(cfg, task, world_config(cfg, kind))[1:]]
+    attributes = report.get("attributes")
+    if not isinstance(attributes, dict) or list(attributes) != labels:
+        return False
+    stored = [report.get("accuracy"), *attributes.values()]
+    return scores_reusable(report.get("eval"), eval_settings(cfg, task), stored)
+
+
 def cache_key(cfg: DictConfig, task: str) -> str:
     """Hash of every setting that changes ``task``'s trained weights, and of the code.
 
@@ -427,7 +458,7 @@ def load_or_train_ranks(
     aux = _section(cfg, f"train.{kind}").get("aux") or {}
     flags = check_compile_switches(cfg)
     path = _entry_path(cfg, task)
-    if reusable(path, cfg.pipeline.retrain):  # rank 0 loads and scores it
+    if reusable(path, cfg.pipeline.retrain):  # rank 0 loads it (and its stored scores)
         return cached(cfg, task) if launched_rank().is_main else None
 
     batch_size, steps = int(section["batch_size"]), int(section["max_steps"])
@@ -478,7 +509,7 @@ def load_or_train_ranks(
         return None
     model = gathered
     accuracies = held_out_accuracy(model, draw, eval_size, task_heads, compile=flags.evaluation)
-    report = _scores(report, accuracies)
+    report = _scores(report, accuracies) | {"eval": eval_settings(cfg, task)}
     if task in GOALS:
         report["goal"] = GOALS[task]
     with staged_entry(path) as staging:
@@ -492,24 +523,29 @@ def train_task(cfg: DictConfig, task: str, parallel: ParallelConfig) -> dict[str
     held-out samples; on every rank of a ``train.parallel`` run (None on ranks but 0).
 
     Returns:
-        ``{"task", "accuracy", "chance", "classes", "steps", "seconds", "threads",
-        "parameters", "cached", "cache"}`` (plus ``"goal"`` where the issue sets one);
-        ``seconds`` and ``threads`` are those of the run that trained the weights.
+        ``{"task", "accuracy", "attributes", "eval", "chance", "classes", "steps",
+        "seconds", "threads", "parameters", "cached", "cache"}`` (plus ``"goal"`` where the
+        issue sets one); ``seconds`` and ``threads`` are those of the run that trained the
+        weights, the scores those stored with them (taken again when they were taken on
+        another ``eval_size``, or are missing or malformed).
     """
     loaded = load_or_train_ranks(cfg, task, parallel)
     if loaded is None:
         return None
     model, report, cached, path = loaded
-    if cached:  # scored again
+    # The scores stored with the weights, taken anew (and stored) where they cannot serve.
+    if cached and not _scores_stored(cfg, task, report):
         _, draw, task_heads, section = _build(cfg, task)
-        accuracies = held_out_accuracy(
-            model,
-            draw,
-            int(section["eval_size"]),
-            task_heads,
-            compile=compile_flags(cfg).evaluation,
+        eval_size = int(section["eval_size"])
+        print(
+            f"train_vision: scoring the cached {task} model on {eval_size} held-out samples",
+            flush=True,
         )
-        report = _scores(report, accuracies)
+        accuracies = held_out_accuracy(
+            model, draw, eval_size, task_heads, compile=compile_flags(cfg).evaluation
+        )
+        report = _scores(report, accuracies) | {"eval": eval_settings(cfg, task)}
+        write_report(path, report)
     return {**report, "cached": cached, "cache": str(path)}
 
 
