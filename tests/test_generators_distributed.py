@@ -1,6 +1,6 @@
 """``train.parallel`` in the generating pipelines (text_to_image, text_to_audio,
-text_to_video): 2 ranks under torchrun train every stage to the one-process weights (DDP,
-and FSDP for the video pipeline's stages and the image stages it trains as parts), rank 0
+text_to_video): 2 ranks under torchrun train every stage to the one-process weights (FSDP
+for the image pipeline's stages, DDP for the others, whose VideoDiT trains with Muon), rank 0
 alone speaks, writes the cache, scores and generates; the default section leaves the cache
 keys as they were; settings that do not fit the world, and parts that are not cached on
 several ranks, are refused naming the key, before any work."""
@@ -29,9 +29,10 @@ from vats_apps.pipelines import text_to_image
 from vats_apps.pipelines.stages import Parts, load_text
 
 GENERATORS = ("text_to_video", "text_to_image", "text_to_audio")
-# Each run's train.parallel: the video pipeline (with the image VAE and DiT it trains as
-# parts) under FSDP, the others under DDP, in one torchrun launch.
-PARALLEL = {"text_to_video": "fsdp", "text_to_image": "ddp", "text_to_audio": "ddp"}
+# Each run's train.parallel, in one torchrun launch: the image pipeline's VAE and DiT under
+# FSDP; the others under DDP (the video pipeline with the image VAE and DiT it trains as
+# parts): its VideoDiT trains with Muon, which FSDP refuses.
+PARALLEL = {"text_to_video": "ddp", "text_to_image": "fsdp", "text_to_audio": "ddp"}
 # Where each part a generator names lives in the cache.
 PART_DIRS = {
     "text": "text_generation",
@@ -98,8 +99,8 @@ def test_two_ranks_under_torchrun_train_the_one_process_stages(
         assert two[name]["scores"] and two[name]["generated"]
         assert two[name]["keys"] != one_process[name]["keys"]  # parallel enters the keys
     # rank 0 alone writes: one complete entry per stage and settings, nothing half-written
-    # (the video run trained the VAE and the image DiT under FSDP, the image run its own
-    # under DDP, so text_to_image holds two of each)
+    # (the video run trained the VAE and the image DiT under DDP, the image run its own
+    # under FSDP, so text_to_image holds two of each)
     cache = tmp_path / "cache"
     written: dict[Path, set[str]] = {}
     for name in GENERATORS:
@@ -172,12 +173,21 @@ def test_settings_that_do_not_fit_the_world_fail_before_any_work(
 
 
 @pytest.mark.parametrize(
-    ("name", "field"),
-    [("text_to_image", "train.dit"), ("text_to_video", "parts.image.dit")],
+    ("name", "overrides", "field"),
+    [
+        ("text_to_image", ["+train.dit.trainer.muon=[model.dit.blocks.*.ffn.*]"], "train.dit"),
+        ("text_to_video", [], "train.dit"),  # the shipped settings: the VideoDiT's Muon
+        (
+            "text_to_video",
+            ["train.dit.trainer.muon=[]", "+parts.image.dit.trainer.muon=[model.dit.blocks.*]"],
+            "parts.image.dit",
+        ),
+    ],
 )
-def test_muon_under_fsdp_is_refused_naming_the_stage(name: str, field: str, tmp_path: Path) -> None:
-    muon = f"+{field}.trainer.muon=[model.dit.blocks.*.ffn.*]"
-    cfg = compose_tiny(name, tmp_path, "train.parallel.data_parallel=fsdp", muon)
+def test_muon_under_fsdp_is_refused_naming_the_stage(
+    name: str, overrides: list[str], field: str, tmp_path: Path
+) -> None:
+    cfg = compose_tiny(name, tmp_path, "train.parallel.data_parallel=fsdp", *overrides)
     assert_refused_before_any_work(cfg, tmp_path, {}, rf"{field}.trainer.muon=.*'fsdp'")
 
 

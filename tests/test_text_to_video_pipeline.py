@@ -179,6 +179,11 @@ def test_clips_of_another_length_without_enrichment(trained, capsys):
         ("train.dit.frame_noise=1.5", r"train.dit.frame_noise=1.5 is invalid: .*\[0.0, 1.0\]"),
         ("train.dit.frame_noise=often", r"train.dit.frame_noise='often' is invalid"),
         ("~train.dit.frame_noise", r"train.dit.frame_noise=None is invalid"),
+        (
+            "train.dit.frame_diff_weight=-1",
+            r"train.dit.frame_diff_weight=-1 is invalid: .*\[0.0, 100.0\]",
+        ),
+        ("~train.dit.frame_diff_weight", r"train.dit.frame_diff_weight=None is invalid"),
         ("parts.image.vae.max_steps=0", r"parts.image.vae.max_steps=0"),
         ("train.eval.real_clips=0", r"train.eval.real_clips=0"),
         ("enrichment.tries=0", r"enrichment.tries=0"),
@@ -220,6 +225,19 @@ def test_frame_noise_is_read_and_keys_the_dit_stage(tmp_path):
     other = _cfg(tmp_path / "cache", tmp_path / "out", "train.dit.frame_noise=0.5")
     t2v.check_config(other)
     assert t2v.section(other, "train.dit", t2v.NAME)["frame_noise"] == 0.5
+
+
+def test_frame_diff_weight_and_muon_are_shipped_and_key_the_dit_stage(tmp_path):
+    """The shipped VideoDiT stage adds the frame-difference loss and trains its block
+    matrices with Muon; both are part of the stage's train section (its cache key)."""
+    cfg = _cfg(tmp_path / "cache", tmp_path / "out")
+    assert cfg.train.dit.frame_diff_weight == 1.0
+    assert list(cfg.train.dit.trainer.muon) == [
+        f"model.dit.*_blocks.*.{m}.*" for m in ("attn", "cross_attn", "ffn")
+    ]
+    other = _cfg(tmp_path / "cache", tmp_path / "out", "train.dit.frame_diff_weight=0")
+    t2v.check_config(other)
+    assert t2v.section(other, "train.dit", t2v.NAME)["frame_diff_weight"] == 0
 
 
 def test_a_prompt_of_too_many_tokens_fails_before_any_stage(trained, tmp_path):

@@ -1,6 +1,7 @@
 """The text-to-image model of apps: its condition and null condition, representation
 alignment, the shape-weighted losses, and the classifier's reading of images; the stages'
-diffusion loss with a timestep per frame (text_to_video's train.dit.frame_noise)."""
+diffusion loss with a timestep per frame (text_to_video's train.dit.frame_noise) and with
+the frame-difference term (train.dit.frame_diff_weight)."""
 
 from __future__ import annotations
 
@@ -178,6 +179,7 @@ def test_frame_noise_zero_is_the_one_timestep_per_clip_loss_bit_for_bit():
         lambda: diffusion.loss(model.dit, x0, cond),
         lambda: diffusion_loss(diffusion, model.dit, x0, cond),
         lambda: diffusion_loss(diffusion, model.dit, x0, cond, frame_noise=0.0),
+        lambda: diffusion_loss(diffusion, model.dit, x0, cond, frame_diff_weight=0.0),
     ):
         torch.manual_seed(3)
         losses.append(call())
@@ -216,6 +218,59 @@ def test_frame_noise_noises_each_frame_at_its_own_timestep(scheduler):
     with torch.no_grad():
         pred = model.dit(x_t, t, **cond, text_keep=keep)
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, target))
+
+
+@pytest.mark.parametrize("frame_noise", [0.0, 1.0])
+def test_frame_diff_weight_adds_the_error_of_the_frame_to_frame_differences(frame_noise):
+    """The loss is the plain one plus w times the squared error of the prediction's
+    frame-to-frame differences against the target's, on the same draws (the RNG goes on as
+    without it); a one-frame clip adds nothing."""
+    model = _video_model()
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0, cond = _clips(model)
+    torch.manual_seed(3)
+    plain = diffusion_loss(diffusion, model.dit, x0, cond, frame_noise=frame_noise)
+    after = torch.rand(1)
+    seen = _dit_inputs(model)
+    torch.manual_seed(3)
+    loss = diffusion_loss(
+        diffusion, model.dit, x0, cond, frame_noise=frame_noise, frame_diff_weight=2.5
+    )
+    assert torch.equal(torch.rand(1), after)
+    (x_t, t), kwargs = seen[0]
+    with torch.no_grad():
+        pred = model.dit(x_t, t, **cond, text_keep=kwargs["text_keep"])
+    torch.manual_seed(3)  # the draws: the clips' timesteps, then the noise
+    diffusion.sample_timesteps(6)
+    noise = torch.randn(x0.shape)
+    per_frame = t if t.ndim == 2 else t[:, None].expand(-1, 4)
+    target = torch.stack(
+        [diffusion.target(x0[:, :, f], noise[:, :, f], per_frame[:, f]) for f in range(4)], 2
+    )
+    torch.testing.assert_close(F.mse_loss(pred, target), plain, rtol=1e-5, atol=1e-6)
+    extra = F.mse_loss(pred[:, :, 1:] - pred[:, :, :-1], target[:, :, 1:] - target[:, :, :-1])
+    assert extra > 1e-3
+    torch.testing.assert_close(loss, plain + 2.5 * extra, rtol=1e-5, atol=1e-6)
+    # one frame: no differences, the plain loss
+    torch.manual_seed(3)
+    one_plain = diffusion_loss(diffusion, model.dit, x0[:, :, :1], cond)
+    torch.manual_seed(3)
+    one = diffusion_loss(diffusion, model.dit, x0[:, :, :1], cond, frame_diff_weight=2.5)
+    torch.testing.assert_close(one, one_plain, rtol=0, atol=0)
+
+
+def test_frame_diff_weight_refuses_what_it_cannot_weigh():
+    model = _video_model()
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0, cond = _clips(model)
+    for bad in (-0.5, "big", math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"frame_diff_weight=.* expected a finite number"):
+            diffusion_loss(diffusion, model.dit, x0, cond, frame_diff_weight=bad)
+    with pytest.raises(ValueError, match=r"frame_diff_weight=1.0 needs clips x0"):
+        diffusion_loss(diffusion, model.dit, x0[:, :, 0], cond, frame_diff_weight=1.0)
+    weight = torch.ones(6, 1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"frame_diff_weight=1.0 is for the unweighted loss"):
+        diffusion_loss(diffusion, model.dit, x0, cond, weight, weight.mean(), frame_diff_weight=1.0)
 
 
 def test_frame_noise_keeps_some_clips_at_one_timestep_and_tubelets_at_theirs():

@@ -199,6 +199,7 @@ def diffusion_loss(
     weight_mean: Tensor | None = None,
     *,
     frame_noise: float = 0.0,
+    frame_diff_weight: float = 0.0,
 ) -> Tensor:
     """:meth:`vats_diffusion.Diffusion.loss` on this rank's rows of the global batch: the
     timesteps, the noise and (in training, with the DiT's ``text_dropout``) the rows that
@@ -215,15 +216,33 @@ def diffusion_loss(
             each draw their own timestep (Diffusion Forcing), noised each at its own level
             and given to the DiT as a ``(B, T)`` timestep (:func:`frame_timesteps`). 0 (the
             default): one timestep per clip, the draws and the loss exactly as without it.
+        frame_diff_weight: clips only, unweighted: adds this times the mean squared error of
+            the prediction's frame-to-frame differences against the target's
+            (``pred[:, :, 1:] - pred[:, :, :-1]``). The plain loss weighs an error shared by
+            every frame as much as one that differs from frame to frame; this term weighs
+            only the second, what frames that should agree (or move together) get wrong
+            between them. 0 (the default): the loss exactly as without it; nothing is
+            added for a one-frame clip.
     """
     if not (is_number(frame_noise) and 0 <= frame_noise <= 1):
         raise ValueError(
             f"diffusion_loss: frame_noise={frame_noise!r} is invalid: expected a number in [0, 1]"
         )
-    if frame_noise > 0 and x0.ndim != 5:
+    if not (is_number(frame_diff_weight) and 0 <= frame_diff_weight < math.inf):
         raise ValueError(
-            f"diffusion_loss: frame_noise={frame_noise} needs clips x0 (B, C, T, h, w), got "
-            f"{tuple(x0.shape)}"
+            f"diffusion_loss: frame_diff_weight={frame_diff_weight!r} is invalid: expected a "
+            "finite number >= 0"
+        )
+    for name, value in (("frame_noise", frame_noise), ("frame_diff_weight", frame_diff_weight)):
+        if value > 0 and x0.ndim != 5:
+            raise ValueError(
+                f"diffusion_loss: {name}={value} needs clips x0 (B, C, T, h, w), got "
+                f"{tuple(x0.shape)}"
+            )
+    if frame_diff_weight > 0 and weight is not None:
+        raise ValueError(
+            f"diffusion_loss: frame_diff_weight={frame_diff_weight} is for the unweighted "
+            "loss: expected weight=None"
         )
     b = x0.shape[0]
     cpu = torch.device("cpu")  # (as Diffusion.loss: the numbers depend on the seed alone)
@@ -249,7 +268,11 @@ def diffusion_loss(
         x_t, target = (rearrange(v, "(b t) c h w -> b c t h w", b=b) for v in (x_t, target))
         pred = dit(x_t, t, **cond)
     if weight is None:
-        return F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())
+        if frame_diff_weight > 0 and x0.shape[2] > 1:
+            pred_d, target_d = (v.float().diff(dim=2) for v in (pred, target))
+            loss = loss + frame_diff_weight * F.mse_loss(pred_d, target_d)
+        return loss
     err = (pred.float() - target.float()) ** 2
     assert weight_mean is not None, "a weighted loss needs the global batch's mean weight"
     return (weight * err).mean() / weight_mean

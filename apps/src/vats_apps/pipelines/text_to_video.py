@@ -36,6 +36,9 @@ Three stages, each cached under a key of the settings that shape its weights
    is saved and sampled. ``train.dit.frame_noise`` of the clips draw a timestep per frame
    (Diffusion Forcing: each frame noised at its own level, so a noisy frame must be
    denoised from its cleaner neighbours; :func:`~vats_apps.pipelines.stages.diffusion_loss`).
+   ``train.dit.frame_diff_weight`` adds the squared error of the prediction's
+   frame-to-frame differences to the loss, and the shipped ``train.dit.trainer.muon``
+   trains the VideoDiT's block matrices with Muon (AdamW the rest).
 
    ``train.dit.init=image`` (the shipped setting) starts both from ``text_to_image``'s DiT
    stage, a part like the VAE (``model.dit`` and ``parts.image.dit``; the very same cache
@@ -498,6 +501,7 @@ def check_config(cfg: DictConfig) -> Settings:
         P.trainer(cfg, stage, steps, Path("unused"))
     P.number(cfg, "train.dit.terse_prob", 0.0, 1.0)
     P.number(cfg, "train.dit.frame_noise", 0.0, 1.0)
+    P.number(cfg, "train.dit.frame_diff_weight", 0.0, 100.0)
     encoder_lr_scale(P, cfg)
     P.number(cfg, "train.dit.ema.decay", 0.0, 0.999999)
     P.flag(cfg, "train.dit.ema.warmup")
@@ -651,6 +655,7 @@ def load_or_train_dit(
     tokenizer, b = parts.tokenizer, int(train["batch_size"])
     terse_prob, limit = float(train["terse_prob"]), encoder_cfg.max_seq_len
     frame_noise = float(train["frame_noise"])
+    frame_diff_weight = float(train["frame_diff_weight"])
 
     def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
         first = P.first(step, micro, cfg, "dit")
@@ -662,7 +667,14 @@ def load_or_train_dit(
     def loss(o: Objective, bt: dict[str, Tensor]) -> Tensor:
         t2v = o.model
         cond = t2v.condition(bt["ids"], bt["mask"])
-        return diffusion_loss(diffusion, t2v.dit, bt["latents"], cond, frame_noise=frame_noise)
+        return diffusion_loss(
+            diffusion,
+            t2v.dit,
+            bt["latents"],
+            cond,
+            frame_noise=frame_noise,
+            frame_diff_weight=frame_diff_weight,
+        )
 
     main = launched_rank().is_main  # (rank 0 scores the stage)
     before = denoising_loss(model, clips, diffusion, tokenizer, 64) if main else None
