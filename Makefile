@@ -27,8 +27,11 @@ uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
 		|| python3 -m pip install --quiet uv
 
+# Bytecode compiled once at install (about 20 s for torch and the rest; a no-op after):
+# every `vats` process then starts without compiling thousands of modules, which an
+# environment with PYTHONDONTWRITEBYTECODE set would otherwise redo on every start.
 setup: uv
-	$(UV) sync --locked --all-packages
+	$(UV) sync --locked --all-packages --compile-bytecode
 
 # The text model, then the vision and audio proofs, then the multimodal LM built on all
 # of them, then text to image, audio and video; each trains once and is cached
