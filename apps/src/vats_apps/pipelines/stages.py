@@ -268,11 +268,11 @@ def diffusion_loss(
         x_t, target = (rearrange(v, "(b t) c h w -> b c t h w", b=b) for v in (x_t, target))
         pred = dit(x_t, t, **cond)
     if weight is None:
-        loss = F.mse_loss(pred.float(), target.float())
-        if frame_diff_weight > 0 and x0.shape[2] > 1:
-            pred_d, target_d = (v.float().diff(dim=2) for v in (pred, target))
-            loss = loss + frame_diff_weight * F.mse_loss(pred_d, target_d)
-        return loss
+        if frame_diff_weight == 0 or x0.shape[2] == 1:
+            return F.mse_loss(pred.float(), target.float())
+        # the differences' error is the error's difference: one subtraction for both terms
+        err = pred.float() - target.float()
+        return err.square().mean() + frame_diff_weight * err.diff(dim=2).square().mean()
     err = (pred.float() - target.float()) ** 2
     assert weight_mean is not None, "a weighted loss needs the global batch's mean weight"
     return (weight * err).mean() / weight_mean
