@@ -92,6 +92,18 @@ def test_phrasings_held_out_and_distinct(modality: str) -> None:
     if modality == "image":
         colors = " ".join(phrasings("image", "color", "train"))
         assert "colour" in colors and "color" in colors.replace("colour", "")
+    for qtype in QUESTION_TYPES[modality]:
+        train = phrasings(modality, qtype, "train")
+        assert not any(" in in " in p for p in train)
+        # "the shape" is asked about where it is not the question's key word, so that the
+        # word alone does not mark a shape question
+        about_shape = [p for p in train if "the shape" in p]
+        if qtype != "shape":
+            wanted = modality != "audio" and qtype != "describe"
+            assert bool(about_shape) == wanted, (qtype, about_shape[:3])
+    if modality == "image":
+        assert "What is the colour of the shape?" in phrasings("image", "color", "train")
+        assert "Which way is the shape moving?" in phrasings("video", "direction", "train")
 
 
 def test_answers_are_short_lowercase_words() -> None:

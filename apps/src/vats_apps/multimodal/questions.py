@@ -90,28 +90,35 @@ _TABLES: dict[str, dict[str, tuple[str, ...]]] = {
 
 # The last phrasing of each type is held out for val / test. Each type has its own key word
 # ("shape", "colour", "size", "where", "background", "way"/"direction", "fast"/"speed",
-# "pitch", "timbre", "long"/"duration") and no other type's phrasings use it: the object is
-# "it", never "the shape", so a question is told apart by what it asks about. Every
-# held-out phrasing joins words the train phrasings use in a sentence they never form
-# ("... in the image", "... in the clip", "... the sound").
+# "pitch", "timbre", "long"/"duration"), and a question is told apart by the key word it
+# asks with, not by the words around it: the other types' questions are also asked about
+# "the shape" ("What is the colour of the shape?", "Which way is the shape moving?", from
+# the objects below), so the word "shape" alone does not mean a shape question. Trained on
+# questions about "it" only, the LM answered "What is the color of the shape?" with a shape
+# 64 times in 64, and its answer to the held-out colour question moved between 81 and
+# 100 % with the training seed. Every held-out phrasing joins words the train phrasings
+# use in a sentence they never form ("... in the image", "... in the clip", "... the
+# sound").
 _PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "image": {
         "shape": ("What shape is it?", "Which shape is shown?", "Name the shape.",
                   "What shape do you see?", "What kind of shape is this?",
-                  "Which shape is in the picture?", "What shape is in the image?"),
+                  "Which shape is in the picture?", "What is the shape of it?",
+                  "What shape is in the image?"),
         "color": ("What color is it?", "What colour is it?", "Which color is shown?",
                   "Name the colour.", "What colour do you see?",
-                  "Which colour is in the picture?", "What color is in the image?"),
+                  "Which colour is in the picture?", "What is the colour of it?",
+                  "What color is in the image?"),
         "size": ("How big is it?", "What size is it?", "Which size is shown?", "Name the size.",
                  "How large is it?", "What size do you see?", "How big is it in the picture?",
-                 "How big is it in the image?"),
+                 "What is the size of it?", "How big is it in the image?"),
         "position": ("Where is it?", "Where is it placed?", "Which position is it in?",
                      "Name the position.", "Where do you see it?", "Where in the picture is it?",
-                     "Where in the image is it?"),
+                     "What is the position of it?", "Where in the image is it?"),
         "background": ("What is the background?", "What background is it on?",
                        "Which background is shown?", "Name the background.",
                        "What background do you see?", "Which background is in the picture?",
-                       "What background is in the image?"),
+                       "What is the background behind it?", "What background is in the image?"),
         "describe": ("Describe the image.", "Describe the picture.", "Write a caption.",
                      "What do you see? Describe it.", "Give a description of the picture.",
                      "Caption this image.", "Give a description of the image."),
@@ -120,10 +127,10 @@ _PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
         "direction": ("Which way is it moving?", "What direction does it move in?",
                       "Which direction is it going?", "Name the direction.",
                       "Which way does it go?", "In which direction does it move?",
-                      "Which way does it move in the video?", "Which way is it going in the clip?"),
+                      "What is the direction of it?", "Which way does it move in the video?", "Which way is it going in the clip?"),
         "speed": ("How fast is it moving?", "What speed does it move at?", "Is it slow or fast?",
                   "Name the speed.", "How fast does it go?", "Which speed is shown?",
-                  "How fast does it move in the video?", "How fast is it in the clip?"),
+                  "What is the speed of it?", "How fast does it move in the video?", "How fast is it in the clip?"),
         "shape": ("What shape is moving?", "Which shape is it?", "Name the shape.",
                   "What shape do you see?", "What kind of shape moves?",
                   "Which shape is in the video?", "What shape is in the clip?"),
@@ -152,6 +159,8 @@ _PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
 # across them; the held-out phrasings use neither these objects nor these medium nouns.
 _OBJECTS = {"image": ("the object", "the thing"), "video": ("the object", "the thing"),
             "audio": ("the tone", "the note")}  # fmt: skip
+# ... and about "the shape", where that does not name what is asked.
+_SHAPE_OBJECT = {"image": "the shape", "video": "the shape"}
 _MEDIUM_NOUNS = {"image": ("picture", "photo"), "video": ("video", "animation"),
                  "audio": ("recording", "audio")}  # fmt: skip
 
@@ -159,8 +168,12 @@ _MEDIUM_NOUNS = {"image": ("picture", "photo"), "video": ("video", "animation"),
 def _variants(modality: str, qtype: str, phrasing: str) -> list[str]:
     out = [phrasing]
     if re.search(r"\bit\b", phrasing):
-        out += [re.sub(r"\bit\b", o, phrasing, count=1) for o in _OBJECTS[modality]]
-    if qtype != "describe" and " in the " not in phrasing and phrasing[-1] in "?.":
+        objects = _OBJECTS[modality]
+        if modality in _SHAPE_OBJECT and qtype not in ("shape", "describe"):
+            objects += (_SHAPE_OBJECT[modality],)
+        out += [re.sub(r"\bit\b", o, phrasing, count=1) for o in objects]
+    medium_named = " in the " in phrasing or phrasing[:-1].endswith(" in")  # not "in in"
+    if qtype != "describe" and not medium_named and phrasing[-1] in "?.":
         out += [f"{q[:-1]} in the {n}{q[-1]}" for q in list(out) for n in _MEDIUM_NOUNS[modality]]
     return out
 
