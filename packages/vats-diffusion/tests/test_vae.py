@@ -242,6 +242,23 @@ def test_upsample_equals_nearest_repeat_then_conv(memory_format) -> None:
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
 
 
+def test_upsample_compiles_with_inductor() -> None:
+    """The Upsample lowers in inductor (per-block compile, train.parallel.compile, runs it
+    so) and equals eager, forward and backward. Its conv used to take the bias as
+    ``bias.repeat_interleave(4)``, a view, which inductor's convolution cannot lower."""
+    pytest.importorskip("setuptools")  # inductor's CPU code generation
+    torch.manual_seed(0)
+    up = Upsample(4)
+    x = torch.randn(2, 4, 3, 5, requires_grad=True)
+    compiled = torch.compile(up, backend="inductor", fullgraph=True)
+    got, want = compiled(x), up(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), [x, up.conv.weight, up.conv.bias])
+    wants = torch.autograd.grad(want.square().sum(), [x, up.conv.weight, up.conv.bias])
+    for g, r in zip(grads, wants, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- tiling
 
 

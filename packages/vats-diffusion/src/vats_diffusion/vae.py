@@ -283,11 +283,15 @@ class Upsample(nn.Module):
         taps = _PHASE_TAPS.to(dtype=weight.dtype, device=weight.device)
         # (C_out, s, t, C_in, 2, 2): pixel_shuffle reads channel C_out·4 + 2s + t
         kernels = torch.einsum("syk,txl,oikl->ostiyx", taps, taps, weight)
-        bias4 = None if bias is None else bias.repeat_interleave(4)
-        out = F.conv2d(x, kernels.reshape(4 * c, c, 2, 2), bias4, padding=1)
+        out = F.conv2d(x, kernels.reshape(4 * c, c, 2, 2), None, padding=1)
         # (B, 4·C, h + 1, w + 1) -> (B, C, 2h + 2, 2w + 2): output rows and columns -1 .. 2h
-        out = F.pixel_shuffle(out, 2)
-        return out[:, :, 1:-1, 1:-1].contiguous(memory_format=_format(x))
+        out = F.pixel_shuffle(out, 2)[:, :, 1:-1, 1:-1]
+        # The bias is added here, in the pass that copies the crop out, not in the conv as
+        # bias.repeat_interleave(4): compiled, inductor cannot lower a convolution whose
+        # bias is a view ("LoweringException: NotImplementedError: View").
+        if bias is not None:
+            out = out + bias.view(1, c, 1, 1)
+        return out.contiguous(memory_format=_format(x))
 
 
 class MidAttention(nn.Module):
