@@ -116,6 +116,20 @@ def test_a_refused_enrichment_falls_back_to_the_prompt(trained, monkeypatch, cap
     assert result["generated"]["records"][0]["used"] == red
 
 
+def test_a_prompt_is_read_lowercase_and_its_unknown_words_are_named(trained, capsys):
+    cache, out, _ = trained
+    typed = "prompt='A Red CIRCLE, please!'"
+    result = run_pipeline(
+        _cfg(
+            cache, out, "pipeline.evaluate=false", "generation.num_images=1", "enrich=false", typed
+        )
+    )
+    printed = capsys.readouterr().out
+    assert "prompt: 'A Red CIRCLE, please!' (read as 'a red circle, please'" in printed
+    assert "never saw: 'please'; what it has: size small/medium/large; color red/" in printed
+    assert result["generated"]["records"][0]["used"] == "a red circle, please"
+
+
 def test_enrich_false_sends_the_prompt_as_it_is(trained, capsys):
     cache, out, _ = trained
     result = run_pipeline(
@@ -146,6 +160,7 @@ def test_enrich_false_sends_the_prompt_as_it_is(trained, capsys):
         ("train.dit.encoder_lr_scale=1.5", r"train.dit.encoder_lr_scale=1.5 is invalid"),
         ("+train.dit.trainer.compile=true", r"set train.compile instead"),
         ("prompt=a red star", r"shape 'star'.*\['circle', 'square', 'triangle', 'cross'\]"),
+        ("prompt='!?'", r"prompt='!\?' is invalid: expected a non-empty string"),
         ("prompt=" + " ".join(["red"] * 65), r"too long: 65 words.*64 tokens"),
         ("enrich=maybe", r"enrich='maybe'"),
         ("enrichment.tries=0", r"enrichment.tries=0"),

@@ -88,6 +88,29 @@ def test_caption_is_the_worlds_caption():
         assert en.caption(sounds.names(i), "audio") == sounds.captions[i]
 
 
+def test_a_prompt_is_read_as_the_worlds_prompts_are_written():
+    assert en.read_prompt("  A RED   Circle!!! ") == "a red circle"
+    assert en.read_prompt("A big square, top-left.") == "a big square, top-left"
+    assert en.read_prompt("?!.") == ""
+
+
+@pytest.mark.parametrize("medium", en.MEDIA)
+def test_known_words_are_every_word_the_models_learn_from(medium: str):
+    world = WORLDS[medium]
+    known = en.known_words(world, medium)
+    seen: set[str] = set()
+    for split in ("train", "val"):
+        for i in range(1500):
+            e = en.example(world, split, i, medium=medium)
+            seen |= _words(e.prompt) | _words(e.caption)
+    assert seen <= known, sorted(seen - known)
+    assert not {"purple", "hexagon", "please", "word", "noun", "phrase"} & known
+    assert en.unknown_words("a purple hexagon, PURPLE please", world, medium) == [
+        "purple", "hexagon", "please",
+    ]  # fmt: skip
+    assert en.unknown_words(en.example(world, "val", 3, medium=medium).prompt, world, medium) == []
+
+
 # ---- terse prompts ------------------------------------------------------------------------
 
 

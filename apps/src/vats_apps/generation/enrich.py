@@ -163,6 +163,38 @@ def check_prompt(
     return names
 
 
+def read_prompt(text: str) -> str:
+    """A user's prompt as the world's prompts and captions are written: lowercase, single
+    spaces, no punctuation around it (``" A RED Circle!!! "`` -> ``"a red circle"``). The
+    LM and the text encoder learned from such text; capitals and trailing marks are words
+    they never saw."""
+    return " ".join(text.lower().split()).strip(" .,;:!?")
+
+
+def known_words(world: World, medium: str = "image") -> frozenset[str]:
+    """Every word of the prompts and captions the models of ``medium`` learn from in
+    ``world``: the terse prompts' lead-ins, articles, nouns and phrasings (train and
+    held-out), each value's names and wordings, and the captions' own words."""
+    spec, values = _MEDIA[_medium(medium)], world_values(world, medium)
+    texts = ["an", *SYNONYMS[medium]]
+    for w in (spec.train, spec.held_out):
+        texts += [*w.lead_ins, *w.articles, *w.nouns, *w.joins]
+        texts += [re.sub(r"{\w+}", " ", f) for forms in w.tails.values() for f in forms]
+    base = {a: v[0] for a, v in values.items()}
+    for attribute, names in values.items():
+        for name in names:
+            texts += [name, caption({**base, attribute: name}, medium)]
+            texts += [f for forms in _value_words(spec, attribute, name).values() for f in forms]
+    return frozenset(w for t in texts for w in re.findall(r"[a-z]+", t.lower()))
+
+
+def unknown_words(text: str, world: World, medium: str = "image") -> list[str]:
+    """The words of ``text`` that no prompt or caption of ``world`` uses
+    (:func:`known_words`), in the order they come, once each."""
+    known = known_words(world, medium)
+    return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", text.lower()) if w not in known))
+
+
 def caption(names: Mapping[str, str], medium: str = "image") -> str:
     """The world's caption of a sample (what the world writes for it; clips that do not
     bounce)."""

@@ -733,17 +733,40 @@ def check_prompt_setting(
 ) -> tuple[str | None, dict[str, str]]:
     """``prompt``: null, or a non-empty string naming only values of ``world`` (read as
     ``medium``) in at most ``limit`` words (the exact token count needs the tokenizer:
-    :func:`check_prompt_tokens`). Returns the prompt and the attributes it names."""
-    prompt = OmegaConf.select(cfg, "prompt")
-    if prompt is None:
+    :func:`check_prompt_tokens`). Returns the prompt as the models read it
+    (:func:`~vats_apps.generation.enrich.read_prompt`: lowercase, no marks around it) and
+    the attributes it names."""
+    typed = OmegaConf.select(cfg, "prompt")
+    if typed is None:
         return None, {}
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{p.name}: prompt={prompt!r} is invalid: expected a non-empty string")
+    prompt = en.read_prompt(typed) if isinstance(typed, str) else ""
+    if not prompt:
+        raise ValueError(f"{p.name}: prompt={typed!r} is invalid: expected a non-empty string")
     given = en.check_prompt(prompt, world, medium=medium)
     # A token never spans whitespace: more words than the context is surely too long.
     if len(prompt.split()) > limit:
         raise prompt_too_long(p.name, prompt, len(prompt.split()), limit, "words")
     return prompt, given
+
+
+def prompt_line(cfg: DictConfig, prompt: str, enrich: bool, world: en.World, medium: str) -> str:
+    """What a generator prints of the prompt: the user's, how the models read it where that
+    differs, and the words of it that no prompt or caption of ``world`` uses (the models
+    never saw them, so they change nothing), with the values the world has."""
+    typed = OmegaConf.select(cfg, "prompt")
+    line = f"prompt: {typed!r}"
+    if typed != prompt:
+        line += f" (read as {prompt!r}, as the world's prompts are written)"
+    if not enrich:
+        line += " (enrich=false: used as it is)"
+    unknown = en.unknown_words(prompt, world, medium)
+    if unknown:
+        values = "; ".join(f"{a} {'/'.join(v)}" for a, v in en.world_values(world, medium).items())
+        line += (
+            f"\n  not words of this world, which the models never saw: "
+            f"{', '.join(map(repr, unknown))}; what it has: {values}"
+        )
+    return line
 
 
 def check_prompt_tokens(p: StagedPipeline, prompt: str, tokenizer: Tokenizer, limit: int) -> None:

@@ -100,6 +100,7 @@ from vats_apps.pipelines.stages import (
     load_or_train_enricher,
     load_text,
     model_section,
+    prompt_line,
     score_spec,
     slug,
     stage_results,
@@ -719,7 +720,7 @@ def generate_sounds(
     folder = Path(str(cfg.pipeline.out_dir)) / f"{slug(prompt)}-seed{gen.seed}"
     folder.mkdir(parents=True, exist_ok=True)
     records = []
-    print(f"prompt: {prompt!r}" + ("" if s.enrich else " (enrich=false: used as it is)"))
+    print(prompt_line(cfg, prompt, s.enrich, s.world, "audio"))
     for i, o in enumerate(outs):
         file = folder / f"{i:02d}.wav"
         save_audio(file, made.waveforms[i], s.world.sample_rate)

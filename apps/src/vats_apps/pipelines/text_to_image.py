@@ -107,6 +107,7 @@ from vats_apps.pipelines.stages import (
     load_or_score,
     load_or_train_enricher,
     load_text,
+    prompt_line,
     score_spec,
     slug,
     stage_results,
@@ -668,7 +669,7 @@ def generate_images(
     folder = Path(str(cfg.pipeline.out_dir)) / f"{slug(prompt)}-seed{gen.seed}"
     files = save_images(images, folder, scale=gen.upscale)
     records = []
-    print(f"prompt: {prompt!r}" + ("" if s.enrich else " (enrich=false: used as it is)"))
+    print(prompt_line(cfg, prompt, s.enrich, s.world, "image"))
     for i, (o, r) in enumerate(zip(outs, seen, strict=True)):
         line = enrichment_line("image", i, o, s.enrich)
         if r is not None:

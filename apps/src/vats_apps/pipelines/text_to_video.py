@@ -133,6 +133,7 @@ from vats_apps.pipelines.stages import (
     load_or_train_enricher,
     load_text,
     model_section,
+    prompt_line,
     scheduler_config,
     score_spec,
     slug,
@@ -757,7 +758,7 @@ def generate_clips(
     folder = Path(str(cfg.pipeline.out_dir)) / f"{slug(prompt)}-seed{gen.seed}"
     files = save_clips(clips, folder, scale=gen.upscale, fps=gen.fps)
     records = []
-    print(f"prompt: {prompt!r}" + ("" if s.enrich else " (enrich=false: used as it is)"))
+    print(prompt_line(cfg, prompt, s.enrich, s.world, "video"))
     for i, (o, r) in enumerate(zip(outs, read, strict=True)):
         line, seen = enrichment_line("clip", i, o, s.enrich), None
         if r is not None:
