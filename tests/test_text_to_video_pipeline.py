@@ -83,6 +83,22 @@ def test_the_video_dit_starts_from_text_to_image_s_dit(trained):
     assert fresh["keys"]["dit"] != result["keys"]["dit"]
 
 
+def test_a_tiny_run_continues_its_first_frames(trained, monkeypatch):
+    """train.dit.first_frame=0.5 trains under its own key, its loss falls, and the clips
+    are drawn from their first frame (two passes of sampling)."""
+    cache, out, _ = trained
+    calls = []
+    sample = t2v.sample_clips
+    monkeypatch.setattr(
+        t2v, "sample_clips", lambda *a, **k: calls.append(k["from_first"]) or sample(*a, **k)
+    )
+    run = run_pipeline(_cfg(cache, out, "train.dit.first_frame=0.5", "pipeline.evaluate=false"))
+    dit = run["stages"]["dit"]
+    assert run["cached"]["dit"] is False and calls == [True]
+    assert dit["denoising_loss_after"] < 0.95 * dit["denoising_loss_before"], dit
+    assert len(run["generated"]["records"]) == 2
+
+
 def test_the_vae_is_text_to_image_s_entry():
     """The same parts and VAE settings key the same entry from either pipeline."""
     cfg = _compose("text_to_image", TINY_TEXT_TO_IMAGE)
@@ -184,6 +200,8 @@ def test_clips_of_another_length_without_enrichment(trained, capsys):
             r"train.dit.frame_diff_weight=-1 is invalid: .*\[0.0, 100.0\]",
         ),
         ("~train.dit.frame_diff_weight", r"train.dit.frame_diff_weight=None is invalid"),
+        ("train.dit.first_frame=2", r"train.dit.first_frame=2 is invalid: .*\[0.0, 1.0\]"),
+        ("~train.dit.first_frame", r"train.dit.first_frame=None is invalid"),
         ("parts.image.vae.max_steps=0", r"parts.image.vae.max_steps=0"),
         ("train.eval.real_clips=0", r"train.eval.real_clips=0"),
         ("enrichment.tries=0", r"enrichment.tries=0"),
@@ -225,6 +243,24 @@ def test_frame_noise_is_read_and_keys_the_dit_stage(tmp_path):
     other = _cfg(tmp_path / "cache", tmp_path / "out", "train.dit.frame_noise=0.5")
     t2v.check_config(other)
     assert t2v.section(other, "train.dit", t2v.NAME)["frame_noise"] == 0.5
+
+
+def test_first_frame_with_frame_noise_fails_before_any_work(tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    both = ("train.dit.first_frame=0.5", "train.dit.frame_noise=0.5")
+    with pytest.raises(ValueError, match=r"first_frame=0.5 is invalid: expected 0 while"):
+        run_pipeline(_cfg(cache, out, *both))
+    assert not cache.exists() and not out.exists()
+
+
+def test_first_frame_is_read_keys_the_dit_stage_and_samples_from_the_first_frame(tmp_path):
+    """train.dit.first_frame is 0 as shipped (one pass of sampling); a share > 0 is part of
+    the DiT stage's train section and makes the clips sample from their first frame."""
+    cfg = _cfg(tmp_path / "cache", tmp_path / "out")
+    assert cfg.train.dit.first_frame == 0.0 and not t2v.check_config(cfg).from_first
+    other = _cfg(tmp_path / "cache", tmp_path / "out", "train.dit.first_frame=0.5")
+    assert t2v.check_config(other).from_first
+    assert t2v.section(other, "train.dit", t2v.NAME)["first_frame"] == 0.5
 
 
 def test_frame_diff_weight_and_muon_are_shipped_and_key_the_dit_stage(tmp_path):

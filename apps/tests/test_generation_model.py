@@ -273,6 +273,90 @@ def test_frame_diff_weight_refuses_what_it_cannot_weigh():
         diffusion_loss(diffusion, model.dit, x0, cond, weight, weight.mean(), frame_diff_weight=1.0)
 
 
+@pytest.mark.parametrize("tubelet", [1, 2])
+def test_first_frame_gives_the_first_tubelet_clean_and_scores_the_rest(tubelet):
+    """first_frame=1: after the clip's draws, every clip's first tubelet is its clean x0 at
+    timestep 0 and the rest noised at the clip's timestep; the loss (and the differences'
+    term) counts the other frames only. Its prediction of the given frames changes
+    nothing."""
+    model = _video_model(patch_frames=tubelet)
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0, cond = _clips(model)
+    seen = _dit_inputs(model)
+    torch.manual_seed(3)
+    loss = diffusion_loss(diffusion, model.dit, x0, cond, first_frame=1.0, frame_diff_weight=2.0)
+    torch.manual_seed(3)  # the draws, in their order
+    t = diffusion.sample_timesteps(6)
+    noise = torch.randn(x0.shape)
+    keep = torch.rand(6) >= 0.5
+    assert (torch.rand(6) < 1.0).all()
+    (x_t, given_t), kwargs = seen[0]
+    assert torch.equal(kwargs["text_keep"], keep)
+    assert given_t.shape == (6, 4) and (given_t[:, :tubelet] == 0).all()
+    assert torch.equal(given_t[:, tubelet:], t[:, None].expand(-1, 4 - tubelet))
+    assert torch.equal(x_t[:, :, :tubelet], x0[:, :, :tubelet])
+    noised = diffusion.add_noise(x0, noise, t)
+    assert torch.equal(x_t[:, :, tubelet:], noised[:, :, tubelet:])
+    with torch.no_grad():
+        pred = model.dit(x_t, given_t, **cond, text_keep=keep)
+    target = diffusion.target(x0, noise, t)
+    p, y = pred[:, :, tubelet:], target[:, :, tubelet:]
+    want = F.mse_loss(p, y) + 2.0 * F.mse_loss(p.diff(dim=2), y.diff(dim=2))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_first_frame_zero_and_its_refusals():
+    model = _video_model()
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    x0, cond = _clips(model)
+    torch.manual_seed(3)
+    plain = diffusion_loss(diffusion, model.dit, x0, cond)
+    torch.manual_seed(3)
+    zero = diffusion_loss(diffusion, model.dit, x0, cond, first_frame=0.0)
+    torch.testing.assert_close(zero, plain, rtol=0, atol=0)
+    for bad in (-0.1, 1.5, float("nan"), "half"):
+        with pytest.raises(ValueError, match=r"first_frame=.* expected a number in \[0, 1\]"):
+            diffusion_loss(diffusion, model.dit, x0, cond, first_frame=bad)
+    with pytest.raises(ValueError, match=r"first_frame=0.5 needs clips x0"):
+        diffusion_loss(diffusion, model.dit, x0[:, :, 0], cond, first_frame=0.5)
+    with pytest.raises(ValueError, match=r"both set the frames' timesteps"):
+        diffusion_loss(diffusion, model.dit, x0, cond, first_frame=0.5, frame_noise=0.5)
+
+
+def test_clips_sampled_from_their_first_frame_keep_it():
+    """sample_clips(from_first=True): the first pass's first frame is kept, and the second
+    pass calls the DiT with it clean at timestep 0 (both halves of the guided batch)."""
+    from vats_apps.generation.clips import sample_clips
+    from vats_apps.generation.model import Sampling
+    from vats_diffusion import VAE, vae_preset
+
+    class Words:  # three token ids a text, no padding: what encode_texts asks of one
+        def encode_batch(self, texts, padding_side, max_length):
+            ids = torch.tensor([[7, 8, 9]] * len(texts))
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+
+    model = _video_model().eval()
+    vae = VAE(vae_preset("tiny", latent_channels=4)).eval()
+    tokenizer = Words()
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    sampling = Sampling("flow_match_euler", 3, 2.0, 1.0, None, 8)
+    seen = _dit_inputs(model)
+    decoded: list[torch.Tensor] = []
+    decode = vae.decode_frames
+    vae.decode_frames = lambda z: decoded.append(z.clone()) or decode(z)  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(0)
+    texts = ["a red circle moving left"] * 2
+    sample_clips(model, vae, diffusion, tokenizer, texts, 4, sampling, g, from_first=True)
+    assert len(seen) == 6  # two passes of three steps
+    for (x, t), _ in seen[:3]:  # the first pass: one timestep a clip
+        assert t.shape == (4,)
+    for (x, t), _ in seen[3:]:
+        assert x.shape[0] == 4 and (t[:, 0] == 0).all() and (t[:, 1:] > 0).all()
+        assert torch.equal(x[:2, :, :1], x[2:, :, :1])  # the cond and null halves
+    given = seen[3][0][0][:2, :, :1]
+    assert torch.equal(decoded[0][:, :, :1], given)
+
+
 def test_frame_noise_keeps_some_clips_at_one_timestep_and_tubelets_at_theirs():
     """frame_noise=0.5: a clip not drawn keeps its frame_noise=0 timestep on every frame;
     with two-frame tubelets a drawn clip draws one timestep per tubelet."""

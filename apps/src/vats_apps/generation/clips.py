@@ -72,17 +72,47 @@ def sample_clips(
     generator: torch.Generator,
     *,
     progress: bool = False,
+    from_first: bool = False,
 ) -> Tensor:
     """Clips ``(B, 3, frames, S, S)`` in [-1, 1] for ``texts``: encode them, sample latents
     ``(B, Cz, frames, h, w)`` with guidance (initial noise from ``generator``), decode them
-    frame by frame."""
+    frame by frame.
+
+    ``from_first`` (a VideoDiT trained with ``train.dit.first_frame``): the clip's first
+    frame (first tubelet) is kept from that sample, and the other frames are sampled again
+    from fresh noise with it given clean at timestep 0, as the DiT learned to continue a
+    given frame."""
     ids, mask = encode_texts(tokenizer, texts, model.encoder.config.max_seq_len)
     h, w = model.dit.config.latent_hw
     shape = (len(texts), model.dit.config.in_channels, frames, h, w)
-    latents = guided_sample(
-        model, diffusion, shape, model.condition(ids, mask), sampling, generator, progress=progress
-    )
+    cond = model.condition(ids, mask)
+    latents = guided_sample(model, diffusion, shape, cond, sampling, generator, progress=progress)
+    given = model.dit.config.patch_frames
+    if from_first and frames > given:
+        first = latents[:, :, :given]
+        denoiser = _GivenFirst(model.dit, first)
+        latents = guided_sample(
+            model, diffusion, shape, cond, sampling, generator, progress=progress,
+            denoiser=denoiser,
+        )  # fmt: skip
+        latents[:, :, :given] = first
     return vae.decode_frames(latents).clamp(-1, 1)
+
+
+class _GivenFirst:
+    """The VideoDiT with the clip's first frames held at ``first`` (clean, timestep 0), as
+    :func:`~vats_apps.pipelines.stages.diffusion_loss` trains it with ``first_frame``."""
+
+    def __init__(self, dit: VideoDiT, first: Tensor) -> None:
+        self.dit, self.first = dit, first  # (B, Cz, given, h, w)
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        given = self.first.shape[2]
+        first = self.first.repeat(x.shape[0] // self.first.shape[0], 1, 1, 1, 1)  # guidance
+        x = torch.cat([first.to(x.dtype), x[:, :, given:]], dim=2)
+        t_frames = t[:, None].expand(-1, x.shape[2]).clone()  # (B, T)
+        t_frames[:, :given] = 0
+        return self.dit(x, t_frames, **cond)
 
 
 @dataclasses.dataclass(frozen=True)

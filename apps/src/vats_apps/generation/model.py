@@ -12,6 +12,7 @@ S image side.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -194,13 +195,15 @@ def guided_sample(
     generator: torch.Generator,
     *,
     progress: bool = False,
+    denoiser: Callable[..., Tensor] | None = None,
 ) -> Tensor:
-    """Samples of ``shape`` from ``model.dit`` conditioned on ``cond`` (the model's
-    ``condition``), with ``sampling``'s sampler, steps and classifier-free guidance against
-    the model's ``null_condition``; the initial noise from ``generator``."""
+    """Samples of ``shape`` from ``model.dit`` (or ``denoiser``, called as the DiT is)
+    conditioned on ``cond`` (the model's ``condition``), with ``sampling``'s sampler, steps
+    and classifier-free guidance against the model's ``null_condition``; the initial noise
+    from ``generator``."""
     guided = sampling.guidance_scale > 1
     return diffusion.sample(
-        model.dit,
+        model.dit if denoiser is None else denoiser,
         shape,
         steps=sampling.steps,
         guidance_scale=sampling.guidance_scale,

@@ -200,6 +200,7 @@ def diffusion_loss(
     *,
     frame_noise: float = 0.0,
     frame_diff_weight: float = 0.0,
+    first_frame: float = 0.0,
 ) -> Tensor:
     """:meth:`vats_diffusion.Diffusion.loss` on this rank's rows of the global batch: the
     timesteps, the noise and (in training, with the DiT's ``text_dropout``) the rows that
@@ -223,6 +224,13 @@ def diffusion_loss(
             only the second, what frames that should agree (or move together) get wrong
             between them. 0 (the default): the loss exactly as without it; nothing is
             added for a one-frame clip.
+        first_frame: clips only, unweighted: the share of clips whose first frame (first
+            tubelet) is given clean, at timestep 0, while the rest are noised at the clip's
+            timestep, and left out of the loss (with the differences that involve it): the
+            VideoDiT learns to continue a given frame, as image-to-video models are trained,
+            which :func:`~vats_apps.generation.clips.sample_clips` uses to draw the clip's
+            other frames from its first. Drawn last, for the global batch. 0 (the default):
+            the draws and the loss exactly as without it.
     """
     if not (is_number(frame_noise) and 0 <= frame_noise <= 1):
         raise ValueError(
@@ -233,7 +241,22 @@ def diffusion_loss(
             f"diffusion_loss: frame_diff_weight={frame_diff_weight!r} is invalid: expected a "
             "finite number >= 0"
         )
-    for name, value in (("frame_noise", frame_noise), ("frame_diff_weight", frame_diff_weight)):
+    if not (is_number(first_frame) and 0 <= first_frame <= 1):
+        raise ValueError(
+            f"diffusion_loss: first_frame={first_frame!r} is invalid: expected a number in [0, 1]"
+        )
+    if first_frame > 0 and frame_noise > 0:
+        raise ValueError(
+            f"diffusion_loss: first_frame={first_frame} and frame_noise={frame_noise} both "
+            "set the frames' timesteps: expected one of them 0"
+        )
+    if first_frame > 0 and weight is not None:
+        raise ValueError(
+            f"diffusion_loss: first_frame={first_frame} is for the unweighted loss: expected "
+            "weight=None"
+        )
+    named = (("frame_noise", frame_noise), ("frame_diff_weight", frame_diff_weight))
+    for name, value in (*named, ("first_frame", first_frame)):
         if value > 0 and x0.ndim != 5:
             raise ValueError(
                 f"diffusion_loss: {name}={value} needs clips x0 (B, C, T, h, w), got "
@@ -254,6 +277,8 @@ def diffusion_loss(
         # (drawn where the DiT draws it, on the text's device)
         keep = global_draw(lambda n: torch.rand(n, device=x0.device) >= p, b)
         cond = {**cond, "text_keep": keep}
+    if first_frame > 0:
+        return _first_frame_loss(diffusion, dit, x0, noise, t, cond, first_frame, frame_diff_weight)
     if frame_noise == 0:
         pred = dit(diffusion.add_noise(x0, noise, t), t, **cond)
         target = diffusion.target(x0, noise, t)
@@ -276,6 +301,38 @@ def diffusion_loss(
     err = (pred.float() - target.float()) ** 2
     assert weight_mean is not None, "a weighted loss needs the global batch's mean weight"
     return (weight * err).mean() / weight_mean
+
+
+def _first_frame_loss(
+    diffusion: Diffusion,
+    dit: nn.Module,
+    x0: Tensor,
+    noise: Tensor,
+    t: Tensor,
+    cond: Mapping[str, Tensor],
+    share: float,
+    frame_diff_weight: float,
+) -> Tensor:
+    """:func:`diffusion_loss` with ``first_frame=share``: the chosen clips' first tubelet
+    clean at timestep 0, the loss over the other frames only."""
+    b, frames = x0.shape[0], x0.shape[2]
+    given = int(getattr(dit.config, "patch_frames", 1))  # the frames of the first token
+    chosen = global_draw(lambda n: torch.rand(n) < share, b).to(x0.device)  # (B,)
+    is_given = torch.zeros(b, frames, dtype=torch.bool, device=x0.device)
+    is_given[:, :given] = chosen[:, None]
+    x_t = diffusion.add_noise(x0, noise, t)
+    x_t = torch.where(is_given[:, None, :, None, None], x0, x_t)
+    t_frames = torch.where(is_given, torch.zeros_like(t)[:, None], t[:, None])  # (B, T)
+    pred = dit(x_t, t_frames, **cond)
+    err = pred.float() - diffusion.target(x0, noise, t).float()
+    keep = (~is_given).to(err.dtype)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+    per_frame = err.shape[1] * err.shape[3] * err.shape[4]  # C·h·w numbers a frame
+    loss = (err.square() * keep).sum() / (keep.sum() * per_frame).clamp_min(1)
+    if frame_diff_weight > 0 and frames > 1:
+        pair = keep[:, :, 1:] * keep[:, :, :-1]  # both frames of a difference are noised
+        diff = (err.diff(dim=2).square() * pair).sum() / (pair.sum() * per_frame).clamp_min(1)
+        loss = loss + frame_diff_weight * diff
+    return loss
 
 
 def frame_timesteps(

@@ -401,6 +401,9 @@ class Settings:
     given: dict[str, str]  # the attributes the prompt names
     enrich: bool
     evaluate: bool
+    # train.dit.first_frame > 0: the VideoDiT learned to continue a given first frame, and
+    # clips are sampled in two passes (generation.clips.sample_clips(from_first=True))
+    from_first: bool = False
 
 
 def _check_vae_part(cfg: DictConfig) -> None:
@@ -501,7 +504,12 @@ def check_config(cfg: DictConfig) -> Settings:
         P.int(cfg, f"train.{stage}.batch_size", 1)
         P.trainer(cfg, stage, steps, Path("unused"))
     P.number(cfg, "train.dit.terse_prob", 0.0, 1.0)
-    P.number(cfg, "train.dit.frame_noise", 0.0, 1.0)
+    frame_noise = P.number(cfg, "train.dit.frame_noise", 0.0, 1.0)
+    first_frame = P.number(cfg, "train.dit.first_frame", 0.0, 1.0)
+    if first_frame > 0 and frame_noise > 0:
+        raise P.fail("train.dit.first_frame", first_frame, "0 while train.dit.frame_noise > 0")
+    if first_frame > 0 and world.frames <= dit.patch_frames:
+        raise P.fail("train.dit.first_frame", first_frame, "0 for clips of one tubelet")
     P.number(cfg, "train.dit.frame_diff_weight", 0.0, 100.0)
     encoder_lr_scale(P, cfg)
     P.number(cfg, "train.dit.ema.decay", 0.0, 0.999999)
@@ -521,6 +529,7 @@ def check_config(cfg: DictConfig) -> Settings:
         given=given,
         enrich=P.flag(cfg, "enrich"),
         evaluate=P.flag(cfg, "pipeline.evaluate"),
+        from_first=first_frame > 0,
     )
 
 
@@ -657,6 +666,7 @@ def load_or_train_dit(
     terse_prob, limit = float(train["terse_prob"]), encoder_cfg.max_seq_len
     frame_noise = float(train["frame_noise"])
     frame_diff_weight = float(train["frame_diff_weight"])
+    first_frame = float(train["first_frame"])
 
     def batch_fn(step: int, micro: int) -> dict[str, Tensor]:
         first = P.first(step, micro, cfg, "dit")
@@ -675,6 +685,7 @@ def load_or_train_dit(
             cond,
             frame_noise=frame_noise,
             frame_diff_weight=frame_diff_weight,
+            first_frame=first_frame,
         )
 
     main = launched_rank().is_main  # (rank 0 scores the stage)
@@ -727,6 +738,7 @@ class Maker:
                 self.model, self.vae, self.diffusion, self.tokenizer,
                 texts[i : i + self.chunk], frames, self.s.generation.sampling,
                 torch.Generator().manual_seed(seed + i), progress=progress,
+                from_first=self.s.from_first,
             )
             for i in range(0, len(texts), self.chunk)
         ]  # fmt: skip
