@@ -348,7 +348,7 @@ def test_clips_sampled_from_their_first_frame_keep_it():
     texts = ["a red circle moving left"] * 2
     sample_clips(model, vae, diffusion, tokenizer, texts, 4, sampling, g, from_first=True)
     assert len(seen) == 6  # two passes of three steps
-    for (x, t), _ in seen[:3]:  # the first pass: one timestep a clip
+    for (_, t), _ in seen[:3]:  # the first pass: one timestep a clip
         assert t.shape == (4,)
     for (x, t), _ in seen[3:]:
         assert x.shape[0] == 4 and (t[:, 0] == 0).all() and (t[:, 1:] > 0).all()
