@@ -159,8 +159,8 @@ _PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
 # across them; the held-out phrasings use neither these objects nor these medium nouns.
 _OBJECTS = {"image": ("the object", "the thing"), "video": ("the object", "the thing"),
             "audio": ("the tone", "the note")}  # fmt: skip
-# ... and about "the shape", where that does not name what is asked.
-_SHAPE_OBJECT = {"image": "the shape", "video": "the shape"}
+# ... and about "the shape" (images and clips), where that does not name what is asked.
+_SHAPE_MEDIA = ("image", "video")
 _MEDIUM_NOUNS = {"image": ("picture", "photo"), "video": ("video", "animation"),
                  "audio": ("recording", "audio")}  # fmt: skip
 
@@ -169,8 +169,8 @@ def _variants(modality: str, qtype: str, phrasing: str) -> list[str]:
     out = [phrasing]
     if re.search(r"\bit\b", phrasing):
         objects = _OBJECTS[modality]
-        if modality in _SHAPE_OBJECT and qtype not in ("shape", "describe"):
-            objects += (_SHAPE_OBJECT[modality],)
+        if modality in _SHAPE_MEDIA and qtype not in ("shape", "describe"):
+            objects += ("the shape",)
         out += [re.sub(r"\bit\b", o, phrasing, count=1) for o in objects]
     medium_named = " in the " in phrasing or phrasing[:-1].endswith(" in")  # not "in in"
     if qtype != "describe" and not medium_named and phrasing[-1] in "?.":

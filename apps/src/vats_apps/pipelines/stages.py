@@ -255,8 +255,11 @@ def diffusion_loss(
             f"diffusion_loss: first_frame={first_frame} is for the unweighted loss: expected "
             "weight=None"
         )
-    named = (("frame_noise", frame_noise), ("frame_diff_weight", frame_diff_weight))
-    for name, value in (*named, ("first_frame", first_frame)):
+    clip_only = {
+        "frame_noise": frame_noise, "frame_diff_weight": frame_diff_weight,
+        "first_frame": first_frame,
+    }  # fmt: skip
+    for name, value in clip_only.items():
         if value > 0 and x0.ndim != 5:
             raise ValueError(
                 f"diffusion_loss: {name}={value} needs clips x0 (B, C, T, h, w), got "
