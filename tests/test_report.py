@@ -185,6 +185,8 @@ def _results(root: Path) -> dict[str, Any]:
                 "consistency": {"share": 0.95, "goal": 0.9},
                 "attributes": {"size": {"accuracy": 0.6, "chance": 0.5, "clips": 10}},
                 "plain": {"direction": 0.5, "shape_color": 0.4, "frames": 0.4, "consistency": 0.9},
+                "words": {"moved": {"color": 0.5, "direction": 0.006}, "level": 0.9,
+                          "samples": 32},
                 "real_clips": readers,
                 "round_trip": readers,
                 **generator_scores,
@@ -364,6 +366,9 @@ def test_the_table_holds_every_pipelines_headline_figures(report):
     assert _row(page, "text_to_video", "without enrichment: direction adherence")[0] == "50.0 %"
     assert _row(page, "text_to_video", "readers on real held-out clips: direction")[0] == "98.0 %"
     assert _row(page, "text_to_video", "size")[4] == "10 read"
+    word = _row(page, "text_to_video", "caption word read: direction")
+    assert word[0] == "0.6 %" and "32 held-out samples, t = 0.9 N" in word[4]
+    assert _row(page, "text_to_video", "caption word read: color")[0] == "50.0 %"
     # its goal bounds its own stages' sum (its VAE is text_to_image's, counted there)
     assert _row(page, "text_to_video", "training time, less the shared vae")[:4] == [
         "545 s", "—", "< 600 s", "met"

@@ -5,6 +5,7 @@ of a refused enrichment, and bad input refused before any work."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,10 @@ def test_a_tiny_run_trains_every_stage_and_its_denoising_loss_falls(trained):
     scores = result["scores"]
     assert scores["adherence"]["chance"] == pytest.approx(1 / 24)  # the 4 x 6 default world
     assert set(scores["attributes"]) == {"size", "position", "background"}
+    words = scores["words"]  # every captioned attribute's word, probed on held-out images
+    assert set(words["moved"]) == {"shape", "color", "size", "position", "background"}
+    assert all(0 <= v < math.inf for v in words["moved"].values()) and words["samples"] == 32
+    assert any(v > 0 for v in words["moved"].values())
 
 
 def test_the_images_and_their_prompts_are_written(trained, capsys):
@@ -84,7 +89,9 @@ def test_a_second_run_loads_every_stage_and_its_scores(trained, capsys):
     again = run_pipeline(_cfg(cache, out))
     assert again["cached"] == {"vae": True, "enrich": True, "dit": True}
     assert again["scores_cached"] and again["scores"] == first["scores"]
-    assert "stage" not in capsys.readouterr().out  # nothing trained
+    printed = capsys.readouterr().out
+    assert "stage" not in printed  # nothing trained
+    assert "caption words read       the DiT's prediction moves shape " in printed
 
 
 def test_a_dit_setting_retrains_only_the_dit(trained):

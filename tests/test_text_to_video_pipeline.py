@@ -68,6 +68,9 @@ def test_a_tiny_run_trains_its_stages_and_its_denoising_loss_falls(trained):
     assert scores["direction"]["clips"] == 4  # 2 prompts x 2 seeds
     for key in ("real_clips", "round_trip", "plain"):
         assert set(scores[key]) == {"direction", "shape_color", "frames", "consistency"}
+    moved = scores["words"]["moved"]  # every captioned attribute's word, on held-out clips
+    assert set(moved) == {"shape", "color", "size", "direction", "speed", "background"}
+    assert any(v > 0 for v in moved.values())
 
 
 def test_the_video_dit_starts_from_text_to_image_s_dit(trained):
@@ -135,6 +138,8 @@ def test_a_second_run_loads_every_stage_and_its_scores(trained, capsys):
     assert again["scores_cached"] and again["scores"] == first["scores"]
     printed = capsys.readouterr().out
     assert ": stage " not in printed, printed  # nothing trained
+    assert "caption words read       the DiT's prediction moves shape " in printed
+    assert "direction " in printed.split("caption words read")[1].splitlines()[0]
 
 
 def test_a_dit_setting_retrains_only_the_dit(trained):

@@ -547,3 +547,68 @@ def test_stage_fit_trains_the_encoder_at_its_lr_scale(tmp_path):
         cfg.train.dit.encoder_lr_scale = bad
         with pytest.raises(ValueError, match=r"train.dit.encoder_lr_scale=.* is invalid"):
             encoder_lr_scale(p, cfg)
+
+
+def test_word_sensitivity_measures_how_far_a_changed_word_moves_the_prediction():
+    """Unchanged captions move nothing; other captions move the prediction by the relative
+    norm of the difference, computed here again; a model given the null text for every
+    caption reads no word (0); the model's mode is restored; bad arguments are refused."""
+    from vats_apps.generation.model import encode_texts, word_sensitivity
+
+    vocab = {w: i + 7 for i, w in enumerate(["a", "red", "blue", "circle", "square"])}
+
+    class Words:  # a tokenizer of the test's few words
+        def encode_batch(self, texts, padding_side, max_length):
+            rows = [[vocab[w] for w in t.split()] for t in texts]
+            ids = torch.tensor(rows)
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+
+    model, tok = _model().train(), Words()
+    with torch.no_grad():  # off the init, where a DiT predicts 0 whatever its input
+        for q in model.dit.parameters():
+            q.add_(torch.randn_like(q) * 0.05)
+    diffusion = Diffusion(SchedulerConfig(name="flow_match_euler"))
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    caps = ["a red circle", "a blue circle", "a red square", "a blue square"]
+    other = ["a blue circle", "a red circle", "a blue square", "a red square"]
+    moved = word_sensitivity(
+        model, diffusion, tok, latents, caps, {"same": caps, "color": other}, level=0.9
+    )
+    assert model.training  # restored
+    assert moved["same"] == 0.0 and moved["color"] > 0.01
+    model.eval()
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((4,), 900.0)
+    x_t = diffusion.add_noise(latents, noise, t)
+    with torch.no_grad():
+        a = model.dit(x_t, t, **model.condition(*encode_texts(tok, caps, 16)))
+        b = model.dit(x_t, t, **model.condition(*encode_texts(tok, other, 16)))
+    assert moved["color"] == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-5)
+
+    def deaf_condition(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        null = model.null_condition(TextToImage.condition(model, ids, mask))
+        return {k: v.expand(len(ids), *v.shape[1:]) for k, v in null.items()}
+
+    model.condition = deaf_condition  # type: ignore[method-assign]
+    deaf = word_sensitivity(model, diffusion, tok, latents, caps, {"color": other})
+    assert deaf["color"] == 0.0
+    with pytest.raises(ValueError, match=r"level=0 is invalid: expected \(0, 1\]"):
+        word_sensitivity(model, diffusion, tok, latents, caps, {}, level=0)
+    with pytest.raises(ValueError, match=r"3 changed captions for 'color', expected 4"):
+        word_sensitivity(model, diffusion, tok, latents, caps, {"color": other[:3]})
+
+
+def test_the_world_writes_captions_and_the_probe_names_another_value():
+    from vats_apps.generation.model import another_value
+
+    world = ShapesWorld(ShapesConfig(image_size=24, frames=4))
+    images, clips = world.images(range(16), "val"), world.videos(range(16), "val")
+    for batch in (images, clips):
+        for i in range(16):
+            assert world.caption(batch.names(i)) == batch.captions[i]
+    names = clips.names(0)
+    for attribute in ("shape", "color", "size", "direction", "speed", "background"):
+        values = world.config.label_values(attribute)
+        new = another_value(world.config, names, attribute)
+        assert new in values and new != names[attribute]
+        assert values.index(new) == (values.index(names[attribute]) + 1) % len(values)

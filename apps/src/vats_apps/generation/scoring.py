@@ -33,11 +33,20 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vats_apps.data import ShapesConfig, ShapesWorld
 from vats_apps.generation import enrich as en
-from vats_apps.generation.model import Sampling, TextToImage, enrich_all, read_images, sample_images
+from vats_apps.generation.model import (
+    Sampling,
+    TextConditioned,
+    TextToImage,
+    another_value,
+    enrich_all,
+    read_images,
+    sample_images,
+    word_sensitivity,
+)
 from vats_diffusion import VAE, Diffusion
 from vats_text.model import MoELanguageModel
 from vats_text.tokenizer import Tokenizer
@@ -56,6 +65,8 @@ __all__ = [
 ADHERENCE_GOAL = 0.85  # the issue's: shape x colour of generated images
 KEEP_GOAL = 0.99  # enrichment keeps the prompt's attributes
 TIME_GOAL = 600.0  # seconds, every stage, first run (the cached parts not counted)
+WORD_SAMPLES = 32  # held-out samples of the caption-word probe
+WORD_LEVEL = 0.9  # its noise level (t = level * N)
 
 
 def _expected_distinct(n: int, k: int) -> float:
@@ -271,6 +282,8 @@ def print_table(
         f"distinct values in the captions, {images} in the images, over {d['seeds']} seeds "
         f"(uniform draws {d['uniform'] or 0:.2f}, a fixed choice 1; {d['open']} open attributes)"
     )
+    if "words" in scores:
+        print(words_line(scores["words"], "images"))
     total = sum(seconds.values())
     verdict = "met" if total < TIME_GOAL else "NOT met"
     print(
@@ -279,4 +292,51 @@ def print_table(
         + f" = {total:.0f} s, goal < {TIME_GOAL:.0f} s {verdict}; the classifier reads shape x "
         f"colour on {pct(classifier.get('accuracy')).strip()} of real held-out images, "
         f"{pct(scores['vae_round_trip']).strip()} of their VAE round trips"
+    )
+
+
+# ----------------------------------------------------------------------------- caption words
+
+
+def caption_words(
+    model: TextConditioned,
+    diffusion: Diffusion,
+    tokenizer: Tokenizer,
+    world: ShapesWorld,
+    batch: Any,
+    latents: Tensor,
+    attributes: tuple[str, ...],
+) -> dict[str, Any]:
+    """Which words of the caption the DiT reads: for each of ``attributes``, how far its
+    prediction on ``batch`` moves when that attribute's word alone is changed to another
+    value (:func:`~vats_apps.generation.model.word_sensitivity`, at ``WORD_LEVEL``)."""
+    names = [batch.names(i) for i in range(len(batch))]
+    changed = {
+        a: [world.caption({**n, a: another_value(world.config, n, a)}) for n in names]
+        for a in attributes
+    }
+    moved = word_sensitivity(
+        model, diffusion, tokenizer, latents, list(batch.captions), changed, level=WORD_LEVEL
+    )
+    return {"moved": moved, "level": WORD_LEVEL, "samples": len(names)}
+
+
+def image_words(
+    world: ShapesConfig, vae: VAE, model: TextToImage, diffusion: Diffusion, tokenizer: Tokenizer
+) -> dict[str, Any]:
+    """:func:`caption_words` on ``WORD_SAMPLES`` held-out images, every captioned attribute."""
+    shapes = ShapesWorld(world)
+    batch = shapes.images(range(WORD_SAMPLES), "val")
+    latents = vae.encode_latents(batch.pixels * 2 - 1, sample=False)
+    attributes = ("shape", "color", "size", "position", "background")
+    return caption_words(model, diffusion, tokenizer, shapes, batch, latents, attributes)
+
+
+def words_line(words: dict[str, Any], samples: str) -> str:
+    """The table's line of :func:`caption_words`."""
+    moved = ", ".join(f"{a} {v:.1%}" for a, v in words["moved"].items())
+    return (
+        f"  caption words read       the DiT's prediction moves {moved} when that word alone "
+        f"is changed ({words['samples']} held-out {samples}, t = {words['level']} N; near 0: "
+        "the word is not read)"
     )

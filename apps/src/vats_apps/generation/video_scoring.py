@@ -37,9 +37,17 @@ from torch import Tensor
 from vats_apps.data import ShapesConfig, ShapesWorld
 from vats_apps.generation import enrich as en
 from vats_apps.generation.clips import ClipReading, clip_pixels
-from vats_apps.generation.model import Sampling, enrich_all
-from vats_apps.generation.scoring import TIME_GOAL, enrichment_scores, goal_note, pct
-from vats_diffusion import VAE
+from vats_apps.generation.model import Sampling, TextConditioned, enrich_all
+from vats_apps.generation.scoring import (
+    TIME_GOAL,
+    WORD_SAMPLES,
+    caption_words,
+    enrichment_scores,
+    goal_note,
+    pct,
+    words_line,
+)
+from vats_diffusion import VAE, Diffusion
 from vats_text.model import MoELanguageModel
 from vats_text.tokenizer import Tokenizer
 
@@ -184,6 +192,22 @@ def evaluate(
     return scores
 
 
+def clip_words(
+    world: ShapesConfig,
+    vae: VAE,
+    model: TextConditioned,
+    diffusion: Diffusion,
+    tokenizer: Tokenizer,
+) -> dict[str, Any]:
+    """:func:`~vats_apps.generation.scoring.caption_words` on ``WORD_SAMPLES`` held-out
+    clips (each frame through the posterior's mode), every captioned attribute."""
+    clips = ShapesWorld(world)
+    x, batch = clip_pixels(clips, range(WORD_SAMPLES), "val")
+    latents = vae.encode_frames(x, sample=False)
+    attributes = ("shape", "color", "size", "direction", "speed", "background")
+    return caption_words(model, diffusion, tokenizer, clips, batch, latents, attributes)
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -228,6 +252,8 @@ def print_table(
             f"  without enrichment       direction {pct(p['direction']).strip()}, shape x colour "
             f"{pct(p['shape_color']).strip()} (the same prompts straight to the text encoder)"
         )
+    if "words" in scores:
+        print(words_line(scores["words"], "clips"))
     e = scores["enrichment"]
     seen, other = e["phrasings_seen"], e["phrasings_held_out"]
     print(

@@ -213,7 +213,7 @@ READER_CHECKS = {"real_clips": "real held-out clips", "round_trip": "VAE round t
 # The training-time goal (TIME_GOAL) bounds the sum of a pipeline's stages, less the ones
 # another pipeline trains and counts (text to video's VAE is text_to_image's).
 SHARED_STAGES = {"text_to_video": ("vae",)}
-_HANDLED = {"attributes", "enrichment", "diversity", "plain", "real_images", "seconds"}
+_HANDLED = {"attributes", "enrichment", "diversity", "plain", "real_images", "seconds", "words"}
 _HANDLED |= set(READER_CHECKS)
 _NOT_NOTES = {*MEASURES, "chance", "goal", "examples", "failures", "kind", "qtype"}
 
@@ -343,6 +343,7 @@ def _generator(name: str) -> Callable[[dict[str, Any]], list[Row]]:
             *_reader_rows(scores),
             *_enrichment_rows(scores.get("enrichment")),
             *_diversity_rows(scores.get("diversity")),
+            *_word_rows(scores.get("words")),
             *_time_rows(name, r.get("stages")),
         ]
 
@@ -381,6 +382,21 @@ def _diversity_rows(d: Any) -> list[Row]:
         Row("diversity: distinct values of an open attribute", _num(d["captions"]), "count",
             chance=_num(d.get("uniform")), chance_label="uniform draws", note=note)
     ]  # fmt: skip
+
+
+def _word_rows(w: Any) -> list[Row]:
+    """How far the DiT's prediction moves when one caption word changes (near 0: the word
+    is not read)."""
+    if not isinstance(w, dict) or not isinstance(w.get("moved"), dict):
+        return []
+    note = (
+        f"the DiT's prediction moved when this word alone changed ({w.get('samples', '?')} "
+        f"held-out samples, t = {w.get('level', '?')} N); near 0: not read"
+    )
+    return [
+        Row(f"caption word read: {name}", _num(value), note=note)
+        for name, value in w["moved"].items()
+    ]
 
 
 EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {

@@ -84,7 +84,7 @@ from vats_apps.generation.model import (
     read_images,
     sample_images,
 )
-from vats_apps.generation.scoring import evaluate, print_table
+from vats_apps.generation.scoring import evaluate, image_words, print_table
 from vats_apps.pipelines import stages as shared
 from vats_apps.pipelines import text_generation, train_vision
 from vats_apps.pipelines.cache import REPORT_NAME, staged_entry
@@ -741,17 +741,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             _P,
             cfg,
             spec,
-            lambda: evaluate(
-                s.world,
-                Diffusion(s.scheduler),
-                s.generation.sampling,
-                settings,
-                parts.tokenizer,
-                vae,
-                lm,
-                model,
-                *classifier,
-            ),
+            lambda: {
+                **evaluate(
+                    s.world,
+                    Diffusion(s.scheduler),
+                    s.generation.sampling,
+                    settings,
+                    parts.tokenizer,
+                    vae,
+                    lm,
+                    model,
+                    *classifier,
+                ),
+                "words": image_words(s.world, vae, model, Diffusion(s.scheduler), parts.tokenizer),
+            },
         )
         result["scores"] = scores
         seconds = {k: r["seconds"] for k, r in stages.items()}

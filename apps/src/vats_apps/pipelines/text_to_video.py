@@ -112,7 +112,7 @@ from vats_apps.generation.clips import (
     save_clips,
 )
 from vats_apps.generation.model import Sampling, encode_texts
-from vats_apps.generation.video_scoring import evaluate, print_table
+from vats_apps.generation.video_scoring import clip_words, evaluate, print_table
 from vats_apps.pipelines import text_generation, text_to_image, train_vision
 from vats_apps.pipelines.compiling import compile_flags, stage_trainer_config
 from vats_apps.pipelines.distributed import launched_rank, parallel_key
@@ -853,10 +853,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         assert lm is not None and readers is not None
         spec = score_spec(P, cfg, result, s.generation.sampling)
         result["scores"], result["scores_cached"] = load_or_score(
-            P, cfg, spec, lambda: evaluate(
-                s.world, section(cfg, "train.eval", NAME), s.generation.sampling,
-                parts.tokenizer, lm, lambda texts: maker(texts, s.world.frames, 2), readers, vae,
-            ),
+            P, cfg, spec, lambda: {
+                **evaluate(
+                    s.world, section(cfg, "train.eval", NAME), s.generation.sampling,
+                    parts.tokenizer, lm, lambda texts: maker(texts, s.world.frames, 2), readers,
+                    vae,
+                ),
+                "words": clip_words(s.world, vae, model, Diffusion(s.scheduler), parts.tokenizer),
+            },
         )  # fmt: skip
         classifiers = {k: parts.reports[f"vision_{k}"] for k in ("image", "video")}
         print_table(
