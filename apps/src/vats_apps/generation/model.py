@@ -201,7 +201,7 @@ def word_sensitivity(
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g).to(latents)
     n = diffusion.config.num_train_timesteps
-    t = torch.full((latents.shape[0],), level * n)
+    t = torch.full((latents.shape[0],), level * n, device=latents.device)
     if not diffusion.config.is_flow:
         t = t.clamp(max=n - 1).long()
     x_t = diffusion.add_noise(latents, noise, t)
