@@ -196,8 +196,6 @@ def word_sensitivity(
                 f"word_sensitivity: {len(texts)} changed captions for {name!r}, expected "
                 f"{len(captions)} (one per caption)"
             )
-    was = model.training
-    model.eval()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g).to(latents)
     n = diffusion.config.num_train_timesteps
@@ -211,13 +209,16 @@ def word_sensitivity(
         ids, mask = encode_texts(tokenizer, texts, limit)
         return model.dit(x_t, t, **model.condition(ids, mask)).float()
 
-    base = predict(captions)
-    scores = {
-        name: float((predict(texts) - base).norm() / base.norm().clamp(min=1e-12))
-        for name, texts in changed.items()
-    }
-    model.train(was)
-    return scores
+    was = model.training
+    model.eval()
+    try:
+        base = predict(captions)
+        return {
+            name: float((predict(texts) - base).norm() / base.norm().clamp(min=1e-12))
+            for name, texts in changed.items()
+        }
+    finally:
+        model.train(was)
 
 
 def another_value(world: ShapesConfig, names: Mapping[str, str], attribute: str) -> str:

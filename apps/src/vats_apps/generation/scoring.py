@@ -21,7 +21,10 @@ training pairs never draw. Every figure has its chance level beside it:
   ceiling of what the decoder lets it read;
 * **real_images**: each attribute read on the held-out images themselves, how far the
   readers can be trusted (the position is read from the pixels:
-  :func:`~vats_apps.generation.model.read_positions`).
+  :func:`~vats_apps.generation.model.read_positions`);
+* **words** (:func:`image_words`, added by the pipeline): how far the DiT's prediction
+  moves when one captioned attribute's word alone changes, near 0 for a word it does not
+  read: why an attribute is drawn at chance.
 
 Shapes: B images.
 """
@@ -55,11 +58,14 @@ __all__ = [
     "ADHERENCE_GOAL",
     "KEEP_GOAL",
     "TIME_GOAL",
+    "caption_words",
     "enrichment_scores",
     "evaluate",
     "goal_note",
+    "image_words",
     "pct",
     "print_table",
+    "words_line",
 ]
 
 ADHERENCE_GOAL = 0.85  # the issue's: shape x colour of generated images

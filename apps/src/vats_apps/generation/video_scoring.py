@@ -20,7 +20,9 @@ a reference beside it:
 * **plain**: the same prompts sent to the text encoder as they are;
 * **real_clips** / **round_trip**: the readers on real held-out clips and on the clips
   through the VAE and back: how far the figures above can be trusted, and what the
-  decoder lets through.
+  decoder lets through;
+* **words** (:func:`clip_words`, added by the pipeline): how far the VideoDiT's prediction
+  moves when one captioned attribute's word alone changes (the direction's included).
 
 Shapes: B clips, T frames, S frame side.
 """
@@ -55,6 +57,7 @@ __all__ = [
     "ADHERENCE_GOAL",
     "CONSISTENCY_GOAL",
     "DIRECTION_GOAL",
+    "clip_words",
     "evaluate",
     "print_table",
     "reader_scores",
