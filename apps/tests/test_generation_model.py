@@ -599,13 +599,14 @@ def test_word_sensitivity_measures_how_far_a_changed_word_moves_the_prediction()
 
 
 def test_the_world_writes_captions_and_the_probe_names_another_value():
+    from vats_apps.generation import enrich as en
     from vats_apps.generation.model import another_value
 
     world = ShapesWorld(ShapesConfig(image_size=24, frames=4))
     images, clips = world.images(range(16), "val"), world.videos(range(16), "val")
-    for batch in (images, clips):
+    for batch, medium in ((images, "image"), (clips, "video")):
         for i in range(16):
-            assert world.caption(batch.names(i)) == batch.captions[i]
+            assert en.caption(batch.names(i), medium) == batch.captions[i]
     names = clips.names(0)
     for attribute in ("shape", "color", "size", "direction", "speed", "background"):
         values = world.config.label_values(attribute)

@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -326,12 +326,6 @@ class ShapesWorld:
     def videos(self, indices: Sequence[int] | Tensor, split: Split | str = "train") -> ShapeBatch:
         """Render clips ``indices`` of ``split``; pixels (B, T, C, S, S)."""
         return self._generate(indices, split, Kind.VIDEO)
-
-    def caption(self, names: Mapping[str, str]) -> str:
-        """The caption this world writes for a sample of these label names (as
-        :meth:`ShapeBatch.names` gives them): an image's without ``direction``, a clip's
-        with it (and ``speed``)."""
-        return _caption(dict(names), self.config.bounce)
 
     def slots(self, batch: ShapeBatch, name: str) -> Tensor:
         """(B,) slot of label ``name`` in :meth:`ShapesConfig.label_values` (the class index a

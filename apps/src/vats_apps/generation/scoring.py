@@ -317,8 +317,9 @@ def caption_words(
     prediction on ``batch`` moves when that attribute's word alone is changed to another
     value (:func:`~vats_apps.generation.model.word_sensitivity`, at ``WORD_LEVEL``)."""
     names = [batch.names(i) for i in range(len(batch))]
+    medium = "video" if "direction" in names[0] else "image"
     changed = {
-        a: [world.caption({**n, a: another_value(world.config, n, a)}) for n in names]
+        a: [en.caption({**n, a: another_value(world.config, n, a)}, medium) for n in names]
         for a in attributes
     }
     moved = word_sensitivity(
